@@ -1,0 +1,3 @@
+from loaderd.cli import main
+
+raise SystemExit(main())
