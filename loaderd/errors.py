@@ -69,6 +69,11 @@ class LoaderdError(Exception):
             text += f"; allowed: {self.allowed}"
         return text
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors cross process boundaries (compile workers): pickle the fields, not args.
+        return (LoaderdError, (self.kind, self.message, self.location, self.value, self.allowed,
+                               self.detail))
+
     def with_file(self, file: str) -> LoaderdError:
         """Fill in the file when the raiser did not know it."""
         if self.location.file is None:

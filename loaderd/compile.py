@@ -1,0 +1,209 @@
+"""BCC: turn a Spec's C text into kernel objects, under loaderd's rules.
+
+- Map declarations are generated from the spec and prepended, so the spec is the truth.
+- BCC's auto-attach of `kprobe__`/`tracepoint__`/... names is disabled: nothing attaches unless a
+  spec says so.
+- `allow_rlimit=False`: BCC must not raise RLIMIT_MEMLOCK (kernels >= 5.11 account maps to memcg).
+- clang diagnostics and the verifier log go to C-level fd 2; they are captured into the error.
+- BCC chdirs the whole process while compiling: one compile per process at a time (callers run
+  each spec in its own worker process).
+
+Only the short-lived apply worker imports this module; the resident daemon never does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.model import MAP_FLAG_BITS, CType, MapSpec, MapType, ProgType, Spec
+
+# BCC's BPF.<TYPE> program type numbers (enum bpf_prog_type).
+PROG_TYPE_IDS: dict[ProgType, int] = {
+    ProgType.SOCKET_FILTER: 1,
+    ProgType.TRACEPOINT: 5,
+    ProgType.XDP: 6,
+    ProgType.RAW_TRACEPOINT: 17,
+}
+
+# Table type strings understood by BCC's BPF_F_TABLE macro.
+_BCC_TABLE: dict[MapType, str] = {
+    MapType.HASH: "hash", MapType.ARRAY: "array", MapType.PERCPU_HASH: "percpu_hash",
+    MapType.PERCPU_ARRAY: "percpu_array", MapType.LRU_HASH: "lru_hash",
+    MapType.LRU_PERCPU_HASH: "lru_percpu_hash",
+}
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def c_type(map_name: str, role: str, ctype: CType) -> tuple[str, str]:
+    """(typedef needed or "", C type name) for a key or value."""
+    if ctype.name is not None:
+        return "", ctype.name
+    tname = f"loaderd_{map_name}_{role}_t"
+    return f"typedef struct {{ u8 bytes[{ctype.size}]; }} {tname};\n", tname
+
+
+def map_declaration(m: MapSpec) -> str:
+    flags = sum(MAP_FLAG_BITS[f] for f in m.flags)
+    if m.type is MapType.RINGBUF:
+        return f"BPF_RINGBUF_OUTPUT({m.name}, {max(1, m.max_entries // PAGE_SIZE)});\n"
+    if m.type is MapType.PERF_EVENT_ARRAY:
+        return f"BPF_PERF_OUTPUT({m.name});\n"
+    key_def, key_t = c_type(m.name, "key", m.key)
+    val_def, val_t = c_type(m.name, "value", m.value)
+    return (f"{key_def}{val_def}BPF_F_TABLE(\"{_BCC_TABLE[m.type]}\", {key_t}, {val_t}, "
+            f"{m.name}, {m.max_entries}, {flags});\n")
+
+
+def render(spec: Spec) -> str:
+    """The exact C text BCC compiles: generated map prelude, then the author's source."""
+    prelude = "".join(map_declaration(m) for m in spec.maps)
+    origin = spec.source_path or spec.path
+    # #line keeps clang's diagnostics pointing at the author's file and line numbers.
+    return f"{prelude}#line 1 \"{_c_string(origin)}\"\n{spec.source}"
+
+
+def _c_string(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+@contextlib.contextmanager
+def captured_fd2() -> Iterator[list[str]]:
+    """Redirect C-level stderr (clang, libbcc's verifier log) into a buffer for the block."""
+    out: list[str] = []
+    mem = os.memfd_create("loaderd-stderr")
+    saved = os.dup(2)
+    os.dup2(mem, 2)
+    try:
+        yield out
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.lseek(mem, 0, os.SEEK_SET)
+        with os.fdopen(mem, "rb") as f:
+            out.append(f.read(1 << 20).decode("utf-8", "replace"))
+
+
+_LIB_SETUP = False
+
+
+def _lib() -> Any:
+    """libbcc with the table-enumeration prototypes bcc's Python binding does not declare."""
+    global _LIB_SETUP
+    from bcc.libbcc import lib
+
+    if not _LIB_SETUP:
+        lib.bpf_num_tables.restype = ctypes.c_size_t
+        lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+        lib.bpf_table_name.restype = ctypes.c_char_p
+        lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.bpf_table_fd_id.restype = ctypes.c_int
+        lib.bpf_table_fd_id.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _LIB_SETUP = True
+    return lib
+
+
+def _strip_diagnostics(text: str) -> str:
+    """Keep clang's error lines and their context; drop BCC's noise and absolute temp paths."""
+    lines = [ln for ln in text.splitlines() if ln.strip()
+             and not ln.startswith("In file included from /virtual/")]
+    return "\n".join(lines[:60])
+
+
+class Module:
+    """One compiled spec. Maps exist in the kernel as soon as this is constructed."""
+
+    def __init__(self, spec: Spec) -> None:
+        from bcc import BPF
+
+        class _NoAutoAttach(BPF):  # type: ignore[misc]
+            def _trace_autoload(self) -> None:  # nothing attaches unless a spec says so
+                return None
+
+        self.spec = spec
+        # BCC's kheaders fallback trusts an existing $TMPDIR/kheaders-<rel> (CVE-2024-2314):
+        # give it a private, fresh TMPDIR so nothing planted there can be picked up.
+        private_tmp = tempfile.mkdtemp(prefix="loaderd-bcc-")
+        old_tmp = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = private_tmp
+        try:
+            with captured_fd2() as diag:
+                try:
+                    self.bpf = _NoAutoAttach(text=render(spec).encode(), allow_rlimit=False)
+                    err = None
+                except Exception as exc:  # bcc raises bare Exception
+                    err = exc
+            if err is not None:
+                raise LoaderdError(
+                    Kind.COMPILE, "C source does not compile",
+                    Location(spec.source_path or spec.path, field="source"),
+                    detail=_strip_diagnostics(diag[0]) or str(err)) from None
+        finally:
+            if old_tmp is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = old_tmp
+            with contextlib.suppress(OSError):
+                os.rmdir(private_tmp)
+
+    def functions(self) -> list[str]:
+        lib = _lib()
+        n = lib.bpf_num_functions(self.bpf.module)
+        return [lib.bpf_function_name(self.bpf.module, i).decode() for i in range(n)]
+
+    def tables(self) -> dict[str, int]:
+        """Every map the compiled object created: name -> fd (owned by the BPF object)."""
+        lib = _lib()
+        n = lib.bpf_num_tables(self.bpf.module)
+        return {lib.bpf_table_name(self.bpf.module, i).decode(): lib.bpf_table_fd_id(
+            self.bpf.module, i) for i in range(n)}
+
+    def bytecode(self, function: str) -> bytes:
+        """Exactly the bytes `load` would hand to the kernel."""
+        return bytes(self.bpf.dump_func(function.encode()))
+
+    def load(self, function: str, ptype: ProgType, *, field: str) -> int:
+        """Load into the kernel; the verifier's reason ends up in the error. Returns the fd."""
+        with captured_fd2() as log:
+            try:
+                fn = self.bpf.load_func(function.encode(), PROG_TYPE_IDS[ptype])
+                err = None
+            except Exception as exc:
+                err = exc
+        if err is not None:
+            text = log[0].strip()
+            raise LoaderdError(
+                Kind.VERIFIER if "processed " in text else Kind.KERNEL,
+                f"kernel refused program '{function}': {_first_reason(text) or err}",
+                Location(self.spec.path, field=field), detail=redact_addresses(text[-8000:]) or None) from None
+        return int(fn.fd)
+
+    def close(self) -> None:
+        """Close every fd the BPF object holds. Pinned objects stay in the kernel."""
+        self.bpf.cleanup()
+
+
+_KADDR = re.compile(r"0xffff[0-9a-f]{8,12}")
+
+
+def redact_addresses(text: str) -> str:
+    """Kernel pointers in verifier logs are internal addresses: never show them to users."""
+    return _KADDR.sub("0x<kaddr>", text)
+
+
+def _first_reason(log: str) -> str:
+    """The verifier's verdict: the last line before 'processed N insns' that is not an
+    instruction, a register-state dump or a source comment."""
+    body = log.split("\nprocessed ")[0].splitlines()
+    for line in reversed(body):
+        text = line.strip()
+        if text and not re.match(r"^(\d+: |; |from \d+ to |bpf: Failed)", text):
+            return redact_addresses(text)
+    return ""
