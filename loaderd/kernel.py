@@ -578,7 +578,9 @@ def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int | None = None) 
     if old_prog_fd is not None:
         opts.flags, opts.old_prog_fd = BPF_F_REPLACE, old_prog_fd
     ret = _call("bpf_link_update", link_fd, new_prog_fd, ctypes.byref(opts))
-    _check(ret, "BPF_LINK_UPDATE", f"link fd {link_fd}")
+    _check(ret, "BPF_LINK_UPDATE", f"link fd {link_fd}",
+           "the attached program is not old_prog_fd (changed meanwhile), or CAP_BPF missing"
+           if old_prog_fd is not None else CAPS_BPF)
 
 
 def link_detach(link_fd: int) -> None:
