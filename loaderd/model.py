@@ -183,6 +183,15 @@ class PinOwnership:
     mode: int = 0o600  # pins' file mode
     group: str | None = None  # group name that may read pins (e.g. loaderd-readers)
 
+    @property
+    def gid(self) -> int:
+        """The group's id, or -1 (leave unchanged) when no group is configured."""
+        if self.group is None:
+            return -1
+        import grp
+
+        return grp.getgrnam(self.group).gr_gid
+
 
 @dataclass(frozen=True)
 class Settings:

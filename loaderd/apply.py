@@ -1,0 +1,331 @@
+"""Apply the whole set of specs atomically.
+
+parse -> policy -> capabilities -> adopt unchanged specs -> stage changed specs in parallel
+worker processes (compile, verify, load, pin under staging, fill, freeze) -> attach in staging
+-> commit -> generation saved.
+
+Commit protocol (crash-safe): the new manifest is written with `status: pending` first; then each
+changed spec's staged directory is swapped with its live one (RENAME_EXCHANGE), exclusive links
+(XDP) are moved over after BPF_LINK_UPDATE; the staging directory, now holding the old objects,
+is removed (unpinning old links detaches them); the manifest becomes `committed`. `recover()` at
+the start of every apply finishes a pending commit (roll forward) and removes any other staging
+leftovers, so after a crash at any point the result is the old set or the new set, never a mix.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loaderd import attach, audit, kernel, pins, policy, privileges, spec, verify
+from loaderd.audit import Event
+from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.model import Settings, Spec
+from loaderd.stage import StagedSpec, stage_spec
+from loaderd.state import State
+
+Notify = Callable[[str], None]
+
+
+@dataclass
+class ApplyResult:
+    txid: str | None = None
+    built: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    errors: list[LoaderdError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def compiles(self) -> int:
+        return len(self.built)
+
+
+def new_txid() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{secrets.token_hex(4)}"
+
+
+def _stage_worker(args: tuple[Spec, Settings, str, bool]) -> StagedSpec | LoaderdError:
+    s, settings, txid, pin = args
+    try:
+        return stage_spec(s, settings.policy, settings.bpffs_root, txid, settings.pins, pin=pin)
+    except LoaderdError as exc:
+        return exc.with_file(s.path)
+    except Exception as exc:  # a bug or a bcc surprise: contained, reported, nothing committed
+        return LoaderdError(Kind.KERNEL, f"internal error while staging: {type(exc).__name__}: "
+                            f"{exc}", Location(s.path))
+
+
+def stage_all(specs: list[Spec], settings: Settings, txid: str, *, pin: bool = True,
+              jobs: int | None = None, notify: Notify | None = None
+              ) -> tuple[list[StagedSpec], list[LoaderdError]]:
+    """Compile+load each spec in its own short-lived process (BCC chdirs the process and keeps
+    ~130 MB of LLVM: neither may leak into the caller), up to one per core at a time."""
+    if not specs:
+        return [], []
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(specs)))
+    ctx = multiprocessing.get_context("fork")
+    staged: list[StagedSpec] = []
+    errors: list[LoaderdError] = []
+    with ctx.Pool(jobs, maxtasksperchild=1) as pool:
+        work = [(s, settings, txid, pin) for s in specs]
+        for i, result in enumerate(pool.imap(_stage_worker, work), 1):
+            if notify:
+                notify(f"compiled {i}/{len(specs)}: {specs[i - 1].name}")
+            if isinstance(result, LoaderdError):
+                errors.append(result)
+            else:
+                staged.append(result)
+    return staged, errors
+
+
+def validate(settings: Settings, specs_dir: str | None = None
+             ) -> tuple[list[Spec], list[LoaderdError]]:
+    """Everything that can be decided without the kernel: parse, schema, policy, limits."""
+    specs, errors = spec.load_dir(specs_dir or settings.programs_dir, settings)
+    for s in specs:
+        try:
+            policy.check_spec(s, settings.policy)
+        except LoaderdError as exc:
+            errors.append(exc.with_file(s.path))
+    if not errors:
+        try:
+            policy.check_set(specs, settings.policy)
+        except LoaderdError as exc:
+            errors.append(exc)
+    return specs, errors
+
+
+class Applier:
+    def __init__(self, settings: Settings, notify: Notify | None = None) -> None:
+        self.settings = settings
+        self.layout = pins.PinLayout(settings.bpffs_root)
+        self.state = State(settings.state_dir)
+        self.notify = notify or (lambda _msg: None)
+
+    # --- recovery -------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Finish a pending commit, then drop every staging leftover (uncommitted builds)."""
+        manifest = self.state.load()
+        if manifest.get("status") == "pending":
+            txid = manifest["txid"]
+            audit.emit(Event.APPLIED, f"recovering interrupted commit {txid}: rolling forward",
+                       txid=txid)
+            self._commit(txid, manifest)
+        self.layout.remove_tree(os.path.join(self.layout.top, pins.STAGING))
+
+    # --- apply ----------------------------------------------------------------------------
+    def apply(self, specs_dir: str | None = None, *, jobs: int | None = None,
+              source_files: list[str] | None = None) -> ApplyResult:
+        result = ApplyResult()
+        self.layout.ensure_root(0o755)
+        self.recover()
+        specs, errors = validate(self.settings, specs_dir)
+        if not errors:
+            try:
+                privileges.check((s.path, p.type, p.name) for s in specs for p in s.programs)
+            except LoaderdError as exc:
+                errors.append(exc)
+        if errors:
+            return self._refused(result, errors)
+        for s in specs:
+            audit.emit(Event.SPEC_ACCEPTED, f"{s.name}: spec accepted ({len(s.programs)} "
+                       f"programs, {len(s.maps)} maps)", spec=s.name, spec_sha256=s.sha256,
+                       file=s.path)
+
+        old = self.state.load()
+        old_specs: dict[str, Any] = old.get("specs", {})
+        to_build: list[Spec] = []
+        for s in specs:
+            entry = old_specs.get(s.name)
+            if entry and entry["sha256"] == s.sha256:
+                diffs = verify.differences(entry)
+                if not diffs:
+                    result.adopted.append(s.name)
+                    continue
+                audit.emit(Event.DRIFT, f"{s.name}: pinned objects differ from the manifest, "
+                           f"rebuilding: {'; '.join(diffs)}", spec=s.name, diffs=diffs)
+            elif entry is None and self.layout.exists(self.layout.spec_dir(s.name)):
+                result.errors.append(LoaderdError(
+                    Kind.PIN, f"{self.layout.spec_dir(s.name)} exists but loaderd's manifest "
+                    "does not know it; refusing to replace pins it did not create "
+                    "(remove them, or `loaderd disable`)", Location(s.path, field="name")))
+                continue
+            to_build.append(s)
+        if result.errors:
+            return self._refused(result, result.errors)
+        names = {s.name for s in specs}
+        result.removed = sorted(set(old_specs) - names)
+        if not to_build and not result.removed:
+            if result.adopted:
+                audit.emit(Event.ADOPTED, f"adopted {len(result.adopted)} unchanged specs; "
+                           "nothing to compile", specs=result.adopted, compiles=0)
+            self._record_last(old, result)
+            return result
+
+        txid = result.txid = new_txid()
+        self.notify(f"compiling {len(to_build)} specs")
+        staged, errors = stage_all(to_build, self.settings, txid, jobs=jobs, notify=self.notify)
+        if errors:
+            self._discard(txid)
+            return self._refused(result, errors)
+        by_name = {s.name: s for s in to_build}
+        manifest: dict[str, Any] = {"version": 1, "status": "pending", "txid": txid,
+                                    "specs": {n: old_specs[n] for n in result.adopted},
+                                    "removed": result.removed}
+        try:
+            for st in staged:
+                manifest["specs"][st.name] = self._attach_staged(txid, by_name[st.name], st,
+                                                                 old_specs.get(st.name))
+        except LoaderdError as exc:
+            self._discard(txid)
+            return self._refused(result, [exc.with_file(by_name[st.name].path)])
+        result.built = sorted(by_name)
+        self.state.save(manifest)  # the commit point: from here recovery rolls forward
+        self._commit(txid, manifest)
+        files = [s.path for s in specs] + [s.source_path for s in specs if s.source_path]
+        self.state.save_generation(txid, files)
+        self._record_last(manifest, result)
+        audit.emit(Event.APPLIED, f"applied {len(specs)} specs: built {result.built}, adopted "
+                   f"{result.adopted}, removed {result.removed}", txid=txid,
+                   compiles=result.compiles, built=result.built, adopted=result.adopted,
+                   removed=result.removed)
+        return result
+
+    def _record_last(self, manifest: dict[str, Any], result: ApplyResult) -> None:
+        manifest["last_apply"] = {"at": time.time(), "compiles": result.compiles,
+                                  "built": result.built, "adopted": result.adopted}
+        self.state.save(manifest)
+
+    def _refused(self, result: ApplyResult, errors: list[LoaderdError]) -> ApplyResult:
+        result.errors = errors
+        for e in errors:
+            audit.emit(Event.SPEC_REFUSED, str(e), file=e.location.file, kind=e.kind.value,
+                       field=e.location.field, line=e.location.line)
+        audit.emit(Event.APPLY_FAILED, f"apply refused: {len(errors)} error(s); the previous "
+                   "set stays applied unchanged", errors=len(errors))
+        return result
+
+    def _discard(self, txid: str) -> None:
+        self.layout.remove_tree(self.layout.staging_dir(txid))
+
+    def _attach_staged(self, txid: str, s: Spec, st: StagedSpec,
+                       old_entry: dict[str, Any] | None) -> dict[str, Any]:
+        """Create links for the staged programs (in staging). Exclusive targets that the old
+        version already holds are deferred to commit (LINK_UPDATE)."""
+        staging = self.layout.staging(txid)
+        links: dict[str, dict[str, Any]] = {}
+        deferred: list[str] = []
+        for prog in s.programs:
+            tgt = attach.target(prog)
+            if tgt is None:
+                continue
+            old_link = self.layout.link_path(s.name, prog.name)
+            if attach.is_exclusive(prog) and old_entry and prog.name in old_entry.get(
+                    "links", {}) and old_entry["links"][prog.name]["target"] == tgt \
+                    and self.layout.exists(old_link):
+                deferred.append(prog.name)
+                links[prog.name] = {"target": tgt, "id": old_entry["links"][prog.name]["id"]}
+                continue
+            prog_fd = staging.get(staging.prog_path(s.name, prog.name))
+            try:
+                link_fd = attach.create_link(prog, prog_fd)
+            finally:
+                os.close(prog_fd)
+            assert link_fd is not None
+            try:
+                staging.pin(link_fd, staging.link_path(s.name, prog.name),
+                            self.settings.pins.mode, self.settings.pins.gid)
+                lid = kernel.link_info(link_fd).id
+            finally:
+                os.close(link_fd)
+            links[prog.name] = {"target": tgt, "id": lid}
+            audit.emit(Event.ATTACHED, f"{s.name}/{prog.name}: attached to {tgt} (link {lid})",
+                       spec=s.name, program=prog.name, link_id=lid, target=tgt,
+                       prog_id=st.programs[prog.name].id)
+        entry = State.spec_entry(st, self.layout.spec_dir(s.name), links,
+                                 [f for f in (s.source_path,) if f])
+        entry["txid"] = txid
+        entry["deferred_links"] = deferred
+        return entry
+
+    def _commit(self, txid: str, manifest: dict[str, Any]) -> None:
+        for name, entry in manifest["specs"].items():
+            if entry.get("txid") == txid:
+                self._commit_spec(txid, name, entry)
+        for name in manifest.get("removed", []):
+            self.layout.remove_tree(self.layout.spec_dir(name))
+            audit.emit(Event.DETACHED, f"{name}: spec removed; its programs are detached and "
+                       "unpinned", spec=name)
+        self.layout.remove_tree(self.layout.staging_dir(txid))  # old objects: unpin -> detach
+        manifest["status"] = "committed"
+        self.state.save(manifest)
+
+    def _commit_spec(self, txid: str, name: str, entry: dict[str, Any]) -> None:
+        """Idempotent: a re-run after a crash at any step finishes the same swap."""
+        staging = self.layout.staging(txid)
+        live = self.layout.spec_dir(name)
+        if not staging.exists(staging.spec_dir(name)) or not self._holds_new(staging, name,
+                                                                              entry):
+            return  # already swapped (staging now holds the old version, or nothing)
+        for prog in entry.get("deferred_links", []):
+            old_link = self.layout.link_path(name, prog)
+            if self.layout.exists(old_link):
+                prog_fd = staging.get(staging.prog_path(name, prog))
+                try:
+                    attach.update_link(old_link, prog_fd)
+                finally:
+                    os.close(prog_fd)
+                self.layout.rename(old_link, staging.link_path(name, prog))
+                audit.emit(Event.ATTACHED, f"{name}/{prog}: link updated in place to the new "
+                           "program", spec=name, program=prog,
+                           prog_id=entry["programs"][prog]["id"])
+        self.layout.publish(txid, name)
+        for prog in entry["programs"].values():
+            audit.emit(Event.PIN_WRITTEN, f"{name}/{prog['name']}: committed under {live}",
+                       spec=name, program=prog["name"], prog_id=prog["id"], pin=live)
+
+    @staticmethod
+    def _holds_new(staging: pins.PinLayout, name: str, entry: dict[str, Any]) -> bool:
+        for pname, prog in entry["programs"].items():
+            try:
+                fd = staging.get(staging.prog_path(name, pname))
+            except LoaderdError:
+                return False
+            try:
+                return bool(kernel.prog_info(fd).id == prog["id"])
+            finally:
+                os.close(fd)
+        return True  # a spec with maps only: nothing distinguishes old from new; swap once
+
+    # --- operator actions -----------------------------------------------------------------
+    def disable(self) -> list[str]:
+        """Kill switch: detach and unpin everything loaderd owns."""
+        manifest = self.state.load()
+        removed = sorted(manifest.get("specs", {}))
+        self.layout.remove_tree(self.layout.root)
+        self.state.save({"version": 1, "status": "disabled", "txid": None, "specs": {}})
+        audit.emit(Event.KILL_SWITCH, f"kill switch: removed every pin and link under "
+                   f"{self.layout.root} ({len(removed)} specs)", specs=removed)
+        return removed
+
+    def rollback(self) -> ApplyResult:
+        """Re-apply the generation before the current one."""
+        current = self.state.load().get("txid")
+        gens = [g for g in self.state.generations() if g != current]
+        if current in self.state.generations():
+            gens = [g for g in gens if g < current]
+        if not gens:
+            raise LoaderdError(Kind.STATE, "no earlier generation to roll back to",
+                               Location(self.state.dir))
+        target = gens[-1]
+        audit.emit(Event.ROLLBACK, f"rolling back to generation {target}", generation=target)
+        return self.apply(self.state.generation_dir(target))

@@ -1,0 +1,73 @@
+"""Attach programs through bpf_links, so an attachment lives as long as its pin.
+
+| type           | how                                                  | link type  |
+|----------------|------------------------------------------------------|------------|
+| tracepoint     | own perf_event_open on the tracepoint id + LINK_CREATE(BPF_PERF_EVENT) | perf_event |
+| raw_tracepoint | BPF_RAW_TRACEPOINT_OPEN (returns a link fd)          | raw_tp     |
+| xdp            | LINK_CREATE(BPF_XDP) on the ifindex, mode flags      | xdp        |
+| socket_filter  | none: pinned program, consumers use SO_ATTACH_BPF    | -          |
+
+A replaced XDP program is swapped in place with BPF_LINK_UPDATE (an interface takes one XDP
+link, and an update has no gap); everything else gets a new link next to the old one, and the
+old link goes when its pin is removed at commit.
+"""
+
+from __future__ import annotations
+
+import os
+
+from loaderd import kernel
+from loaderd.errors import LoaderdError
+from loaderd.model import NoAttach, ProgramSpec, RawTracepointAttach, TracepointAttach, XdpAttach
+
+XDP_MODES = {"skb": kernel.XDP_FLAGS_SKB_MODE, "native": kernel.XDP_FLAGS_DRV_MODE,
+             "hw": kernel.XDP_FLAGS_HW_MODE}
+
+
+def target(program: ProgramSpec) -> str | None:
+    """A stable description of what the program attaches to (manifest, status)."""
+    a = program.attach
+    if isinstance(a, TracepointAttach):
+        return f"tracepoint:{a.category}:{a.event}"
+    if isinstance(a, RawTracepointAttach):
+        return f"raw_tracepoint:{a.name}"
+    if isinstance(a, XdpAttach):
+        return f"xdp:{a.interface}:{a.mode}"
+    return None
+
+
+def create_link(program: ProgramSpec, prog_fd: int) -> int | None:
+    """A new link fd for the program (caller pins and closes it), or None for NoAttach."""
+    a = program.attach
+    if isinstance(a, NoAttach):
+        return None
+    if isinstance(a, TracepointAttach):
+        perf_fd = kernel.perf_event_open_tracepoint(kernel.tracepoint_id(a.category, a.event))
+        try:
+            return kernel.link_create(prog_fd, perf_fd, kernel.ATTACH_PERF_EVENT)
+        finally:
+            os.close(perf_fd)  # the link holds its own reference to the perf event
+    if isinstance(a, RawTracepointAttach):
+        return kernel.raw_tracepoint_open(a.name, prog_fd)
+    if isinstance(a, XdpAttach):
+        return kernel.link_create(prog_fd, kernel.ifindex(a.interface), kernel.ATTACH_XDP,
+                                  XDP_MODES[a.mode])
+    raise AssertionError(f"unhandled attach {a!r}")
+
+
+def is_exclusive(program: ProgramSpec) -> bool:
+    """Targets that take one link only: replace with LINK_UPDATE instead of a second link."""
+    return isinstance(program.attach, XdpAttach)
+
+
+def update_link(link_pin: str, new_prog_fd: int) -> int:
+    """Swap the program behind an existing pinned link; returns the link id."""
+    fd = kernel.obj_get(link_pin)
+    try:
+        kernel.link_update(fd, new_prog_fd)
+        return kernel.link_info(fd).id
+    finally:
+        os.close(fd)
+
+
+__all__ = ["LoaderdError", "create_link", "is_exclusive", "target", "update_link"]

@@ -1,0 +1,188 @@
+"""`loaderd` command line: run, apply, check, status, disable, rollback.
+
+Errors print as `file:line:col: field: message` (one per line, verifier/compiler detail indented
+below); tracebacks only with --debug. Exit codes: 0 ok, 1 refused or failed, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from loaderd import audit
+from loaderd.errors import LoaderdError
+
+DEFAULT_CONFIG = "/etc/loaderd/loaderd.yaml"
+
+
+def _print_error(e: LoaderdError) -> None:
+    print(f"error: {e}", file=sys.stderr)
+    if e.detail:
+        for line in e.detail.splitlines():
+            print(f"    {line}", file=sys.stderr)
+
+
+def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from loaderd.settings import load_settings
+
+    path = args.config
+    if path is None:
+        path = DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
+    return load_settings(path)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from loaderd.apply import Applier
+    from loaderd.daemon import notify
+
+    settings = _settings(args)
+    if args.reload:
+        import time
+
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
+               "STATUS=reloading: applying specs")
+        audit.emit(audit.Event.RELOAD, "reload requested: applying specs")
+    applier = Applier(settings, notify=lambda m: notify(f"STATUS={m}"))
+    result = applier.apply(args.dir, jobs=args.jobs)
+    for e in result.errors:
+        _print_error(e)
+    if not args.child:
+        print(f"built {result.built or '-'}; adopted {result.adopted or '-'}; "
+              f"removed {result.removed or '-'}; compiles {result.compiles}"
+              + ("" if result.ok else "; REFUSED: previous set left unchanged"))
+    if args.reload:
+        main_pid = os.environ.get("MAINPID")
+        if main_pid and main_pid.isdigit():
+            import signal
+
+            os.kill(int(main_pid), signal.SIGHUP)  # resident re-reads the manifest
+        notify("READY=1\nSTATUS=" + ("reloaded" if result.ok else "reload FAILED, old set kept"))
+    return 0 if result.ok else 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from loaderd.apply import stage_all, validate
+
+    settings = _settings(args)
+    specs, errors = validate(settings, args.dir)
+    if not errors and not args.no_kernel:
+        staged, errors = stage_all(specs, settings, "check", pin=False)
+        for st in staged:
+            for p in st.programs.values():
+                extra = f" (degraded: {p.degraded})" if p.degraded else ""
+                print(f"ok: {st.name}/{p.name}: verifier accepted '{p.function}', helpers "
+                      f"{', '.join(p.helpers) or 'none'}{extra}")
+    for e in errors:
+        _print_error(e)
+    print(f"{len(specs)} specs, {len(errors)} errors")
+    return 0 if not errors else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from loaderd.daemon import Daemon
+
+    settings = _settings(args)
+    return Daemon(settings, args.config, drift_interval=args.drift_interval).start()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from loaderd import verify
+    from loaderd.state import State
+
+    settings = _settings(args)
+    manifest = State(settings.state_dir).load()
+    rows = []
+    for name, entry in sorted(manifest.get("specs", {}).items()):
+        diffs = verify.differences(entry)
+        rows.append({"spec": name, "sha256": entry["sha256"], "pin_dir": entry["pin_dir"],
+                     "programs": entry["programs"], "maps": entry["maps"],
+                     "links": entry.get("links", {}), "drift": diffs})
+    if args.json:
+        print(json.dumps({"status": manifest.get("status"), "txid": manifest.get("txid"),
+                          "specs": rows}, indent=1, sort_keys=True))
+        return 0
+    print(f"manifest: {manifest.get('status')} (txid {manifest.get('txid')})")
+    for r in rows:
+        state = "DRIFT: " + "; ".join(r["drift"]) if r["drift"] else "ok"
+        print(f"{r['spec']}: {state}")
+        for pname, p in r["programs"].items():
+            deg = f" DEGRADED ({p['degraded']})" if p.get("degraded") else ""
+            link = r["links"].get(pname, {}).get("target", "-")
+            print(f"  prog {pname}: id {p['id']} tag {p['tag']} {p['type']} -> {link}{deg}")
+        for mname, m in r["maps"].items():
+            print(f"  map  {mname}: id {m['id']}{' frozen' if m['frozen'] else ''}")
+    return 0
+
+
+def cmd_disable(args: argparse.Namespace) -> int:
+    from loaderd.apply import Applier
+
+    removed = Applier(_settings(args)).disable()
+    print(f"kill switch: detached and unpinned {len(removed)} specs: {', '.join(removed)}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from loaderd.apply import Applier
+
+    result = Applier(_settings(args)).rollback()
+    for e in result.errors:
+        _print_error(e)
+    print(f"rollback: built {result.built}; adopted {result.adopted}")
+    return 0 if result.ok else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loaderd", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=os.environ.get("LOADERD_CONFIG"),
+                   help=f"daemon settings file (default {DEFAULT_CONFIG})")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+        "run": (cmd_run, "foreground daemon: apply, drop capabilities, READY=1, watch"),
+        "apply": (cmd_apply, "apply all specs atomically (used by ExecReload=)"),
+        "check": (cmd_check, "validate, compile and verify specs; pin and attach nothing"),
+        "status": (cmd_status, "what is applied, and any drift"),
+        "disable": (cmd_disable, "kill switch: detach and unpin everything loaderd owns"),
+        "rollback": (cmd_rollback, "re-apply the previous generation of specs"),
+    }
+    for name, (func, help_text) in commands.items():
+        sp = sub.add_parser(name, help=help_text)
+        sp.set_defaults(func=func)
+        if name in ("apply", "check"):
+            sp.add_argument("--dir", help="specs directory (default: programs_dir setting)")
+            sp.add_argument("--jobs", type=int, default=None, help="parallel compiles")
+        if name == "apply":
+            sp.add_argument("--reload", action="store_true",
+                            help="sd_notify RELOADING=1/READY=1 and SIGHUP $MAINPID")
+            sp.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+        if name == "check":
+            sp.add_argument("--no-kernel", action="store_true",
+                            help="schema and policy only (no compile, no CAP_BPF needed)")
+        if name == "status":
+            sp.add_argument("--json", action="store_true")
+        if name == "run":
+            sp.add_argument("--drift-interval", type=float, default=30.0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    audit.configure()
+    try:
+        return int(args.func(args))
+    except LoaderdError as e:
+        _print_error(e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # never a traceback for users unless asked
+        if args.debug:
+            traceback.print_exc()
+        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for details)",
+              file=sys.stderr)
+        return 1

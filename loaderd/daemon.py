@@ -1,0 +1,125 @@
+"""The resident daemon: apply (in a child), drop every capability, READY=1, then watch.
+
+The resident process never imports bcc: compile/load/pin/attach happen in a short-lived
+`loaderd apply` child that inherits the unit's capabilities. Once the child is done, the
+resident drops every capability for good (a dropped capability never comes back, which is why
+reload runs a fresh privileged `loaderd apply` from ExecReload=). It then pings the watchdog,
+re-reads the manifest on SIGHUP, and checks for drift (pins, links, tags, frozen state) on a
+timer. Stopping never detaches or unpins anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+from typing import Any
+
+from loaderd import audit, privileges, verify
+from loaderd.audit import Event
+from loaderd.model import Settings
+from loaderd.state import State
+
+DRIFT_INTERVAL = 30.0
+
+
+def notify(message: str) -> None:
+    """sd_notify; a no-op outside systemd (no NOTIFY_SOCKET)."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    from systemd import daemon
+
+    daemon.notify(message)
+
+
+def status(message: str) -> None:
+    notify(f"STATUS={message}")
+
+
+def run_apply_child(config: str | None) -> int:
+    """Run `loaderd apply` as a child process with this process's capabilities."""
+    cmd = [sys.executable, "-m", "loaderd", "apply", "--child"]
+    if config:
+        cmd += ["--config", config]
+    return subprocess.call(cmd, close_fds=True)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, config: str | None,
+                 drift_interval: float = DRIFT_INTERVAL) -> None:
+        self.settings = settings
+        self.config = config
+        self.state = State(settings.state_dir)
+        self.drift_interval = drift_interval
+        self.stop = False
+        self.reread = False
+        self.manifest: dict[str, Any] = {}
+        self.known_drift: dict[str, list[str]] = {}
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self.reread = True
+        else:
+            self.stop = True
+
+    def start(self) -> int:
+        status("applying specs")
+        rc = run_apply_child(self.config)
+        self.manifest = self.state.load()
+        if rc != 0 and not self.manifest.get("specs"):
+            status("apply failed and nothing was applied before; see journal")
+            audit.emit(Event.DAEMON, "initial apply failed and no earlier set exists; exiting",
+                       rc=rc)
+            return 1
+        caps = privileges.drop_all()
+        audit.emit(Event.CAPS_DROPPED, "dropped every capability (effective, permitted, "
+                   "inheritable, ambient, bounding); no_new_privs set",
+                   cap_effective=f"{caps.effective:x}", cap_bounding=f"{caps.bounding:x}",
+                   no_new_privs=caps.no_new_privs)
+        n = len(self.manifest.get("specs", {}))
+        summary = f"{n} specs applied" + ("" if rc == 0 else "; last apply FAILED, old set kept")
+        notify(f"READY=1\nSTATUS={summary}")
+        audit.emit(Event.DAEMON, f"ready: {summary}", specs=n, pid=os.getpid())
+        return self.loop()
+
+    def loop(self) -> int:
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        wd_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if os.environ.get("WATCHDOG_PID") not in (None, str(os.getpid())):
+            wd_usec = 0
+        tick = min(wd_usec / 2e6 if wd_usec else 5.0, 5.0)
+        next_drift = time.monotonic() + self.drift_interval
+        while not self.stop:
+            if wd_usec:
+                notify("WATCHDOG=1")
+            if self.reread:
+                self.reread = False
+                self.manifest = self.state.load()
+                self.known_drift.clear()
+                n = len(self.manifest.get("specs", {}))
+                status(f"{n} specs applied (reloaded)")
+                audit.emit(Event.RELOAD, f"manifest re-read after reload: {n} specs", specs=n)
+            if time.monotonic() >= next_drift:
+                self.check_drift()
+                next_drift = time.monotonic() + self.drift_interval
+            time.sleep(tick)
+        notify("STOPPING=1")
+        audit.emit(Event.DAEMON, "stopping; pinned programs stay attached", pid=os.getpid())
+        return 0
+
+    def check_drift(self) -> dict[str, list[str]]:
+        """Journal each new difference between the manifest and the kernel once."""
+        found: dict[str, list[str]] = {}
+        for name, entry in self.manifest.get("specs", {}).items():
+            diffs = verify.differences(entry)
+            if diffs:
+                found[name] = diffs
+                if diffs != self.known_drift.get(name):
+                    audit.emit(Event.DRIFT, f"{name}: drift detected: {'; '.join(diffs)}",
+                               spec=name, diffs=diffs)
+        self.known_drift = found
+        return found

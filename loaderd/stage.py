@@ -1,0 +1,223 @@
+"""Build one spec's kernel objects in the staging area (runs in a short-lived worker process).
+
+compile -> map facts match the spec -> helper/call facts pass policy -> verifier load (with
+fallback variants) -> pin programs and maps under staging -> fill maps -> freeze.
+Nothing here touches the committed pins except reading a `preserve:` map's old contents.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from loaderd import audit, kernel, pins, policy
+from loaderd.audit import Event
+from loaderd.btf import helper_names
+from loaderd.bytecode import BytecodeError, decode
+from loaderd.compile import Module
+from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.model import MAP_FLAG_BITS, CType, MapSpec, MapType, PinOwnership, Policy, Spec
+
+# enum bpf_map_type numbers, to check what BCC created against what the spec declared.
+MAP_TYPE_IDS: dict[MapType, int] = {
+    MapType.HASH: 1, MapType.ARRAY: 2, MapType.PERF_EVENT_ARRAY: 4, MapType.PERCPU_HASH: 5,
+    MapType.PERCPU_ARRAY: 6, MapType.LRU_HASH: 9, MapType.LRU_PERCPU_HASH: 10,
+    MapType.RINGBUF: 27,
+}
+_PERCPU = {MapType.PERCPU_ARRAY, MapType.PERCPU_HASH, MapType.LRU_PERCPU_HASH}
+
+
+@dataclass
+class StagedProgram:
+    name: str
+    function: str  # the C function actually loaded (differs when a fallback was used)
+    type: str
+    id: int
+    tag: str
+    helpers: list[str]
+    degraded: str | None = None
+
+
+@dataclass
+class StagedMap:
+    name: str
+    id: int
+    frozen: bool
+
+
+@dataclass
+class StagedSpec:
+    name: str
+    file: str
+    sha256: str
+    programs: dict[str, StagedProgram] = field(default_factory=dict)
+    maps: dict[str, StagedMap] = field(default_factory=dict)
+
+
+def encode(ctype: CType, value: int | bytes) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return value.to_bytes(ctype.size, "little", signed=ctype.signed)
+
+
+def _value_bytes(m: MapSpec, value: int | bytes, ncpus: int) -> bytes:
+    raw = encode(m.value, value)
+    if m.type in _PERCPU:  # the syscall side reads/writes one 8-byte-aligned slot per CPU
+        slot = raw.ljust((len(raw) + 7) // 8 * 8, b"\0")
+        return slot * ncpus
+    return raw
+
+
+def _map_loc(spec: Spec, index: int, m: MapSpec) -> Location:
+    return Location(spec.path, m.line, None, f"maps[{index}]")
+
+
+def check_map_facts(spec: Spec, tables: dict[str, int]) -> dict[str, int]:
+    """Every declared map exists with the declared shape; no undeclared map exists."""
+    declared = {m.name for m in spec.maps}
+    for name in sorted(set(tables) - declared):
+        raise LoaderdError(Kind.SEMANTIC, f"source defines map '{name}' that the spec does not "
+                           "declare; declare it under maps:", Location(spec.path, field="maps"))
+    fds: dict[str, int] = {}
+    for i, m in enumerate(spec.maps):
+        if m.name not in tables:
+            raise LoaderdError(Kind.SEMANTIC, f"map '{m.name}' is declared but not in the "
+                               "compiled object", _map_loc(spec, i, m))
+        info = kernel.map_info(tables[m.name])
+        flags = sum(MAP_FLAG_BITS[f] for f in m.flags)
+        want = (MAP_TYPE_IDS[m.type], flags)
+        got = (info.type, info.map_flags & 0x1FF)
+        if m.type not in (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY):
+            want += (m.key.size, m.value.size, m.max_entries)
+            got += (info.key_size, info.value_size, info.max_entries)
+        if want != got:
+            raise LoaderdError(Kind.SEMANTIC, f"map '{m.name}' in the kernel does not match "
+                               f"its declaration (type, flags, sizes): {got} != {want}",
+                               _map_loc(spec, i, m))
+        fds[m.name] = tables[m.name]
+    return fds
+
+
+def check_calls(spec: Spec, function: str, prog_index: int, module: Module, pol: Policy,
+                map_fds: set[int], ptype_field: str) -> list[str]:
+    """Helper names decoded from the bytecode, after policy allowed them."""
+    del ptype_field
+    prog = spec.programs[prog_index]
+    try:
+        facts = decode(module.bytecode(function))
+    except BytecodeError as exc:
+        raise LoaderdError(Kind.HELPER, f"cannot decode bytecode of '{function}': {exc}",
+                           Location(spec.path, prog.line, None, f"programs[{prog_index}]")) from None
+    table = helper_names()
+    unknown = sorted(i for i in facts.helper_ids if i not in table)
+    if unknown:
+        raise LoaderdError(Kind.HELPER, f"program '{function}' calls helper ids {unknown} this "
+                           "kernel does not define", Location(spec.path, prog.line, None,
+                                                              f"programs[{prog_index}]"))
+    helpers = {table[i] for i in facts.helper_ids}
+    policy.check_calls(spec, function, prog.type, helpers, facts.bpf_calls, facts.kfunc_calls,
+                       facts.indirect_calls, pol)
+    foreign = facts.map_fds - map_fds
+    if foreign:
+        raise LoaderdError(Kind.SEMANTIC, f"program '{function}' references maps that are not "
+                           "declared in the spec", Location(spec.path, prog.line, None,
+                                                            f"programs[{prog_index}]"))
+    return sorted(helpers)
+
+
+def _load_program(spec: Spec, index: int, module: Module, pol: Policy,
+                  map_fds: set[int]) -> tuple[int, str, list[str], str | None]:
+    """Try the program, then its fallbacks. Returns (fd, function, helpers, degraded reason)."""
+    prog = spec.programs[index]
+    where = f"programs[{index}]"
+    candidates = [prog.name, *prog.fallback]
+    known = set(module.functions())
+    first_error: LoaderdError | None = None
+    for function in candidates:
+        if function not in known:
+            raise LoaderdError(Kind.SEMANTIC, f"function '{function}' is not in the source",
+                               Location(spec.path, prog.line, None, where),
+                               allowed=", ".join(sorted(known)))
+        try:
+            helpers = check_calls(spec, function, index, module, pol, map_fds, where)
+            fd = module.load(function, prog.type, field=where)
+        except LoaderdError as exc:
+            if exc.kind not in (Kind.POLICY, Kind.HELPER, Kind.VERIFIER):
+                raise
+            first_error = first_error or exc
+            continue
+        degraded = None if function == prog.name else f"{prog.name}: {first_error}"
+        return fd, function, helpers, degraded
+    assert first_error is not None
+    raise first_error
+
+
+def _fill(spec: Spec, m: MapSpec, fd: int, layout: pins.PinLayout, old_pin: str) -> None:
+    ncpus = kernel.possible_cpus()
+    if m.preserve and layout.exists(old_pin):
+        old = layout.get(old_pin, rdonly=True)
+        try:
+            info = kernel.map_info(old)
+            if (info.key_size, info.value_size) == (m.key.size, m.value.size):
+                vsize = len(_value_bytes(m, bytes(m.value.size), ncpus))
+                for key in kernel.map_keys(old, m.key.size):
+                    val = kernel.map_lookup(old, key, vsize)
+                    if val is not None:
+                        kernel.map_update(fd, key, val)
+                return
+        finally:
+            os.close(old)
+    for entry in m.initial:
+        kernel.map_update(fd, encode(m.key, entry.key), _value_bytes(m, entry.value, ncpus))
+
+
+def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnership,
+               *, pin: bool = True) -> StagedSpec:
+    """Build every object of `spec` under `<root>/.staging/<txid>/<spec>`; pin=False verifies
+    only (loaderd check): compile, policy, verifier, then close everything."""
+    layout = pins.PinLayout(root)
+    staged = StagedSpec(spec.name, spec.path, spec.sha256)
+    module = Module(spec)
+    try:
+        map_fds = check_map_facts(spec, module.tables())
+        prog_fds: dict[str, int] = {}
+        for i, prog in enumerate(spec.programs):
+            fd, function, helpers, degraded = _load_program(spec, i, module, pol,
+                                                            set(map_fds.values()))
+            info = kernel.prog_info(fd)
+            prog_fds[prog.name] = fd
+            staged.programs[prog.name] = StagedProgram(prog.name, function, prog.type.value,
+                                                       info.id, info.tag, helpers, degraded)
+            audit.emit(Event.PROG_LOADED, f"{spec.name}/{prog.name}: loaded '{function}' "
+                       f"(id {info.id}, tag {info.tag})", spec=spec.name, program=prog.name,
+                       prog_id=info.id, prog_tag=info.tag, prog_type=prog.type.value,
+                       helpers=helpers, spec_sha256=spec.sha256, file=spec.path)
+            if degraded:
+                audit.emit(Event.DEGRADED, f"{spec.name}/{prog.name}: fallback '{function}' "
+                           f"used: {degraded}", spec=spec.name, program=prog.name,
+                           reason=degraded)
+        if not pin:
+            return staged
+        gid = owner.gid
+        staging = layout.staging(txid)
+        for kind in ("progs", "maps", "links"):
+            staging.ensure_dir(staging.kind_dir(spec.name, kind), 0o755)
+        for prog in spec.programs:
+            staging.pin(prog_fds[prog.name], staging.prog_path(spec.name, prog.name),
+                        owner.mode, gid)
+        for m in spec.maps:
+            fd = map_fds[m.name]
+            _fill(spec, m, fd, layout, layout.map_path(spec.name, m.name))
+            if m.freeze:
+                kernel.map_freeze(fd)
+                audit.emit(Event.MAP_FROZEN, f"{spec.name}/{m.name}: frozen", spec=spec.name,
+                           map=m.name, map_id=kernel.map_info(fd).id)
+            staging.pin(fd, staging.map_path(spec.name, m.name), owner.mode, gid)
+            info = kernel.map_info(fd)
+            staged.maps[m.name] = StagedMap(m.name, info.id, kernel.map_is_frozen(fd))
+            audit.emit(Event.MAP_CREATED, f"{spec.name}/{m.name}: {m.type.value} map id "
+                       f"{info.id}, {m.max_entries} entries", spec=spec.name, map=m.name,
+                       map_id=info.id, frozen=staged.maps[m.name].frozen)
+        return staged
+    finally:
+        module.close()

@@ -1,0 +1,44 @@
+#!/bin/bash
+# Idempotent host setup for loaderd on Debian 12 (as root): Debian packages (bcc from Debian
+# only: the PyPI package named "bcc" is an unrelated project), kernel headers for BCC, bpffs and
+# tracefs. Safe to run again; does nothing that is already done.
+set -euo pipefail
+[ "$(id -u)" = 0 ] || { echo "setup-host: run as root" >&2; exit 1; }
+export DEBIAN_FRONTEND=noninteractive
+
+RUNTIME_PKGS="python3-bpfcc python3-systemd python3-prctl python3-yaml python3-structlog \
+python3-jsonschema bpftool iproute2"
+TEST_PKGS="python3-pytest python3-hypothesis python3-venv"
+missing=""
+for p in $RUNTIME_PKGS ${LOADERD_SETUP_TEST:+$TEST_PKGS}; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+apt_updated=""
+apt_install() {
+  [ -n "$apt_updated" ] || { apt-get update -qq >/dev/null; apt_updated=1; }
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+if [ -n "$missing" ]; then
+  echo "setup-host: installing$missing"
+  apt_install $missing
+fi
+
+# Kernel headers: BCC compiles against /lib/modules/<release>/build. Prefer the exact Debian
+# package; otherwise (custom kernels) Debian's generic headers compile fine once the two halves
+# Debian splits them into are linked as build (generated, -amd64) and source (-common).
+rel=$(uname -r)
+if [ ! -e "/lib/modules/$rel/build/include/generated" ]; then
+  if ! apt_install "linux-headers-$rel" 2>/dev/null; then
+    apt_install linux-headers-amd64
+    gen=$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -n 1)
+    common=${gen%-amd64}-common
+    mkdir -p "/lib/modules/$rel"
+    ln -sfn "$gen" "/lib/modules/$rel/build"
+    ln -sfn "$common" "/lib/modules/$rel/source"
+    echo "setup-host: linked $gen and $common as headers for $rel"
+  fi
+fi
+
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
+echo "setup-host: ok (bcc $(dpkg-query -W -f='${Version}' python3-bpfcc), headers for $rel, bpffs and tracefs mounted)"

@@ -1,0 +1,64 @@
+"""Shared fixtures. Kernel tests run as root on the real kernel, each in its own bpffs root and
+state dir, and remove their pins afterwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "configs" / "programs.d"
+
+
+@pytest.fixture
+def bpffs_root() -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.fail("kernel tests need root (bpf(), bpffs); run the README's test command as root")
+    if not os.path.ismount("/sys/fs/bpf"):
+        pytest.fail("bpffs is not mounted: scripts/setup-host.sh mounts it")
+    root = f"/sys/fs/bpf/ldtest_{uuid.uuid4().hex[:10]}"
+    yield root
+    from loaderd.pins import PinLayout
+
+    PinLayout(root).remove_tree(root)
+
+
+@pytest.fixture
+def specs_dir(tmp_path: Path) -> Path:
+    """A private copy of the shipped examples (root-owned, 0644: passes the trust checks)."""
+    d = tmp_path / "programs.d"
+    shutil.copytree(EXAMPLES, d)
+    os.chmod(tmp_path, 0o755)
+    return d
+
+
+def write_settings(tmp_path: Path, bpffs_root: str, specs: Path, extra: str = "") -> Path:
+    state = tmp_path / "state"
+    conf = tmp_path / "loaderd.yaml"
+    conf.write_text(f"loaderd: 1\nprograms_dir: {specs}\nbpffs_root: {bpffs_root}\n"
+                    f"state_dir: {state}\n{extra}")
+    return conf
+
+
+@pytest.fixture
+def config(tmp_path: Path, bpffs_root: str, specs_dir: Path) -> Path:
+    return write_settings(tmp_path, bpffs_root, specs_dir)
+
+
+def loaderd(*args: str, check: bool = True, timeout: float = 300,
+            **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a fresh interpreter, as an operator would."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "loaderd", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, **kw)  # type: ignore[call-overload]
+    if check and proc.returncode != 0:
+        raise AssertionError(f"loaderd {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc  # type: ignore[no-any-return]
