@@ -350,9 +350,7 @@ class PinLayout:
 
     def join(self, base: str, *names: str) -> str:
         """`base` (a path under the root) joined with checked names, e.g. join(d, "maps", m)."""
-        if base != self.root and not base.startswith(self.root + "/"):
-            raise _err("path is outside the bpffs root", base, allowed=f"under {self.root}")
-        _components(base)
+        _components(self._confine(base))
         return os.path.join(base, *(check_name(n) for n in names))
 
     def kind_dir(self, spec: str, kind: str) -> str:
@@ -368,6 +366,39 @@ class PinLayout:
 
     def link_path(self, spec: str, name: str) -> str:
         return os.path.join(self.kind_dir(spec, "links"), check_name(name, "link name"))
+
+    def contains(self, path: str) -> bool:
+        return path == self.root or path.startswith(self.root + "/")
+
+    def _confine(self, path: str) -> str:
+        if not self.contains(path):
+            raise _err("path is outside the bpffs root", path, allowed=f"under {self.root}")
+        return path
+
+    # The module-level operations, additionally confined to this root.
+    def ensure_dir(self, path: str, mode: int = 0o755) -> None:
+        ensure_dir(self._confine(path), mode)
+
+    def pin(self, fd: int, path: str, mode: int = 0o600, gid: int | None = None) -> None:
+        pin(fd, self._confine(path), mode, gid)
+
+    def get(self, path: str, *, rdonly: bool = False, wronly: bool = False) -> int:
+        return get(self._confine(path), rdonly=rdonly, wronly=wronly)
+
+    def exists(self, path: str) -> bool:
+        return exists(self._confine(path))
+
+    def remove_tree(self, path: str) -> None:
+        remove_tree(self._confine(path))
+
+    def rename(self, src: str, dst: str) -> None:
+        rename(self._confine(src), self._confine(dst))
+
+    def exchange(self, a: str, b: str) -> None:
+        exchange(self._confine(a), self._confine(b))
+
+    def list_tree(self, path: str) -> list[str]:
+        return list_tree(self._confine(path))
 
     def check(self) -> None:
         """Refuse a root that is missing, reached through a symlink or not on bpffs."""
