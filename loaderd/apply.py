@@ -15,6 +15,8 @@ leftovers, so after a crash at any point the result is the old set or the new se
 from __future__ import annotations
 
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import os
 import secrets
 import time
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loaderd import attach, audit, kernel, pins, policy, privileges, spec, verify
+from loaderd import attach, audit, faults, kernel, pins, policy, privileges, spec, verify
 from loaderd.audit import Event
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import Settings, Spec
@@ -50,7 +52,7 @@ class ApplyResult:
 
 
 def new_txid() -> str:
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{secrets.token_hex(4)}"
+    return time.strftime("%Y%m%dt%H%M%S", time.gmtime()) + f"-{secrets.token_hex(4)}"
 
 
 def _stage_worker(args: tuple[Spec, Settings, str, bool]) -> StagedSpec | LoaderdError:
@@ -72,18 +74,23 @@ def stage_all(specs: list[Spec], settings: Settings, txid: str, *, pin: bool = T
     if not specs:
         return [], []
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(specs)))
-    ctx = multiprocessing.get_context("fork")
     staged: list[StagedSpec] = []
     errors: list[LoaderdError] = []
-    with ctx.Pool(jobs, maxtasksperchild=1) as pool:
+    # fork: the parent never imported bcc, so workers start small and fast. A worker that dies
+    # (OOM, a crash inside LLVM) breaks the pool: reported as an error, nothing committed.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
         work = [(s, settings, txid, pin) for s in specs]
-        for i, result in enumerate(pool.imap(_stage_worker, work), 1):
-            if notify:
-                notify(f"compiled {i}/{len(specs)}: {specs[i - 1].name}")
-            if isinstance(result, LoaderdError):
-                errors.append(result)
-            else:
-                staged.append(result)
+        try:
+            for i, result in enumerate(pool.map(_stage_worker, work), 1):
+                if notify:
+                    notify(f"compiled {i}/{len(specs)}: {specs[i - 1].name}")
+                if isinstance(result, LoaderdError):
+                    errors.append(result)
+                else:
+                    staged.append(result)
+        except BrokenProcessPool:
+            errors.append(LoaderdError(Kind.KERNEL, "a compile worker died (killed or crashed);"
+                                       " nothing was committed", Location(settings.programs_dir)))
     return staged, errors
 
 
@@ -120,13 +127,13 @@ class Applier:
             audit.emit(Event.APPLIED, f"recovering interrupted commit {txid}: rolling forward",
                        txid=txid)
             self._commit(txid, manifest)
-        self.layout.remove_tree(os.path.join(self.layout.top, pins.STAGING))
+        self.layout.remove_tree(self.layout.staging_root)
 
     # --- apply ----------------------------------------------------------------------------
     def apply(self, specs_dir: str | None = None, *, jobs: int | None = None,
               source_files: list[str] | None = None) -> ApplyResult:
         result = ApplyResult()
-        self.layout.ensure_root(0o755)
+        self.layout.ensure_dir(self.layout.root, 0o755)
         self.recover()
         specs, errors = validate(self.settings, specs_dir)
         if not errors:
@@ -189,6 +196,7 @@ class Applier:
             self._discard(txid)
             return self._refused(result, [exc.with_file(by_name[st.name].path)])
         result.built = sorted(by_name)
+        faults.point("after_attach")
         self.state.save(manifest)  # the commit point: from here recovery rolls forward
         self._commit(txid, manifest)
         files = [s.path for s in specs] + [s.source_path for s in specs if s.source_path]
@@ -261,6 +269,7 @@ class Applier:
         for name, entry in manifest["specs"].items():
             if entry.get("txid") == txid:
                 self._commit_spec(txid, name, entry)
+                faults.point("mid_commit")
         for name in manifest.get("removed", []):
             self.layout.remove_tree(self.layout.spec_dir(name))
             audit.emit(Event.DETACHED, f"{name}: spec removed; its programs are detached and "

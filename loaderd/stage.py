@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from loaderd import audit, kernel, pins, policy
+from loaderd import audit, faults, kernel, pins, policy
 from loaderd.audit import Event
 from loaderd.btf import helper_names
 from loaderd.bytecode import BytecodeError, decode
@@ -178,6 +178,7 @@ def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnershi
     layout = pins.PinLayout(root)
     staged = StagedSpec(spec.name, spec.path, spec.sha256)
     module = Module(spec)
+    faults.point("after_compile", worker=True)
     try:
         map_fds = check_map_facts(spec, module.tables())
         prog_fds: dict[str, int] = {}
@@ -198,6 +199,7 @@ def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnershi
                            reason=degraded)
         if not pin:
             return staged
+        faults.point("after_load", worker=True)
         gid = owner.gid
         staging = layout.staging(txid)
         for kind in ("progs", "maps", "links"):
@@ -218,6 +220,7 @@ def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnershi
             audit.emit(Event.MAP_CREATED, f"{spec.name}/{m.name}: {m.type.value} map id "
                        f"{info.id}, {m.max_entries} entries", spec=spec.name, map=m.name,
                        map_id=info.id, frozen=staged.maps[m.name].frozen)
+        faults.point("after_pin", worker=True)
         return staged
     finally:
         module.close()
