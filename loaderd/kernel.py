@@ -65,7 +65,8 @@ ATTACH_XDP = 37
 ATTACH_PERF_EVENT = 41
 
 # Flags.
-BPF_F_RDONLY = 1 << 3
+BPF_F_NO_PREALLOC = 1 << 0
+BPF_F_RDONLY = 1 << 3  # at map creation: binds to the returned fd only, not kept in map_flags
 BPF_F_WRONLY = 1 << 4
 BPF_F_PATH_FD = 1 << 14  # OBJ_PIN/OBJ_GET relative to path_fd (kernel >= 6.5)
 BPF_F_REPLACE = 1 << 2
