@@ -230,8 +230,8 @@ def _obj_at(cmd: int, dir_fd: int, name: str, bpf_fd: int, flags: int) -> int:
     ret = _sys_bpf_obj(cmd, attr)
     if ret != -errno.EINVAL:
         return ret
-    attr.pathname = ctypes.cast(ctypes.c_char_p(os.fsencode(f"/proc/self/fd/{dir_fd}/{name}")),
-                                ctypes.c_void_p).value or 0
+    via_proc = os.fsencode(f"/proc/self/fd/{dir_fd}/{name}")  # kept alive across the call
+    attr.pathname = ctypes.cast(ctypes.c_char_p(via_proc), ctypes.c_void_p).value or 0
     attr.file_flags, attr.path_fd = flags, 0
     return _sys_bpf_obj(cmd, attr)
 

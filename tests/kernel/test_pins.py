@@ -6,9 +6,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -186,8 +189,6 @@ def test_bpffs_mount_point_itself_is_not_a_target() -> None:
 def test_foreign_mount_below_root_refused(layout: pins.PinLayout) -> None:
     layout.ensure_dir(layout.spec_dir("net"))
     mnt = layout.spec_dir("net")
-    import subprocess
-
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", mnt], check=True)
     try:
         with pytest.raises(LoaderdError, match="non-bpffs"):
@@ -279,3 +280,49 @@ def test_staging_publish(layout: pins.PinLayout) -> None:
     assert pinned_map_id(staged.map_path("net", "m")) == first  # old version, to drop
     layout.remove_tree(layout.staging_root)
     assert layout.list_tree(layout.root) == ["net/maps/m"]
+
+
+# --- unprivileged readers -----------------------------------------------------------------------
+
+NOBODY = 65534
+READER = """
+import errno, sys
+from loaderd import kernel
+path = sys.argv[1]
+fd = kernel.obj_get(path, rdonly=True)
+print("rdonly", kernel.map_lookup(fd, b"\\0" * 4, 4).hex())
+try:
+    kernel.obj_get(path)
+except kernel.KernelError as exc:
+    print("rw", exc.errno, exc)
+try:
+    list(kernel.prog_ids())
+except kernel.KernelError as exc:
+    print("ids", exc.errno, exc)
+"""
+
+
+def run_as_nobody(script: str, *args: str) -> str:
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, "-c", script, *args], env=env, preexec_fn=drop,
+                         capture_output=True, text=True, check=True, timeout=60)
+    return out.stdout
+
+
+def test_group_readable_pin_opens_rdonly_for_unprivileged_reader(
+        layout: pins.PinLayout, bpffs_dir: str, map_fd: int) -> None:
+    """The pin's mode/group is what grants a reader access: a 0640 pin in group nogroup opens
+    read-only for that group, read-write is refused, and enumeration names CAP_SYS_ADMIN."""
+    os.chmod(bpffs_dir, 0o711)
+    layout.ensure_dir(layout.root, 0o711)
+    kernel.map_update(map_fd, b"\0" * 4, b"\x2a\0\0\0")
+    layout.pin(map_fd, f"{layout.root}/m", 0o640, NOBODY)
+    lines = run_as_nobody(READER, f"{layout.root}/m").splitlines()
+    assert lines[0] == "rdonly 2a000000"
+    assert lines[1].startswith(f"rw {errno.EACCES} ") and "mode or owner" in lines[1]
+    assert lines[2].startswith(f"ids {errno.EPERM} ") and "CAP_SYS_ADMIN" in lines[2]
