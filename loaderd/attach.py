@@ -2,7 +2,7 @@
 
 | type           | how                                                  | link type  |
 |----------------|------------------------------------------------------|------------|
-| tracepoint     | own perf_event_open on the tracepoint id + LINK_CREATE(BPF_PERF_EVENT) | perf_event |
+| tracepoint     | own perf_event_open + LINK_CREATE(BPF_PERF_EVENT)   | perf_event |
 | raw_tracepoint | BPF_RAW_TRACEPOINT_OPEN (returns a link fd)          | raw_tp     |
 | xdp            | LINK_CREATE(BPF_XDP) on the ifindex, mode flags      | xdp        |
 | socket_filter  | none: pinned program, consumers use SO_ATTACH_BPF    | -          |

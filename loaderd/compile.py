@@ -182,7 +182,8 @@ class Module:
             raise LoaderdError(
                 Kind.VERIFIER if "processed " in text else Kind.KERNEL,
                 f"kernel refused program '{function}': {_first_reason(text) or err}",
-                Location(self.spec.path, field=field), detail=redact_addresses(text[-8000:]) or None) from None
+                Location(self.spec.path, field=field),
+                detail=redact_addresses(text[-8000:]) or None) from None
         return int(fn.fd)
 
     def close(self) -> None:

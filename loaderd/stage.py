@@ -85,8 +85,8 @@ def check_map_facts(spec: Spec, tables: dict[str, int]) -> dict[str, int]:
                                "compiled object", _map_loc(spec, i, m))
         info = kernel.map_info(tables[m.name])
         flags = sum(MAP_FLAG_BITS[f] for f in m.flags)
-        want = (MAP_TYPE_IDS[m.type], flags)
-        got = (info.type, info.map_flags & 0x1FF)
+        want: tuple[int, ...] = (MAP_TYPE_IDS[m.type], flags)
+        got: tuple[int, ...] = (info.type, info.map_flags & 0x1FF)
         if m.type not in (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY):
             want += (m.key.size, m.value.size, m.max_entries)
             got += (info.key_size, info.value_size, info.max_entries)
@@ -99,29 +99,26 @@ def check_map_facts(spec: Spec, tables: dict[str, int]) -> dict[str, int]:
 
 
 def check_calls(spec: Spec, function: str, prog_index: int, module: Module, pol: Policy,
-                map_fds: set[int], ptype_field: str) -> list[str]:
+                map_fds: set[int]) -> list[str]:
     """Helper names decoded from the bytecode, after policy allowed them."""
-    del ptype_field
     prog = spec.programs[prog_index]
+    where = Location(spec.path, prog.line, None, f"programs[{prog_index}]")
     try:
         facts = decode(module.bytecode(function))
     except BytecodeError as exc:
         raise LoaderdError(Kind.HELPER, f"cannot decode bytecode of '{function}': {exc}",
-                           Location(spec.path, prog.line, None, f"programs[{prog_index}]")) from None
+                           where) from None
     table = helper_names()
     unknown = sorted(i for i in facts.helper_ids if i not in table)
     if unknown:
         raise LoaderdError(Kind.HELPER, f"program '{function}' calls helper ids {unknown} this "
-                           "kernel does not define", Location(spec.path, prog.line, None,
-                                                              f"programs[{prog_index}]"))
+                           "kernel does not define", where)
     helpers = {table[i] for i in facts.helper_ids}
     policy.check_calls(spec, function, prog.type, helpers, facts.bpf_calls, facts.kfunc_calls,
                        facts.indirect_calls, pol)
-    foreign = facts.map_fds - map_fds
-    if foreign:
+    if facts.map_fds - map_fds:
         raise LoaderdError(Kind.SEMANTIC, f"program '{function}' references maps that are not "
-                           "declared in the spec", Location(spec.path, prog.line, None,
-                                                            f"programs[{prog_index}]"))
+                           "declared in the spec", where)
     return sorted(helpers)
 
 
@@ -139,7 +136,7 @@ def _load_program(spec: Spec, index: int, module: Module, pol: Policy,
                                Location(spec.path, prog.line, None, where),
                                allowed=", ".join(sorted(known)))
         try:
-            helpers = check_calls(spec, function, index, module, pol, map_fds, where)
+            helpers = check_calls(spec, function, index, module, pol, map_fds)
             fd = module.load(function, prog.type, field=where)
         except LoaderdError as exc:
             if exc.kind not in (Kind.POLICY, Kind.HELPER, Kind.VERIFIER):
@@ -215,11 +212,11 @@ def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnershi
                 audit.emit(Event.MAP_FROZEN, f"{spec.name}/{m.name}: frozen", spec=spec.name,
                            map=m.name, map_id=kernel.map_info(fd).id)
             staging.pin(fd, staging.map_path(spec.name, m.name), owner.mode, gid)
-            info = kernel.map_info(fd)
-            staged.maps[m.name] = StagedMap(m.name, info.id, kernel.map_is_frozen(fd))
+            map_id = kernel.map_info(fd).id
+            staged.maps[m.name] = StagedMap(m.name, map_id, kernel.map_is_frozen(fd))
             audit.emit(Event.MAP_CREATED, f"{spec.name}/{m.name}: {m.type.value} map id "
-                       f"{info.id}, {m.max_entries} entries", spec=spec.name, map=m.name,
-                       map_id=info.id, frozen=staged.maps[m.name].frozen)
+                       f"{map_id}, {m.max_entries} entries", spec=spec.name, map=m.name,
+                       map_id=map_id, frozen=staged.maps[m.name].frozen)
         faults.point("after_pin", worker=True)
         return staged
     finally:

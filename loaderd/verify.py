@@ -47,15 +47,15 @@ def differences(entry: dict[str, Any]) -> list[str]:
             diffs.append(f"map pin missing: {path}")
             continue
         try:
-            info = kernel.map_info(fd)
+            map_id = kernel.map_info(fd).id
             frozen = kernel.map_is_frozen(fd)
         finally:
             os.close(fd)
-        if info.id != m["id"]:
-            diffs.append(f"map {path}: id {info.id} != manifest {m['id']}")
+        if map_id != m["id"]:
+            diffs.append(f"map {path}: id {map_id} != manifest {m['id']}")
         if frozen != m["frozen"]:
             diffs.append(f"map {path}: frozen={frozen}, manifest says {m['frozen']}")
-    for name, link in entry.get("links", {}).items():
+    for name, _link in entry.get("links", {}).items():
         path = os.path.join(base, "links", name)
         fd = _open(path)
         if fd is None:

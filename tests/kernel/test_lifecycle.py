@@ -111,12 +111,12 @@ def test_change_replaces_program_preserves_map_and_rollback_restores_tag(
     loaderd("--config", str(counter_conf), "apply")
     prog = f"{bpffs_root}/counter/progs/count_exec"
     pin = f"{bpffs_root}/counter/maps/exec_count"
-    old_id, old_tag = prog_tag(prog)
+    _old_id, old_tag = prog_tag(prog)
     execs()
     spec = counter_conf.parent / "specs" / "counter.yaml"
     spec.write_text(COUNTER.format(step=100))
     loaderd("--config", str(counter_conf), "apply")
-    new_id, new_tag = prog_tag(prog)
+    _new_id, new_tag = prog_tag(prog)
     assert new_tag != old_tag
     kept = read_u64(pin)
     assert kept >= 3  # `preserve: true` carried the count over
