@@ -28,7 +28,7 @@ def test_helper_calls_bpf_calls_kfuncs_callx_and_map_fds() -> None:
     assert facts.helper_ids == {1, 6}
     assert (facts.bpf_calls, facts.kfunc_calls, facts.indirect_calls) == (1, 1, 1)
     assert facts.map_fds == {7}
-    assert facts.insn_count == 9
+    assert facts.insn_count == 8
 
 
 def test_ld_imm64_second_slot_is_never_read_as_an_opcode() -> None:
