@@ -7,8 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,23 @@ def specs_dir(tmp_path: Path) -> Path:
     shutil.copytree(EXAMPLES, d)
     os.chmod(tmp_path, 0o755)
     return d
+
+
+def no_staging_leftovers(root: str) -> bool:
+    from loaderd.pins import PinLayout
+
+    staging = PinLayout(root).staging_root
+    return not os.path.exists(staging) or not os.listdir(staging)
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """The kernel releases unpinned links/programs asynchronously: poll, don't sleep blindly."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
 
 
 def write_settings(tmp_path: Path, bpffs_root: str, specs: Path, extra: str = "") -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from loaderd import kernel
-from tests.conftest import loaderd, write_settings
+from tests.conftest import loaderd, no_staging_leftovers, wait_until, write_settings
 from tests.kernel.test_pipeline import bpftool, read_u64
 
 pytestmark = pytest.mark.kernel
@@ -102,8 +102,7 @@ def test_failing_change_keeps_the_old_version_attached(counter_conf: Path,
     before = read_u64(f"{bpffs_root}/counter/maps/exec_count")
     execs()
     assert read_u64(f"{bpffs_root}/counter/maps/exec_count") >= before + 3
-    assert not os.listdir(f"{bpffs_root}/.staging") if os.path.exists(
-        f"{bpffs_root}/.staging") else True
+    assert no_staging_leftovers(bpffs_root)
 
 
 def test_change_replaces_program_preserves_map_and_rollback_restores_tag(
@@ -168,8 +167,7 @@ def test_kill_9_at_each_stage_ends_in_old_or_new_never_a_mix(
     # follow-up apply then converges on the new specs either way.
     assert changed in (set(), {"counter", "second"})
     assert all(now[s][1] != old[s][1] for s in now)
-    assert not os.path.exists(f"{bpffs_root}/.staging") or not os.listdir(
-        f"{bpffs_root}/.staging")
+    assert no_staging_leftovers(bpffs_root)
     for s in ("counter", "second"):
         assert os.listdir(f"{bpffs_root}/{s}/links") == ["count_exec"]
 
@@ -190,7 +188,7 @@ def test_kill_switch_removes_every_pin_and_link(config: Path, bpffs_root: str) -
         ("sched_switches", "count_switch"))}
     loaderd("--config", str(config), "disable")
     assert not os.path.exists(bpffs_root) or not os.listdir(bpffs_root)
-    links = bpftool("link", "show")
-    assert not [lk for lk in links if lk.get("prog_id") in ids]  # type: ignore[union-attr,attr-defined]
-    live = set(kernel.prog_ids())
-    assert not ids & live  # no loaderd program remains loaded at all
+    assert wait_until(lambda: not [lk for lk in bpftool("link", "show")  # type: ignore[attr-defined]
+                                   if lk.get("prog_id") in ids])
+    # Released asynchronously after the last unpin: no loaderd program remains loaded at all.
+    assert wait_until(lambda: not ids & set(kernel.prog_ids()))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from loaderd import kernel
-from tests.conftest import loaderd, write_settings
+from tests.conftest import loaderd, no_staging_leftovers, write_settings
 
 pytestmark = pytest.mark.kernel
 
@@ -63,8 +63,7 @@ def test_examples_load_pin_and_bpftool_finds_them(config: Path, bpffs_root: str)
             assert info["name"] == m[:15]  # type: ignore[index]
     links = {p for p in os.listdir(f"{bpffs_root}/exec_counter/links")}
     assert links == {"count_exec"}
-    assert not os.path.exists(f"{bpffs_root}/.staging") or not os.listdir(
-        f"{bpffs_root}/.staging")
+    assert no_staging_leftovers(bpffs_root)
 
 
 def test_tracepoint_counter_counts_and_survives_the_loader(config: Path, bpffs_root: str) -> None:
