@@ -7,6 +7,7 @@ Field names match the YAML keys documented in docs/spec-format.md.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -130,6 +131,18 @@ class Spec:
     programs: tuple[ProgramSpec, ...]
     sha256: str  # of the YAML bytes + C source bytes: identity for adopt/drift
     description: str = ""
+    # (line, column) of each YAML key/item by field path, e.g. ("maps", 0, "flags"), so later
+    # stages can point at the exact line; not part of identity (sha256 is).
+    marks: Mapping[tuple[str | int, ...], tuple[int, int]] = field(
+        default_factory=dict, compare=False, repr=False)
+
+    def line_of(self, *path: str | int) -> int | None:
+        """Line of the field at `path`, or of its nearest written ancestor."""
+        for end in range(len(path), -1, -1):
+            mark = self.marks.get(path[:end])
+            if mark is not None:
+                return mark[0]
+        return None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,135 @@
+"""Validate parsed YAML against the shipped JSON Schemas; turn each failure into a
+LoaderdError that names the file, line, column and field (with a did-you-mean for typos)."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import re
+from collections.abc import Iterator
+from importlib import resources
+from typing import Any
+
+import jsonschema
+from jsonschema import validators
+
+from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.yamlsafe import Marks, Path, field_name
+
+
+def _strict_integer(_checker: Any, instance: Any) -> bool:
+    # jsonschema counts 1.0 as an integer; a spec's counts and sizes must be written as ints.
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+def _anchored_pattern(validator: Any, pattern: str, instance: Any,
+                      schema: dict[str, Any]) -> Iterator[jsonschema.ValidationError]:
+    # Python's `$` also matches before a trailing newline ("count\n"); the schemas mean
+    # end of string, so refuse that newline too (the schema file stays ECMA-compatible).
+    if not validator.is_type(instance, "string"):
+        return
+    if re.search(pattern, instance) is None or (pattern.endswith("$")
+                                                 and instance.endswith("\n")):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Base: Any = validators.Draft202012Validator
+_Validator: Any = validators.extend(
+    _Base,
+    validators={"pattern": _anchored_pattern},
+    type_checker=_Base.TYPE_CHECKER.redefine("integer", _strict_integer),
+)
+
+_TYPE_WORDS = {"object": "a mapping", "array": "a list", "string": "a string",
+               "integer": "an integer", "boolean": "true or false", "null": "null",
+               "number": "a number"}
+
+
+@functools.cache
+def _validator(name: str) -> Any:
+    text = resources.files("loaderd").joinpath("schema", name).read_text("utf-8")
+    schema = json.loads(text)
+    _Base.check_schema(schema)
+    return _Validator(schema)
+
+
+def short(value: Any) -> Any:
+    """A value fit for a one-line message: containers by kind, long strings clipped."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str) and len(value) > 60:
+        return value[:57] + "..."
+    return value
+
+
+def _range(schema: dict[str, Any]) -> str | None:
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if low is not None and high is not None:
+        return f"{low}..{high}"
+    return f">= {low}" if low is not None else f"<= {high}" if high is not None else None
+
+
+def suggest(key: str, choices: list[str]) -> str:
+    """"; did you mean 'x'?" for a near miss, else ""."""
+    close = difflib.get_close_matches(key[:64], choices, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _describe(err: Any) -> list[tuple[Path, str, Any, str | None]]:
+    """(path, message, value, allowed) for one jsonschema error; some expand to several."""
+    path: Path = tuple(err.absolute_path)
+    kw, want, schema, inst = err.validator, err.validator_value, err.schema, err.instance
+    desc = schema.get("description")
+    if kw == "additionalProperties":
+        known = sorted(schema.get("properties", {}))
+        return [((*path, k), f"unknown key '{short(k)}'{suggest(k, known)}", None,
+                 ", ".join(known)) for k in inst if k not in known]
+    if kw == "required":
+        return [((*path, k), f"missing required key '{k}'", None, None)
+                for k in want if k not in inst]
+    if kw == "type":
+        kinds = [want] if isinstance(want, str) else want
+        return [(path, "expected " + " or ".join(_TYPE_WORDS[k] for k in kinds),
+                 short(inst), None)]
+    if kw == "enum":
+        return [(path, "unknown value", short(inst), ", ".join(map(str, want)))]
+    if kw == "const":
+        return [(path, f"must be {want!r}", short(inst), None)]
+    if kw in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        return [(path, "out of range", inst, _range(schema))]
+    if kw in ("minLength", "maxLength"):
+        return [(path, f"length {len(inst)} out of range", short(inst),
+                 f"{schema.get('minLength', 0)}..{schema.get('maxLength', 'any')} chars")]
+    if kw == "pattern":
+        return [(path, "invalid value", short(inst), desc or want)]
+    if kw in ("minItems", "maxItems"):
+        return [(path, f"{len(inst)} items", None,
+                 f"{schema.get('minItems', 0)}..{schema.get('maxItems', 'any')} items")]
+    if kw == "uniqueItems":
+        return [(path, "duplicate entries", short(inst), None)]
+    if kw in ("minProperties", "maxProperties"):
+        keys = " or ".join(f"'{k}'" for k in schema.get("properties", {}))
+        return [(path, f"exactly one of {keys} is required", None, None)]
+    if kw == "not":
+        return [(path, desc or "not allowed here", None, None)]
+    return [(path, err.message[:120], None, None)]
+
+
+def validate(data: Any, schema_name: str, *, marks: Marks, file: str | None,
+             kind: Kind = Kind.SCHEMA) -> list[LoaderdError]:
+    """All schema violations of `data`, sorted by position."""
+    found: dict[tuple[str, str], LoaderdError] = {}
+    for err in _validator(schema_name).iter_errors(data):
+        for path, message, value, allowed in _describe(err):
+            mark = marks.keys.get(path) or marks.at(path)
+            line, col = mark if mark else (None, None)
+            fname = field_name(path) or None
+            found.setdefault((fname or "", message), LoaderdError(
+                kind, message, Location(file, line, col, fname), value=value,
+                allowed=allowed))
+    return sorted(found.values(), key=lambda e: (e.location.line or 0,
+                                                 e.location.column or 0,
+                                                 e.location.field or ""))

@@ -1,0 +1,159 @@
+"""Rules beyond the schema (docs/spec-format.md): unique names, map flags and sizes the
+kernel would refuse, typed and range-checked `initial` entries, fallbacks that exist."""
+
+from __future__ import annotations
+
+import re
+import resource
+from typing import Any
+
+from loaderd import schemacheck, srccheck, yamlsafe
+from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.model import CType, MapEntry, MapFlag, MapSpec, MapType, ProgramSpec
+from loaderd.yamlsafe import Marks, Path
+
+PAGE_SIZE = resource.getpagesize()
+_ARRAYS = (MapType.ARRAY, MapType.PERCPU_ARRAY)
+_FIXED = (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY)  # no key/value/flags/initial
+_PREALLOC_OPTIONAL = (MapType.HASH, MapType.PERCPU_HASH)  # kernel: others refuse NO_PREALLOC
+_EXCLUSIVE = ((MapFlag.RDONLY, MapFlag.WRONLY), (MapFlag.RDONLY_PROG, MapFlag.WRONLY_PROG))
+
+
+class Collector:
+    """Errors for one spec file, located through its marks."""
+
+    def __init__(self, path: str, marks: Marks) -> None:
+        self.path = path
+        self.marks = marks
+        self.errors: list[LoaderdError] = []
+
+    def loc(self, path: Path) -> Location:
+        mark = self.marks.keys.get(path) or self.marks.at(path)
+        line, col = mark if mark else (None, None)
+        return Location(self.path, line, col, yamlsafe.field_name(path) or None)
+
+    def line(self, path: Path) -> int | None:
+        return self.loc(path).line
+
+    def add(self, kind: Kind, path: Path, message: str, *, value: Any = None,
+            allowed: str | None = None) -> None:
+        self.errors.append(LoaderdError(kind, message, self.loc(path),
+                                        value=schemacheck.short(value), allowed=allowed))
+
+
+def scalar_range(ctype: CType) -> tuple[int, int]:
+    bits = ctype.size * 8
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if ctype.signed else (0, (1 << bits) - 1)
+
+
+def typed_value(c: Collector, at: Path, raw: Any, ctype: CType) -> int | bytes | None:
+    """An `initial` key or value converted to its declared type, or None (error added)."""
+    if ctype.name is None:
+        digits = 2 * ctype.size
+        if not isinstance(raw, str) or not re.fullmatch(r"[0-9a-fA-F]*", raw) \
+                or len(raw) != digits:
+            c.add(Kind.SEMANTIC, at, f"expected a hex string of exactly {ctype.size} bytes",
+                  value=raw, allowed=f"{digits} hex digits")
+            return None
+        return bytes.fromhex(raw)
+    low, high = scalar_range(ctype)
+    if not isinstance(raw, int) or isinstance(raw, bool):
+        c.add(Kind.SEMANTIC, at, f"expected an integer for {ctype.name}", value=raw,
+              allowed=f"{low}..{high}")
+        return None
+    if not low <= raw <= high:
+        c.add(Kind.SEMANTIC, at, f"out of range for {ctype.name}", value=raw,
+              allowed=f"{low}..{high}")
+        return None
+    return raw
+
+
+def _flag_rules(c: Collector, i: int, m: MapSpec) -> None:
+    at: Path = ("maps", i, "flags")
+    if m.type in _FIXED and m.flags:
+        c.add(Kind.SEMANTIC, at, f"{m.type} maps take no flags",
+              value=sorted(f.value for f in m.flags))
+    if MapFlag.NO_PREALLOC in m.flags and m.type not in _PREALLOC_OPTIONAL:
+        c.add(Kind.SEMANTIC, at, f"NO_PREALLOC is not supported for {m.type} maps",
+              allowed=", ".join(_PREALLOC_OPTIONAL))
+    for one, other in _EXCLUSIVE:
+        if one in m.flags and other in m.flags:
+            c.add(Kind.SEMANTIC, at, f"{one} and {other} exclude each other")
+
+
+def _size_rules(c: Collector, i: int, m: MapSpec) -> None:
+    if m.type is MapType.RINGBUF:
+        n = m.max_entries
+        if n & (n - 1) or n % PAGE_SIZE:
+            c.add(Kind.SEMANTIC, ("maps", i, "max_entries"), "ringbuf size must be a power "
+                  f"of 2 and a multiple of the page size ({PAGE_SIZE})", value=n)
+    if m.type in _ARRAYS and m.key != CType("u32", 4):
+        c.add(Kind.SEMANTIC, ("maps", i, "key"), "array maps are indexed by u32",
+              allowed="u32")
+
+
+def _initial(c: Collector, i: int, m: MapSpec, raw: list[Any]) -> list[MapEntry]:
+    at: Path = ("maps", i, "initial")
+    if not raw:
+        return []
+    if m.type in _FIXED:
+        c.add(Kind.SEMANTIC, at, f"{m.type} maps cannot take initial entries")
+        return []
+    if MapFlag.RDONLY in m.flags:
+        c.add(Kind.SEMANTIC, at, "RDONLY maps cannot take initial entries (userspace cannot "
+              "write them); use RDONLY_PROG with freeze: true for read-only config")
+        return []
+    if len(raw) > m.max_entries:
+        c.add(Kind.SEMANTIC, at, f"{len(raw)} entries for max_entries {m.max_entries}")
+    entries: list[MapEntry] = []
+    first: dict[int | bytes, int] = {}
+    for j, item in enumerate(raw):
+        key = typed_value(c, (*at, j, "key"), item["key"], m.key)
+        value = typed_value(c, (*at, j, "value"), item["value"], m.value)
+        if key is None or value is None:
+            continue
+        if key in first:
+            c.add(Kind.SEMANTIC, (*at, j, "key"), f"duplicate key (first at initial[{first[key]}])",
+                  value=key if isinstance(key, int) else key.hex())
+            continue
+        first[key] = j
+        if m.type in _ARRAYS and isinstance(key, int) and key >= m.max_entries:
+            c.add(Kind.SEMANTIC, (*at, j, "key"), "array index out of range", value=key,
+                  allowed=f"0..{m.max_entries - 1}")
+            continue
+        entries.append(MapEntry(key, value, c.line((*at, j))))
+    return entries
+
+
+def map_rules(c: Collector, i: int, m: MapSpec, initial: list[Any]) -> tuple[MapEntry, ...]:
+    """Check map `i`; return its typed initial entries."""
+    _flag_rules(c, i, m)
+    _size_rules(c, i, m)
+    return tuple(_initial(c, i, m, initial))
+
+
+def names(c: Collector, maps: tuple[MapSpec, ...], programs: tuple[ProgramSpec, ...]) -> None:
+    """Map and program names share the C namespace: unique across both."""
+    seen: dict[str, str] = {}
+    items = [(("maps", i, "name"), m.name) for i, m in enumerate(maps)]
+    items += [(("programs", i, "name"), p.name) for i, p in enumerate(programs)]
+    for at, name in items:
+        if name in seen:
+            c.add(Kind.SEMANTIC, at, f"name '{name}' is already used by {seen[name]}")
+        else:
+            seen[name] = yamlsafe.field_name(at[:2])
+
+
+def fallbacks(c: Collector, maps: tuple[MapSpec, ...], programs: tuple[ProgramSpec, ...],
+              source: str) -> None:
+    """Fallbacks are other functions of this source, not programs or maps of the spec."""
+    taken = {p.name: "a program" for p in programs} | {m.name: "a map" for m in maps}
+    defined = srccheck.function_names(source)
+    for i, p in enumerate(programs):
+        for j, name in enumerate(p.fallback):
+            at: Path = ("programs", i, "fallback", j)
+            if name in taken:
+                c.add(Kind.SEMANTIC, at, f"fallback '{name}' is {taken[name]} of this spec; "
+                      "name another function of the source")
+            elif name not in defined:
+                c.add(Kind.SEMANTIC, at, f"fallback '{name}' is not a function in the source")

@@ -1,0 +1,204 @@
+"""Spec files into typed, immutable `Spec` objects.
+
+Order (each step only sees input the previous one accepted): file trust -> safe YAML ->
+JSON Schema -> source file trust -> semantic rules -> C source text checks.
+Every problem found in one file is collected; `load_spec` raises the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from typing import Any
+
+from loaderd import schemacheck, semantic, srccheck, trust, yamlsafe
+from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.model import (
+    SCALAR_TYPES,
+    Attach,
+    CType,
+    Limits,
+    MapFlag,
+    MapSpec,
+    MapType,
+    NoAttach,
+    ProgramSpec,
+    ProgType,
+    RawTracepointAttach,
+    Settings,
+    Spec,
+    TracepointAttach,
+    XdpAttach,
+)
+from loaderd.semantic import Collector
+
+NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
+SCHEMA = "spec.schema.json"
+_NO_KEY_VALUE = CType(None, 0)  # ringbuf / perf_event_array: the kernel fixes the sizes
+
+
+def _ctype(raw: Any) -> CType:
+    if isinstance(raw, str):
+        return CType(raw, SCALAR_TYPES[raw][0])
+    return CType(None, int(raw["bytes"]))
+
+
+def _attach(ptype: ProgType, raw: Any) -> Attach:
+    if ptype is ProgType.TRACEPOINT:
+        category, event = raw["tracepoint"].split(":")
+        return TracepointAttach(category, event)
+    if ptype is ProgType.RAW_TRACEPOINT:
+        return RawTracepointAttach(raw["raw_tracepoint"])
+    if ptype is ProgType.XDP:
+        return XdpAttach(raw["xdp"]["interface"], raw["xdp"].get("mode", "skb"))
+    return NoAttach()
+
+
+def _build_map(f: Collector, i: int, raw: dict[str, Any]) -> MapSpec:
+    mtype = MapType(raw["type"])
+    fixed = mtype in (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY)
+    key = _NO_KEY_VALUE if fixed else _ctype(raw["key"])
+    value = _NO_KEY_VALUE if fixed else _ctype(raw["value"])
+    m = MapSpec(name=raw["name"], type=mtype, key=key, value=value,
+                max_entries=raw["max_entries"],
+                flags=frozenset(MapFlag(x) for x in raw.get("flags", [])),
+                freeze=raw.get("freeze", False), preserve=raw.get("preserve", False),
+                line=f.line(("maps", i)))
+    return dataclasses.replace(m, initial=semantic.map_rules(f, i, m, raw.get("initial", [])))
+
+
+def _build_program(f: Collector, i: int, raw: dict[str, Any]) -> ProgramSpec:
+    ptype = ProgType(raw["type"])
+    return ProgramSpec(name=raw["name"], type=ptype, attach=_attach(ptype, raw.get("attach")),
+                       fallback=tuple(raw.get("fallback", [])), line=f.line(("programs", i)))
+
+
+def _spec_name(f: Collector, data: dict[str, Any]) -> str:
+    if "name" in data:
+        return str(data["name"])
+    stem = os.path.basename(f.path).removesuffix(".yaml")
+    if NAME_RE.fullmatch(stem) is None:
+        f.add(Kind.SEMANTIC, ("name",), f"the file name '{stem[:60]}' is not a valid spec "
+              "name; add a `name:` key", allowed=NAME_RE.pattern)
+    return stem
+
+
+def _read_source(f: Collector, data: dict[str, Any], limits: Limits, owner_uid: int | None,
+                 ) -> tuple[bytes, str | None, int] | None:
+    """(C bytes, C file path or None, line of its first line in its file)."""
+    src = data["source"]
+    if "inline" in src:
+        raw = src["inline"].encode("utf-8")
+        at = ("source", "inline")
+        mark = f.marks.values.get(at)
+        first = (mark[0] + 1 if at in f.marks.literal else mark[0]) if mark else 1
+        if len(raw) > limits.max_source_bytes:
+            f.add(Kind.LIMIT, at, f"inline source is {len(raw)} bytes",
+                  allowed=f"<= {limits.max_source_bytes} bytes")
+            return None
+        return raw, None, first
+    at = ("source", "file")
+    base = os.path.dirname(os.path.abspath(f.path))
+    try:
+        real = trust.check_relative(src["file"], base)
+        raw = trust.read_file(real, owner_uid=owner_uid, root_dir=base,
+                              max_bytes=limits.max_source_bytes)
+    except LoaderdError as exc:
+        if exc.location.file is None or exc.location.field == "source.file":
+            exc.location = f.loc(at)
+        f.errors.append(exc)
+        return None
+    if len(raw) > limits.max_source_bytes:
+        f.add(Kind.LIMIT, at, "source file is too large", value=src["file"],
+              allowed=f"<= {limits.max_source_bytes} bytes")
+        return None
+    return raw, real, 1
+
+
+def _decode_source(f: Collector, raw: bytes, where: str | None) -> str | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        f.errors.append(LoaderdError(Kind.SEMANTIC, "C source is not valid UTF-8",
+                                     Location(where or f.path, line)))
+        return None
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        f.errors.append(LoaderdError(Kind.SEMANTIC, "C source contains a NUL byte",
+                                     Location(where or f.path, line)))
+        return None
+    return text
+
+
+def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
+               root_dir: str | None = None) -> tuple[Spec | None, list[LoaderdError]]:
+    """The Spec in `path`, or every error found in it (never both)."""
+    root = root_dir or os.path.dirname(os.path.abspath(path))
+    try:
+        yaml_bytes = trust.read_file(path, owner_uid=owner_uid, root_dir=root,
+                                     max_bytes=limits.max_spec_bytes)
+        data, marks = yamlsafe.load(yaml_bytes, file=path, max_bytes=limits.max_spec_bytes)
+    except LoaderdError as exc:
+        return None, [exc.with_file(path)]
+    errors = schemacheck.validate(data, SCHEMA, marks=marks, file=path)
+    if errors:
+        return None, errors
+    f = Collector(path, marks)
+    name = _spec_name(f, data)
+    maps = tuple(_build_map(f, i, m) for i, m in enumerate(data.get("maps", [])))
+    programs = tuple(_build_program(f, i, p) for i, p in enumerate(data["programs"]))
+    got = _read_source(f, data, limits, owner_uid)
+    text = _decode_source(f, got[0], got[1]) if got else None
+    semantic.names(f, maps, programs)
+    if got and text is not None:
+        semantic.fallbacks(f, maps, programs, text)
+        field = None if got[1] else "source.inline"
+        f.errors += srccheck.check_source(text, file=got[1] or path, first_line=got[2],
+                                          field=field)
+    if f.errors or got is None or text is None:
+        return None, f.errors
+    digest = hashlib.sha256(yaml_bytes + b"\0" + got[0]).hexdigest()
+    return Spec(name=name, path=path, source=text, source_path=got[1], maps=maps,
+                programs=programs, sha256=digest, description=data.get("description", ""),
+                marks=dict(marks.keys)), []
+
+
+def load_spec(path: str, *, limits: Limits, owner_uid: int | None = 0) -> Spec:
+    """Load one spec; raise the first problem (owner_uid None skips ownership checks)."""
+    spec, errors = parse_spec(path, limits=limits, owner_uid=owner_uid)
+    if errors or spec is None:
+        raise errors[0]
+    return spec
+
+
+def load_dir(directory: str, settings: Settings, *, check_owner: bool = True,
+             ) -> tuple[list[Spec], list[LoaderdError]]:
+    """Every `*.yaml` spec in `directory`, in name order, and every error found in any."""
+    try:
+        names = sorted(n for n in os.listdir(directory)
+                       if n.endswith(".yaml") and not n.startswith("."))
+    except OSError as exc:
+        return [], [LoaderdError(Kind.TRUST, f"cannot read directory: {exc.strerror}",
+                                 Location(directory))]
+    owner = settings.config_owner_uid if check_owner else None
+    specs: list[Spec] = []
+    errors: list[LoaderdError] = []
+    seen: dict[str, str] = {}
+    for name in names:
+        path = os.path.join(directory, name)
+        spec, errs = parse_spec(path, limits=settings.policy.limits, owner_uid=owner,
+                                root_dir=directory)
+        errors += errs
+        if spec is None:
+            continue
+        if spec.name in seen:
+            errors.append(LoaderdError(Kind.SEMANTIC, f"spec name '{spec.name}' is already "
+                                       f"used by {seen[spec.name]}",
+                                       Location(path, spec.line_of("name"), None, "name")))
+            continue
+        seen[spec.name] = path
+        specs.append(spec)
+    return specs, errors

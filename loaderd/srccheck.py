@@ -1,0 +1,125 @@
+"""Text checks on a spec's C source for what BCC acts on *inside* `BPF()`, before any of
+loaderd's checks run: pinned/shared/extern tables, explicit `maps/` sections, and includes
+that read files outside the kernel/BCC header trees.
+
+Maps come from the spec's `maps:` (loaderd generates their declarations), so the C text needs
+none of these. The text is checked after line splicing and comment removal (as the C
+preprocessor sees it); anything that could rebuild a refused name behind our back (token
+pasting, digraphs, trigraphs, raw strings) is refused too.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+
+from loaderd.errors import Kind, LoaderdError, Location
+
+MAX_ERRORS = 20
+INCLUDE_ROOTS = ("linux", "uapi", "net", "bcc", "asm")
+_MAPS = "declare maps in the spec's `maps:` instead"
+
+# (pattern, message); checked on comment-free text, string literals included.
+_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(p), m) for p, m in (
+        (r"\bBPF_TABLE_PINNED\w*", "BPF_TABLE_PINNED is not allowed: BCC pins it before "
+                                   f"any check; {_MAPS}"),
+        (r"\bBPF_TABLE_SHARED\b", f"BPF_TABLE_SHARED is not allowed (shares the map); {_MAPS}"),
+        (r"\bBPF_TABLE_PUBLIC\b", f"BPF_TABLE_PUBLIC is not allowed (exports the map); {_MAPS}"),
+        (r"\bBPF_QUEUESTACK_(?:PINNED|PUBLIC|SHARED)\b",
+         f"pinned/shared queue/stack tables are not allowed; {_MAPS}"),
+        (r"\bBPF_(?:F_TABLE|TABLE(?!_(?:PINNED|SHARED|PUBLIC))\w*|QUEUESTACK|"
+         r"XDP_REDIRECT_MAP|XSKMAP\w*)\b",
+         "generic table macros are not allowed: their type string can pin, share or extern "
+         f"a map (\"hash:/path\", \"extern\"); {_MAPS}"),
+        (r"\bextern\b", "extern declarations are not allowed (BCC extern tables reach maps "
+                        "outside this spec)"),
+        (r"\b(?:BCC_SEC|SEC|section|__section__)\b",
+         "explicit sections are not allowed (a \"maps/\" section creates or pins a map in BCC)"),
+        (r"maps/", "\"maps/\" sections are not allowed (BCC creates or pins such maps)"),
+        (r"##", "token pasting (##) is not allowed: it can assemble refused names"),
+        (r"%:|\?\?[=/'()!<>-]", "digraphs/trigraphs are not allowed"),
+        (r"\b(?:u8|[uUL])?R\"", "raw string literals are not allowed"),
+    )
+)
+_DIRECTIVE = re.compile(r"^[ \t]*#[ \t]*(include_next|include|import|embed)\b(.*)$", re.M)
+_INCLUDE = re.compile(r"[ \t]*<([A-Za-z0-9_.+/-]+)>[ \t]*")
+_LEXEME = re.compile(r'"(?:\\.|[^"\\\n])*"?|\'(?:\\.|[^\'\\\n])*\'?|//[^\n]*|/\*.*?(?:\*/|\Z)',
+                     re.S)
+
+
+def _splice(text: str) -> tuple[str, list[int]]:
+    """Join backslash-newline continuations; return the text and, for each original line
+    after the first, the offset in the joined text where it starts."""
+    out: list[str] = []
+    starts: list[int] = []
+    size = pos = 0
+    for m in re.finditer(r"\\\r?\n|\n", text):
+        out.append(text[pos:m.start()])
+        size += m.start() - pos
+        if m.group() == "\n":
+            out.append("\n")
+            size += 1
+        starts.append(size)
+        pos = m.end()
+    out.append(text[pos:])
+    return "".join(out), starts
+
+
+def _blank_comments(text: str) -> str:
+    """Comments become spaces (newlines kept, so offsets and lines stay put)."""
+    def repl(m: re.Match[str]) -> str:
+        s = m.group()
+        if s.startswith(("//", "/*")):
+            return re.sub(r"[^\n]", " ", s)
+        return s
+    return _LEXEME.sub(repl, text)
+
+
+def _include_problem(directive: str, rest: str) -> str | None:
+    if directive != "include":
+        return f"#{directive} is not allowed"
+    m = _INCLUDE.fullmatch(rest)
+    if m is None:
+        if rest.strip().startswith('"'):
+            return "quoted #include \"...\" is not allowed (it reads files next to the spec)"
+        return "only #include <...> of kernel/BCC headers is allowed"
+    parts = m.group(1).split("/")
+    if parts[0] not in INCLUDE_ROOTS or ".." in parts or "" in parts:
+        return f"#include <{m.group(1)}> is not allowed"
+    return None
+
+
+_FUNCTION = re.compile(r"\b([A-Za-z_]\w*)\s*\((?:[^()]|\([^()]*\))*\)\s*\{")
+
+
+def function_names(text: str) -> set[str]:
+    """Names that look defined as functions (`name(...) {`) in C `text`, comments ignored."""
+    return {m.group(1) for m in _FUNCTION.finditer(_blank_comments(_splice(text)[0]))}
+
+
+def check_source(text: str, *, file: str | None, first_line: int = 1,
+                 field: str | None = None) -> list[LoaderdError]:
+    """All refused constructs in C `text`, located at `file`:`first_line` + line - 1."""
+    allowed = ", ".join(f"<{r}/...>" for r in INCLUDE_ROOTS)
+    code, starts = _splice(text)
+    code = _blank_comments(code)
+    found: list[tuple[int, str, str | None]] = []
+    for rx, message in _RULES:
+        found.extend((m.start(), message, None) for m in rx.finditer(code))
+    for m in _DIRECTIVE.finditer(code):
+        problem = _include_problem(m.group(1), m.group(2))
+        if problem:
+            found.append((m.start(), problem, allowed))
+    errors: list[LoaderdError] = []
+    seen: set[tuple[int, str]] = set()
+    for offset, message, allow in sorted(found):
+        line = first_line + bisect.bisect_right(starts, offset)
+        if (line, message) in seen:
+            continue
+        seen.add((line, message))
+        errors.append(LoaderdError(Kind.POLICY, message, Location(file, line, None, field),
+                                   allowed=allow))
+        if len(errors) >= MAX_ERRORS:
+            break
+    return errors

@@ -1,0 +1,239 @@
+"""Safe YAML for hostile input: plain data plus the line/column of every key and item.
+
+Built on PyYAML's event stream (libyaml when present) rather than its composer, so that
+explicit tags, anchors/aliases, depth and document count are refused *before* any object is
+built (the composer recurses and would expand aliases). Scalars are still resolved and
+constructed by PyYAML's SafeLoader resolver/constructor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from loaderd.errors import Kind, LoaderdError, Location
+
+Path = tuple[str | int, ...]
+Mark = tuple[int, int]  # (line, column), both 1-based
+
+MAX_DEPTH = 32
+
+_Loader: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# Scalar tags we build as-is; any other implicit tag (timestamp, value, ...) stays a string
+# so `description: 2024-01-01` is text, not a datetime a schema can only call "not a string".
+_PLAIN_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null")
+)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+@dataclass
+class Marks:
+    """Where each field path was written: `keys` for the key (or sequence item), `values`
+    for the value start, `literal` for `|` block scalars (their lines map 1:1 to the text)."""
+
+    keys: dict[Path, Mark] = field(default_factory=dict)
+    values: dict[Path, Mark] = field(default_factory=dict)
+    literal: set[Path] = field(default_factory=set)
+
+    def at(self, path: Path) -> Mark | None:
+        """Position of `path`, or of its nearest written ancestor (for missing keys)."""
+        for end in range(len(path), -1, -1):
+            sub = path[:end]
+            mark = self.keys.get(sub) or self.values.get(sub)
+            if mark is not None:
+                return mark
+        return None
+
+
+def field_name(path: Path) -> str:
+    """("maps", 0, "max_entries") -> "maps[0].max_entries"."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _mark(event: Any) -> Mark:
+    return (event.start_mark.line + 1, event.start_mark.column + 1)
+
+
+def _error(message: str, file: str | None, mark: Mark | None = None,
+           path: Path = (), value: Any = None) -> LoaderdError:
+    line, col = mark if mark else (None, None)
+    return LoaderdError(Kind.YAML, message,
+                        Location(file, line, col, field_name(path) or None), value=value)
+
+
+class _Frame:
+    __slots__ = ("data", "key", "path", "start")
+
+    def __init__(self, data: dict[str, Any] | list[Any], path: Path, start: Mark) -> None:
+        self.data = data
+        self.path = path
+        self.start = start
+        self.key: str | None = None  # mapping: key waiting for its value
+
+
+class _Builder:
+    """Turns the event stream into data + Marks, refusing what we do not allow."""
+
+    def __init__(self, loader: Any, file: str | None, max_depth: int) -> None:
+        self.loader = loader
+        self.file = file
+        self.max_depth = max_depth
+        self.marks = Marks()
+        self.stack: list[_Frame] = []
+        self.root: Any = None
+        self.documents = 0
+
+    def child_path(self, mark: Mark, is_key_ok: bool) -> Path | None:
+        """Path the next node will take; None when it is a mapping key."""
+        if not self.stack:
+            return ()
+        top = self.stack[-1]
+        if isinstance(top.data, list):
+            return (*top.path, len(top.data))
+        if top.key is None:
+            if not is_key_ok:
+                raise _error("mapping keys must be plain scalars", self.file, mark, top.path)
+            return None
+        return (*top.path, top.key)
+
+    def attach(self, value: Any, path: Path, mark: Mark, is_container: bool) -> None:
+        if not self.stack:
+            self.root = value
+            self.marks.values[()] = mark
+            return
+        top = self.stack[-1]
+        if isinstance(top.data, list):
+            top.data.append(value)
+            if not is_container:
+                self.marks.keys[path] = mark
+                self.marks.values[path] = mark
+            return
+        top.data[top.key] = value  # type: ignore[index]
+        top.key = None
+        if not is_container:
+            self.marks.values[path] = mark
+
+    def add_key(self, key: Any, mark: Mark) -> None:
+        top = self.stack[-1]
+        assert isinstance(top.data, dict)
+        if not isinstance(key, str):
+            raise _error("mapping keys must be strings; quote it", self.file, mark,
+                         top.path, value=key)
+        if key in top.data:
+            first = self.marks.keys.get((*top.path, key))
+            where = f" (first at line {first[0]})" if first else ""
+            raise _error(f"duplicate key '{key[:64]}'{where}", self.file, mark,
+                         (*top.path, key))
+        top.key = key
+        self.marks.keys[(*top.path, key)] = mark
+
+    def scalar(self, event: Any) -> None:
+        mark = _mark(event)
+        path = self.child_path(mark, True)
+        tag = self.loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+        if tag == _MERGE_TAG and path is None:
+            raise _error("merge keys (<<) are not allowed", self.file, mark,
+                         self.stack[-1].path)
+        value: Any = event.value
+        if tag in _PLAIN_TAGS:
+            node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark,
+                                   event.style)
+            try:
+                value = self.loader.construct_object(node)
+            except (ValueError, OverflowError):  # e.g. int() over the 4300-digit limit
+                raise _error("invalid scalar (number too long or out of range)", self.file,
+                             mark, path or (), value=event.value[:32]) from None
+        if path is None:
+            self.add_key(value, mark)
+            return
+        if event.style == "|":
+            self.marks.literal.add(path)
+        self.attach(value, path, mark, False)
+
+    def start(self, event: Any, data: dict[str, Any] | list[Any]) -> None:
+        mark = _mark(event)
+        path = self.child_path(mark, False)
+        assert path is not None
+        if len(self.stack) >= self.max_depth:
+            raise _error(f"nesting deeper than {self.max_depth} levels", self.file, mark)
+        if self.stack:
+            self.marks.values[path] = mark
+            if isinstance(self.stack[-1].data, list):
+                self.marks.keys[path] = mark
+        self.stack.append(_Frame(data, path, mark))
+
+    def end(self) -> None:
+        frame = self.stack.pop()
+        self.attach(frame.data, frame.path, frame.start, True)
+
+    def feed(self, event: Any) -> None:
+        if getattr(event, "anchor", None) is not None or isinstance(event, yaml.AliasEvent):
+            raise _error("anchors and aliases (&, *) are not allowed", self.file,
+                         _mark(event))
+        if getattr(event, "tag", None) is not None:
+            raise _error(f"explicit tags are not allowed (got {event.tag[:64]!r})",
+                         self.file, _mark(event))
+        if isinstance(event, yaml.DocumentStartEvent):
+            self.documents += 1
+            if self.documents > 1:
+                raise _error("only one YAML document is allowed (found '---')", self.file,
+                             _mark(event))
+        elif isinstance(event, yaml.ScalarEvent):
+            self.scalar(event)
+        elif isinstance(event, yaml.MappingStartEvent):
+            self.start(event, {})
+        elif isinstance(event, yaml.SequenceStartEvent):
+            self.start(event, [])
+        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            self.end()
+
+
+def _decode(data: bytes, file: str | None) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start]
+        line = before.count(b"\n") + 1
+        col = exc.start - (before.rfind(b"\n") + 1) + 1
+        raise _error("not valid UTF-8", file, (line, col),
+                     value=data[exc.start:exc.start + 4]) from None
+
+
+def _yaml_error(exc: yaml.YAMLError, text: str, file: str | None) -> LoaderdError:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = (mark.line + 1, mark.column + 1) if mark is not None else None
+    if isinstance(exc, yaml.reader.ReaderError):
+        before = text[: exc.position]
+        where = (before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1)
+        return _error("control characters are not allowed", file, where,
+                      value=chr(exc.character) if isinstance(exc.character, int)
+                      else exc.character)
+    return _error(f"invalid YAML: {problem}", file, where)
+
+
+def load(data: bytes, *, file: str | None = None, max_bytes: int,
+         max_depth: int = MAX_DEPTH) -> tuple[Any, Marks]:
+    """Parse one YAML document from untrusted bytes. Empty input gives (None, Marks())."""
+    if len(data) > max_bytes:
+        raise _error(f"file is larger than {max_bytes} bytes", file, value=len(data))
+    text = _decode(data, file)
+    loader = _Loader(text)
+    builder = _Builder(loader, file, max_depth)
+    try:
+        while loader.check_event():
+            builder.feed(loader.get_event())
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, text, file) from None
+    finally:
+        loader.dispose()
+    return builder.root, builder.marks
