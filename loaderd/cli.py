@@ -153,6 +153,7 @@ def parser() -> argparse.ArgumentParser:
     for name, (func, help_text) in commands.items():
         sp = sub.add_parser(name, help=help_text)
         sp.set_defaults(func=func)
+        sp.add_argument("--config", default=argparse.SUPPRESS, help="same as the global --config")
         if name in ("apply", "check"):
             sp.add_argument("--dir", help="specs directory (default: programs_dir setting)")
             sp.add_argument("--jobs", type=int, default=None, help="parallel compiles")
