@@ -25,12 +25,13 @@ def _strict_integer(_checker: Any, instance: Any) -> bool:
 
 def _anchored_pattern(validator: Any, pattern: str, instance: Any,
                       schema: dict[str, Any]) -> Iterator[jsonschema.ValidationError]:
-    # Python's `$` also matches before a trailing newline ("count\n"); the schemas mean
-    # end of string, so refuse that newline too (the schema file stays ECMA-compatible).
+    # Python's `$` also matches before a trailing newline ("count\n"); in the schema (ECMA
+    # regex, as editors read it) a final `$` means end of string, so match it as `\Z`.
     if not validator.is_type(instance, "string"):
         return
-    if re.search(pattern, instance) is None or (pattern.endswith("$")
-                                                 and instance.endswith("\n")):
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    if re.search(pattern, instance) is None:
         yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
@@ -101,15 +102,17 @@ def _describe(err: Any) -> list[tuple[Path, str, Any, str | None]]:
     if kw in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         return [(path, "out of range", inst, _range(schema))]
     if kw in ("minLength", "maxLength"):
+        low, high = schema.get("minLength", 0), schema.get("maxLength")
         return [(path, f"length {len(inst)} out of range", short(inst),
-                 f"{schema.get('minLength', 0)}..{schema.get('maxLength', 'any')} chars")]
+                 f"{low}..{high} chars" if high is not None else f">= {low} chars")]
     if kw == "pattern":
         return [(path, "invalid value", short(inst), desc or want)]
     if kw in ("minItems", "maxItems"):
         return [(path, f"{len(inst)} items", None,
                  f"{schema.get('minItems', 0)}..{schema.get('maxItems', 'any')} items")]
     if kw == "uniqueItems":
-        return [(path, "duplicate entries", short(inst), None)]
+        dup = next((x for i, x in enumerate(inst) if x in inst[:i]), None)
+        return [(path, "duplicate entries", short(dup), None)]
     if kw in ("minProperties", "maxProperties"):
         keys = " or ".join(f"'{k}'" for k in schema.get("properties", {}))
         return [(path, f"exactly one of {keys} is required", None, None)]
@@ -121,15 +124,20 @@ def _describe(err: Any) -> list[tuple[Path, str, Any, str | None]]:
 def validate(data: Any, schema_name: str, *, marks: Marks, file: str | None,
              kind: Kind = Kind.SCHEMA) -> list[LoaderdError]:
     """All schema violations of `data`, sorted by position."""
-    found: dict[tuple[str, str], LoaderdError] = {}
-    for err in _validator(schema_name).iter_errors(data):
-        for path, message, value, allowed in _describe(err):
-            mark = marks.keys.get(path) or marks.at(path)
-            line, col = mark if mark else (None, None)
-            fname = field_name(path) or None
-            found.setdefault((fname or "", message), LoaderdError(
-                kind, message, Location(file, line, col, fname), value=value,
-                allowed=allowed))
-    return sorted(found.values(), key=lambda e: (e.location.line or 0,
-                                                 e.location.column or 0,
-                                                 e.location.field or ""))
+    found = [d for err in _validator(schema_name).iter_errors(data) for d in _describe(err)]
+    # A misspelled key is reported once, as unknown with its suggestion, not also as missing.
+    typos = {(path[:-1], f"missing required key '{m.group(1)}'")
+             for path, message, _v, _a in found
+             if (m := re.search(r"did you mean '([^']+)'", message))}
+    errors: dict[tuple[str, str], LoaderdError] = {}
+    for path, message, value, allowed in found:
+        if (path[:-1], message) in typos:
+            continue
+        mark = marks.keys.get(path) or marks.at(path)
+        line, col = mark if mark else (None, None)
+        fname = field_name(path) or None
+        errors.setdefault((fname or "", message), LoaderdError(
+            kind, message, Location(file, line, col, fname), value=value, allowed=allowed))
+    return sorted(errors.values(), key=lambda e: (e.location.line or 0,
+                                                  e.location.column or 0,
+                                                  e.location.field or ""))

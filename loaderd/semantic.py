@@ -72,7 +72,7 @@ def _flag_rules(c: Collector, i: int, m: MapSpec) -> None:
     at: Path = ("maps", i, "flags")
     if m.type in _FIXED and m.flags:
         c.add(Kind.SEMANTIC, at, f"{m.type} maps take no flags",
-              value=sorted(f.value for f in m.flags))
+              value=", ".join(sorted(m.flags)))
     if MapFlag.NO_PREALLOC in m.flags and m.type not in _PREALLOC_OPTIONAL:
         c.add(Kind.SEMANTIC, at, f"NO_PREALLOC is not supported for {m.type} maps",
               allowed=", ".join(_PREALLOC_OPTIONAL))

@@ -106,8 +106,10 @@ def _read_source(f: Collector, data: dict[str, Any], limits: Limits, owner_uid: 
         raw = trust.read_file(real, owner_uid=owner_uid, root_dir=base,
                               max_bytes=limits.max_source_bytes)
     except LoaderdError as exc:
-        if exc.location.file is None or exc.location.field == "source.file":
-            exc.location = f.loc(at)
+        # Point at the spec's `source.file:` line; keep which file/dir failed in the message.
+        if exc.location.file is not None and exc.location.field is None:
+            exc.message = f"{exc.location.file}: {exc.message}"
+        exc.location = f.loc(at)
         f.errors.append(exc)
         return None
     if len(raw) > limits.max_source_bytes:

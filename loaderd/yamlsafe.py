@@ -175,13 +175,22 @@ class _Builder:
         frame = self.stack.pop()
         self.attach(frame.data, frame.path, frame.start, True)
 
+    def where(self) -> Path:
+        """Field path of the node an event starts (its mapping's path for a key)."""
+        if not self.stack:
+            return ()
+        top = self.stack[-1]
+        if isinstance(top.data, list):
+            return (*top.path, len(top.data))
+        return top.path if top.key is None else (*top.path, top.key)
+
     def feed(self, event: Any) -> None:
         if getattr(event, "anchor", None) is not None or isinstance(event, yaml.AliasEvent):
             raise _error("anchors and aliases (&, *) are not allowed", self.file,
-                         _mark(event))
+                         _mark(event), self.where())
         if getattr(event, "tag", None) is not None:
-            raise _error(f"explicit tags are not allowed (got {event.tag[:64]!r})",
-                         self.file, _mark(event))
+            raise _error("explicit tags are not allowed", self.file, _mark(event),
+                         self.where(), value=event.tag[:64])
         if isinstance(event, yaml.DocumentStartEvent):
             self.documents += 1
             if self.documents > 1:
@@ -205,7 +214,7 @@ def _decode(data: bytes, file: str | None) -> str:
         line = before.count(b"\n") + 1
         col = exc.start - (before.rfind(b"\n") + 1) + 1
         raise _error("not valid UTF-8", file, (line, col),
-                     value=data[exc.start:exc.start + 4]) from None
+                     value=data[exc.start:exc.end]) from None
 
 
 def _yaml_error(exc: yaml.YAMLError, text: str, file: str | None) -> LoaderdError:

@@ -1,0 +1,5 @@
+extern int other_table;
+int count(void *ctx)
+{
+    return 0;
+}

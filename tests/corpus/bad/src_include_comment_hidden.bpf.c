@@ -1,0 +1,5 @@
+#/* hidden */include "x.h"
+int count(void *ctx)
+{
+    return 0;
+}

@@ -1,0 +1,5 @@
+#include <stdio.h>
+int count(void *ctx)
+{
+    return 0;
+}

@@ -1,0 +1,5 @@
+const char *where = "maps/hash";
+int count(void *ctx)
+{
+    return 0;
+}

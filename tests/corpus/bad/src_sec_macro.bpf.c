@@ -1,0 +1,5 @@
+int t SEC("maps/x");
+int count(void *ctx)
+{
+    return 0;
+}

@@ -1,0 +1,5 @@
+BPF_TABLE("extern", u32, u64, ext, 16);
+int count(void *ctx)
+{
+    return 0;
+}

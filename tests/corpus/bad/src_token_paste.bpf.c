@@ -1,0 +1,5 @@
+#define CAT(a, b) a##b
+int count(void *ctx)
+{
+    return 0;
+}

@@ -1,0 +1,5 @@
+??=include "x.h"
+int count(void *ctx)
+{
+    return 0;
+}

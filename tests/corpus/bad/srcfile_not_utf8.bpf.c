@@ -1,0 +1,4 @@
+int count(void *ctx)
+{ /* café */
+    return 0;
+}
