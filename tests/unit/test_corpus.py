@@ -52,7 +52,7 @@ def stage(src: Path, case: str, dest: Path) -> Path:
     dest.mkdir(mode=0o755)
     os.chmod(dest, 0o755)
     for p in src.iterdir():
-        if p.name == f"{case}.yaml" or p.name.startswith(f"{case}.") and p.suffix != ".expect":
+        if p.name == f"{case}.yaml" or (p.name.startswith(f"{case}.") and p.suffix != ".expect"):
             target = dest / p.name
             if p.is_symlink():
                 os.symlink(os.readlink(p), target)
