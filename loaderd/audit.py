@@ -3,8 +3,13 @@
 Contract used across loaderd:  `audit.emit(Event.X, "human message", spec=..., prog_id=...)`.
 Keyword fields are lowercase here and mapped to stable uppercase journal fields (see FIELD_NAMES);
 unknown keys become LOADERD_<KEY>. With a journal socket, events go to journald with a
-MESSAGE_ID per event kind (documented in the catalog); otherwise one JSON line per event on
-stderr. `configure()` is called once per process by the CLI.
+MESSAGE_ID per event kind (documented in loaderd/catalog/loaderd.catalog); otherwise one JSON
+line per event on stderr. `configure()` is called once per process by the CLI; `emit()` configures
+on first use when nobody did.
+
+Both sinks share one structlog processor chain, so an event carries the same facts either way:
+kind, MESSAGE_ID, priority, message, the acting uid (and login uid when a person is behind it,
+e.g. `sudo loaderctl disable`), the caller's code location and the fields.
 """
 
 from __future__ import annotations
@@ -13,32 +18,35 @@ import enum
 import json
 import os
 import sys
-import time
-from collections.abc import Callable
-from typing import IO, Any
+import threading
+from collections.abc import Mapping, MutableMapping
+from typing import IO, Any, TextIO, cast
+
+import structlog
 
 
 class Event(enum.Enum):
-    """Event kinds. Values are (MESSAGE_ID, syslog PRIORITY). IDs never change once shipped."""
+    """Event kinds. Values are (MESSAGE_ID, syslog PRIORITY). IDs never change once shipped:
+    SIEM rules and the journal catalog key on them (generated with `systemd-id128 new`)."""
 
-    SPEC_ACCEPTED = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a101", 6)
-    SPEC_REFUSED = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a102", 3)
-    PROG_LOADED = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a103", 6)
-    MAP_CREATED = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a104", 6)
-    MAP_FROZEN = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a105", 6)
-    PIN_WRITTEN = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a106", 7)
-    ATTACHED = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a107", 6)
-    CAPS_DROPPED = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a108", 6)
-    RELOAD = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a109", 5)
-    APPLY_FAILED = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a10a", 3)
-    APPLIED = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a10b", 5)
-    ADOPTED = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a10c", 6)
-    DETACHED = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a10d", 4)
-    ROLLBACK = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a10e", 4)
-    KILL_SWITCH = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a10f", 2)
-    DRIFT = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a110", 2)
-    DEGRADED = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a111", 4)
-    DAEMON = ("5b0d1c6f2d9e4c8a9a61e0f6b7c3a112", 6)
+    SPEC_ACCEPTED = ("c2159ca4f2fb48f7ba81dc555524bb3e", 6)
+    SPEC_REFUSED = ("a7ccc86d976f465e8eed237bd53775e5", 3)
+    PROG_LOADED = ("d66b4504e8ea4acba0fa4812f7016885", 6)
+    MAP_CREATED = ("550d59846a4349838cba47aea9556cff", 6)
+    MAP_FROZEN = ("9096d1a7cde84ba4bb1bb6fd6884c221", 6)
+    PIN_WRITTEN = ("39c88e1af2fb49c1aa4260a358ef7ad2", 7)
+    ATTACHED = ("930fbbaf8f824b9684b1763a0cc74ff8", 6)
+    CAPS_DROPPED = ("5164c769386f4cb9851d7ad469b14dc2", 6)
+    RELOAD = ("30d43e2442a7435392d12a1e8a0047dd", 5)
+    APPLY_FAILED = ("678aba50ab8948adb8649fd32ab81b06", 3)
+    APPLIED = ("563a089a472c4b84b1e25cf85121bb8b", 5)
+    ADOPTED = ("b297708e7f9c45749afe10bd34d7bc8f", 6)
+    DETACHED = ("8559f087547a4d60af0eb4151538f384", 4)
+    ROLLBACK = ("3f3ea8a7b48a4beabb942e034c249f76", 4)
+    KILL_SWITCH = ("25923749acc24a649159ff3f7c274fdb", 2)
+    DRIFT = ("79007ec174e649d3af7c5c0ade4b6236", 2)
+    DEGRADED = ("0b7a57629d204144a63b89f82508cee1", 4)
+    DAEMON = ("537fd8df20854c7fb12cfe71dabd8006", 6)
 
     @property
     def message_id(self) -> str:
@@ -64,59 +72,155 @@ FIELD_NAMES: dict[str, str] = {
     "helpers": "BPF_HELPERS",
 }
 
-Sink = Callable[[Event, str, dict[str, Any]], None]
-_sink: Sink | None = None
+SYSLOG_IDENTIFIER = "loaderd"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+# Keys of the stderr JSON record that belong to the event itself; a caller field with one of
+# these names is renamed to field_<name> instead of overwriting it.
+_RECORD_KEYS = frozenset({"ts", "event", "message_id", "priority", "message", "uid",
+                          "login_uid", "code_file", "code_line", "code_func"})
+_NO_LOGIN_UID = 4294967295  # (uid_t)-1: no login session behind this process
+
+_lock = threading.Lock()
+_logger: Any = None  # structlog BoundLogger, built by configure()
+_fallback: IO[str] | None = None  # where journald sink failures still get written
 
 
 def journal_field(key: str) -> str:
     name = FIELD_NAMES.get(key) or "LOADERD_" + key.upper()
-    # journald silently drops invalid names: keep to A-Z0-9_, <= 64 chars, no leading "_".
-    name = "".join(c if c.isalnum() or c == "_" else "_" for c in name.upper()).lstrip("_")
+    # journald silently drops invalid names: keep to A-Z0-9_, <= 64 chars, no leading "_" or
+    # digit (a leading "_" would also claim to be a trusted field).
+    name = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_"
+                   for c in name.upper()).lstrip("_")
+    if not name or name[0].isdigit():
+        name = "LOADERD_" + name
     return name[:64]
 
 
-def _stderr_sink(stream: IO[str]) -> Sink:
-    def sink(event: Event, message: str, fields: dict[str, Any]) -> None:
-        record = {"ts": round(time.time(), 6), "event": event.name.lower(),
-                  "message_id": event.message_id, "priority": event.priority,
-                  "message": message, "uid": os.getuid(), **fields}
-        stream.write(json.dumps(record, default=str, sort_keys=True) + "\n")
-        stream.flush()
-
-    return sink
-
-
-def _journal_sink() -> Sink:
-    from systemd import journal
-
-    def sink(event: Event, message: str, fields: dict[str, Any]) -> None:
-        extra = {journal_field(k): _text(v) for k, v in fields.items() if v is not None}
-        journal.send(message, MESSAGE_ID=event.message_id, PRIORITY=str(event.priority),
-                     SYSLOG_IDENTIFIER="loaderd", LOADERD_EVENT=event.name.lower(),
-                     LOADERD_UID=str(os.getuid()), **extra)
-
-    return sink
-
-
 def _text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).hex()  # prog tags and raw keys: hex, never undecodable bytes
+    if isinstance(value, bool):
+        return "1" if value else "0"
     if isinstance(value, list | tuple | set | frozenset):
-        return ",".join(str(v) for v in value)
+        return ",".join(_text(v) for v in value)
     return str(value)
 
 
+def _login_uid() -> int | None:
+    try:
+        with open("/proc/self/loginuid") as f:
+            uid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return None if uid == _NO_LOGIN_UID else uid
+
+
+def _caller() -> tuple[str, int, str]:
+    """Code location of whoever called emit(), for CODE_FILE/CODE_LINE/CODE_FUNC."""
+    frame = sys._getframe(1)
+    here = frame.f_code.co_filename
+    while frame.f_back is not None and frame.f_code.co_filename == here:
+        frame = frame.f_back
+    return frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
+
+
+# -- processors (structlog): event_dict in, event_dict out -------------------------------------
+
+def _add_identity(_logger: Any, _name: str, event_dict: MutableMapping[str, Any],
+                  ) -> MutableMapping[str, Any]:
+    event_dict["uid"] = os.getuid()
+    login = _login_uid()
+    if login is not None:
+        event_dict["login_uid"] = login
+    return event_dict
+
+
+def _plain_values(_logger: Any, _name: str, event_dict: MutableMapping[str, Any],
+                  ) -> MutableMapping[str, Any]:
+    """JSON has no bytes: prog tags and raw keys become hex, as in the journal."""
+    for key, value in event_dict.items():
+        if isinstance(value, bytes | bytearray):
+            event_dict[key] = bytes(value).hex()
+    return event_dict
+
+
+def _to_journal(_logger: Any, _name: str, event_dict: MutableMapping[str, Any],
+                ) -> Mapping[str, Any]:
+    """Last processor of the journal chain: the exact journald fields, uppercase."""
+    fields: dict[str, Any] = {
+        "MESSAGE": str(event_dict.pop("message")),
+        "MESSAGE_ID": event_dict.pop("message_id"),
+        "PRIORITY": str(event_dict.pop("priority")),
+        "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER,
+        "LOADERD_EVENT": event_dict.pop("event"),
+        "LOADERD_UID": str(event_dict.pop("uid")),
+        "CODE_FILE": event_dict.pop("code_file"),
+        "CODE_LINE": int(event_dict.pop("code_line")),
+        "CODE_FUNC": event_dict.pop("code_func"),
+    }
+    if "login_uid" in event_dict:
+        fields["LOADERD_LOGIN_UID"] = str(event_dict.pop("login_uid"))
+    for key, value in event_dict.items():
+        if value is not None:
+            fields.setdefault(journal_field(key), _text(value))
+    return fields
+
+
+class _JournalLogger:
+    """structlog logger whose `msg(**fields)` is one journald entry."""
+
+    def msg(self, **fields: Any) -> None:
+        from systemd import journal
+
+        journal.send(**fields)
+
+
+def _build(use_journal: bool, stream: IO[str]) -> Any:
+    shared: list[Any] = [_add_identity]
+    if use_journal:
+        return structlog.wrap_logger(_JournalLogger(), processors=[*shared, _to_journal],
+                                     wrapper_class=structlog.BoundLogger)
+    return structlog.wrap_logger(
+        structlog.PrintLogger(cast(TextIO, stream)),
+        processors=[*shared, _plain_values,
+                    structlog.processors.TimeStamper(fmt=None, key="ts"),
+                    structlog.processors.JSONRenderer(sort_keys=True, default=str)],
+        wrapper_class=structlog.BoundLogger)
+
+
 def journal_available() -> bool:
-    return os.path.exists("/run/systemd/journal/socket")
+    return os.path.exists(JOURNAL_SOCKET)
 
 
 def configure(*, journal: bool | None = None, stream: IO[str] | None = None) -> None:
-    """Pick the sink once. `journal=None`: journald if its socket exists, else stderr JSON."""
-    global _sink
+    """Pick the sink once. `journal=None`: journald if its socket exists, else stderr JSON.
+
+    Uses its own structlog logger (wrap_logger), not the global structlog configuration, so
+    nothing else in the process can reroute or reformat the audit trail by configuring structlog.
+    """
+    global _logger, _fallback
     use_journal = journal_available() if journal is None else journal
-    _sink = _journal_sink() if use_journal else _stderr_sink(stream or sys.stderr)
+    with _lock:
+        _fallback = stream or sys.stderr
+        _logger = _build(use_journal, _fallback)
 
 
 def emit(event: Event, message: str, **fields: Any) -> None:
-    if _sink is None:
+    """Record one event. Never raises for a sink failure: the JSON line goes to stderr instead
+    (which systemd also journals), because losing the daemon is worse than a degraded record."""
+    if _logger is None:
         configure()
-    assert _sink is not None
-    _sink(event, message, fields)
+    code_file, code_line, code_func = _caller()
+    record = {(f"field_{k}" if k in _RECORD_KEYS else k): v for k, v in fields.items()}
+    record.update(message=message, message_id=event.message_id, priority=event.priority,
+                  code_file=code_file, code_line=code_line, code_func=code_func)
+    try:
+        _logger.msg(event.name.lower(), **record)
+    except OSError as exc:
+        stream = _fallback or sys.stderr
+        line = {"event": event.name.lower(), "message_id": event.message_id,
+                "priority": event.priority, "message": message, "uid": os.getuid(),
+                "sink_error": str(exc), **record}
+        stream.write(json.dumps(line, default=str, sort_keys=True) + "\n")
+        stream.flush()
