@@ -14,6 +14,7 @@ leftovers, so after a crash at any point the result is the old set or the new se
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -246,6 +247,13 @@ class Applier:
             prog_fd = staging.get(staging.prog_path(s.name, prog.name))
             try:
                 link_fd = attach.create_link(prog, prog_fd)
+            except LoaderdError as exc:
+                busy = " (another program already holds this target)" if getattr(
+                    exc, "errno", 0) == errno.EBUSY else ""
+                raise LoaderdError(Kind.ATTACH, f"cannot attach '{prog.name}' to {tgt}: "
+                                   f"{exc.message}{busy}", Location(
+                                       s.path, prog.line, None,
+                                       f"programs[{s.programs.index(prog)}].attach")) from None
             finally:
                 os.close(prog_fd)
             assert link_fd is not None

@@ -32,11 +32,25 @@ def bpffs_root() -> Iterator[str]:
 
 
 @pytest.fixture
-def specs_dir(tmp_path: Path) -> Path:
-    """A private copy of the shipped examples (root-owned, 0644: passes the trust checks)."""
+def dummy_iface() -> Iterator[str]:
+    """A private interface for XDP: lo takes one XDP program host-wide (EBUSY for a second)."""
+    name = f"ldd{uuid.uuid4().hex[:8]}"  # a veth end (this kernel has no dummy driver)
+    subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", name + "p"],
+                   check=True)
+    subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    yield name
+    subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
+@pytest.fixture
+def specs_dir(tmp_path: Path, dummy_iface: str) -> Path:
+    """A private copy of the shipped examples (root-owned, 0644: passes the trust checks), with
+    the XDP example moved from lo to a private dummy interface."""
     d = tmp_path / "programs.d"
     shutil.copytree(EXAMPLES, d)
     os.chmod(tmp_path, 0o755)
+    xdp = d / "xdp_counter.yaml"
+    xdp.write_text(xdp.read_text().replace("interface: lo", f"interface: {dummy_iface}"))
     return d
 
 

@@ -39,7 +39,7 @@ source:
 maps:
   - {{name: xdp_stats, type: array, key: u32, value: u64, max_entries: 1}}
 programs:
-  - {{name: xdp_count, type: xdp, attach: {{xdp: {{interface: lo, mode: skb}}}}}}
+  - {{name: xdp_count, type: xdp, attach: {{xdp: {{interface: {iface}, mode: skb}}}}}}
 """
 
 
@@ -127,16 +127,17 @@ def test_change_replaces_program_preserves_map_and_rollback_restores_tag(
     assert prog_tag(prog)[1] == old_tag
 
 
-def test_xdp_change_updates_the_link_in_place(tmp_path: Path, bpffs_root: str) -> None:
+def test_xdp_change_updates_the_link_in_place(tmp_path: Path, bpffs_root: str,
+                                              dummy_iface: str) -> None:
     d = tmp_path / "specs"
     d.mkdir()
     os.chmod(tmp_path, 0o755)
-    (d / "xdp.yaml").write_text(XDP.format(step=1))
+    (d / "xdp.yaml").write_text(XDP.format(step=1, iface=dummy_iface))
     conf = write_settings(tmp_path, bpffs_root, d)
     loaderd("--config", str(conf), "apply")
     link = f"{bpffs_root}/xdp/links/xdp_count"
     before = bpftool("link", "show", "pinned", link)
-    (d / "xdp.yaml").write_text(XDP.format(step=7))
+    (d / "xdp.yaml").write_text(XDP.format(step=7, iface=dummy_iface))
     loaderd("--config", str(conf), "apply")
     after = bpftool("link", "show", "pinned", link)
     assert after["id"] == before["id"]  # type: ignore[index]  # same link: no detach gap

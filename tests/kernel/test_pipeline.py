@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from loaderd import kernel
-from tests.conftest import loaderd, no_staging_leftovers, write_settings
+from tests.conftest import loaderd, no_staging_leftovers, wait_until, write_settings
 
 pytestmark = pytest.mark.kernel
 
@@ -103,17 +104,19 @@ def test_xdp_program_sees_packets_on_a_test_interface(tmp_path: Path, bpffs_root
             f.unlink()
     with veth_pair() as (host, ns):
         spec = specs_dir / "xdp_counter.yaml"
-        spec.write_text(spec.read_text().replace("interface: lo", f"interface: {host}"))
+        spec.write_text(re.sub(r"interface: \w+", f"interface: {host}", spec.read_text()))
         conf = write_settings(tmp_path, bpffs_root, specs_dir)
         loaderd("--config", str(conf), "apply")
         link = bpftool("link", "show", "pinned", f"{bpffs_root}/xdp_counter/links/xdp_count")
         assert link["type"] == "xdp"  # type: ignore[index]
         pin = f"{bpffs_root}/xdp_counter/maps/xdp_stats"
         before = read_u64(pin, 0)
-        subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "3", "-i", "0.2", "-W", "1",
-                        "192.0.2.1"], capture_output=True)
-        assert read_u64(pin, 0) >= before + 3
-        assert read_u64(pin, 1) > 0  # bytes
+        send = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                "[s.sendto(b'x' * 64, ('192.0.2.1', 9)) for _ in range(5)]")
+        subprocess.run(["ip", "netns", "exec", ns, "/usr/bin/python3", "-c", send], check=True)
+        # ARP resolution runs first and releases the queued datagrams asynchronously.
+        assert wait_until(lambda: read_u64(pin, 0) >= before + 5)
+        assert read_u64(pin, 1) >= 5 * 64  # bytes
 
 
 SO_ATTACH_BPF = 50
@@ -224,7 +227,7 @@ source:
         return data[100] == 1 ? XDP_DROP : XDP_PASS;   /* no bounds check */
     }
 programs:
-  - {name: oob, type: xdp, attach: {xdp: {interface: lo, mode: skb}}}
+  - {name: oob, type: xdp, attach: {xdp: {interface: lo, mode: skb}}}  # never attached
 """
     only_spec(specs_dir, "oob", body)
     conf = write_settings(tmp_path, bpffs_root, specs_dir)
