@@ -217,13 +217,18 @@ def _decode(data: bytes, file: str | None) -> str:
                      value=data[exc.start:exc.end]) from None
 
 
-def _yaml_error(exc: yaml.YAMLError, text: str, file: str | None) -> LoaderdError:
+def _yaml_error(exc: yaml.YAMLError, loader: Any, text: str,
+                file: str | None) -> LoaderdError:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     where = (mark.line + 1, mark.column + 1) if mark is not None else None
     if isinstance(exc, yaml.reader.ReaderError):
-        before = text[: exc.position]
-        where = (before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1)
+        # libyaml reports a byte offset into the UTF-8 text, PyYAML's reader a char index.
+        c_parser = getattr(getattr(yaml, "cyaml", None), "CParser", None)
+        as_bytes = c_parser is not None and isinstance(loader, c_parser)
+        before = text.encode()[: exc.position].decode(errors="replace") if as_bytes \
+            else text[: exc.position]
+        where = (before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1)
         return _error("control characters are not allowed", file, where,
                       value=chr(exc.character) if isinstance(exc.character, int)
                       else exc.character)
@@ -236,13 +241,15 @@ def load(data: bytes, *, file: str | None = None, max_bytes: int,
     if len(data) > max_bytes:
         raise _error(f"file is larger than {max_bytes} bytes", file, value=len(data))
     text = _decode(data, file)
-    loader = _Loader(text)
-    builder = _Builder(loader, file, max_depth)
+    loader: Any = None
     try:
+        loader = _Loader(text)  # PyYAML's pure reader already checks characters here
+        builder = _Builder(loader, file, max_depth)
         while loader.check_event():
             builder.feed(loader.get_event())
     except yaml.YAMLError as exc:
-        raise _yaml_error(exc, text, file) from None
+        raise _yaml_error(exc, loader, text, file) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return builder.root, builder.marks

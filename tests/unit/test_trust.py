@@ -1,0 +1,207 @@
+"""StrictModes-style trust: owners, modes, symlinks, path escapes, and reading what was
+checked. Needs root (files are chowned to other uids)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from loaderd import trust
+from loaderd.errors import Kind, LoaderdError
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chowns files: needs root")
+OTHER = 4242
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A root-owned 0755 tree: root/ (checked up to here) with sub/ and spec.yaml."""
+    os.chmod(tmp_path, 0o755)
+    base = tmp_path / "root"
+    (base / "sub").mkdir(parents=True)
+    for d in (base, base / "sub"):
+        os.chmod(d, 0o755)
+    for f in (base / "spec.yaml", base / "sub" / "x.c"):
+        f.write_text("data\n")
+        os.chmod(f, 0o644)
+    return base
+
+
+def refused(path: Path, root: Path, owner_uid: int | None = 0) -> LoaderdError:
+    with pytest.raises(LoaderdError) as info:
+        trust.check_file(str(path), owner_uid=owner_uid, root_dir=str(root))
+    assert info.value.kind is Kind.TRUST
+    return info.value
+
+
+def test_trusted_file_resolves(root: Path) -> None:
+    got = trust.check_file(str(root / "sub" / "x.c"), owner_uid=0, root_dir=str(root))
+    assert got == os.path.realpath(root / "sub" / "x.c")
+
+
+@pytest.mark.parametrize("mode", [0o664, 0o646, 0o666, 0o620])
+def test_group_or_other_writable_file_is_refused(root: Path, mode: int) -> None:
+    os.chmod(root / "spec.yaml", mode)
+    err = refused(root / "spec.yaml", root)
+    assert "writable by group or other" in err.message and f"{mode:04o}" in err.message
+    assert err.location.file == str(root / "spec.yaml")
+
+
+def test_file_of_another_user_is_refused_unless_it_is_the_owner(root: Path) -> None:
+    os.chown(root / "spec.yaml", OTHER, -1)
+    assert f"owned by uid {OTHER}" in refused(root / "spec.yaml", root).message
+    trust.check_file(str(root / "spec.yaml"), owner_uid=OTHER, root_dir=str(root))
+
+
+def test_root_owned_files_are_trusted_for_any_owner(root: Path) -> None:
+    trust.check_file(str(root / "spec.yaml"), owner_uid=OTHER, root_dir=str(root))
+
+
+@pytest.mark.parametrize("which", ["root", "sub"])
+def test_writable_directory_up_to_root_dir_is_refused(root: Path, which: str) -> None:
+    target = root if which == "root" else root / "sub"
+    os.chmod(target, 0o777)
+    err = refused(root / "sub" / "x.c", root)
+    assert err.location.file == str(target) and "directory" in err.message
+
+
+def test_directory_of_another_user_is_refused(root: Path) -> None:
+    os.chown(root / "sub", OTHER, -1)
+    assert f"owned by uid {OTHER}" in refused(root / "sub" / "x.c", root).message
+
+
+def test_directories_above_root_dir_are_not_checked(root: Path) -> None:
+    os.chmod(root.parent, 0o777)
+    trust.check_file(str(root / "spec.yaml"), owner_uid=0, root_dir=str(root))
+
+
+def test_owner_none_skips_ownership_but_not_escapes(root: Path) -> None:
+    os.chmod(root / "spec.yaml", 0o666)
+    os.chown(root / "spec.yaml", OTHER, -1)
+    trust.check_file(str(root / "spec.yaml"), owner_uid=None, root_dir=str(root))
+    os.symlink("/etc/hostname", root / "out.yaml")
+    assert "outside" in refused(root / "out.yaml", root, owner_uid=None).message
+
+
+def test_symlink_inside_root_is_followed(root: Path) -> None:
+    os.symlink("sub/x.c", root / "link.c")
+    got = trust.check_file(str(root / "link.c"), owner_uid=0, root_dir=str(root))
+    assert got == os.path.realpath(root / "sub" / "x.c")
+
+
+def test_symlink_leaving_root_is_refused(root: Path) -> None:
+    os.symlink("../../../../../../etc/hostname", root / "link.c")
+    assert "symlink points outside" in refused(root / "link.c", root).message
+
+
+def test_symlinked_parent_leaving_root_is_refused(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o755)
+    (outside / "x.c").write_text("x")
+    os.symlink(outside, root / "dir")
+    assert "resolves outside" in refused(root / "dir" / "x.c", root).message
+
+
+def test_file_outside_root_is_refused(root: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.yaml"
+    other.write_text("x")
+    assert "outside the directory" in refused(other, root).message
+
+
+def test_non_regular_files_are_refused(root: Path) -> None:
+    os.mkfifo(root / "fifo.yaml", 0o644)
+    assert "not a regular file" in refused(root / "fifo.yaml", root).message
+    assert "not a regular file" in refused(root / "sub", root).message
+
+
+def test_missing_file(root: Path) -> None:
+    assert "cannot open" in refused(root / "nope.yaml", root).message
+
+
+def test_read_file_returns_the_bytes_capped(root: Path) -> None:
+    (root / "spec.yaml").write_bytes(b"x" * 100)
+    read = trust.read_file(str(root / "spec.yaml"), owner_uid=0, root_dir=str(root),
+                           max_bytes=10)
+    assert read == b"x" * 11  # one more than the limit, so the caller can say "too big"
+    assert trust.read_file(str(root / "spec.yaml"), owner_uid=0, root_dir=str(root),
+                           max_bytes=1000) == b"x" * 100
+
+
+def test_read_file_notices_a_swap_after_the_check(root: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    evil = root / "evil.yaml"
+    evil.write_text("evil")
+    os.chmod(evil, 0o644)
+    real_open = os.open
+
+    def swapping_open(path: str, flags: int, *args: int) -> int:
+        os.replace(evil, path)  # a racing writer replaces the checked file
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr("loaderd.trust.os.open", swapping_open)
+    with pytest.raises(LoaderdError) as info:
+        trust.read_file(str(root / "spec.yaml"), owner_uid=0, root_dir=str(root),
+                        max_bytes=100)
+    assert "changed while it was being checked" in info.value.message
+
+
+def test_read_file_does_not_follow_a_late_symlink(root: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def swapping_open(path: str, flags: int, *args: int) -> int:
+        os.unlink(path)
+        os.symlink("/etc/hostname", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr("loaderd.trust.os.open", swapping_open)
+    with pytest.raises(LoaderdError) as info:
+        trust.read_file(str(root / "spec.yaml"), owner_uid=0, root_dir=str(root),
+                        max_bytes=100)
+    assert "cannot open" in info.value.message  # O_NOFOLLOW: ELOOP
+
+
+def test_read_file_never_blocks_on_a_fifo(root: Path) -> None:
+    os.mkfifo(root / "fifo.yaml", 0o644)
+    done = threading.Event()
+
+    def attempt() -> None:
+        with pytest.raises(LoaderdError):
+            trust.read_file(str(root / "fifo.yaml"), owner_uid=0, root_dir=str(root),
+                            max_bytes=10)
+        done.set()
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(5)
+    assert done.is_set()
+
+
+@pytest.mark.parametrize("ref, problem", [
+    ("/etc/passwd", "absolute paths"),
+    ("../x.c", "leaves the spec's directory"),
+    ("sub/../../x.c", "leaves the spec's directory"),
+    ("sub/../../root/../x.c", "leaves the spec's directory"),
+    (".", "leaves the spec's directory"),
+    ("a\0b", "NUL"),
+])
+def test_check_relative_refuses_escapes(root: Path, ref: str, problem: str) -> None:
+    with pytest.raises(LoaderdError) as info:
+        trust.check_relative(ref, str(root))
+    assert info.value.kind is Kind.TRUST and problem in info.value.message
+    assert info.value.location.field == "source.file"
+
+
+def test_check_relative_allows_paths_that_stay_inside(root: Path) -> None:
+    assert trust.check_relative("sub/../sub/x.c", str(root)) == str(root / "sub" / "x.c")
+    assert trust.check_relative("./spec.yaml", str(root)) == str(root / "spec.yaml")
+
+
+def test_check_relative_refuses_symlink_escapes(root: Path) -> None:
+    os.symlink("/etc", root / "sub" / "etc")
+    with pytest.raises(LoaderdError) as info:
+        trust.check_relative("sub/etc/hostname", str(root))
+    assert "symlink points outside" in info.value.message

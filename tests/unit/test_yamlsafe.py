@@ -1,0 +1,190 @@
+"""Safe YAML: what is refused, and that every key/item keeps its line and column."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from loaderd import yamlsafe
+from loaderd.errors import Kind, LoaderdError
+from loaderd.yamlsafe import Marks
+
+LOADERS = [yaml.SafeLoader] + ([yaml.CSafeLoader] if yaml.__with_libyaml__ else [])
+DEFAULT_LOADER = yamlsafe._Loader
+
+
+@pytest.fixture(params=LOADERS, ids=lambda c: c.__name__, autouse=True)
+def loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Every test runs on libyaml and on PyYAML's pure-Python parser."""
+    monkeypatch.setattr(yamlsafe, "_Loader", request.param)
+    yield request.param
+
+
+def load(text: str | bytes, max_bytes: int = 1 << 16, **kw: Any) -> tuple[Any, Marks]:
+    data = text.encode() if isinstance(text, str) else text
+    return yamlsafe.load(data, file="t.yaml", max_bytes=max_bytes, **kw)
+
+
+def refused(text: str | bytes, **kw: Any) -> LoaderdError:
+    with pytest.raises(LoaderdError) as info:
+        load(text, **kw)
+    assert info.value.kind is Kind.YAML
+    assert info.value.location.file == "t.yaml"
+    return info.value
+
+
+def test_prefers_libyaml_when_built_with_it() -> None:
+    assert DEFAULT_LOADER is (yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader)
+
+
+def test_marks_for_keys_items_and_values() -> None:
+    data, marks = load("a: 1\nlist:\n  - x\n  - {k: v, n: [1, 2]}\ntext: |\n  one\n  two\n")
+    assert data == {"a": 1, "list": ["x", {"k": "v", "n": [1, 2]}], "text": "one\ntwo\n"}
+    assert marks.keys[("a",)] == (1, 1)
+    assert marks.values[("a",)] == (1, 4)
+    assert marks.keys[("list",)] == (2, 1)
+    assert marks.values[("list",)] == (3, 3)
+    assert marks.keys[("list", 0)] == (3, 5)
+    assert marks.keys[("list", 1)] == (4, 5)
+    assert marks.keys[("list", 1, "k")] == (4, 6)
+    assert marks.keys[("list", 1, "n", 1)] == (4, 19)
+    assert marks.values[()] == (1, 1)
+    assert marks.literal == {("text",)}
+
+
+def test_at_falls_back_to_the_nearest_written_ancestor() -> None:
+    _, marks = load("maps:\n  - name: x\n")
+    assert marks.at(("maps", 0, "max_entries")) == (2, 5)
+    assert marks.at(("nothing",)) == (1, 1)
+    assert Marks().at(("x",)) is None
+
+
+def test_field_name() -> None:
+    assert yamlsafe.field_name(("maps", 0, "max_entries")) == "maps[0].max_entries"
+    assert yamlsafe.field_name((3, "a")) == "[3].a"
+    assert yamlsafe.field_name(()) == ""
+
+
+def test_scalars_resolve_like_safe_load_except_timestamps() -> None:
+    data, _ = load("i: 0x10\nb: yes\nn: ~\nf: 1.5\nq: '7'\nd: 2024-01-01\ne: =\n")
+    assert data == {"i": 16, "b": True, "n": None, "f": 1.5, "q": "7", "d": "2024-01-01",
+                    "e": "="}
+
+
+def test_empty_input_is_none() -> None:
+    assert load("") == (None, Marks())
+    assert load("# only a comment\n")[0] is None
+
+
+@pytest.mark.parametrize("text", [
+    "a: !!python/object/apply:os.system ['id']",
+    "a: !!python/name:os.system",
+    "a: !!str 1",
+    "a: !custom 1",
+    "a: ! 1",
+    "!!map {a: 1}",
+    "a: !!binary aGk=",
+    "%TAG !e! tag:example.com,2000:\n---\na: !e!x 1",
+])
+def test_explicit_tags_are_refused(text: str) -> None:
+    assert "explicit tags" in refused(text).message
+
+
+def test_tag_error_names_the_field() -> None:
+    err = refused("x: 1\nmaps:\n  - {n: !!int '3'}\n")
+    assert (err.location.line, err.location.column, err.location.field) == (3, 9, "maps[0].n")
+
+
+@pytest.mark.parametrize("text", [
+    "a: &x 1\nb: *x\n",
+    "a: &x 1\n",
+    "a: &x [1]\n",
+    "lol: &l [a, a]\nlol2: [*l, *l]\n",
+])
+def test_anchors_and_aliases_are_refused(text: str) -> None:
+    assert "anchors and aliases" in refused(text).message
+
+
+def test_billion_laughs_is_refused_before_expansion() -> None:
+    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi",
+                                                                      strict=True)]
+    err = refused("\n".join(lines))
+    assert err.location.line == 1
+
+
+def test_duplicate_keys_name_both_lines() -> None:
+    err = refused("a: 1\nb:\n  c: 1\n  c: 2\n")
+    assert (err.location.line, err.location.field) == (4, "b.c")
+    assert "first at line 3" in err.message
+
+
+def test_duplicate_keys_compare_values_not_spelling() -> None:
+    assert "duplicate key" in refused("a: 1\n'a': 2\n").message
+
+
+def test_merge_keys_are_refused() -> None:
+    assert "merge keys" in refused("a:\n  <<: {b: 1}\n").message
+
+
+@pytest.mark.parametrize("text", ["1: a\n", "yes: a\n", "~: a\n", "1.5: a\n"])
+def test_non_string_keys_are_refused(text: str) -> None:
+    assert "keys must be strings" in refused(text).message
+
+
+@pytest.mark.parametrize("text", ["? [a]\n: 1\n", "? {a: 1}\n: 1\n", "[a]: 1\n"])
+def test_complex_keys_are_refused(text: str) -> None:
+    assert "plain scalars" in refused(text).message
+
+
+def test_one_document_only() -> None:
+    err = refused("a: 1\n---\nb: 2\n")
+    assert err.location.line == 2
+    assert load("---\na: 1\n...\n")[0] == {"a": 1}
+
+
+def test_depth_limit_is_exact() -> None:
+    ok = "a: " + "[" * 31 + "]" * 31
+    assert load(ok, max_depth=32)[0] is not None
+    err = refused("a: " + "[" * 32 + "]" * 32, max_depth=32)
+    assert "deeper than 32" in err.message
+
+
+def test_very_deep_input_does_not_recurse() -> None:
+    assert "deeper" in refused("[" * 100_000, max_bytes=1 << 20).message
+
+
+def test_size_limit_is_exact() -> None:
+    text = "a: " + "x" * 97  # 100 bytes
+    assert load(text, max_bytes=100)[0] == {"a": "x" * 97}
+    err = refused(text + "x", max_bytes=100)
+    assert "larger than 100 bytes" in err.message and err.value == 101
+
+
+def test_non_utf8_is_located() -> None:
+    err = refused(b"a: 1\nb: caf\xe9\n")
+    assert (err.location.line, err.location.column) == (2, 7)
+    assert "UTF-8" in err.message
+
+
+def test_utf16_is_refused() -> None:
+    assert "UTF-8" in refused(b"\xff\xfe" + "a: 1\n".encode("utf-16-le")).message
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\x1b", "\x7f", "\ufffe"])
+def test_control_characters_are_located(char: str) -> None:
+    err = refused(f"a: ééé\nb: x{char}\n")
+    assert (err.location.line, err.location.column) == (2, 5)
+
+
+def test_huge_integers_are_a_yaml_error() -> None:
+    err = refused("a: " + "9" * 5000)
+    assert err.location.field == "a" and "too long" in err.message
+
+
+def test_syntax_errors_are_located() -> None:
+    err = refused("a: [1, 2\nb: 3\n")
+    assert err.location.line is not None and err.message.startswith("invalid YAML")
