@@ -53,7 +53,10 @@ class ApplyResult:
 
 
 def new_txid() -> str:
-    return time.strftime("%Y%m%dt%H%M%S", time.gmtime()) + f"-{secrets.token_hex(4)}"
+    """Sortable by time (generations are ordered by it), unique across processes."""
+    now = time.time_ns()
+    return (time.strftime("%Y%m%dt%H%M%S", time.gmtime(now / 1e9))
+            + f"-{now % 1_000_000_000:09d}-{secrets.token_hex(3)}")
 
 
 def _stage_worker(args: tuple[Spec, Settings, str, bool]) -> StagedSpec | LoaderdError:
