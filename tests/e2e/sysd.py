@@ -1,11 +1,13 @@
-"""A real systemd (PID 1 of its own PID, mount and cgroup namespaces) for end-to-end tests.
+"""A real systemd (PID 1 of its own PID, mount, cgroup and network namespaces) for e2e tests.
 
-The host stays clean: inside the namespace /etc, /usr and /var are overlays whose upper layer is
-a tmpfs, /run and /tmp are fresh tmpfs, /sys/fs/cgroup is a cgroup2 view of a private subtree and
+The host stays clean. Inside, the network namespace is its own (XDP programs attach to *its*
+lo, never competing with the host's), /etc, /usr and /var are overlays whose upper layer is a
+tmpfs, /run and /tmp are fresh tmpfs, /sys/fs/cgroup is a cgroup2 view of a private subtree and
 /sys/fs/bpf is a *new bpffs instance* (mode 0700, as systemd mounts it). Packages installed with
 `dpkg -i` inside, users created by systemd-sysusers, pins made by the daemon: all of it vanishes
 when the namespace dies. Kernel objects are global, but without the private bpffs pins they lose
-their last reference, so programs a test attached are detached at teardown.
+their last reference, so programs a test attached are detached at teardown. tracefs is shared:
+callers that let the unit's tmpfiles.d change its modes put them back (see conftest.py).
 
 Usable from Python (`Systemd`) and, for poking around by hand, from the shell:
     /usr/bin/python3 tests/e2e/sysd.py boot NAME      # prints the PID 1 (host pid)
@@ -45,6 +47,7 @@ mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mount -t tmpfs -o mode=0755 tmpfs /sys/fs/cgroup
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 mount -t bpf -o mode=0700 bpf /sys/fs/bpf
+ip link set lo up
 mkdir -p /etc/systemd/system
 printf '[Unit]\nDescription=loaderd e2e boot target\n' > /etc/systemd/system/$BOOT_TARGET
 export container=loaderd-e2e
@@ -107,7 +110,7 @@ class Systemd:
                 f.write(str(os.getpid()))
 
         self._unshare = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--cgroup",
+            ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--cgroup", "--net",
              "--propagation", "private", "/bin/sh", str(script)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             preexec_fn=enter_cgroup, start_new_session=True)
@@ -198,7 +201,7 @@ class Systemd:
         base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
                 "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "", "SYSTEMD_LOG_COLOR": "0"}
         proc = subprocess.run(
-            ["nsenter", "-t", str(self.pid), "-m", "-p", "--wd=/", "--", *argv],
+            ["nsenter", "-t", str(self.pid), "-m", "-p", "-n", "--wd=/", "--", *argv],
             capture_output=True, text=True, timeout=timeout, input=input,
             env={**base, **(env or {})})
         if check and proc.returncode != 0:
