@@ -67,6 +67,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from loaderd.apply import stage_all, validate
 
+    # A dry run changes nothing, so it has nothing to audit: keep its output to the verdicts.
+    audit.configure(journal=False, stream=open(os.devnull, "w"))  # noqa: SIM115
     settings = _settings(args)
     specs, errors = validate(settings, args.dir)
     if not errors and not args.no_kernel:

@@ -1,0 +1,133 @@
+"""Bad input changes nothing (real kernel): with the examples applied and attached, every case of
+the bad-input corpus, and late failures (compile, helper, verifier, attach), is refused and the
+pins, programs, links and counters from before are untouched."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loaderd import audit, verify
+from loaderd.apply import Applier
+from loaderd.model import Settings
+from loaderd.pins import PinLayout
+from loaderd.settings import load_settings
+from loaderd.state import State
+from tests.conftest import loaderd, no_staging_leftovers
+from tests.kernel.test_pipeline import read_u64
+from tests.unit.test_corpus import BAD, bad_cases, read_header
+
+pytestmark = pytest.mark.kernel
+
+# Headers that make a case about something other than one spec file in the programs dir.
+_NOT_A_SPEC_DROP = {"target", "settings", "calls", "setup", "limits"}
+
+LATE_FAILURES = {
+    "compile_error": "int f(void *ctx) { return undefined_symbol; }",
+    "verifier_error": "int f(struct xdp_md *ctx) { unsigned char *d = (void *)(long)ctx->data;"
+                      " return d[64]; }",
+    "dangerous_helper": "int f(void *ctx) { bpf_send_signal(9); return 0; }",
+}
+
+
+def _spec(body: str, ptype: str = "tracepoint",
+          attach: str = '{tracepoint: "sched:sched_process_exec"}') -> str:
+    return (f"loaderd: 1\nsource:\n  inline: |\n    {body}\nprograms:\n"
+            f"  - {{name: f, type: {ptype}, attach: {attach}}}\n")
+
+
+def late_cases() -> dict[str, str]:
+    cases = {k: _spec(v, "xdp" if "xdp_md" in v else "tracepoint",
+                      "{xdp: {interface: lo, mode: skb}}" if "xdp_md" in v else
+                      '{tracepoint: "sched:sched_process_exec"}')
+             for k, v in LATE_FAILURES.items()}
+    cases["missing_tracepoint"] = _spec("int f(void *ctx) { return 0; }",
+                                        attach='{tracepoint: "sched:no_such_event"}')
+    cases["missing_interface"] = _spec("int f(struct xdp_md *ctx) { return XDP_PASS; }", "xdp",
+                                       "{xdp: {interface: nosuchif0, mode: skb}}")
+    return cases
+
+
+def spec_drop_cases() -> list[str]:
+    out = []
+    for case in bad_cases():
+        path = BAD / f"{case}.yaml"
+        if path.is_symlink() or not path.exists():
+            continue
+        if _NOT_A_SPEC_DROP & set(read_header(path)):
+            continue
+        out.append(case)
+    return out
+
+
+@pytest.fixture
+def applied(config: Path, specs_dir: Path) -> Iterator[tuple[Settings, Path]]:
+    loaderd("--config", str(config), "apply")
+    settings = load_settings(str(config))
+    audit.configure(journal=False, stream=io.StringIO())  # keep test output readable
+    yield settings, specs_dir
+    audit.configure()
+
+
+def snapshot(settings: Settings) -> dict[str, object]:
+    manifest = State(settings.state_dir).load()
+    layout = PinLayout(settings.bpffs_root)
+    return {"specs": {n: (e["programs"], e["maps"], e["links"])
+                      for n, e in manifest["specs"].items()},
+            "pins": layout.list_tree(layout.root)}
+
+
+def assert_untouched(settings: Settings, before: dict[str, object]) -> None:
+    after = snapshot(settings)
+    assert after == before
+    for name, entry in State(settings.state_dir).load()["specs"].items():
+        assert verify.differences(entry) == [], name
+    assert no_staging_leftovers(settings.bpffs_root)
+
+
+def test_corpus_cases_change_nothing_on_the_kernel(applied: tuple[Settings, Path]) -> None:
+    settings, specs_dir = applied
+    before = snapshot(settings)
+    counter = f"{settings.bpffs_root}/exec_counter/maps/exec_count"
+    cases = spec_drop_cases()
+    assert len(cases) >= 60, len(cases)
+    for case in cases:
+        drop = specs_dir / f"zz_{case}.yaml"
+        shutil.copyfile(BAD / f"{case}.yaml", drop)
+        extras = [p for p in BAD.glob(f"{case}.*") if p.suffix not in (".yaml", ".expect")]
+        for p in extras:
+            shutil.copyfile(p, specs_dir / p.name)
+        try:
+            result = Applier(settings).apply()
+            assert not result.ok, f"{case} was accepted"
+            assert result.built == [], case
+        finally:
+            drop.unlink()
+            for p in extras:
+                (specs_dir / p.name).unlink()
+        assert_untouched(settings, before)
+    value = read_u64(counter)
+    subprocess.run(["/bin/true"], check=True)
+    assert read_u64(counter) > value  # still attached and counting
+
+
+@pytest.mark.parametrize("case", sorted(late_cases()))
+def test_late_failures_leave_the_applied_set_running(applied: tuple[Settings, Path],
+                                                     case: str) -> None:
+    settings, specs_dir = applied
+    before = snapshot(settings)
+    (specs_dir / "zz_bad.yaml").write_text(late_cases()[case])
+    # Also change a good spec in the same apply: it must not go live either (all or nothing).
+    good = specs_dir / "sched_switches.yaml"
+    good.write_text(good.read_text().replace("(*value)++", "(*value) += 2"))
+    result = Applier(settings).apply()
+    assert not result.ok and result.built == []
+    assert any("zz_bad.yaml" in str(e) for e in result.errors), result.errors
+    assert_untouched(settings, before)
+    os.unlink(specs_dir / "zz_bad.yaml")
