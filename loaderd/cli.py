@@ -37,7 +37,7 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from loaderd.apply import Applier
-    from loaderd.daemon import notify
+    from loaderd.daemon import PROGRESS, notify
 
     settings = _settings(args)
     if args.reload:
@@ -46,7 +46,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
                "STATUS=reloading: applying specs")
         audit.emit(audit.Event.RELOAD, "reload requested: applying specs")
-    applier = Applier(settings, notify=lambda m: notify(f"STATUS={m}"))
+    if args.child:  # the resident daemon relays these as STATUS=
+        def progress(m: str) -> None:
+            print(f"{PROGRESS}{m}", flush=True)
+    else:
+        def progress(m: str) -> None:
+            notify(f"STATUS={m}")
+    applier = Applier(settings, notify=progress)
     result = applier.apply(args.dir, jobs=args.jobs)
     for e in result.errors:
         _print_error(e)

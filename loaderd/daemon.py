@@ -24,6 +24,7 @@ from loaderd.model import Settings
 from loaderd.state import State
 
 DRIFT_INTERVAL = 30.0
+PROGRESS = "progress: "  # prefix of the apply child's progress lines on stdout
 
 
 def notify(message: str) -> None:
@@ -40,11 +41,18 @@ def status(message: str) -> None:
 
 
 def run_apply_child(config: str | None) -> int:
-    """Run `loaderd apply` as a child process with this process's capabilities."""
+    """Run `loaderd apply` as a child process with this process's capabilities. The child's
+    progress lines are relayed as STATUS= (systemd accepts notifications from the main process
+    only, with NotifyAccess=exec)."""
     cmd = [sys.executable, "-m", "loaderd", "apply", "--child"]
     if config:
         cmd += ["--config", config]
-    return subprocess.call(cmd, close_fds=True)
+    with subprocess.Popen(cmd, close_fds=True, stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdout is not None
+        for line in child.stdout:
+            if line.startswith(PROGRESS):
+                status(line[len(PROGRESS):].strip())
+    return child.returncode
 
 
 class Daemon:
