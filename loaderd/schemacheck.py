@@ -86,7 +86,7 @@ def _describe(err: Any) -> list[tuple[Path, str, Any, str | None]]:
     desc = schema.get("description")
     if kw == "additionalProperties":
         known = sorted(schema.get("properties", {}))
-        return [((*path, k), f"unknown key '{short(k)}'{suggest(k, known)}", None,
+        return [((*path, k), f"unknown key {short(k)!r}{suggest(k, known)}", None,
                  ", ".join(known)) for k in inst if k not in known]
     if kw == "required":
         return [((*path, k), f"missing required key '{k}'", None, None)

@@ -35,6 +35,7 @@ from loaderd.model import (
 from loaderd.semantic import Collector
 
 NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
+SAFE_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,250}\.yaml")
 SCHEMA = "spec.schema.json"
 _NO_KEY_VALUE = CType(None, 0)  # ringbuf / perf_event_array: the kernel fixes the sizes
 
@@ -80,7 +81,7 @@ def _spec_name(f: Collector, data: dict[str, Any]) -> str:
         return str(data["name"])
     stem = os.path.basename(f.path).removesuffix(".yaml")
     if NAME_RE.fullmatch(stem) is None:
-        f.add(Kind.SEMANTIC, ("name",), f"the file name '{stem[:60]}' is not a valid spec "
+        f.add(Kind.SEMANTIC, ("name",), f"the file name {stem[:60]!r} is not a valid spec "
               "name; add a `name:` key", allowed=NAME_RE.pattern)
     return stem
 
@@ -190,6 +191,10 @@ def load_dir(directory: str, settings: Settings, *, check_owner: bool = True,
     errors: list[LoaderdError] = []
     seen: dict[str, str] = {}
     for name in names:
+        if SAFE_FILE_RE.fullmatch(name) is None:  # it would be printed in every message
+            errors.append(LoaderdError(Kind.TRUST, "unsafe spec file name", Location(directory),
+                                       value=name[:80], allowed=SAFE_FILE_RE.pattern))
+            continue
         path = os.path.join(directory, name)
         spec, errs = parse_spec(path, limits=settings.policy.limits, owner_uid=owner,
                                 root_dir=directory)

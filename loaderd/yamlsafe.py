@@ -8,6 +8,7 @@ constructed by PyYAML's SafeLoader resolver/constructor.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,14 +49,20 @@ class Marks:
         return None
 
 
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
 def field_name(path: Path) -> str:
-    """("maps", 0, "max_entries") -> "maps[0].max_entries"."""
+    """("maps", 0, "max_entries") -> "maps[0].max_entries"; odd keys are quoted
+    (`maps[0]['a\\nb']`) so a hostile key cannot forge lines in messages."""
     out = ""
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif _IDENT.fullmatch(part):
+            out += f".{part}" if out else part
         else:
-            out += f".{part}" if out else str(part)
+            out += f"[{part[:40]!r}]"
     return out
 
 
@@ -131,7 +138,7 @@ class _Builder:
         if key in top.data:
             first = self.marks.keys.get((*top.path, key))
             where = f" (first at line {first[0]})" if first else ""
-            raise _error(f"duplicate key '{key[:64]}'{where}", self.file, mark,
+            raise _error(f"duplicate key {key[:64]!r}{where}", self.file, mark,
                          (*top.path, key))
         top.key = key
         self.marks.keys[(*top.path, key)] = mark

@@ -237,6 +237,19 @@ def test_load_dir_trusts_against_the_directory(folder: Path) -> None:
     assert [s.name for s in specs] == ["a"] and not errors
 
 
+def test_load_dir_refuses_unsafe_file_names(folder: Path) -> None:
+    write(folder, "a\nforged: line.yaml", inline_spec("int count(void) {}\n"))
+    specs, errors = specmod.load_dir(str(folder), Settings(), check_owner=False)
+    assert not specs and errors[0].kind is Kind.TRUST and "\n" not in str(errors[0])
+
+
+def test_hostile_keys_stay_on_one_line(folder: Path) -> None:
+    path = write(folder, "x.yaml", 'loaderd: 1\n"a\\nfake: error": 1\n')
+    _, errors = specmod.parse_spec(str(path), limits=Limits(), owner_uid=None)
+    assert all("\n" not in str(e) for e in errors)
+    assert "['a\\nfake: error']" in [e.location.field for e in errors]
+
+
 def test_load_dir_missing_directory(folder: Path) -> None:
     specs, errors = specmod.load_dir(str(folder / "nope"), Settings())
     assert specs == [] and errors[0].kind is Kind.TRUST

@@ -68,6 +68,12 @@ def test_field_name() -> None:
     assert yamlsafe.field_name(()) == ""
 
 
+def test_field_name_quotes_hostile_keys() -> None:
+    assert yamlsafe.field_name(("a", "x\nERROR: forged")) == "a['x\\nERROR: forged']"
+    err = refused("'\x1b[2J': 1\n'\x1b[2J': 2\n")
+    assert "\x1b" not in str(err) and "\n" not in str(err)
+
+
 def test_scalars_resolve_like_safe_load_except_timestamps() -> None:
     data, _ = load("i: 0x10\nb: yes\nn: ~\nf: 1.5\nq: '7'\nd: 2024-01-01\ne: =\n")
     assert data == {"i": 16, "b": True, "n": None, "f": 1.5, "q": "7", "d": "2024-01-01",

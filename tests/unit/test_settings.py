@@ -1,0 +1,133 @@
+"""Daemon settings: defaults, the documented example, and what is refused."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from loaderd.errors import Kind, LoaderdError
+from loaderd.model import (
+    DEFAULT_HELPERS,
+    Limits,
+    MapFlag,
+    MapType,
+    PinOwnership,
+    Policy,
+    ProgType,
+    Settings,
+)
+from loaderd.settings import load_settings
+
+EXAMPLE = """\
+loaderd: 1
+programs_dir: /etc/loaderd/programs.d
+bpffs_root: /sys/fs/bpf/loaderd
+state_dir: /var/lib/loaderd
+config_owner: root              # config and source files must be owned by this user
+pins: {mode: "0640", group: loaderd-readers}
+watchdog: false
+policy:
+  program_types: [tracepoint, raw_tracepoint, xdp, socket_filter]
+  map_types: [array, hash, percpu_array, percpu_hash, lru_hash, ringbuf]
+  map_flags: [NO_PREALLOC, RDONLY, WRONLY, RDONLY_PROG, WRONLY_PROG]
+  helpers:
+    allow: [map_lookup_elem, map_update_elem, trace_printk]
+    by_type: {xdp: [xdp_adjust_head]}
+  calls: {bpf_to_bpf: true, kfunc: false}
+  limits: {max_programs: 64, max_maps: 64, max_entries: 65536,
+           max_map_memory: 67108864, max_event_rate: 1000}
+"""
+
+
+def write(tmp_path: Path, text: str, mode: int = 0o644) -> str:
+    os.chmod(tmp_path, 0o755)
+    path = tmp_path / "loaderd.yaml"
+    path.write_text(text)
+    os.chmod(path, mode)
+    return str(path)
+
+
+def refused(path: str, **kw: int | None) -> LoaderdError:
+    with pytest.raises(LoaderdError) as info:
+        load_settings(path, **kw)
+    assert info.value.location.file == path
+    return info.value
+
+
+def test_no_file_means_defaults() -> None:
+    assert load_settings(None) == Settings()
+
+
+def test_documented_example(tmp_path: Path) -> None:
+    path = write(tmp_path, EXAMPLE)
+    s = load_settings(path, owner_uid=None)
+    assert s.path == path and s.config_owner_uid == 0 and not s.watchdog
+    assert s.pins == PinOwnership(0o640, "loaderd-readers")
+    assert s.policy == Policy(
+        program_types=frozenset(ProgType),
+        map_types=frozenset(MapType) - {MapType.LRU_PERCPU_HASH, MapType.PERF_EVENT_ARRAY},
+        map_flags=frozenset(MapFlag),
+        helpers=frozenset({"map_lookup_elem", "map_update_elem", "trace_printk"}),
+        helpers_by_type={ProgType.XDP: frozenset({"xdp_adjust_head"})},
+        allow_calls=True, allow_kfuncs=False,
+        limits=Limits(max_programs=64, max_maps=64, max_entries=65536,
+                      max_map_memory=67108864, max_event_rate=1000))
+
+
+def test_minimal_file_keeps_defaults(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, "loaderd: 1\n"), owner_uid=None)
+    assert s.policy.helpers == DEFAULT_HELPERS
+    assert (s.programs_dir, s.pins) == (Settings().programs_dir, PinOwnership())
+
+
+def test_helpers_allow_replaces_the_default(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, "loaderd: 1\npolicy: {helpers: {allow: []}}\n"),
+                      owner_uid=None)
+    assert s.policy.helpers == frozenset()
+
+
+def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
+    err = refused(str(tmp_path / "nope.yaml"), owner_uid=None)
+    assert err.kind is Kind.TRUST
+
+
+def test_file_must_be_root_owned(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    path = write(tmp_path, "loaderd: 1\n")
+    os.chown(path, 4242, -1)
+    assert refused(path).kind is Kind.TRUST
+    assert load_settings(path, owner_uid=None).path == path
+
+
+def test_group_writable_file_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs a root-owned file")
+    assert "writable" in refused(write(tmp_path, "loaderd: 1\n", mode=0o664)).message
+
+
+@pytest.mark.parametrize("text, kind, field", [
+    ("", Kind.SCHEMA, None),
+    ("loaderd: 1\nprograms_dir: relative\n", Kind.SCHEMA, "programs_dir"),
+    ("loaderd: 1\npins: {mode: 0640}\n", Kind.SEMANTIC, "pins.mode"),
+    ("loaderd: 1\npins: {mode: '0602'}\n", Kind.SEMANTIC, "pins.mode"),
+    ("loaderd: 1\nconfig_owner: no_such_user_xyz\n", Kind.SEMANTIC, "config_owner"),
+    ("loaderd: 1\npolicy: {helpers: {by_type: {xdp: [sys_bpf]}}}\n", Kind.SEMANTIC,
+     "policy.helpers.by_type.xdp[0]"),
+    ("loaderd: 1\npolicy: {helpers: {allow: [bpf_map_lookup_elem]}}\n", Kind.SEMANTIC,
+     "policy.helpers.allow[0]"),
+    ("loaderd: 1\npolicy: {calls: {kfuncs: true}}\n", Kind.SCHEMA, "policy.calls.kfuncs"),
+    ("loaderd: 1\nstate_dir: /var/lib/../tmp\n", Kind.SEMANTIC, "state_dir"),
+    ("loaderd: 1\nloaderd: 1\n", Kind.YAML, "loaderd"),
+])
+def test_refused(tmp_path: Path, text: str, kind: Kind, field: str | None) -> None:
+    err = refused(write(tmp_path, text), owner_uid=None)
+    assert (err.kind, err.location.field) == (kind, field)
+
+
+def test_dangerous_helper_allowed_in_allow_may_be_repeated_by_type(tmp_path: Path) -> None:
+    text = "loaderd: 1\npolicy: {helpers: {allow: [sys_bpf], by_type: {xdp: [sys_bpf]}}}\n"
+    s = load_settings(write(tmp_path, text), owner_uid=None)
+    assert "sys_bpf" in s.policy.helpers_for(ProgType.XDP)
