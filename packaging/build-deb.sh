@@ -44,7 +44,9 @@ EOF
 done
 
 # systemd integration.
-inst 0644 "$top/units/loaderd.service" /usr/lib/systemd/system/loaderd.service
+for u in "$top"/units/*.service "$top"/units/*.timer; do
+    [ -f "$u" ] && inst 0644 "$u" "/usr/lib/systemd/system/$(basename "$u")"
+done
 inst 0644 "$top/units/loaderd.sysusers" /usr/lib/sysusers.d/loaderd.conf
 inst 0644 "$top/units/loaderd.tmpfiles" /usr/lib/tmpfiles.d/loaderd.conf
 inst 0644 "$top/loaderd/catalog/loaderd.catalog" /usr/lib/systemd/catalog/loaderd.catalog
@@ -59,7 +61,9 @@ for f in "$top"/configs/programs.d/*; do
 done
 inst 0644 "$top/units/drop-ins/zero-bounding-set.conf" "$doc/examples/zero-bounding-set.conf"
 [ -f "$top/README.md" ] && inst 0644 "$top/README.md" "$doc/README.md"
-inst 0644 "$top/docs/spec-format.md" "$doc/spec-format.md"
+for f in "$top"/docs/*.md; do
+    [ -f "$f" ] && inst 0644 "$f" "$doc/$(basename "$f")"
+done
 inst 0644 "$top/units/README.md" "$doc/hardening.md"
 
 # Maintainer scripts and metadata.
