@@ -229,3 +229,26 @@ def test_stop_leaves_programs_attached(started: Systemd) -> None:
             bpftool(started, "prog", "show", "pinned", f"{ROOT}/{spec}/progs/{prog}")
             if linked:
                 bpftool(started, "link", "show", "pinned", f"{ROOT}/{spec}/links/{prog}")
+
+
+def test_cli_wrappers(started: Systemd) -> None:
+    """/usr/bin/loaderd and /usr/bin/loaderctl run the packaged code (python3 -I wrappers)."""
+    out = started.run("loaderd", "status", "--config", "/etc/loaderd/loaderd.yaml", "--json")
+    specs = {Path(s["pin_dir"]).name for s in json.loads(out.stdout)["specs"]}
+    assert specs == set(EXAMPLES)
+    assert "exec_counter" in started.run("loaderctl", "status").stdout
+
+
+def test_remove_keeps_programs_purge_removes_state(started: Systemd) -> None:
+    started.run("dpkg", "-r", "loaderd", timeout=300)
+    started.run("test", "!", "-e", "/usr/lib/systemd/system/loaderd.service")
+    before = counter(started)
+    started.run("/bin/true")
+    deadline = time.monotonic() + 10
+    while counter(started) <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert counter(started) > before  # removing the package detaches nothing
+    started.run("test", "-d", "/var/lib/loaderd")
+    started.run("dpkg", "-P", "loaderd", timeout=300)
+    started.run("test", "!", "-e", "/var/lib/loaderd")
+    started.run("test", "!", "-e", "/etc/loaderd/loaderd.yaml")
