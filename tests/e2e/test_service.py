@@ -142,6 +142,18 @@ def test_audit_events_are_journaled_with_ids_and_fields(started: Systemd) -> Non
     assert all(e.get("BPF_LINK_ID") for e in evs if e["LOADERD_EVENT"] == "attached")
 
 
+def test_pin_readers_group(started: Systemd) -> None:
+    """tmpfiles/sysusers + pin modes: loaderd-readers members read maps, other users do not."""
+    started.run("useradd", "-M", "-G", "loaderd-readers", "e2e-reader")
+    started.run("useradd", "-M", "e2e-other")
+    ok = started.run("runuser", "-u", "e2e-reader", "--", "loaderctl", "dump",
+                     "exec_counter/exec_count")
+    assert re.search(r"^0: \d+$", ok.stdout, re.M), ok.stdout
+    refused = started.run("runuser", "-u", "e2e-other", "--", "loaderctl", "dump",
+                          "exec_counter/exec_count", check=False)
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr
+
+
 def test_catalog_explains_the_events(started: Systemd) -> None:
     mid = Event.PROG_LOADED.message_id
     out = started.journalctl("-x", "-u", UNIT, f"MESSAGE_ID={mid}", "-n", "1").stdout
