@@ -1,0 +1,477 @@
+"""loaderctl on the real kernel: status/list facts match bpftool, typed and sanitized dumps,
+unprivileged group readers (read-only fds, EPERM on write, outsiders refused), drift found by
+the running daemon, degraded fallbacks reported, compliance FAIL on an unfrozen config map,
+and the forensics bundle."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loaderd import kernel
+from tests.conftest import REPO, loaderd, wait_until, write_settings
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: bpf(), bpffs pins"),
+]
+
+FILTER = """loaderd: 1
+source:
+  inline: |
+    int filt(struct __sk_buff *skb) {
+        u32 k = 0;
+        u32 *lim = cfg.lookup(&k);
+        if (!lim)
+            return 0;
+        u64 *n = stats.lookup(&k);
+        if (n)
+            __sync_fetch_and_add(n, 1);
+        return skb->len > *lim ? 0 : skb->len;
+    }
+maps:
+  - {name: cfg, type: array, key: u32, value: u32, max_entries: 1, flags: [RDONLY_PROG],
+     freeze: true, initial: [{key: 0, value: 128}]}
+  - {name: stats, type: array, key: u32, value: u64, max_entries: 2,
+     initial: [{key: 1, value: 41}]}
+  - name: peers
+    type: hash
+    key: {bytes: 4}
+    value: u64
+    max_entries: 16
+    initial: [{key: "0a010203", value: 7}, {key: "c0a80105", value: 9}]
+  - {name: per_cpu, type: percpu_array, key: u32, value: u32, max_entries: 1}
+programs:
+  - {name: filt, type: socket_filter, attach: none}
+"""
+
+COUNTER = """loaderd: 1
+source:
+  inline: |
+    int count_exec(void *ctx) {
+        u32 k = 0; u64 *v = execs.lookup(&k);
+        if (v) __sync_fetch_and_add(v, 1);
+        return 0;
+    }
+maps:
+  - {name: execs, type: array, key: u32, value: u64, max_entries: 1}
+programs:
+  - {name: count_exec, type: tracepoint, attach: {tracepoint: "sched:sched_process_exec"}}
+"""
+
+# The primary calls bpf_trace_printk (a dangerous helper the default policy refuses); the
+# fallback does the same work without it.
+DEGRADED = """loaderd: 1
+source:
+  inline: |
+    int verbose(struct __sk_buff *skb) {
+        bpf_trace_printk("len %d\\n", skb->len);
+        return skb->len;
+    }
+    int quiet(struct __sk_buff *skb) {
+        return skb->len;
+    }
+programs:
+  - {name: verbose, type: socket_filter, attach: none, fallback: [quiet]}
+"""
+
+
+def loaderctl(*args: str, check: bool = True, timeout: float = 120
+              ) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "loaderd.ctl", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"loaderctl {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def bpftool(*args: str) -> dict:  # type: ignore[type-arg]
+    out = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A root-owned 0755 directory outside pytest's 0700 tmp tree, so that unprivileged users
+    can read the settings and specs in it (the trust checks want root-owned, not writable)."""
+    d = Path(tempfile.mkdtemp(prefix="ldctl-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def make_conf(base: Path, bpffs_root: str, specs: dict[str, str], extra: str = "") -> Path:
+    d = base / "specs"
+    d.mkdir(exist_ok=True)
+    for name, text in specs.items():
+        (d / f"{name}.yaml").write_text(text)
+    return write_settings(base, bpffs_root, d, extra)
+
+
+@pytest.fixture
+def applied(tmp_path: Path, bpffs_root: str) -> Path:
+    os.chmod(tmp_path, 0o755)
+    conf = make_conf(tmp_path, bpffs_root, {"filter": FILTER, "counter": COUNTER})
+    loaderd("--config", str(conf), "apply")
+    return conf
+
+
+# --- status / list ----------------------------------------------------------------------------
+
+PROG_FIELDS = ("id", "type", "name", "tag", "loaded_at", "bytes_xlated", "bytes_jited",
+               "bytes_memlock", "map_ids", "gpl_compatible", "uid")
+MAP_FIELDS = ("id", "type", "name", "flags", "bytes_key", "bytes_value", "max_entries",
+              "bytes_memlock", "frozen")
+
+
+def test_list_json_uses_bpftool_fields_and_values(applied: Path, bpffs_root: str) -> None:
+    rows = json.loads(loaderctl("--config", str(applied), "list", "--json").stdout)
+    assert {(p["spec"], p["name"]) for p in rows["programs"]} == {
+        ("filter", "filt"), ("counter", "count_exec")}
+    for p in rows["programs"]:
+        theirs = bpftool("prog", "show", "pinned", p["pin"])
+        assert {k: p[k] for k in PROG_FIELDS} == {k: theirs[k] for k in PROG_FIELDS}
+        assert p["facts"] == "kernel" and p["drift"] == [] and p["degraded"] is None
+        assert len(p["sha256"]) == 64
+    assert len(rows["maps"]) == 5
+    for m in rows["maps"]:
+        theirs = bpftool("map", "show", "pinned", m["pin"])
+        assert {k: m[k] for k in MAP_FIELDS} == {k: theirs[k] for k in MAP_FIELDS}
+    cfg = next(m for m in rows["maps"] if m["name"] == "cfg")
+    assert cfg["frozen"] == 1 and cfg["freeze"] is True and cfg["flags"] == 0x80
+    (link,) = rows["links"]
+    theirs = bpftool("link", "show", "pinned", link["pin"])
+    assert (link["id"], link["type"], link["prog_id"]) == (theirs["id"], theirs["type"],
+                                                          theirs["prog_id"])
+    assert link["target"] == "tracepoint:sched:sched_process_exec"
+    text = loaderctl("--config", str(applied), "list").stdout
+    assert "filter/filt" in text and "counter/execs" in text and "frozen" in text
+
+
+def test_status_reports_drift_per_object(applied: Path, bpffs_root: str) -> None:
+    text = loaderctl("--config", str(applied), "status").stdout
+    assert "filter: ok" in text and "counter: ok" in text
+    os.unlink(f"{bpffs_root}/filter/maps/stats")
+    report = json.loads(loaderctl("--config", str(applied), "status", "--json").stdout)
+    spec = next(s for s in report["specs"] if s["spec"] == "filter")
+    assert spec["drift"] == [f"map pin missing: {bpffs_root}/filter/maps/stats"]
+    stats = next(m for m in spec["maps"] if m["pin"].endswith("/stats"))
+    assert stats["facts"] == "manifest" and stats["drift"] == spec["drift"]
+    assert "DRIFT: map pin missing" in loaderctl("--config", str(applied), "status").stdout
+
+
+# --- dump -------------------------------------------------------------------------------------
+
+def dump(conf: Path, target: str, *args: str) -> dict:  # type: ignore[type-arg]
+    out = loaderctl("--config", str(conf), "dump", target, "--json", *args)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_dump_is_typed_by_the_spec_and_sanitized(applied: Path) -> None:
+    d = dump(applied, "filter/stats")
+    assert d["types"] == {"key": "u32", "value": "u64"} and d["sanitized"] is True
+    assert d["entries"] == [{"key": 0, "value": 0}, {"key": 1, "value": 41}]
+    assert d["key_source"].endswith("state/sanitize.key")
+    peers = dump(applied, "filter/peers", "--ip", "key")
+    assert sorted((e["key"], e["value"]) for e in peers["entries"]) == [
+        ("10.1.2.0/24", 7), ("192.168.1.0/24", 9)]
+    wide = dump(applied, "filter/peers", "--ip", "key", "--ipv4-prefix", "8")
+    assert {e["key"] for e in wide["entries"]} == {"10.0.0.0/8", "192.0.0.0/8"}
+    anon = dump(applied, "filter/peers", "--pseudonymize", "key")
+    assert all(e["key"].startswith("anon:") for e in anon["entries"])
+    raw = dump(applied, "filter/peers", "--raw")
+    assert raw["sanitized"] is False
+    assert sorted(e["key"] for e in raw["entries"]) == ["0a010203", "c0a80105"]
+    percpu = dump(applied, "filter/per_cpu")
+    assert percpu["entries"] == [{"key": 0, "values": [0] * kernel.possible_cpus()}]
+    text = loaderctl("--config", str(applied), "dump", "filter/cfg").stdout
+    assert "key u32 value u32, frozen, sanitized" in text and "\n0: 128" in text
+
+
+def test_dump_refuses_unknown_targets(applied: Path) -> None:
+    out = loaderctl("--config", str(applied), "dump", "nope/stats", check=False)
+    assert out.returncode == 1 and "no spec 'nope'" in out.stderr and "filter" in out.stderr
+    out = loaderctl("--config", str(applied), "dump", "filter/../x", check=False)
+    assert out.returncode == 1 and "invalid map name" in out.stderr
+    out = loaderctl("--config", str(applied), "dump", "filter/missing", check=False)
+    assert out.returncode == 1 and "No such file" in out.stderr
+
+
+# --- unprivileged readers ---------------------------------------------------------------------
+
+@pytest.fixture
+def reader_accounts() -> Iterator[tuple[str, str, str]]:
+    """(group, member, outsider): a throwaway group with one member and one non-member."""
+    tag = uuid.uuid4().hex[:6]
+    group, member, outsider = f"ldr{tag}", f"ldm{tag}", f"ldo{tag}"
+    subprocess.run(["groupadd", "--system", group], check=True)
+    try:
+        for user, extra in ((member, ["-G", group]), (outsider, [])):
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                            "/usr/sbin/nologin", *extra, user], check=True)
+        yield group, member, outsider
+    finally:
+        for user in (member, outsider):
+            subprocess.run(["userdel", user], check=False, capture_output=True)
+        subprocess.run(["groupdel", group], check=False, capture_output=True)
+
+
+def as_user(user: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run argv as `user` with its groups and no capabilities at all."""
+    pw = pwd.getpwnam(user)
+    cmd = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+           "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", *argv]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": "/"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env,
+                          cwd="/")
+
+
+WRITER = """
+import errno, sys
+from loaderd import kernel
+fd = kernel.obj_get(sys.argv[1], rdonly=True)
+try:
+    kernel.map_update(fd, b"\\0" * 4, b"\\1" + b"\\0" * 7)
+except kernel.KernelError as exc:
+    print("update", exc.errno)
+try:
+    kernel.obj_get(sys.argv[1])
+except kernel.KernelError as exc:
+    print("rw", exc.errno)
+"""
+
+
+def test_group_reader_can_status_and_dump_but_not_write(
+        world_dir: Path, bpffs_root: str, reader_accounts: tuple[str, str, str]) -> None:
+    group, member, outsider = reader_accounts
+    conf = make_conf(world_dir, bpffs_root, {"filter": FILTER},
+                     f'pins: {{mode: "0640", group: {group}}}\n')
+    loaderd("--config", str(conf), "apply")
+    gid = grp.getgrnam(group).gr_gid
+    pin = f"{bpffs_root}/filter/maps/stats"
+    st = os.stat(pin)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, gid)
+
+    # The state dir is root's 0700: the member sees what the pins tell.
+    ctl = [sys.executable, "-m", "loaderd.ctl", "--config", str(conf)]
+    out = as_user(member, *ctl, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["manifest"]["readable"] is False and "not readable" in report["manifest"]["note"]
+    (spec,) = report["specs"]
+    assert {m["name"]: m["facts"] for m in spec["maps"]} == {
+        "cfg": "kernel", "stats": "kernel", "peers": "kernel", "per_cpu": "kernel"}
+    (prog,) = spec["programs"]
+    assert prog["facts"] == "none" and "read-write only" in prog["note"]
+
+    # With read access to the manifest, programs come from it (and say so).
+    os.chmod(world_dir / "state", 0o755)
+    os.chmod(world_dir / "state" / "manifest.json", 0o644)
+    report = json.loads(as_user(member, *ctl, "status", "--json").stdout)
+    (prog,) = report["specs"][0]["programs"]
+    assert prog["facts"] == "manifest" and prog["id"] > 0 and len(prog["tag"]) == 16
+    assert report["specs"][0]["unchecked"] == [prog["pin"]]
+    assert report["specs"][0]["drift"] == []  # maps checked; the program could not be
+    text = as_user(member, *ctl, "status").stdout
+    assert "filter: ok (partially checked)" in text and "showing manifest data" in text
+
+    out = as_user(member, *ctl, "dump", "filter/stats", "--json")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["entries"][1] == {"key": 1, "value": 41} and d["types"]["value"] == "u64"
+    assert d["key_source"] == "ephemeral" and any("one-run key" in n for n in d["notes"])
+    out = as_user(member, *ctl, "dump", "filter/stats", "--raw")
+    assert out.returncode == 1 and "root only" in out.stderr
+
+    out = as_user(member, sys.executable, "-c", WRITER, pin)
+    assert out.stdout.split() == ["update", str(errno.EPERM), "rw", str(errno.EACCES)], out.stderr
+
+    out = as_user(outsider, *ctl, "dump", "filter/stats")
+    assert out.returncode == 1 and "Permission denied" in out.stderr
+    report = json.loads(as_user(outsider, *ctl, "status", "--json").stdout)
+    assert {m["facts"] for m in report["specs"][0]["maps"]} == {"manifest"}
+
+
+# --- drift seen by the running daemon ---------------------------------------------------------
+
+class Daemon:
+    """`loaderd run` in the background; stderr JSON events collected by a reader thread."""
+
+    def __init__(self, conf: Path) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loaderd", "--config", str(conf), "run",
+             "--drift-interval", "1"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            text=True, env=env)
+        self.events: list[dict] = []  # type: ignore[type-arg]
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with contextlib.suppress(ValueError):
+                self.events.append(json.loads(line))
+
+    def find(self, event: str, text: str = "") -> dict | None:  # type: ignore[type-arg]
+        return next((e for e in list(self.events)
+                     if e.get("event") == event and text in e.get("message", "")), None)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_running_daemon_reports_a_pin_removed_by_hand(tmp_path: Path, bpffs_root: str) -> None:
+    os.chmod(tmp_path, 0o755)
+    conf = make_conf(tmp_path, bpffs_root, {"counter": COUNTER})
+    daemon = Daemon(conf)
+    try:
+        assert wait_until(lambda: daemon.find("daemon", "ready") is not None, 180), daemon.events
+        pin = f"{bpffs_root}/counter/links/count_exec"
+        os.unlink(pin)
+        assert wait_until(lambda: daemon.find("drift", pin) is not None, 30), daemon.events
+        event = daemon.find("drift", pin)
+        assert event is not None
+        assert event["priority"] == 2 and event["spec"] == "counter"
+        assert event["message_id"] == "79007ec174e649d3af7c5c0ade4b6236"
+        assert f"link pin missing: {pin}" in event["diffs"][0]
+        time.sleep(2.5)  # journaled once, not on every tick
+        assert sum(e.get("event") == "drift" for e in daemon.events) == 1
+        _rc, results = compliance(conf)
+        caps = results["resident daemon holds no capabilities"]
+        assert (caps["status"], caps["detail"]) == (
+            "PASS", f"pids {daemon.proc.pid}: every capability set empty, no_new_privs")
+        assert results["pinned objects match the manifest (no drift)"]["status"] == "FAIL"
+    finally:
+        daemon.stop()
+
+
+# --- graceful degradation ---------------------------------------------------------------------
+
+def test_fallback_used_and_reported_when_primary_is_refused(tmp_path: Path,
+                                                            bpffs_root: str) -> None:
+    os.chmod(tmp_path, 0o755)
+    conf = make_conf(tmp_path, bpffs_root, {"degraded": DEGRADED})
+    out = loaderd("--config", str(conf), "apply")
+    events = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    (deg,) = [e for e in events if e["event"] == "degraded"]
+    assert deg["priority"] == 4 and "quiet" in deg["message"] and "trace_printk" in deg["reason"]
+    report = json.loads(loaderctl("--config", str(conf), "status", "--json").stdout)
+    (spec,) = report["specs"]
+    (prog,) = spec["programs"]
+    assert spec["degraded"] is True and prog["function"] == "quiet"
+    assert "trace_printk" in prog["degraded"] and prog["facts"] == "kernel"
+    assert "DEGRADED (verbose:" in loaderctl("--config", str(conf), "status").stdout
+    assert "DEGRADED" in loaderctl("--config", str(conf), "list").stdout
+
+
+# --- compliance -------------------------------------------------------------------------------
+
+def compliance(conf: Path) -> tuple[int, dict[str, dict]]:  # type: ignore[type-arg]
+    out = loaderctl("--config", str(conf), "compliance", "--json", "--unit-file",
+                    str(REPO / "units" / "loaderd.service"), check=False)
+    data = json.loads(out.stdout)
+    return out.returncode, {r["check"]: r for r in data["results"]}
+
+
+FROZEN = "config maps (freeze: true) are frozen"
+
+
+def test_compliance_fails_when_a_config_map_is_not_frozen(applied: Path,
+                                                          bpffs_root: str) -> None:
+    rc, results = compliance(applied)
+    assert results[FROZEN]["status"] == "PASS", results
+    assert results["pinned objects match the manifest (no drift)"]["status"] == "PASS"
+    assert results["programs use only allowed helpers (current policy)"]["status"] == "PASS"
+    assert results["maps have limits and their declared flags"]["status"] == "PASS"
+    assert results["unit hardening (systemd-analyze security)"]["status"] in ("PASS", "SKIP")
+    assert rc == 0, results
+
+    # Someone swaps the frozen config map for a writable one of the same shape.
+    pin = f"{bpffs_root}/filter/maps/cfg"
+    os.unlink(pin)
+    fd = kernel.map_create(kernel.MAP_TYPES["array"], 4, 4, 1, flags=0x80, name="cfg")
+    try:
+        kernel.map_update(fd, b"\0" * 4, (100000).to_bytes(4, "little"))
+        kernel.obj_pin(fd, pin)
+        new_id = kernel.map_info(fd).id
+    finally:
+        os.close(fd)
+    assert not json.loads(loaderctl("--config", str(applied), "dump", "filter/cfg",
+                                    "--json").stdout)["frozen"]
+    rc, results = compliance(applied)
+    assert rc == 1
+    frozen = results[FROZEN]
+    assert frozen["status"] == "FAIL" and frozen["severity"] == "high"
+    assert f"kernel map id {new_id} is NOT frozen" in frozen["detail"]
+    assert results["pinned objects match the manifest (no drift)"]["status"] == "FAIL"
+    text = loaderctl("--config", str(applied), "compliance", check=False).stdout
+    assert f"[FAIL] {FROZEN} (high)" in text and "result: FAIL" in text
+
+
+def test_compliance_pins_and_helpers_against_settings(tmp_path: Path, bpffs_root: str) -> None:
+    os.chmod(tmp_path, 0o755)
+    conf = make_conf(tmp_path, bpffs_root, {"filter": FILTER})
+    loaderd("--config", str(conf), "apply")
+    os.chmod(f"{bpffs_root}/filter/maps/stats", 0o646)
+    # Tighten the policy after the fact: the recorded helper is no longer allowed.
+    text = conf.read_text() + "policy:\n  helpers:\n    allow: [ktime_get_ns]\n"
+    conf.write_text(text)
+    rc, results = compliance(conf)
+    assert rc == 1
+    ww = results["no pin or pin directory writable by other"]
+    assert ww["status"] == "FAIL" and "maps/stats: writable by other (mode 0646)" in ww["detail"]
+    modes = results["pins have the configured mode and group"]
+    assert modes["status"] == "FAIL" and "mode 0646, configured 0600" in modes["detail"]
+    helpers = results["programs use only allowed helpers (current policy)"]
+    assert helpers["status"] == "FAIL" and "filter/filt calls map_lookup_elem" in helpers["detail"]
+
+
+# --- forensics --------------------------------------------------------------------------------
+
+def test_forensics_bundle_is_complete_and_checksummed(applied: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "bundle"
+    loaderctl("--config", str(applied), "forensics", str(out_dir))
+    assert stat.S_IMODE(out_dir.stat().st_mode) == 0o700
+    files = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()}
+    for f in ("manifest.json", "status.json", "README.json", "SHA256SUMS", "journal.json",
+              "programs/filter/filt.json", "programs/filter/filt.xlated",
+              "programs/counter/count_exec.xlated", "maps/filter/peers.json",
+              "links/counter/count_exec.json", "specs/filter/filter.yaml",
+              "specs/counter/counter.yaml", "system/audit.json"):
+        assert f in files, sorted(files)
+    assert all(stat.S_IMODE((out_dir / f).stat().st_mode) == 0o600 for f in files)
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out_dir, capture_output=True,
+                           text=True, check=False)
+    assert check.returncode == 0 and check.stdout.count(": OK") == len(files) - 1
+    xlated = (out_dir / "programs/filter/filt.xlated").read_bytes()
+    info = json.loads((out_dir / "programs/filter/filt.json").read_text())
+    assert len(xlated) == info["bytes_xlated"] > 0 and len(xlated) % 8 == 0
+    peers = json.loads((out_dir / "maps/filter/peers.json").read_text())
+    assert peers["sanitized"] is True
+    assert (out_dir / "specs/filter/filter.yaml").read_text() == FILTER
+    again = loaderctl("--config", str(applied), "forensics", str(out_dir), check=False)
+    assert again.returncode == 1 and "not empty" in again.stderr
