@@ -18,14 +18,22 @@ bpffs_root: /sys/fs/bpf/loaderd
 state_dir: /var/lib/loaderd
 YAML
   export PYTHONPATH=$PWD
+  audit=/run/loaderd-demo/audit.jsonl   # no journald in a foreground run: JSON audit lines
+  echo "== loaderd check (schema, policy, helpers from bytecode, verifier; loads nothing)"
   $PY -m loaderd --config "$conf" check
-  $PY -m loaderd --config "$conf" apply
+  echo "== loaderd apply (compile, load, pin, attach, fill, freeze, commit)"
+  $PY -m loaderd --config "$conf" apply 2>>"$audit"
+  echo "== loaderd status"
   $PY -m loaderd --config "$conf" status
-  echo "--- pinned objects (bpftool):"
-  for p in /sys/fs/bpf/loaderd/*/progs/*; do bpftool prog show pinned "$p" | head -n 1; done
-  sleep 1; /bin/true
-  echo "--- exec counter after a few execs:"
+  echo "== bpftool finds every program by its pin"
+  for p in /sys/fs/bpf/loaderd/*/progs/*; do
+    out=$(bpftool prog show pinned "$p"); echo "  $p: ${out%%$'\n'*}"
+  done
+  for _ in 1 2 3; do /bin/true; done
+  echo "== exec counter (tracepoint, pinned link) after a few execs:"
   bpftool map dump pinned /sys/fs/bpf/loaderd/exec_counter/maps/exec_count
+  echo "== $(wc -l < "$audit") audit events in $audit, e.g.:"
+  grep '"event": "attached"' "$audit" | head -n 1 || true
   echo "Programs stay attached. Undo with: PYTHONPATH=$PWD $PY -m loaderd --config $conf disable"
   ;;
 test)
