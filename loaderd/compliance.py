@@ -255,25 +255,34 @@ def check_daemon_caps(view: View) -> Outcome:
     pids = resident_pids(view.settings.path)
     if not pids:
         raise Skip(f"no `loaderd run` process with config {view.settings.path or DEFAULT_CONFIG}")
-    problems, starting = [], []
+    problems, starting, bounding = [], [], []
     for pid in pids:
         try:
             caps = privileges.read_state(pid)
         except OSError:
             continue  # exited meanwhile
-        if not caps.all_zero and _applying(pid):
+        usable = caps.effective | caps.permitted | caps.inheritable | caps.ambient
+        if (usable or caps.bounding) and _applying(pid):
             starting.append(pid)  # it drops everything once its `loaderd apply` child is done
-            continue
-        if not caps.all_zero or not caps.no_new_privs:
-            held = privileges.names(caps.effective | caps.permitted | caps.ambient
-                                    | caps.inheritable | caps.bounding)
-            problems.append(f"pid {pid}: capabilities {', '.join(held) or 'none'}, "
-                            f"no_new_privs {int(caps.no_new_privs)}")
-    if starting and not problems:
+        elif usable or not caps.no_new_privs:
+            sets = ", ".join(f"{name} {'+'.join(privileges.names(mask))}" for name, mask in (
+                ("effective", caps.effective), ("permitted", caps.permitted),
+                ("inheritable", caps.inheritable), ("ambient", caps.ambient)) if mask)
+            problems.append(f"pid {pid}: {sets or 'no capability'}, no_new_privs "
+                            f"{int(caps.no_new_privs)}")
+        elif caps.bounding:
+            bounding.append(f"pid {pid}: bounding set {'+'.join(privileges.names(caps.bounding))}")
+    if problems:
+        return FAIL, "; ".join(problems)
+    if starting:
         return WARN, (f"pids {', '.join(map(str, starting))} still applying (capabilities are "
                       "dropped after that): run the check again")
-    return _verdict(problems, f"pids {', '.join(map(str, pids))}: every capability set empty, "
-                    "no_new_privs")
+    if bounding:
+        # Not usable: permitted is empty and no_new_privs stops exec from refilling it.
+        return WARN, ("; ".join(bounding) + "; effective/permitted/inheritable/ambient empty, "
+                      "no_new_privs set (emptying the bounding set needs the "
+                      "zero-bounding-set.conf drop-in)")
+    return PASS, f"pids {', '.join(map(str, pids))}: every capability set empty, no_new_privs"
 
 
 def _applying(pid: int) -> bool:

@@ -164,10 +164,14 @@ def pin_facts(path: str, read: Callable[[int], dict[str, Any]], *, rdonly: bool
 
 # --- status -----------------------------------------------------------------------------------
 
-def _fallback_note(why: str | None, kind: str) -> str:
+def _fallback_note(why: str | None, kind: str, have_manifest: bool) -> str:
+    shown = "showing manifest data" if have_manifest else "no manifest to show instead"
+    if why == NO_PERMISSION and kind == "map":
+        return (f"map pin not readable by uid {os.getuid()} (its mode/group grants no read); "
+                f"{shown}")
     if why == NO_PERMISSION:
         return (f"{kind} pin not openable by uid {os.getuid()} (BPF_OBJ_GET opens {kind}s "
-                "read-write only); showing manifest data")
+                f"read-write only); {shown}")
     if why == MISSING:
         return MISSING_NOTE
     return f"pin not openable: {why}"
@@ -187,7 +191,7 @@ def _object_rows(name: str, entry: dict[str, Any], unchecked: list[str]
             row.update(facts, facts="kernel")
         else:
             row.update(name=pname, facts="manifest" if p else "none",
-                       note=_fallback_note(why, "program"))
+                       note=_fallback_note(why, "program", bool(p)))
             row.update({k: p[k] for k in ("id", "type", "tag") if k in p})
             if why == NO_PERMISSION:
                 unchecked.append(path)
@@ -200,7 +204,7 @@ def _object_rows(name: str, entry: dict[str, Any], unchecked: list[str]
             row.update(facts, facts="kernel")
         else:
             row.update(name=mname, facts="manifest" if m else "none",
-                       note=_fallback_note(why, "map"))
+                       note=_fallback_note(why, "map", bool(m)))
             if "id" in m:
                 row["id"] = m["id"]
             if why == NO_PERMISSION:
@@ -213,7 +217,8 @@ def _object_rows(name: str, entry: dict[str, Any], unchecked: list[str]
         if facts is not None:
             row.update(facts, facts="kernel")
         else:
-            row.update(facts="manifest" if link else "none", note=_fallback_note(why, "link"))
+            row.update(facts="manifest" if link else "none", note=_fallback_note(why, "link",
+                                                                           bool(link)))
             if "id" in link:
                 row["id"] = link["id"]
             if why == NO_PERMISSION:
@@ -290,9 +295,10 @@ def status(view: View) -> dict[str, Any]:
                  for n, e in _walked_entries(view.settings.bpffs_root)]
     notes = list(view.notes)
     if any(s["unchecked"] for s in specs):
-        notes.append("some program/link pins could not be opened by this user: their facts "
-                     "come from the manifest and drift was checked only for what could be "
-                     "opened; run as root (or the loaderd user) for the full check")
+        notes.append("some pins could not be opened by this user" + (
+            ": their facts come from the manifest and drift was checked only for what could be "
+            "opened" if m is not None else "") + "; run as root (or the loaderd user) for the "
+            "full picture")
     return {"manifest": head, "specs": specs, "notes": notes}
 
 

@@ -5,10 +5,11 @@ this runs from a short-lived unit (loaderd-audit.service, on a timer), never in 
 "Ours" means: an id in the manifest, an object pinned under loaderd's bpffs root (an apply in
 progress has staged pins the manifest does not list yet), or a map one of those programs uses.
 
-Each foreign program and each burst is journaled once (priority 2), when first seen: what was
-seen is kept in `<state_dir>/sysaudit.json`, so a timer run does not re-alert on systemd's cgroup
-programs every 15 minutes. Bursts come from the programs' load times: only programs still
-loaded are visible, so a load-and-unload storm between two runs leaves no trace here.
+Each foreign program code (type, name, tag) and each burst is journaled once (priority 2),
+when first seen: what was seen is kept in `<state_dir>/sysaudit.json`, so a timer run does not
+re-alert on the copies of its cgroup programs systemd loads for every unit start. Bursts come
+from the programs' load times: only programs still loaded are visible, so a load-and-unload
+storm between two runs leaves no trace here.
 """
 
 from __future__ import annotations
@@ -160,8 +161,15 @@ def _save_baseline(state_dir: str, seen: dict[str, set[str]]) -> str | None:
     return None
 
 
-def _fingerprint(p: dict[str, Any]) -> str:
-    return f"{p['id']}:{p['tag']}"  # ids are recycled eventually; id+tag is not
+def _code_print(p: dict[str, Any]) -> str:
+    """What a foreign program *is*: the same code (tag) under the same name and type is not
+    new. systemd loads fresh copies of its cgroup programs (sd_devices, sd_fw_*) for every unit
+    start, including this audit's own: alerting per id would alert on every run."""
+    return f"{p['type']}:{p['name']}:{p['tag']}"
+
+
+def _load_print(p: dict[str, Any]) -> str:
+    return f"{p['id']}:{p['tag']}"  # one load (ids are recycled eventually; id+tag is not)
 
 
 def scan(manifest: dict[str, Any] | None, bpffs_root: str) -> dict[str, Any]:
@@ -200,7 +208,7 @@ def run(view: View, *, burst: int, window: float, baseline: bool = True) -> dict
             else {"foreign_programs": set(), "burst_programs": set()})
     new = []
     for p in report["foreign_programs"]:
-        p["new"] = _fingerprint(p) not in seen["foreign_programs"]
+        p["new"] = _code_print(p) not in seen["foreign_programs"]
         if p["new"]:
             new.append(p)
             audit.emit(FOREIGN_EVENT, f"foreign BPF program id {p['id']} ({p['type']} "
@@ -210,7 +218,7 @@ def run(view: View, *, burst: int, window: float, baseline: bool = True) -> dict
                        prog_tag=p["tag"], prog_type=p["type"], prog_name=p["name"],
                        created_by_uid=p["uid"], loaded_at=p["loaded_at"])
     everything = report.pop("all_programs")
-    prints = {p["id"]: _fingerprint(p) for p in everything}
+    prints = {p["id"]: _load_print(p) for p in everything}
     found = bursts(everything, burst, window)
     in_bursts: set[str] = set()
     for b in found:
@@ -224,7 +232,8 @@ def run(view: View, *, burst: int, window: float, baseline: bool = True) -> dict
                        prog_ids=b["prog_ids"], window=window, threshold=burst)
     if baseline:
         note = _save_baseline(view.settings.state_dir, {
-            "foreign_programs": {_fingerprint(p) for p in report["foreign_programs"]},
+            "foreign_programs": seen["foreign_programs"]
+            | {_code_print(p) for p in report["foreign_programs"]},
             "burst_programs": in_bursts})
         if note:
             notes.append(note)

@@ -95,7 +95,13 @@ def test_program_loaded_behind_loaderds_back_is_reported_once(
     assert again[sneaky_id]["new"] is False
     assert not any(e.get("prog_id") == sneaky_id for e in events)
     baseline = json.loads((conf.parent / "state" / "sysaudit.json").read_text())
-    assert f"{sneaky_id}:{p['tag']}" in baseline["foreign_programs"]
+    assert f"socket_filter:sneaky_a:{p['tag']}" in baseline["foreign_programs"]
+
+    # The same code loaded again is a known program, not a new finding.
+    (again_id,) = loaded_ids(bcc_compile(SNEAKY), ["sneaky_a"])
+    _rc, report, events = audit_system(conf)
+    copy = next(p for p in report["foreign_programs"] if p["id"] == again_id)
+    assert copy["new"] is False and again_id not in report["new_foreign_programs"]
 
 
 @pytest.mark.kernel

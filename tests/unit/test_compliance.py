@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from loaderd import audit, compliance
+from loaderd import audit, compliance, privileges
 from loaderd.compliance import FAIL, HIGH, MEDIUM, PASS, SKIP, WARN, Result
 from loaderd.ctl import DEFAULT_CONFIG, View
 from loaderd.model import PinOwnership, Policy, ProgType, Settings
@@ -156,3 +156,25 @@ def test_report_and_exit_semantics() -> None:
     assert [r.check for r in compliance.high_failures(results)] == ["e"]
     text = compliance.render(results)
     assert "[FAIL] e (high)" in text and text.endswith("result: FAIL (1 high-severity failures)")
+
+
+def caps(eff: int = 0, bnd: int = 0, nnp: bool = True) -> privileges.CapState:
+    return privileges.CapState(effective=eff, permitted=eff, inheritable=0, bounding=bnd,
+                               ambient=0, no_new_privs=nnp)
+
+
+@pytest.mark.parametrize(("state", "applying", "status", "text"), [
+    (caps(), False, PASS, "every capability set empty"),
+    (caps(bnd=1 << 39), False, WARN, "bounding set CAP_BPF; effective/permitted"),
+    (caps(eff=1 << 39 | 1 << 38), False, FAIL, "effective CAP_PERFMON+CAP_BPF"),
+    (caps(nnp=False), False, FAIL, "no capability, no_new_privs 0"),
+    (caps(eff=1 << 39), True, WARN, "still applying"),
+])
+def test_daemon_caps_verdicts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              state: privileges.CapState, applying: bool, status: str,
+                              text: str) -> None:
+    monkeypatch.setattr(compliance, "resident_pids", lambda _config: [4242])
+    monkeypatch.setattr(privileges, "read_state", lambda _pid: state)
+    monkeypatch.setattr(compliance, "_applying", lambda _pid: applying)
+    got, detail = compliance.check_daemon_caps(view(tmp_path, {}))
+    assert got == status and text in detail
