@@ -1,0 +1,83 @@
+"""The resident `loaderd run` stays lean over its whole life (real kernel): libbcc/LLVM/clang are
+never mapped into it, not while its apply child compiles, not after reload or a drift check; a
+restart with unchanged specs adopts every pin and compiles nothing.
+
+test_pipeline checks the mapping once after a cold start; this follows the resident through
+restart, SIGHUP and drift, sampling /proc/<pid>/maps all along."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from bench.workload import COUNTER, Resident, mapped_bcc_libs, proc_status
+from tests.conftest import wait_until, write_settings
+
+pytestmark = pytest.mark.kernel
+
+RSS_LIMIT_KB = 40 * 1024  # issue 6 target for the resident
+
+
+def events(log: Path, kind: str) -> list[str]:
+    """Audit lines of one kind (stderr JSON sink) in the daemon's log."""
+    return [ln for ln in log.read_text().splitlines() if f'"event": "{kind}"' in ln]
+
+
+def prog_ids(manifest: dict) -> dict[str, int]:  # type: ignore[type-arg]
+    return {n: e["programs"]["count_exec"]["id"] for n, e in manifest["specs"].items()}
+
+
+def test_resident_never_maps_bcc_and_restart_compiles_nothing(tmp_path: Path,
+                                                              bpffs_root: str) -> None:
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    os.chmod(tmp_path, 0o755)
+    for i in range(2):
+        (specs / f"count_{i}.yaml").write_text(COUNTER.format(i=i, step=10 + i))
+    conf = write_settings(tmp_path, bpffs_root, specs)
+    manifest_path = tmp_path / "state" / "manifest.json"
+    seen: list[str] = []
+
+    def sample(pid: int) -> None:
+        with contextlib.suppress(FileNotFoundError):  # exited: wait_ready reports it
+            seen.extend(mapped_bcc_libs(pid))
+
+    first = Resident(conf, tmp_path, drift_interval=0.5)
+    try:
+        first.wait_ready(240, lambda: sample(first.pid))  # sampled while the child compiles
+        assert seen == [], f"resident mapped {sorted(set(seen))} during its initial apply"
+        cold = json.loads(manifest_path.read_text())
+        assert cold["last_apply"]["compiles"] == 2
+    finally:
+        first.stop()
+    assert first.proc.returncode == 0
+
+    second = Resident(conf, tmp_path, drift_interval=0.5)
+    try:
+        second.wait_ready(240, lambda: sample(second.pid))
+        warm = json.loads(manifest_path.read_text())
+        assert warm["last_apply"]["compiles"] == 0
+        assert warm["last_apply"]["built"] == []
+        assert sorted(warm["last_apply"]["adopted"]) == ["count_0", "count_1"]
+        assert prog_ids(warm) == prog_ids(cold)  # the same kernel objects, adopted
+        assert events(second.log_path, "adopted")
+
+        second.proc.send_signal(signal.SIGHUP)  # reload: re-reads the manifest
+        assert wait_until(lambda: bool(events(second.log_path, "reload")), timeout=15)
+        # A drift check in the resident (it reads pins, never compiles): remove one link pin.
+        os.unlink(f"{bpffs_root}/count_1/links/count_exec")
+        assert wait_until(lambda: bool(events(second.log_path, "drift")), timeout=15)
+        sample(second.pid)
+        assert seen == [], f"resident mapped {sorted(set(seen))}"
+        status = proc_status(second.pid)
+        rss = int(status["VmRSS"].split()[0])
+        assert rss <= RSS_LIMIT_KB, f"resident VmRSS {rss} kB > {RSS_LIMIT_KB} kB"
+        assert status["CapEff"] == "0000000000000000"
+    finally:
+        second.stop()
+    assert second.proc.returncode == 0
