@@ -26,6 +26,7 @@ from typing import Any
 from loaderd import audit, kernel, pins, state, verify
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import CType, Settings, Spec
+from loaderd.sanitize import Key
 
 DEFAULT_CONFIG = "/etc/loaderd/loaderd.yaml"
 NO_PERMISSION = "no permission"
@@ -349,23 +350,43 @@ def _type_name(ctype: CType | None) -> str | None:
     return ctype.name or f"bytes[{ctype.size}]"
 
 
-def dump(view: View, target: str, *, raw: bool, ip: Sequence[str] = (),
-         pseudonymize: Sequence[str] = (), ipv4_prefix: int = 24, ipv6_prefix: int = 48
-         ) -> dict[str, Any]:
-    """Every entry of one map through a read-only fd, typed by its spec, sanitized unless raw."""
+def map_pin(view: View, target: str) -> tuple[str, str, str]:
+    """(spec, map, pin path) for a `SPEC/MAP` argument."""
     spec_name, _, map_name = target.partition("/")
     pins.check_name(spec_name, "spec name")
     pins.check_name(map_name, "map name")
-    if raw and os.geteuid() != 0:
-        raise LoaderdError(Kind.CAPABILITY, "--raw shows unsanitized map contents and is for "
-                           "root only", allowed="drop --raw (sanitized output)")
     entry = view.entry(spec_name)
     if view.manifest is not None and entry is None:
         raise LoaderdError(Kind.STATE, f"no spec '{spec_name}' in the manifest",
                            Location(view.manifest_path),
                            allowed=", ".join(sorted(view.manifest.get("specs", {}))) or "none")
     base = entry["pin_dir"] if entry else os.path.join(view.settings.bpffs_root, spec_name)
-    path = os.path.join(base, "maps", map_name)
+    return spec_name, map_name, os.path.join(base, "maps", map_name)
+
+
+def check_raw(raw: bool) -> None:
+    if raw and os.geteuid() != 0:
+        raise LoaderdError(Kind.CAPABILITY, "--raw shows unsanitized data and is for root only",
+                           allowed="drop --raw (sanitized output)")
+
+
+def sanitize_key(view: View, notes: list[str]) -> Key:
+    """The pseudonymization key, or a one-run key (and a note) when it is not readable."""
+    from loaderd import sanitize
+
+    try:
+        return sanitize.load_key(view.settings.state_dir, create=os.geteuid() == 0)
+    except LoaderdError as exc:
+        notes.append(f"{exc}; pseudonyms use a one-run key (consistent within this output only)")
+        return sanitize.ephemeral_key()
+
+
+def dump(view: View, target: str, *, raw: bool, ip: Sequence[str] = (),
+         pseudonymize: Sequence[str] = (), ipv4_prefix: int = 24, ipv6_prefix: int = 48
+         ) -> dict[str, Any]:
+    """Every entry of one map through a read-only fd, typed by its spec, sanitized unless raw."""
+    spec_name, map_name, path = map_pin(view, target)
+    check_raw(raw)
     notes: list[str] = []
     fd = kernel.obj_get(path, rdonly=True)
     try:
@@ -428,11 +449,7 @@ def _sanitize_entries(view: View, entries: list[dict[str, Any]], ip: Sequence[st
                       ) -> tuple[Any, str]:
     from loaderd import sanitize
 
-    try:
-        key = sanitize.load_key(view.settings.state_dir, create=os.geteuid() == 0)
-    except LoaderdError as exc:
-        key = sanitize.ephemeral_key()
-        notes.append(f"{exc}; pseudonyms use a one-run key (consistent within this output only)")
+    key = sanitize_key(view, notes)
     fields = set(ip) | {f"{f}s" for f in ip if f == "value"}
     pseud = set(pseudonymize) | {f"{f}s" for f in pseudonymize if f == "value"}
     rules = sanitize.Rules(ipv4_prefix=v4, ipv6_prefix=v6,
@@ -575,6 +592,26 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    from loaderd import events, sanitize
+
+    view = load_view(args.config)
+    _spec, _map, path = map_pin(view, args.target)
+    check_raw(args.raw)
+    notes: list[str] = []
+    clean = None if args.raw else sanitize.Sanitizer(sanitize_key(view, notes))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    layout = events.parse_layout(args.layout) if args.layout else None
+    rate = args.rate or view.settings.policy.limits.max_event_rate
+    for event in events.stream(path, layout=layout, rate=rate, sanitize=clean,
+                               count=args.count, duration=args.duration):
+        print(json.dumps(event, sort_keys=True,
+                         default=lambda o: o.hex() if isinstance(o, bytes) else str(o)),
+              flush=True)
+    return 0
+
+
 def cmd_audit_system(args: argparse.Namespace) -> int:
     from loaderd import sysaudit
 
@@ -646,6 +683,15 @@ def parser() -> argparse.ArgumentParser:
                     help="replace key/value by a keyed HMAC pseudonym")
     sp.add_argument("--ipv4-prefix", type=int, default=24)
     sp.add_argument("--ipv6-prefix", type=int, default=48)
+    sp = add("events", cmd_events, "stream a ring buffer map's records as JSON lines, decoded "
+             "and sanitized (root or the pin's owner: consuming needs a read-write fd)",
+             json_flag=False)
+    sp.add_argument("target", metavar="SPEC/MAP")
+    sp.add_argument("--layout", help="record fields in C order, e.g. pid:u32,comm:bytes16")
+    sp.add_argument("--count", type=int, help="stop after this many events")
+    sp.add_argument("--duration", type=float, help="stop after this many seconds")
+    sp.add_argument("--rate", type=int, help="events/s emitted (default limits.max_event_rate)")
+    sp.add_argument("--raw", action="store_true", help="no sanitization (root only)")
     sp = add("audit-system", cmd_audit_system, "every BPF program/map on the host: report "
              "those loaderd did not load, and load bursts (needs CAP_SYS_ADMIN)")
     sp.add_argument("--burst", type=int, default=20, help="more loads than this within "

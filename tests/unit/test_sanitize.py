@@ -162,3 +162,38 @@ def test_key_readable_by_others_or_short_is_refused(tmp_path: Path,
     with pytest.raises(LoaderdError, match="8 bytes"):
         load_key(str(tmp_path))
     assert ephemeral_key().source == "ephemeral"
+
+
+# --- the event pipeline: decode -> rate limit -> sanitize --------------------------------------
+
+def test_event_layout_decode_then_sanitize(san: Sanitizer) -> None:
+    from loaderd.events import decode, parse_layout
+
+    layout = parse_layout("kind:u8, pid:u32,uid:u32,saddr:bytes4,delta:s16,comm:bytes8")
+    assert [(f.name, f.offset, f.size) for f in layout] == [
+        ("kind", 0, 1), ("pid", 4, 4), ("uid", 8, 4), ("saddr", 12, 4), ("delta", 16, 2),
+        ("comm", 18, 8)]
+    record = (bytes([3, 0, 0, 0]) + (42).to_bytes(4, "little") + (1000).to_bytes(4, "little")
+              + bytes([10, 9, 8, 7]) + (-5).to_bytes(2, "little", signed=True) + b"curl\0\0\0\0"
+              + b"\xff\xee")
+    event = decode(record, layout)
+    assert event == {"kind": 3, "pid": 42, "uid": 1000, "saddr": bytes([10, 9, 8, 7]),
+                     "delta": -5, "comm": b"curl\0\0\0\0", "_rest": b"\xff\xee"}
+    assert san(event) == {"kind": 3, "pid": 42, "uid": san.pseudonym(1000),
+                          "saddr": "10.9.8.0/24", "delta": -5, "comm": "curl", "_rest": "ffee"}
+    assert decode(record[:6], layout) == {"kind": 3, "_short": True}
+    assert decode(b"password=x", None) == {"data": b"password=x"}
+    for bad in ("pid:u33", "pid", "Pid:u32", "x:bytes0", ""):
+        with pytest.raises(LoaderdError):
+            parse_layout(bad)
+
+
+def test_event_rate_limit_token_bucket() -> None:
+    from loaderd.events import RateLimit
+
+    now = [0.0]
+    limit = RateLimit(3, clock=lambda: now[0])
+    assert [limit.allow() for _ in range(5)] == [True, True, True, False, False]
+    now[0] = 1.0  # a second refills `rate` tokens, never more
+    assert [limit.allow() for _ in range(4)] == [True, True, True, False]
+    assert limit.dropped == 3
