@@ -119,7 +119,7 @@ class Applier:
     def __init__(self, settings: Settings, notify: Notify | None = None) -> None:
         self.settings = settings
         self.layout = pins.PinLayout(settings.bpffs_root)
-        self.state = State(settings.state_dir)
+        self.state = State(settings.state_dir, settings.pins.gid)
         self.notify = notify or (lambda _msg: None)
 
     # --- recovery -------------------------------------------------------------------------
@@ -137,7 +137,8 @@ class Applier:
     def apply(self, specs_dir: str | None = None, *, jobs: int | None = None,
               source_files: list[str] | None = None) -> ApplyResult:
         result = ApplyResult()
-        self.layout.ensure_dir(self.layout.root, 0o755)
+        if not self.layout.exists(self.layout.root):  # tmpfiles.d owns its mode and group
+            self.layout.ensure_dir(self.layout.root, 0o755)
         self.recover()
         specs, errors = validate(self.settings, specs_dir)
         if not errors:
@@ -221,7 +222,7 @@ class Applier:
         result.errors = errors
         for e in errors:
             audit.emit(Event.SPEC_REFUSED, str(e), file=e.location.file, kind=e.kind.value,
-                       field=e.location.field, line=e.location.line)
+                       field=e.location.field, line=e.location.line, detail=e.detail)
         audit.emit(Event.APPLY_FAILED, f"apply refused: {len(errors)} error(s); the previous "
                    "set stays applied unchanged", errors=len(errors))
         return result

@@ -94,7 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from loaderd.daemon import Daemon
 
     settings = _settings(args)
-    return Daemon(settings, args.config, drift_interval=args.drift_interval).start()
+    return Daemon(settings, args.config, drift_interval=args.drift_interval,
+                  apply=not args.no_apply).start()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -176,6 +177,8 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true")
         if name == "run":
             sp.add_argument("--drift-interval", type=float, default=30.0)
+            sp.add_argument("--no-apply", action="store_true",
+                            help="do not apply (a separate privileged unit does); just watch")
     return p
 
 

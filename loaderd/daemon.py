@@ -57,9 +57,10 @@ def run_apply_child(config: str | None) -> int:
 
 class Daemon:
     def __init__(self, settings: Settings, config: str | None,
-                 drift_interval: float = DRIFT_INTERVAL) -> None:
+                 drift_interval: float = DRIFT_INTERVAL, apply: bool = True) -> None:
         self.settings = settings
         self.config = config
+        self.apply = apply  # False: a separate privileged unit applies (loaderd-apply.service)
         self.state = State(settings.state_dir)
         self.drift_interval = drift_interval
         self.stop = False
@@ -74,8 +75,10 @@ class Daemon:
             self.stop = True
 
     def start(self) -> int:
-        status("applying specs")
-        rc = run_apply_child(self.config)
+        rc = 0
+        if self.apply:
+            status("applying specs")
+            rc = run_apply_child(self.config)
         self.manifest = self.state.load()
         if rc != 0 and not self.manifest.get("specs"):
             status("apply failed and nothing was applied before; see journal")
@@ -83,9 +86,13 @@ class Daemon:
                        rc=rc)
             return 1
         caps = privileges.drop_all()
-        audit.emit(Event.CAPS_DROPPED, "dropped every capability (effective, permitted, "
-                   "inheritable, ambient, bounding); no_new_privs set",
-                   cap_effective=f"{caps.effective:x}", cap_bounding=f"{caps.bounding:x}",
+        left = ("" if not caps.bounding else "; bounding set kept "
+                + ",".join(privileges.names(caps.bounding))
+                + " (no CAP_SETPCAP to drop it; no_new_privs keeps it unusable)")
+        audit.emit(Event.CAPS_DROPPED, "dropped capabilities: effective, permitted, "
+                   f"inheritable and ambient now empty; no_new_privs set{left}",
+                   cap_effective=f"{caps.effective:x}", cap_permitted=f"{caps.permitted:x}",
+                   cap_bounding=f"{caps.bounding:x}", cap_ambient=f"{caps.ambient:x}",
                    no_new_privs=caps.no_new_privs)
         n = len(self.manifest.get("specs", {}))
         summary = f"{n} specs applied" + ("" if rc == 0 else "; last apply FAILED, old set kept")
@@ -99,7 +106,7 @@ class Daemon:
         wd_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         if os.environ.get("WATCHDOG_PID") not in (None, str(os.getpid())):
             wd_usec = 0
-        tick = min(wd_usec / 2e6 if wd_usec else 5.0, 5.0)
+        tick = min(wd_usec / 2e6 if wd_usec else 5.0, 5.0, self.drift_interval)
         next_drift = time.monotonic() + self.drift_interval
         while not self.stop:
             if wd_usec:

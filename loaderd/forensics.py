@@ -116,6 +116,7 @@ def _journal(b: Bundle, since: str) -> None:
 
     if shutil.which("journalctl") is None:
         b.notes.append("journalctl not installed: no journal slice")
+        b.write("journal.json", b"")  # present but empty: the bundle's layout is fixed
         return
     out = subprocess.run(["journalctl", "--no-pager", "-o", "json", "--since", since,
                           *message_id_matches()], capture_output=True, timeout=120, check=False)

@@ -25,10 +25,13 @@ GENERATIONS = "generations"
 KEEP_GENERATIONS = 5
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def _write_atomic(path: str, data: bytes, gid: int = -1) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
     try:
+        os.fchmod(fd, 0o640 if gid >= 0 else 0o600)  # readers' group may read it, nobody else
+        if gid >= 0:
+            os.fchown(fd, -1, gid)
         os.write(fd, data)
         os.fsync(fd)
     finally:
@@ -42,8 +45,14 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 class State:
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, gid: int = -1) -> None:
+        """gid: the pin readers' group (settings.pins), which may read the manifest so that
+        `loaderctl status` works for them without privileges; -1 keeps it private."""
         self.dir = state_dir
+        self.gid = gid
+        if not os.path.isdir(state_dir):
+            os.makedirs(state_dir, mode=0o750)
+        # Generations hold copies of the spec files: private to loaderd.
         os.makedirs(os.path.join(state_dir, GENERATIONS), mode=0o700, exist_ok=True)
 
     @property
@@ -64,7 +73,7 @@ class State:
     def save(self, manifest: dict[str, Any]) -> None:
         manifest["written_at"] = time.time()
         _write_atomic(self.manifest_path,
-                      json.dumps(manifest, indent=1, sort_keys=True).encode())
+                      json.dumps(manifest, indent=1, sort_keys=True).encode(), self.gid)
 
     @staticmethod
     def spec_entry(staged: StagedSpec, pin_dir: str, links: dict[str, dict[str, Any]],

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,6 +17,24 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "configs" / "programs.d"
+
+
+# Debian's interpreter, for processes run as unprivileged test users (a venv inside the checkout
+# may not be readable by them).
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture(scope="session")
+def shared_code() -> Iterator[str]:
+    """A copy of the loaderd package that unprivileged test users can read: the checkout may
+    live under a 0700 home directory (CI clones wherever it likes). Use as their PYTHONPATH."""
+    d = Path(tempfile.mkdtemp(prefix="loaderd-code-"))
+    shutil.copytree(REPO / "loaderd", d / "loaderd",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for p in [d, *d.rglob("*")]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    yield str(d)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from loaderd import kernel
-from tests.conftest import REPO, loaderd, wait_until, write_settings
+from tests.conftest import REPO, SYSTEM_PYTHON, loaderd, wait_until, write_settings
 
 pytestmark = [
     pytest.mark.kernel,
@@ -234,12 +234,13 @@ def reader_accounts() -> Iterator[tuple[str, str, str]]:
         subprocess.run(["groupdel", group], check=False, capture_output=True)
 
 
-def as_user(user: str, *argv: str) -> subprocess.CompletedProcess[str]:
-    """Run argv as `user` with its groups and no capabilities at all."""
+def as_user(user: str, code: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run argv as `user` with its groups and no capabilities at all; `code` is a copy of the
+    package that user can read (tests.conftest.shared_code)."""
     pw = pwd.getpwnam(user)
     cmd = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", *argv]
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": "/"}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": code, "HOME": "/"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env,
                           cwd="/")
 
@@ -260,7 +261,8 @@ except kernel.KernelError as exc:
 
 
 def test_group_reader_can_status_and_dump_but_not_write(
-        world_dir: Path, bpffs_root: str, reader_accounts: tuple[str, str, str]) -> None:
+        world_dir: Path, bpffs_root: str, reader_accounts: tuple[str, str, str],
+        shared_code: str) -> None:
     group, member, outsider = reader_accounts
     conf = make_conf(world_dir, bpffs_root, {"filter": FILTER},
                      f'pins: {{mode: "0640", group: {group}}}\n')
@@ -271,8 +273,10 @@ def test_group_reader_can_status_and_dump_but_not_write(
     assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, gid)
 
     # The state dir is root's 0700: the member sees what the pins tell.
-    ctl = [sys.executable, "-m", "loaderd.ctl", "--config", str(conf)]
-    out = as_user(member, *ctl, "status", "--json")
+    ctl = [SYSTEM_PYTHON, "-m", "loaderd.ctl", "--config", str(conf)]
+    # First without the manifest (e.g. a reader outside the state dir's group).
+    os.chmod(world_dir / "state" / "manifest.json", 0o600)
+    out = as_user(member, shared_code, *ctl, "status", "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["manifest"]["readable"] is False and "not readable" in report["manifest"]["note"]
@@ -285,28 +289,28 @@ def test_group_reader_can_status_and_dump_but_not_write(
     # With read access to the manifest, programs come from it (and say so).
     os.chmod(world_dir / "state", 0o755)
     os.chmod(world_dir / "state" / "manifest.json", 0o644)
-    report = json.loads(as_user(member, *ctl, "status", "--json").stdout)
+    report = json.loads(as_user(member, shared_code, *ctl, "status", "--json").stdout)
     (prog,) = report["specs"][0]["programs"]
     assert prog["facts"] == "manifest" and prog["id"] > 0 and len(prog["tag"]) == 16
     assert report["specs"][0]["unchecked"] == [prog["pin"]]
     assert report["specs"][0]["drift"] == []  # maps checked; the program could not be
-    text = as_user(member, *ctl, "status").stdout
+    text = as_user(member, shared_code, *ctl, "status").stdout
     assert "filter: ok (partially checked)" in text and "showing manifest data" in text
 
-    out = as_user(member, *ctl, "dump", "filter/stats", "--json")
+    out = as_user(member, shared_code, *ctl, "dump", "filter/stats", "--json")
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     assert d["entries"][1] == {"key": 1, "value": 41} and d["types"]["value"] == "u64"
     assert d["key_source"] == "ephemeral" and any("one-run key" in n for n in d["notes"])
-    out = as_user(member, *ctl, "dump", "filter/stats", "--raw")
+    out = as_user(member, shared_code, *ctl, "dump", "filter/stats", "--raw")
     assert out.returncode == 1 and "root only" in out.stderr
 
-    out = as_user(member, sys.executable, "-c", WRITER, pin)
+    out = as_user(member, shared_code, SYSTEM_PYTHON, "-c", WRITER, pin)
     assert out.stdout.split() == ["update", str(errno.EPERM), "rw", str(errno.EACCES)], out.stderr
 
-    out = as_user(outsider, *ctl, "dump", "filter/stats")
+    out = as_user(outsider, shared_code, *ctl, "dump", "filter/stats")
     assert out.returncode == 1 and "Permission denied" in out.stderr
-    report = json.loads(as_user(outsider, *ctl, "status", "--json").stdout)
+    report = json.loads(as_user(outsider, shared_code, *ctl, "status", "--json").stdout)
     assert {m["facts"] for m in report["specs"][0]["maps"]} == {"manifest"}
 
 

@@ -7,16 +7,15 @@ import errno
 import os
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from loaderd import kernel, pins
 from loaderd.errors import Kind, LoaderdError
+from tests.conftest import SYSTEM_PYTHON
 
 pytestmark = [
     pytest.mark.kernel,
@@ -302,27 +301,27 @@ except kernel.KernelError as exc:
 """
 
 
-def run_as_nobody(script: str, *args: str) -> str:
+def run_as_nobody(script: str, code: str, *args: str) -> str:
     def drop() -> None:
         os.setgroups([])
         os.setgid(NOBODY)
         os.setuid(NOBODY)
 
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    out = subprocess.run([sys.executable, "-c", script, *args], env=env, preexec_fn=drop,
+    env = dict(os.environ, PYTHONPATH=code)  # a copy the unprivileged user can read
+    out = subprocess.run([SYSTEM_PYTHON, "-c", script, *args], env=env, preexec_fn=drop,
                          capture_output=True, text=True, check=True, timeout=60)
     return out.stdout
 
 
 def test_group_readable_pin_opens_rdonly_for_unprivileged_reader(
-        layout: pins.PinLayout, bpffs_dir: str, map_fd: int) -> None:
+        layout: pins.PinLayout, bpffs_dir: str, map_fd: int, shared_code: str) -> None:
     """The pin's mode/group is what grants a reader access: a 0640 pin in group nogroup opens
     read-only for that group, read-write is refused, and enumeration names CAP_SYS_ADMIN."""
     os.chmod(bpffs_dir, 0o711)
     layout.ensure_dir(layout.root, 0o711)
     kernel.map_update(map_fd, b"\0" * 4, b"\x2a\0\0\0")
     layout.pin(map_fd, f"{layout.root}/m", 0o640, NOBODY)
-    lines = run_as_nobody(READER, f"{layout.root}/m").splitlines()
+    lines = run_as_nobody(READER, shared_code, f"{layout.root}/m").splitlines()
     assert lines[0] == "rdonly 2a000000"
     assert lines[1].startswith(f"rw {errno.EACCES} ") and "mode or owner" in lines[1]
     assert lines[2].startswith(f"ids {errno.EPERM} ") and "CAP_SYS_ADMIN" in lines[2]
