@@ -48,6 +48,7 @@ class Event(enum.Enum):
     DRIFT = ("79007ec174e649d3af7c5c0ade4b6236", 2)
     DEGRADED = ("0b7a57629d204144a63b89f82508cee1", 4)
     DAEMON = ("537fd8df20854c7fb12cfe71dabd8006", 6)
+    FOREIGN_LOAD = ("bf1c0e481b4144f3baeeab240e3bc892", 2)
 
     @property
     def message_id(self) -> str:

@@ -29,9 +29,7 @@ if TYPE_CHECKING:
     from loaderd.ctl import View
 
 BASELINE = "sysaudit.json"
-# A dedicated event kind is proposed to the lead (FOREIGN_LOAD); until audit.Event has it, the
-# findings go out as DRIFT: same priority (2), "the kernel's BPF state is not what loaderd set".
-FOREIGN_EVENT: Event = getattr(Event, "FOREIGN_LOAD", Event.DRIFT)
+FOREIGN_EVENT = Event.FOREIGN_LOAD
 
 
 def _ids_from_manifest(manifest: dict[str, Any] | None) -> tuple[set[int], set[int], set[int]]:
