@@ -655,7 +655,8 @@ def perf_event_open_tracepoint(tp_id: int, cpu: int = 0) -> int:
                             ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC)))
     if ret < 0:
         raise _fail("perf_event_open", f"tracepoint id {tp_id}", ctypes.get_errno(),
-                    "needs CAP_PERFMON")
+                    "needs CAP_PERFMON, and perf_event_open allowed by the unit's "
+                    "SystemCallFilter= (it is in @debug)")
     return ret
 
 
