@@ -269,3 +269,15 @@ def test_daemon_drops_every_capability_and_programs_stay_attached(
     before = read_u64(pin)
     subprocess.run(["/bin/true"], check=True)
     assert read_u64(pin) > before
+
+
+def test_missing_capability_is_refused_before_anything_is_compiled(config: Path,
+                                                                   bpffs_root: str) -> None:
+    # Root without CAP_PERFMON in its bounding set: execve leaves it out of every set.
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run(["setpriv", "--bounding-set=-perfmon", "--inh-caps=-perfmon",
+                          os.sys.executable, "-m", "loaderd", "--config", str(config),  # type: ignore[attr-defined]
+                          "apply"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1
+    assert "CAP_PERFMON is missing" in out.stderr and "exec_counter.yaml" in out.stderr
+    assert not os.path.exists(f"{bpffs_root}/exec_counter")
