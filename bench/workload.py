@@ -102,6 +102,37 @@ def mapped_bcc_libs(pid: int | str) -> list[str]:
                        if any(lib in line for lib in BCC_LIBS)})
 
 
+# (CPU seconds used on the host by processes outside this bench's tree, wall seconds), one per
+# timed CLI/baseline run: other load competes for the same 2 cores and skews the ratios.
+FOREIGN: list[tuple[float, float]] = []
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def _host_busy() -> float:
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _HZ  # all but idle and iowait
+
+
+def _ours() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class HostLoad:
+    """Measures a block: wall seconds, and CPU seconds the rest of the host used meanwhile
+    (children are counted as ours once waited for)."""
+
+    def __enter__(self) -> HostLoad:
+        self.t0, self.busy0, self.ours0 = time.monotonic(), _host_busy(), _ours()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.seconds = time.monotonic() - self.t0
+        foreign = max(0.0, _host_busy() - self.busy0 - (_ours() - self.ours0))
+        FOREIGN.append((foreign, self.seconds))
+
+
 @dataclass
 class Timed:
     seconds: float
@@ -167,10 +198,10 @@ class Workspace:
         with open(self.log, "a") as log:
             log.write(f"--- {' '.join(args)}\n")
             log.flush()
-            t0 = time.monotonic()
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                                  env=child_env(), timeout=600)
-            seconds = time.monotonic() - t0
+            with HostLoad() as load:
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                                      env=child_env(), timeout=600)
+            seconds = load.seconds
         if check and proc.returncode != 0:
             raise BenchError(f"loaderd {' '.join(args)} failed ({proc.returncode}): "
                              f"{proc.stdout.strip()}\n{self.log_tail()}")
@@ -298,10 +329,11 @@ def run_baseline(ws: Workspace) -> tuple[float, dict[str, Any]]:
     """The plain BCC script on the workspace's specs: (wall seconds, its report)."""
     work = ws.dir / "baseline.json"
     work.write_text(json.dumps(ws.baseline_work()))
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "baseline_bcc.py"), str(work)],
-                          capture_output=True, text=True, env=child_env(), timeout=600)
-    seconds = time.monotonic() - t0
+    with HostLoad() as load:
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "baseline_bcc.py"),
+                               str(work)], capture_output=True, text=True, env=child_env(),
+                              timeout=600)
+    seconds = load.seconds
     if proc.returncode != 0:
         raise BenchError(f"baseline BCC script failed: {proc.stderr[-3000:]}")
     report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
