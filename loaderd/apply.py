@@ -275,6 +275,7 @@ class Applier:
                                  [f for f in (s.source_path,) if f])
         entry["txid"] = txid
         entry["deferred_links"] = deferred
+        entry["events"] = {m.name: m.events for m in s.maps if m.events}
         return entry
 
     def _commit(self, txid: str, manifest: dict[str, Any]) -> None:

@@ -49,6 +49,8 @@ class Event(enum.Enum):
     DEGRADED = ("0b7a57629d204144a63b89f82508cee1", 4)
     DAEMON = ("537fd8df20854c7fb12cfe71dabd8006", 6)
     FOREIGN_LOAD = ("bf1c0e481b4144f3baeeab240e3bc892", 2)
+    BPF_EVENT = ("ae4170c9644a4b758feac1c0faf6c4b1", 6)
+    EVENTS_DROPPED = ("097238fbfadb44ee9490cee1a47a7794", 4)
 
     @property
     def message_id(self) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from loaderd import audit, privileges, verify
 from loaderd.audit import Event
+from loaderd.eventpump import EventPump
 from loaderd.model import Settings
 from loaderd.state import State
 
@@ -67,6 +68,7 @@ class Daemon:
         self.reread = False
         self.manifest: dict[str, Any] = {}
         self.known_drift: dict[str, list[str]] = {}
+        self.pump: EventPump | None = None
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -108,6 +110,8 @@ class Daemon:
             wd_usec = 0
         tick = min(wd_usec / 2e6 if wd_usec else 5.0, 5.0, self.drift_interval)
         next_drift = time.monotonic() + self.drift_interval
+        self.pump = EventPump(self.settings)
+        self.pump.sync(self.manifest)
         while not self.stop:
             if wd_usec:
                 notify("WATCHDOG=1")
@@ -116,12 +120,18 @@ class Daemon:
                 self.manifest = self.state.load()
                 self.known_drift.clear()
                 n = len(self.manifest.get("specs", {}))
+                self.pump.sync(self.manifest)
                 status(f"{n} specs applied (reloaded)")
                 audit.emit(Event.RELOAD, f"manifest re-read after reload: {n} specs", specs=n)
             if time.monotonic() >= next_drift:
                 self.check_drift()
                 next_drift = time.monotonic() + self.drift_interval
-            time.sleep(tick)
+            if self.pump.rings:
+                self.pump.wait(tick)  # wakes on events; signals interrupt it too
+                self.pump.pump()
+            else:
+                time.sleep(tick)
+        self.pump.close()
         notify("STOPPING=1")
         audit.emit(Event.DAEMON, "stopping; pinned programs stay attached", pid=os.getpid())
         return 0

@@ -84,6 +84,7 @@ class MapSpec:
     freeze: bool = False
     preserve: bool = False  # keep contents when the spec's programs are replaced
     initial: tuple[MapEntry, ...] = ()
+    events: str | None = None  # ringbuf only: record layout; the daemon journals its events
     line: int | None = None
 
 

@@ -125,10 +125,27 @@ def _initial(c: Collector, i: int, m: MapSpec, raw: list[Any]) -> list[MapEntry]
     return entries
 
 
+def _event_rules(c: Collector, i: int, m: MapSpec) -> None:
+    if m.events is None:
+        return
+    if m.type is not MapType.RINGBUF:
+        c.add(Kind.SEMANTIC, ("maps", i, "events"), "events: only a ringbuf map carries "
+              "events the daemon journals", value=m.type.value, allowed="ringbuf")
+        return
+    from loaderd.events import parse_layout
+
+    try:
+        parse_layout(m.events)
+    except LoaderdError as exc:
+        c.add(Kind.SEMANTIC, ("maps", i, "events", "layout"), exc.message, value=exc.value,
+              allowed=exc.allowed)
+
+
 def map_rules(c: Collector, i: int, m: MapSpec, initial: list[Any]) -> tuple[MapEntry, ...]:
     """Check map `i`; return its typed initial entries."""
     _flag_rules(c, i, m)
     _size_rules(c, i, m)
+    _event_rules(c, i, m)
     return tuple(_initial(c, i, m, initial))
 
 

@@ -66,6 +66,7 @@ def _build_map(f: Collector, i: int, raw: dict[str, Any]) -> MapSpec:
                 max_entries=raw["max_entries"],
                 flags=frozenset(MapFlag(x) for x in raw.get("flags", [])),
                 freeze=raw.get("freeze", False), preserve=raw.get("preserve", False),
+                events=raw["events"]["layout"] if "events" in raw else None,
                 line=f.line(("maps", i)))
     return dataclasses.replace(m, initial=semantic.map_rules(f, i, m, raw.get("initial", [])))
 

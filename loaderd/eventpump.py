@@ -1,0 +1,91 @@
+"""Journal the events of ring buffers whose spec declares `events: {layout: ...}`.
+
+Runs inside the resident daemon (no capabilities: it opens the pins it owns). Every record is
+decoded by the declared layout, sanitized (IPs masked, ids pseudonymized with the daemon's HMAC
+key, secrets redacted) and journaled as one BPF_EVENT. Records over `limits.max_event_rate` are
+consumed, so the producer never stalls, and counted: an EVENTS_DROPPED event reports them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+from dataclasses import dataclass
+from typing import Any
+
+from loaderd import audit, events, kernel, sanitize
+from loaderd.audit import Event
+from loaderd.errors import LoaderdError
+from loaderd.model import Settings
+
+
+@dataclass
+class _Ring:
+    spec: str
+    map: str
+    fd: int
+    ring: events.RingBuffer
+    layout: tuple[events.Field, ...]
+    limit: events.RateLimit
+    reported: int = 0
+
+
+class EventPump:
+    def __init__(self, settings: Settings) -> None:
+        self.rate = settings.policy.limits.max_event_rate
+        self.clean = sanitize.Sanitizer(sanitize.load_key(settings.state_dir))
+        self.rings: list[_Ring] = []
+
+    def sync(self, manifest: dict[str, Any]) -> None:
+        """(Re)open the rings the applied specs declare; after a reload the maps may be new."""
+        self.close()
+        for name, entry in manifest.get("specs", {}).items():
+            for mname, layout in entry.get("events", {}).items():
+                path = os.path.join(entry["pin_dir"], "maps", mname)
+                fd = -1
+                try:
+                    fd = kernel.obj_get(path)
+                    ring = events.RingBuffer(fd, path)
+                except LoaderdError as exc:
+                    if fd >= 0:
+                        os.close(fd)
+                    audit.emit(Event.DAEMON, f"{name}/{mname}: cannot read events: {exc}",
+                               spec=name, map=mname)
+                    continue
+                self.rings.append(_Ring(name, mname, fd, ring, events.parse_layout(layout),
+                                        events.RateLimit(self.rate)))
+
+    def wait(self, timeout: float) -> None:
+        poller = select.poll()
+        for r in self.rings:
+            poller.register(r.fd, select.POLLIN)
+        poller.poll(int(timeout * 1000))
+
+    def pump(self) -> int:
+        """Journal what is available now; returns the number of events journaled."""
+        sent = 0
+        for r in self.rings:
+            for record in r.ring.consume():
+                if not r.limit.allow():
+                    continue
+                fields = self.clean(events.decode(record, r.layout))
+                audit.emit(Event.BPF_EVENT, f"{r.spec}/{r.map}: "
+                           + json.dumps(fields, default=str, sort_keys=True), spec=r.spec,
+                           map=r.map, **{f"event_{k.lstrip('_')}": v for k, v in fields.items()})
+                sent += 1
+            if r.limit.dropped > r.reported:
+                audit.emit(Event.EVENTS_DROPPED, f"{r.spec}/{r.map}: "
+                           f"{r.limit.dropped - r.reported} events over the rate limit of "
+                           f"{self.rate}/s were not journaled", spec=r.spec, map=r.map,
+                           dropped=r.limit.dropped - r.reported, rate_limit=self.rate)
+                r.reported = r.limit.dropped
+        return sent
+
+    def close(self) -> None:
+        for r in self.rings:
+            r.ring.close()
+            with contextlib.suppress(OSError):
+                os.close(r.fd)
+        self.rings = []
