@@ -350,7 +350,8 @@ def stage(name: str, notes: list[str]) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="N = 1, 5 only, one repetition")
     p.add_argument("--sizes", help="comma-separated N values (default 1,5,20)")
     p.add_argument("--reps", type=int,
