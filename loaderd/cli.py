@@ -9,37 +9,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import traceback
 from collections.abc import Callable, Sequence
 
 from loaderd import audit
-from loaderd.errors import LoaderdError
-
-DEFAULT_CONFIG = "/etc/loaderd/loaderd.yaml"
-
-
-def _print_error(e: LoaderdError) -> None:
-    print(f"error: {e}", file=sys.stderr)
-    if e.detail:
-        for line in e.detail.splitlines():
-            print(f"    {line}", file=sys.stderr)
-
-
-def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from loaderd.settings import load_settings
-
-    path = args.config
-    if path is None:
-        path = DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
-    return load_settings(path)
+from loaderd.clikit import (
+    add_global_flags,
+    cmd_disable,
+    cmd_rollback,
+    load_settings,
+    print_error,
+    run,
+)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from loaderd.apply import Applier
     from loaderd.daemon import PROGRESS, notify
 
-    settings = _settings(args)
+    settings = load_settings(args.config)
     if args.reload:
         import time
 
@@ -55,7 +42,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     applier = Applier(settings, notify=progress)
     result = applier.apply(args.dir, jobs=args.jobs)
     for e in result.errors:
-        _print_error(e)
+        print_error(e)
     if not args.child:
         print(f"built {result.built or '-'}; adopted {result.adopted or '-'}; "
               f"removed {result.removed or '-'}; compiles {result.compiles}"
@@ -75,7 +62,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     # A dry run changes nothing, so it has nothing to audit: keep its output to the verdicts.
     audit.configure(journal=False, stream=open(os.devnull, "w"))  # noqa: SIM115
-    settings = _settings(args)
+    settings = load_settings(args.config)
     specs, errors = validate(settings, args.dir)
     if not errors and not args.no_kernel:
         staged, errors = stage_all(specs, settings, "check", pin=False)
@@ -85,7 +72,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"ok: {st.name}/{p.name}: verifier accepted '{p.function}', helpers "
                       f"{', '.join(p.helpers) or 'none'}{extra}")
     for e in errors:
-        _print_error(e)
+        print_error(e)
     print(f"{len(specs)} specs, {len(errors)} errors")
     return 0 if not errors else 1
 
@@ -93,7 +80,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from loaderd.daemon import Daemon
 
-    settings = _settings(args)
+    settings = load_settings(args.config)
     return Daemon(settings, args.config, drift_interval=args.drift_interval,
                   apply=not args.no_apply).start()
 
@@ -102,7 +89,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from loaderd import verify
     from loaderd.state import State
 
-    settings = _settings(args)
+    settings = load_settings(args.config)
     manifest = State(settings.state_dir).load()
     rows = []
     for name, entry in sorted(manifest.get("specs", {}).items()):
@@ -127,29 +114,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_disable(args: argparse.Namespace) -> int:
-    from loaderd.apply import Applier
-
-    removed = Applier(_settings(args)).disable()
-    print(f"kill switch: detached and unpinned {len(removed)} specs: {', '.join(removed)}")
-    return 0
 
 
-def cmd_rollback(args: argparse.Namespace) -> int:
-    from loaderd.apply import Applier
-
-    result = Applier(_settings(args)).rollback()
-    for e in result.errors:
-        _print_error(e)
-    print(f"rollback: built {result.built}; adopted {result.adopted}")
-    return 0 if result.ok else 1
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loaderd", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.environ.get("LOADERD_CONFIG"),
-                   help=f"daemon settings file (default {DEFAULT_CONFIG})")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    add_global_flags(p)
     sub = p.add_subparsers(dest="command", required=True)
     commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         "run": (cmd_run, "foreground daemon: apply, drop capabilities, READY=1, watch"),
@@ -185,16 +156,4 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     audit.configure()
-    try:
-        return int(args.func(args))
-    except LoaderdError as e:
-        _print_error(e)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # never a traceback for users unless asked
-        if args.debug:
-            traceback.print_exc()
-        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for details)",
-              file=sys.stderr)
-        return 1
+    return run(args)

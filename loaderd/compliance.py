@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from loaderd import audit, kernel, privileges, verify
+from loaderd.clikit import DEFAULT_CONFIG
 from loaderd.ctl import (
-    DEFAULT_CONFIG,
     MISSING,
     NO_PERMISSION,
     View,

@@ -18,17 +18,16 @@ import json
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from loaderd import audit, kernel, pins, state, verify
+from loaderd.clikit import add_global_flags, cmd_disable, cmd_rollback, load_settings, run
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import CType, Settings, Spec
 from loaderd.sanitize import Key
 
-DEFAULT_CONFIG = "/etc/loaderd/loaderd.yaml"
 NO_PERMISSION = "no permission"
 MISSING = "missing"
 MISSING_NOTE = "pin missing"
@@ -54,12 +53,6 @@ class View:
         return found
 
 
-def load_settings(config: str | None) -> Settings:
-    from loaderd.settings import load_settings as load
-
-    if config is None and os.path.exists(DEFAULT_CONFIG):
-        config = DEFAULT_CONFIG
-    return load(config)
 
 
 def read_manifest(settings: Settings) -> tuple[dict[str, Any] | None, str | None]:
@@ -638,29 +631,13 @@ def cmd_forensics(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_disable(args: argparse.Namespace) -> int:
-    from loaderd.apply import Applier
-
-    removed = Applier(load_settings(args.config)).disable()
-    print(f"kill switch: detached and unpinned {len(removed)} specs: {', '.join(removed)}")
-    return 0
 
 
-def cmd_rollback(args: argparse.Namespace) -> int:
-    from loaderd.apply import Applier
-
-    result = Applier(load_settings(args.config)).rollback()
-    for e in result.errors:
-        print(f"error: {e}", file=sys.stderr)
-    print(f"rollback: built {result.built}; adopted {result.adopted}")
-    return 0 if result.ok else 1
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loaderctl", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.environ.get("LOADERD_CONFIG"),
-                   help=f"daemon settings file (default {DEFAULT_CONFIG} if it exists)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    add_global_flags(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], text: str,
@@ -716,23 +693,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     audit.configure()
-    try:
-        return int(args.func(args))
-    except LoaderdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if e.detail:
-            print("\n".join(f"    {line}" for line in e.detail.splitlines()), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `loaderctl list | head`
-        return 0
-    except Exception as e:  # never a traceback for users unless asked
-        if args.debug:
-            traceback.print_exc()
-        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for details)",
-              file=sys.stderr)
-        return 1
+    return run(args)
+
+
 
 
 if __name__ == "__main__":

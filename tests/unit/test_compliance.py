@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from loaderd import audit, compliance, privileges
+from loaderd.clikit import DEFAULT_CONFIG
 from loaderd.compliance import FAIL, HIGH, MEDIUM, PASS, SKIP, WARN, Result
-from loaderd.ctl import DEFAULT_CONFIG, View
+from loaderd.ctl import View
 from loaderd.model import PinOwnership, Policy, ProgType, Settings
 
 REPO = Path(__file__).resolve().parents[2]

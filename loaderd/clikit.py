@@ -1,0 +1,74 @@
+"""What `loaderd` and `loaderctl` share: the settings lookup, the global flags, error output
+(one line per error, detail indented, never a traceback unless --debug) and the operator
+actions both expose (kill switch, rollback)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from loaderd.errors import LoaderdError
+from loaderd.model import Settings
+
+DEFAULT_CONFIG = "/etc/loaderd/loaderd.yaml"
+
+
+def load_settings(config: str | None) -> Settings:
+    """The given file; else /etc/loaderd/loaderd.yaml if it exists; else the defaults."""
+    from loaderd.settings import load_settings as load
+
+    if config is None and os.path.exists(DEFAULT_CONFIG):
+        config = DEFAULT_CONFIG
+    return load(config)
+
+
+def add_global_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=os.environ.get("LOADERD_CONFIG"),
+                   help=f"daemon settings file (default {DEFAULT_CONFIG} if it exists)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+
+
+def print_error(e: LoaderdError) -> None:
+    print(f"error: {e}", file=sys.stderr)
+    if e.detail:
+        for line in e.detail.splitlines():
+            print(f"    {line}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Call the subcommand; map every failure to an exit code and a short message."""
+    try:
+        return int(args.func(args))
+    except LoaderdError as e:
+        print_error(e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `loaderctl list | head`
+        return 0
+    except Exception as e:  # never a traceback for users unless asked
+        if args.debug:
+            traceback.print_exc()
+        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for details)",
+              file=sys.stderr)
+        return 1
+
+
+def cmd_disable(args: argparse.Namespace) -> int:
+    from loaderd.apply import Applier
+
+    removed = Applier(load_settings(args.config)).disable()
+    print(f"kill switch: detached and unpinned {len(removed)} specs: {', '.join(removed)}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from loaderd.apply import Applier
+
+    result = Applier(load_settings(args.config)).rollback()
+    for e in result.errors:
+        print_error(e)
+    print(f"rollback: built {result.built}; adopted {result.adopted}")
+    return 0 if result.ok else 1
