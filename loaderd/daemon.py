@@ -10,7 +10,9 @@ timer. Stopping never detaches or unpins anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -69,6 +71,7 @@ class Daemon:
         self.manifest: dict[str, Any] = {}
         self.known_drift: dict[str, list[str]] = {}
         self.pump: EventPump | None = None
+        self._wake = -1
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -76,7 +79,27 @@ class Daemon:
         else:
             self.stop = True
 
+    def _install_signals(self) -> None:
+        """Before anything else (a SIGHUP right after READY must not kill us). The wakeup fd
+        makes a signal end the loop's wait at once instead of after the tick."""
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake = rfd
+        signal.set_wakeup_fd(wfd)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _wait(self, timeout: float) -> None:
+        poller = select.poll()
+        poller.register(self._wake, select.POLLIN)
+        for fd in self.pump.fds() if self.pump else []:
+            poller.register(fd, select.POLLIN)
+        poller.poll(int(timeout * 1000))
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake, 64):
+                pass
+
     def start(self) -> int:
+        self._install_signals()
         rc = 0
         if self.apply:
             status("applying specs")
@@ -103,8 +126,8 @@ class Daemon:
         return self.loop()
 
     def loop(self) -> int:
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        if self._wake < 0:
+            self._install_signals()
         wd_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         if os.environ.get("WATCHDOG_PID") not in (None, str(os.getpid())):
             wd_usec = 0
@@ -126,11 +149,8 @@ class Daemon:
             if time.monotonic() >= next_drift:
                 self.check_drift()
                 next_drift = time.monotonic() + self.drift_interval
-            if self.pump.rings:
-                self.pump.wait(tick)  # wakes on events; signals interrupt it too
-                self.pump.pump()
-            else:
-                time.sleep(tick)
+            self._wait(tick)  # wakes on events, signals or the tick
+            self.pump.pump()
         self.pump.close()
         notify("STOPPING=1")
         audit.emit(Event.DAEMON, "stopping; pinned programs stay attached", pid=os.getpid())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,11 +56,9 @@ class EventPump:
                 self.rings.append(_Ring(name, mname, fd, ring, events.parse_layout(layout),
                                         events.RateLimit(self.rate)))
 
-    def wait(self, timeout: float) -> None:
-        poller = select.poll()
-        for r in self.rings:
-            poller.register(r.fd, select.POLLIN)
-        poller.poll(int(timeout * 1000))
+    def fds(self) -> list[int]:
+        """Ring fds to poll: readable when records are waiting."""
+        return [r.fd for r in self.rings]
 
     def pump(self) -> int:
         """Journal what is available now; returns the number of events journaled."""
