@@ -341,4 +341,3 @@ def test_function_names() -> None:
     assert {"helper", "main_prog"} <= srccheck.function_names(code)
     assert "commented" not in srccheck.function_names(code)
     assert "declared" not in srccheck.function_names(code)
-
