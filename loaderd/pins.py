@@ -40,6 +40,9 @@ KINDS = ("progs", "maps", "links")
 BPF_FS_MAGIC = 0xCAFE4A11
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# The walk itself opens each level O_PATH: it needs only search (x) permission on ancestors, so
+# /sys/fs/bpf can stay 0711 for a non-root loaderd; directories we list or chmod are reopened.
+_WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 
@@ -109,7 +112,7 @@ def _components(path: str) -> list[str]:
 def _open_child(parent: int, name: str, path: str, create_mode: int | None) -> int:
     """Open (optionally create) one directory below `parent`, never through a symlink."""
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=parent)
+        return os.open(name, _WALK_FLAGS, dir_fd=parent)
     except FileNotFoundError:
         if create_mode is None:
             raise MissingPathError(Kind.PIN, "directory does not exist", Location(file=path),
@@ -120,6 +123,14 @@ def _open_child(parent: int, name: str, path: str, create_mode: int | None) -> i
         os.mkdir(name, 0o700, dir_fd=parent)
         os.chmod(name, create_mode, dir_fd=parent)  # exact mode, whatever the umask
     return _open_child(parent, name, path, None)
+
+
+def _reopen(path_fd: int, path: str) -> int:
+    """A readable fd for a directory held as O_PATH (to list or chmod it)."""
+    try:
+        return os.open(".", _DIR_FLAGS, dir_fd=path_fd)
+    except OSError as exc:
+        raise _os_err("open", path, exc) from None
 
 
 def _not_dir(parent: int, name: str, path: str, exc: OSError) -> LoaderdError:
@@ -142,7 +153,7 @@ def _open_dir(path: str, create_mode: int | None = None, *, target: bool = True)
     With `target`, `path` itself must lie strictly below the mount (something we may change).
     """
     comps = _components(path)
-    fd = os.open("/", _DIR_FLAGS)
+    fd = os.open("/", _WALK_FLAGS)
     on_bpffs = False
     try:
         for comp in comps:
@@ -185,9 +196,9 @@ def _open_parent(path: str) -> tuple[_Fd, str]:
 def ensure_dir(path: str, mode: int = 0o755) -> None:
     """Create `path` and missing parents (below the bpffs mount) with `mode`; the last level
     gets `mode` even if it existed."""
-    with _Fd(_open_dir(path, create_mode=mode)) as d:
+    with _Fd(_open_dir(path, create_mode=mode)) as d, _Fd(_reopen(d.fd, path)) as rd:
         try:
-            os.fchmod(d.fd, mode)
+            os.fchmod(rd.fd, mode)
         except OSError as exc:
             raise _os_err("chmod", path, exc) from None
 
@@ -298,8 +309,8 @@ def list_tree(path: str) -> list[str]:
         fd = _open_dir(path)
     except MissingPathError:
         return []
-    with _Fd(fd):
-        return sorted(_walk(fd, ""))
+    with _Fd(fd), _Fd(_reopen(fd, path)) as rd:
+        return sorted(_walk(rd.fd, ""))
 
 
 def _walk(fd: int, prefix: str) -> Iterator[str]:
