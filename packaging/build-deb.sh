@@ -59,7 +59,6 @@ doc=/usr/share/doc/loaderd
 for f in "$top"/configs/programs.d/*; do
     [ -f "$f" ] && inst 0644 "$f" "$doc/examples/programs.d/$(basename "$f")"
 done
-inst 0644 "$top/units/drop-ins/zero-bounding-set.conf" "$doc/examples/zero-bounding-set.conf"
 [ -f "$top/README.md" ] && inst 0644 "$top/README.md" "$doc/README.md"
 for f in "$top"/docs/*.md; do
     [ -f "$f" ] && inst 0644 "$f" "$doc/$(basename "$f")"
