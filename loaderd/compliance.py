@@ -280,8 +280,8 @@ def check_daemon_caps(view: View) -> Outcome:
     if bounding:
         # Not usable: permitted is empty and no_new_privs stops exec from refilling it.
         return WARN, ("; ".join(bounding) + "; effective/permitted/inheritable/ambient empty, "
-                      "no_new_privs set (emptying the bounding set needs the "
-                      "zero-bounding-set.conf drop-in)")
+                      "no_new_privs set (the packaged two-unit setup runs the resident "
+                      "with an empty bounding set)")
     return PASS, f"pids {', '.join(map(str, pids))}: every capability set empty, no_new_privs"
 
 
