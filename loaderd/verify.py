@@ -8,17 +8,29 @@ the pinned objects), never from file names alone.
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from loaderd import kernel
 from loaderd.errors import LoaderdError
 
+T = TypeVar("T")
 
-def _open(path: str, *, rdonly: bool = False) -> int | None:
+
+def _read(path: str, read: Callable[[int], T], *, rdonly: bool = False) -> T | None:
+    """`read(fd)` of the object pinned at `path`, or None if it cannot be opened."""
     try:
-        return kernel.obj_get(path, rdonly=rdonly)
+        fd = kernel.obj_get(path, rdonly=rdonly)
     except LoaderdError:
         return None
+    try:
+        return read(fd)
+    finally:
+        os.close(fd)
+
+
+def _map_facts(fd: int) -> tuple[int, bool]:
+    return kernel.map_info(fd).id, kernel.map_is_frozen(fd)
 
 
 def differences(entry: dict[str, Any]) -> list[str]:
@@ -28,43 +40,31 @@ def differences(entry: dict[str, Any]) -> list[str]:
     prog_ids: dict[str, int] = {}
     for name, prog in entry["programs"].items():
         path = os.path.join(base, "progs", name)
-        fd = _open(path)
-        if fd is None:
+        info = _read(path, kernel.prog_info)
+        if info is None:
             diffs.append(f"program pin missing: {path}")
             continue
-        try:
-            info = kernel.prog_info(fd)
-        finally:
-            os.close(fd)
         prog_ids[name] = info.id
         if (info.id, info.tag) != (prog["id"], prog["tag"]):
             diffs.append(f"program {path}: id/tag {info.id}/{info.tag} != manifest "
                          f"{prog['id']}/{prog['tag']}")
     for name, m in entry["maps"].items():
         path = os.path.join(base, "maps", name)
-        fd = _open(path, rdonly=True)
-        if fd is None:
+        facts = _read(path, _map_facts, rdonly=True)
+        if facts is None:
             diffs.append(f"map pin missing: {path}")
             continue
-        try:
-            map_id = kernel.map_info(fd).id
-            frozen = kernel.map_is_frozen(fd)
-        finally:
-            os.close(fd)
+        map_id, frozen = facts
         if map_id != m["id"]:
             diffs.append(f"map {path}: id {map_id} != manifest {m['id']}")
         if frozen != m["frozen"]:
             diffs.append(f"map {path}: frozen={frozen}, manifest says {m['frozen']}")
-    for name, _link in entry.get("links", {}).items():
+    for name in entry.get("links", {}):
         path = os.path.join(base, "links", name)
-        fd = _open(path)
-        if fd is None:
+        linfo = _read(path, kernel.link_info)
+        if linfo is None:
             diffs.append(f"link pin missing: {path} (program {name} is detached)")
             continue
-        try:
-            linfo = kernel.link_info(fd)
-        finally:
-            os.close(fd)
         if name in prog_ids and linfo.prog_id != prog_ids[name]:
             diffs.append(f"link {path}: runs program id {linfo.prog_id}, expected "
                          f"{prog_ids[name]}")
