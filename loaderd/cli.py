@@ -114,10 +114,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loaderd", description=__doc__.splitlines()[0])
     add_global_flags(p)

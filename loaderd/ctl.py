@@ -53,8 +53,6 @@ class View:
         return found
 
 
-
-
 def read_manifest(settings: Settings) -> tuple[dict[str, Any] | None, str | None]:
     """The manifest, or None and why (read directly: State() would try to create dirs)."""
     path = os.path.join(settings.state_dir, state.MANIFEST)
@@ -631,10 +629,6 @@ def cmd_forensics(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loaderctl", description=__doc__.splitlines()[0])
     add_global_flags(p)
@@ -694,8 +688,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     audit.configure()
     return run(args)
-
-
 
 
 if __name__ == "__main__":
