@@ -543,7 +543,9 @@ def test_events_streamed_decoded_sanitized_and_rate_limited(tmp_path: Path,
     dropped = sum(e.get("_dropped", 0) for e in limited)
     emitted = [e for e in limited if "_dropped" not in e]
     assert dropped >= 15 and len(emitted) <= 5 + 5 * 6, (dropped, len(emitted))
-    assert dropped + len(emitted) == 40  # over the rate: consumed and counted, not emitted
+    # Over the rate: consumed and counted, not emitted. The tracepoint is system-wide, so other
+    # execs on the host during the window may add to both sides: at least our 40 are accounted.
+    assert dropped + len(emitted) >= 40
 
     out = loaderctl("--config", str(conf), "events", "ev/events", "--count", "1", "--layout",
                     "pid:u33", check=False)
