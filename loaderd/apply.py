@@ -14,6 +14,7 @@ leftovers, so after a crash at any point the result is the old set or the new se
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import multiprocessing
 import os
@@ -115,6 +116,17 @@ def validate(settings: Settings, specs_dir: str | None = None
     return specs, errors
 
 
+def generation_files(specs: list[Spec]) -> dict[str, bytes]:
+    """What a rollback re-applies: each spec file and its C file, as the bytes that were
+    parsed, laid out as in the programs dir (source.file is relative to the spec)."""
+    files: dict[str, bytes] = {}
+    for s in specs:
+        files[os.path.basename(s.path)] = s.yaml_bytes
+        if s.source_ref:
+            files[os.path.normpath(s.source_ref)] = s.source_bytes
+    return files
+
+
 class Applier:
     def __init__(self, settings: Settings, notify: Notify | None = None) -> None:
         self.settings = settings
@@ -135,12 +147,16 @@ class Applier:
 
     # --- apply ----------------------------------------------------------------------------
     def apply(self, specs_dir: str | None = None, *, jobs: int | None = None,
-              source_files: list[str] | None = None) -> ApplyResult:
+              trusted_owner: int | None = None) -> ApplyResult:
+        """trusted_owner: the uid spec files must belong to, when not settings.config_owner
+        (a rollback reads the generation loaderd itself wrote, as its own user)."""
         result = ApplyResult()
         if not self.layout.exists(self.layout.root):  # tmpfiles.d owns its mode and group
             self.layout.ensure_dir(self.layout.root, 0o755)
         self.recover()
-        specs, errors = validate(self.settings, specs_dir)
+        settings = self.settings if trusted_owner is None else dataclasses.replace(
+            self.settings, config_owner_uid=trusted_owner)
+        specs, errors = validate(settings, specs_dir)
         if not errors:
             try:
                 privileges.check((s.path, p.type, p.name) for s in specs for p in s.programs)
@@ -204,8 +220,7 @@ class Applier:
         faults.point("after_attach")
         self.state.save(manifest)  # the commit point: from here recovery rolls forward
         self._commit(txid, manifest)
-        files = [s.path for s in specs] + [s.source_path for s in specs if s.source_path]
-        self.state.save_generation(txid, files)
+        self.state.save_generation(txid, generation_files(specs))
         self._record_last(manifest, result)
         audit.emit(Event.APPLIED, f"applied {len(specs)} specs: built {result.built}, adopted "
                    f"{result.adopted}, removed {result.removed}", txid=txid,
@@ -350,4 +365,5 @@ class Applier:
                                Location(self.state.dir))
         target = gens[-1]
         audit.emit(Event.ROLLBACK, f"rolling back to generation {target}", generation=target)
-        return self.apply(self.state.generation_dir(target))
+        gen = self.state.generation_dir(target)
+        return self.apply(gen, trusted_owner=os.stat(gen).st_uid)

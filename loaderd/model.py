@@ -136,6 +136,11 @@ class Spec:
     # stages can point at the exact line; not part of identity (sha256 is).
     marks: Mapping[tuple[str | int, ...], tuple[int, int]] = field(
         default_factory=dict, compare=False, repr=False)
+    # The exact bytes that were parsed (sha256 covers them): what a rollback generation keeps,
+    # so a file edited while an apply commits can never be saved as the applied version.
+    yaml_bytes: bytes = field(default=b"", compare=False, repr=False)
+    source_bytes: bytes = field(default=b"", compare=False, repr=False)
+    source_ref: str | None = None  # `source.file` as written (relative to the spec's dir)
 
     def line_of(self, *path: str | int) -> int | None:
         """Line of the field at `path`, or of its nearest written ancestor."""

@@ -167,7 +167,9 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
     digest = hashlib.sha256(yaml_bytes + b"\0" + got[0]).hexdigest()
     return Spec(name=name, path=path, source=text, source_path=got[1], maps=maps,
                 programs=programs, sha256=digest, description=data.get("description", ""),
-                marks=dict(marks.keys)), []
+                marks=dict(marks.keys), yaml_bytes=yaml_bytes,
+                source_bytes=got[0] if got[1] else b"",
+                source_ref=data["source"].get("file")), []
 
 
 def load_spec(path: str, *, limits: Limits, owner_uid: int | None = 0) -> Spec:

@@ -88,11 +88,14 @@ class State:
     def generation_dir(self, txid: str) -> str:
         return os.path.join(self.dir, GENERATIONS, txid)
 
-    def save_generation(self, txid: str, files: list[str]) -> None:
+    def save_generation(self, txid: str, files: dict[str, bytes]) -> None:
+        """files: relative name -> the exact bytes that were applied."""
         dest = self.generation_dir(txid)
         os.makedirs(dest, mode=0o700, exist_ok=True)
-        for src in files:
-            shutil.copy2(src, os.path.join(dest, os.path.basename(src)), follow_symlinks=False)
+        for rel, data in files.items():
+            path = os.path.join(dest, rel)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            _write_atomic(path, data)
         gens = self.generations()
         for old in gens[:-KEEP_GENERATIONS]:
             shutil.rmtree(self.generation_dir(old), ignore_errors=True)

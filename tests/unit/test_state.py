@@ -1,0 +1,46 @@
+"""Manifest and generations: atomic writes, modes, and the exact applied bytes kept."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from loaderd.apply import generation_files
+from loaderd.model import Settings
+from loaderd.spec import load_dir
+from loaderd.state import State
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "configs" / "programs.d"
+
+
+def test_generation_keeps_the_bytes_that_were_parsed(tmp_path: Path) -> None:
+    d = tmp_path / "programs.d"
+    shutil.copytree(EXAMPLES, d)
+    specs, errors = load_dir(str(d), Settings(), check_owner=False)
+    assert not errors
+    applied = {p.name: p.read_bytes() for p in d.iterdir()}
+    (d / "exec_counter.bpf.c").write_text("/* edited after parsing */")  # must not leak in
+    files = generation_files(specs)
+    assert files == {name: applied[name] for name in files}
+    assert set(files) == set(applied)  # every spec and the one C file
+
+    state = State(str(tmp_path / "state"))
+    state.save_generation("tx1", files)
+    gen = Path(state.generation_dir("tx1"))
+    assert (gen / "exec_counter.bpf.c").read_bytes() == applied["exec_counter.bpf.c"]
+    assert stat.S_IMODE(gen.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in gen.iterdir())
+
+
+def test_manifest_is_written_atomically_and_group_readable_only_with_a_group(
+        tmp_path: Path) -> None:
+    private = State(str(tmp_path / "a"))
+    private.save({"version": 1, "status": "committed", "specs": {}})
+    assert stat.S_IMODE(os.stat(private.manifest_path).st_mode) == 0o600
+    shared = State(str(tmp_path / "b"), gid=os.getgid())
+    shared.save({"version": 1, "status": "committed", "specs": {}})
+    assert stat.S_IMODE(os.stat(shared.manifest_path).st_mode) == 0o640
+    assert shared.load()["status"] == "committed"
+    assert not [p for p in os.listdir(tmp_path / "b") if ".tmp." in p]
