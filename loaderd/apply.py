@@ -326,6 +326,8 @@ class Applier:
                            "program", spec=name, program=prog,
                            prog_id=entry["programs"][prog]["id"])
         self.layout.publish(txid, name)
+        if self.state.uid >= 0:  # root acting for the service user: keep the pins theirs
+            pins.chown_tree(live, self.state.uid)
         for prog in entry["programs"].values():
             audit.emit(Event.PIN_WRITTEN, f"{name}/{prog['name']}: committed under {live}",
                        spec=name, program=prog["name"], prog_id=prog["id"], pin=live)

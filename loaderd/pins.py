@@ -313,6 +313,22 @@ def list_tree(path: str) -> list[str]:
         return sorted(_walk(rd.fd, ""))
 
 
+def chown_tree(path: str, uid: int) -> None:
+    """Give `path` and everything below it (no symlink followed) to `uid`, groups unchanged.
+    Used when root runs an apply for a service user: the pins must stay that user's."""
+    with _Fd(_open_dir(path)) as d, _Fd(_reopen(d.fd, path)) as rd:
+        os.chown(rd.fd, uid, -1)
+        _chown_below(rd.fd, uid)
+
+
+def _chown_below(fd: int, uid: int) -> None:
+    for name in os.listdir(fd):
+        os.chown(name, uid, -1, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+            with _Fd(os.open(name, _DIR_FLAGS, dir_fd=fd)) as sub:
+                _chown_below(sub.fd, uid)
+
+
 def _walk(fd: int, prefix: str) -> Iterator[str]:
     for name in os.listdir(fd):
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)

@@ -25,13 +25,13 @@ GENERATIONS = "generations"
 KEEP_GENERATIONS = 5
 
 
-def _write_atomic(path: str, data: bytes, gid: int = -1) -> None:
+def _write_atomic(path: str, data: bytes, gid: int = -1, uid: int = -1) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
     try:
         os.fchmod(fd, 0o640 if gid >= 0 else 0o600)  # readers' group may read it, nobody else
-        if gid >= 0:
-            os.fchown(fd, -1, gid)
+        if gid >= 0 or uid >= 0:
+            os.fchown(fd, uid, gid)
         os.write(fd, data)
         os.fsync(fd)
     finally:
@@ -44,12 +44,26 @@ def _write_atomic(path: str, data: bytes, gid: int = -1) -> None:
         os.close(dfd)
 
 
+def service_uid(state_dir: str) -> int:
+    """The state dir's owner when root acts for a service user (e.g. `loaderd rollback` run by
+    an operator while the units run as `loaderd`): what root writes must stay that user's, or
+    the service could no longer replace it. -1: no ownership change."""
+    if os.geteuid() != 0:
+        return -1
+    try:
+        uid = os.stat(state_dir).st_uid
+    except FileNotFoundError:
+        return -1
+    return uid if uid != 0 else -1
+
+
 class State:
     def __init__(self, state_dir: str, gid: int = -1) -> None:
         """gid: the pin readers' group (settings.pins), which may read the manifest so that
         `loaderctl status` works for them without privileges; -1 keeps it private."""
         self.dir = state_dir
         self.gid = gid
+        self.uid = service_uid(state_dir)
         if not os.path.isdir(state_dir):
             os.makedirs(state_dir, mode=0o750)
         # Generations hold copies of the spec files: private to loaderd.
@@ -73,7 +87,8 @@ class State:
     def save(self, manifest: dict[str, Any]) -> None:
         manifest["written_at"] = time.time()
         _write_atomic(self.manifest_path,
-                      json.dumps(manifest, indent=1, sort_keys=True).encode(), self.gid)
+                      json.dumps(manifest, indent=1, sort_keys=True).encode(), self.gid,
+                      self.uid)
 
     @staticmethod
     def spec_entry(staged: StagedSpec, pin_dir: str, links: dict[str, dict[str, Any]],
@@ -91,11 +106,14 @@ class State:
     def save_generation(self, txid: str, files: dict[str, bytes]) -> None:
         """files: relative name -> the exact bytes that were applied."""
         dest = self.generation_dir(txid)
-        os.makedirs(dest, mode=0o700, exist_ok=True)
         for rel, data in files.items():
             path = os.path.join(dest, rel)
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            _write_atomic(path, data)
+            _write_atomic(path, data, uid=self.uid)
+        if self.uid >= 0:
+            for root, dirs, names in os.walk(dest):
+                for n in [root, *(os.path.join(root, x) for x in dirs + names)]:
+                    os.chown(n, self.uid, -1, follow_symlinks=False)
         gens = self.generations()
         for old in gens[:-KEEP_GENERATIONS]:
             shutil.rmtree(self.generation_dir(old), ignore_errors=True)

@@ -204,3 +204,25 @@ def test_kill_switch_removes_every_pin_and_link(config: Path, bpffs_root: str) -
                                    if lk.get("prog_id") in ids])
     # Released asynchronously after the last unpin: no loaderd program remains loaded at all.
     assert wait_until(lambda: not ids & set(kernel.prog_ids()))
+
+
+def test_root_acting_for_the_service_user_keeps_everything_theirs(
+        counter_conf: Path, bpffs_root: str) -> None:
+    """An operator's `loaderd rollback`/`apply` as root while the units run as `loaderd`: pins,
+    manifest and generations must stay the service user's, or its next apply could not replace
+    them (renaming a directory needs write access to it)."""
+    nobody = 65534
+    state = counter_conf.parent / "state"
+    state.mkdir(mode=0o751)
+    os.chown(state, nobody, -1)
+    loaderd("--config", str(counter_conf), "apply")
+    spec = counter_conf.parent / "specs" / "counter.yaml"
+    spec.write_text(COUNTER.format(step=5))
+    loaderd("--config", str(counter_conf), "apply")
+    loaderd("--config", str(counter_conf), "rollback")
+    owners = {p: os.lstat(p).st_uid for p in [
+        f"{bpffs_root}/counter", f"{bpffs_root}/counter/progs",
+        f"{bpffs_root}/counter/progs/count_exec", f"{bpffs_root}/counter/maps/exec_count",
+        f"{bpffs_root}/counter/links/count_exec", str(state / "manifest.json")]}
+    owners |= {str(p): p.lstat().st_uid for p in (state / "generations").rglob("*")}
+    assert set(owners.values()) == {nobody}, owners
