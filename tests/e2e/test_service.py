@@ -101,6 +101,9 @@ def test_start_reaches_active_with_examples_pinned(started: Systemd) -> None:
     # The apply ran first (Wants=/After=) and exited successfully.
     applied = started.show(APPLY, "ActiveState", "Result", "ExecMainStatus")
     assert (applied["Result"], applied["ExecMainStatus"]) == ("success", "0"), applied
+    # sd_notify STATUS= progress from the compile workers, as `systemctl status` shows it.
+    status = started.show(APPLY, "StatusText")["StatusText"]
+    assert status.startswith(f"compiled {len(EXAMPLES)}/{len(EXAMPLES)}: "), status
     assert f"{len(EXAMPLES)} specs applied" in props["StatusText"]
     for spec, programs in EXAMPLES.items():
         for prog, linked in programs.items():
