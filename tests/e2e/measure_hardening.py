@@ -1,9 +1,11 @@
-"""Measure each hardening choice of units/loaderd.service against a real load.
+"""Measure each hardening choice of the two units against a real load.
 
 Boots a private systemd (tests/e2e/sysd.py), installs the .deb, copies the example specs in, and
-for every variant below overrides the unit in /etc/systemd/system, wipes pins and state (so every
-start really compiles, loads, pins and attaches), starts it and records what happened. The table
-it prints is the evidence in units/README.md.
+for every variant below overrides one unit (the privileged loaderd-apply.service or the resident
+loaderd.service) in /etc/systemd/system, wipes pins and state (so every start really compiles,
+loads, pins and attaches), starts loaderd.service (which pulls the apply in) and records what
+happened. "works" = the apply succeeded and the resident is active. The table it prints is the
+evidence in units/README.md.
 
     /usr/bin/python3 tests/e2e/measure_hardening.py [--deb PATH] [--only NAME...]
 """
@@ -23,10 +25,13 @@ from pathlib import Path
 from sysd import Systemd
 
 REPO = Path(__file__).resolve().parents[2]
-UNIT = "loaderd.service"
-RESET = ("systemctl stop loaderd.service; systemctl reset-failed loaderd.service; "
-         "rm -rf /sys/fs/bpf/loaderd/* /var/lib/loaderd/*; chmod 0751 /sys/fs/bpf; "
-         "systemd-tmpfiles --create loaderd.conf")
+UNIT = "loaderd.service"  # the resident
+APPLY = "loaderd-apply.service"  # the privileged oneshot
+RESET = ("systemctl stop loaderd.service loaderd-apply.service;"
+         " systemctl reset-failed loaderd.service loaderd-apply.service;"
+         " rm -f /etc/systemd/system/loaderd.service /etc/systemd/system/loaderd-apply.service;"
+         " rm -rf /sys/fs/bpf/loaderd/* /var/lib/loaderd/*; chmod 0700 /sys/fs/bpf;"
+         " systemd-tmpfiles --create loaderd.conf")
 
 
 def drop(*prefixes: str) -> Callable[[str], str]:
@@ -55,10 +60,19 @@ def chain(*edits: Callable[[str], str]) -> Callable[[str], str]:
     return edit
 
 
-# STATUS= of the ExecReload= process (the control process) shows whether systemd accepted its
-# RELOADING=1/READY=1; the resident's own STATUS= comes only after it handled SIGHUP.
-RELOAD_CHECK = ("systemctl reload loaderd; echo reload rc=$?;"
+# The resident's STATUS= changes only after it handled the SIGHUP of the second ExecReload=.
+RELOAD_CHECK = ("systemctl reload loaderd; echo reload rc=$?; sleep 1;"
                 " systemctl show -p StatusText loaderd")
+CAPS_CHECK = ("P=$(systemctl show -p MainPID --value loaderd);"
+              " grep -E 'Cap(Eff|Bnd)|NoNewPrivs' /proc/$P/status | tr '\\n' ' '")
+# The resident's drift check opens every pin (BPF_OBJ_GET) and asks for its info; with a 1 s
+# interval, two seconds of journal show whether that works under the variant.
+DRIFT_FAST = sub("--config /etc/loaderd/loaderd.yaml\n",
+                 "--config /etc/loaderd/loaderd.yaml --drift-interval 1\n")
+DRIFT_CHECK = ("sleep 2.5; J='journalctl -o cat --no-pager"
+               " _SYSTEMD_INVOCATION_ID='$(systemctl show -p InvocationID --value loaderd);"
+               " echo 'drift events:'; $J | grep -ci 'drift' || true;"
+               " $J | grep -i -m1 'drift' || true")
 XDP_ON_LO = ("echo 'XDP programs on lo of the namespace loaderd runs in:';"
              " bpftool -j net show dev lo | python3 -c"
              " 'import json,sys; print(json.load(sys.stdin)[0][\"xdp\"])'")
@@ -73,13 +87,12 @@ class Variant:
     edit: Callable[[str], str] = field(default=lambda u: u)
     prep: str = ""  # shell, after the reset, before start
     check: str = ""  # shell, after start; its output is evidence
+    unit: str = APPLY  # the unit the edit overrides
 
 
 def variants(src: str, build: str) -> list[Variant]:
     return [
-        Variant("baseline", "the packaged unit", check=(
-            "P=$(systemctl show -p MainPID --value loaderd); grep -E 'Cap(Eff|Bnd)' /proc/$P/status"
-            " | tr '\\n' ' '")),
+        Variant("baseline", "the packaged units", check=CAPS_CHECK),
         Variant("pkm-no-headers", "ProtectKernelModules=yes, no header binds", HEADERS),
         Variant("no-pkm-no-headers", "ProtectKernelModules=no, no header binds",
                 chain(HEADERS, sub("ProtectKernelModules=yes", "ProtectKernelModules=no"))),
@@ -123,19 +136,27 @@ def variants(src: str, build: str) -> list[Variant]:
         Variant("syscalls-deny-privileged", "plus SystemCallFilter=~@privileged",
                 sub("SystemCallFilter=~@resources", "SystemCallFilter=~@resources\n"
                     "SystemCallFilter=~@privileged")),
-        Variant("notify-main", "NotifyAccess=main, then a reload",
-                sub("NotifyAccess=exec", "NotifyAccess=main"),
-                check=RELOAD_CHECK),
-        Variant("notify-exec-reload", "NotifyAccess=exec (packaged), then a reload",
-                check=RELOAD_CHECK),
+        # The resident, loaderd.service.
+        Variant("resident-reload", "resident: packaged, then a reload", check=RELOAD_CHECK,
+                unit=UNIT),
+        Variant("resident-drift", "resident: packaged, drift check every 1 s", DRIFT_FAST,
+                check=DRIFT_CHECK, unit=UNIT),
+        Variant("resident-no-bpf", "resident: SystemCallFilter=@system-service (no bpf)",
+                chain(DRIFT_FAST, sub("SystemCallFilter=@system-service bpf",
+                                      "SystemCallFilter=@system-service")),
+                check=DRIFT_CHECK, unit=UNIT),
+        Variant("resident-deny-privileged", "resident: plus SystemCallFilter=~@privileged",
+                chain(DRIFT_FAST, sub("SystemCallFilter=~@resources", "SystemCallFilter=~@resources"
+                                      "\nSystemCallFilter=~@privileged")),
+                check=DRIFT_CHECK, unit=UNIT),
     ]
 
 
 def first_problem(sysd: Systemd, cursor: str) -> str:
     """The first error loaderd printed (with its indented detail line: compiler or errno
     text), else the first error line of the unit (e.g. systemd's namespace setup failure)."""
-    msgs = [str(e.get("MESSAGE", ""))
-            for e in sysd.journal_json("-u", UNIT, f"--after-cursor={cursor}")]
+    msgs = [str(e.get("MESSAGE", "")) for e in
+            sysd.journal_json("-u", APPLY, "-u", UNIT, f"--after-cursor={cursor}")]
     for i, msg in enumerate(msgs):
         if msg.startswith("error:"):
             detail = []
@@ -149,12 +170,12 @@ def first_problem(sysd: Systemd, cursor: str) -> str:
     return next((m for m in msgs if pats.search(m) and not m.startswith(noise)), "")
 
 
-def measure(sysd: Systemd, base: str, v: Variant) -> tuple[str, str]:
-    unit = v.edit(base) + "\n[Service]\nRestart=no\n"
+def measure(sysd: Systemd, base: dict[str, str], v: Variant) -> tuple[str, str]:
+    unit = v.edit(base[v.unit]) + "\n[Service]\nRestart=no\n"
     sysd.run("sh", "-c", RESET, check=False)
     left = sysd.run("sh", "-c", "ls -A /sys/fs/bpf/loaderd /var/lib/loaderd").stdout.split()
     assert not [x for x in left if not x.endswith(":")], f"reset left {left}"
-    sysd.write(f"/etc/systemd/system/{UNIT}", unit)
+    sysd.write(f"/etc/systemd/system/{v.unit}", unit)
     sysd.systemctl("daemon-reload")
     if v.prep:
         sysd.sh(v.prep)
@@ -162,7 +183,9 @@ def measure(sysd: Systemd, base: str, v: Variant) -> tuple[str, str]:
     cursor = cursor.split("cursor: ", 1)[-1].strip()
     start = sysd.systemctl("start", UNIT, check=False, timeout=300)
     state = sysd.show(UNIT, "ActiveState")["ActiveState"]
-    result = "works" if start.returncode == 0 and state == "active" else "FAILS"
+    applied = sysd.show(APPLY, "Result")["Result"]
+    ok = start.returncode == 0 and state == "active" and applied == "success"
+    result = "works" if ok else "FAILS"
     evidence = first_problem(sysd, cursor) if result == "FAILS" else ""
     if v.check:
         evidence = (evidence + " " + sysd.sh(v.check, check=False).stdout.strip()).strip()
@@ -188,7 +211,7 @@ def main() -> int:
         sysd.boot()
         sysd.install_deb(deb)
         sysd.sh("cp /usr/share/doc/loaderd/examples/programs.d/* /etc/loaderd/programs.d/")
-        base = sysd.run("cat", f"/usr/lib/systemd/system/{UNIT}").stdout
+        base = {u: sysd.run("cat", f"/usr/lib/systemd/system/{u}").stdout for u in (UNIT, APPLY)}
         for v in variants(src, build):
             if args.only and v.name not in args.only:
                 continue
