@@ -72,6 +72,7 @@ class Daemon:
         self.known_drift: dict[str, list[str]] = {}
         self.pump: EventPump | None = None
         self._wake = -1
+        self._manifest_ident: tuple[int, int] | None = None
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -147,6 +148,9 @@ class Daemon:
                 status(f"{n} specs applied (reloaded)")
                 audit.emit(Event.RELOAD, f"manifest re-read after reload: {n} specs", specs=n)
             if time.monotonic() >= next_drift:
+                if self._manifest_changed():  # an apply that sent no SIGHUP (manual, race)
+                    self.reread = True
+                    continue
                 self.check_drift()
                 next_drift = time.monotonic() + self.drift_interval
             self._wait(tick)  # wakes on events, signals or the tick
@@ -155,6 +159,16 @@ class Daemon:
         notify("STOPPING=1")
         audit.emit(Event.DAEMON, "stopping; pinned programs stay attached", pid=os.getpid())
         return 0
+
+    def _manifest_changed(self) -> bool:
+        try:
+            st = os.stat(self.state.manifest_path)
+        except FileNotFoundError:
+            return False
+        ident = (st.st_ino, st.st_mtime_ns)
+        changed = self._manifest_ident is not None and ident != self._manifest_ident
+        self._manifest_ident = ident
+        return changed
 
     def check_drift(self) -> dict[str, list[str]]:
         """Journal each new difference between the manifest and the kernel once."""

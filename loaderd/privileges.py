@@ -102,6 +102,12 @@ def drop_all() -> CapState:
     """Drop every capability from every set and forbid regaining any. Returns the proven state."""
     import prctl
 
+    held = read_state()
+    if not (held.effective | held.permitted | held.inheritable | held.ambient | held.bounding):
+        # Nothing to drop (e.g. a unit with an empty bounding set): no capset(2) at all, so a
+        # seccomp filter that denies it cannot stop the daemon.
+        prctl.set_no_new_privs(1)
+        return read_state()
     if prctl.cap_effective.setpcap:
         for cap in range(prctl.CAP_LAST_CAP + 1):
             prctl.capbset_drop(cap)

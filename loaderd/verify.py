@@ -7,6 +7,7 @@ the pinned objects), never from file names alone.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -17,11 +18,16 @@ from loaderd.errors import LoaderdError
 T = TypeVar("T")
 
 
-def _read(path: str, read: Callable[[int], T], *, rdonly: bool = False) -> T | None:
-    """`read(fd)` of the object pinned at `path`, or None if it cannot be opened."""
+def _read(path: str, read: Callable[[int], T], diffs: list[str], what: str, *,
+          rdonly: bool = False, note: str = "") -> T | None:
+    """`read(fd)` of the object pinned at `path`; None (and a difference recorded) if it
+    cannot be opened. A missing pin and a pin we may not open are different findings."""
     try:
         fd = kernel.obj_get(path, rdonly=rdonly)
-    except LoaderdError:
+    except LoaderdError as exc:
+        code = getattr(exc, "errno", 0)
+        diffs.append(f"{what} pin missing: {path}{note}" if code == errno.ENOENT else
+                     f"{what} pin {path}: cannot open: {os.strerror(code) if code else exc}")
         return None
     try:
         return read(fd)
@@ -40,9 +46,8 @@ def differences(entry: dict[str, Any]) -> list[str]:
     prog_ids: dict[str, int] = {}
     for name, prog in entry["programs"].items():
         path = os.path.join(base, "progs", name)
-        info = _read(path, kernel.prog_info)
+        info = _read(path, kernel.prog_info, diffs, "program")
         if info is None:
-            diffs.append(f"program pin missing: {path}")
             continue
         prog_ids[name] = info.id
         if (info.id, info.tag) != (prog["id"], prog["tag"]):
@@ -50,9 +55,8 @@ def differences(entry: dict[str, Any]) -> list[str]:
                          f"{prog['id']}/{prog['tag']}")
     for name, m in entry["maps"].items():
         path = os.path.join(base, "maps", name)
-        facts = _read(path, _map_facts, rdonly=True)
+        facts = _read(path, _map_facts, diffs, "map", rdonly=True)
         if facts is None:
-            diffs.append(f"map pin missing: {path}")
             continue
         map_id, frozen = facts
         if map_id != m["id"]:
@@ -61,9 +65,9 @@ def differences(entry: dict[str, Any]) -> list[str]:
             diffs.append(f"map {path}: frozen={frozen}, manifest says {m['frozen']}")
     for name in entry.get("links", {}):
         path = os.path.join(base, "links", name)
-        linfo = _read(path, kernel.link_info)
+        linfo = _read(path, kernel.link_info, diffs, "link",
+                      note=f" (program {name} is detached)")
         if linfo is None:
-            diffs.append(f"link pin missing: {path} (program {name} is detached)")
             continue
         if name in prog_ids and linfo.prog_id != prog_ids[name]:
             diffs.append(f"link {path}: runs program id {linfo.prog_id}, expected "

@@ -226,3 +226,35 @@ def test_root_acting_for_the_service_user_keeps_everything_theirs(
         f"{bpffs_root}/counter/links/count_exec", str(state / "manifest.json")]}
     owners |= {str(p): p.lstat().st_uid for p in (state / "generations").rglob("*")}
     assert set(owners.values()) == {nobody}, owners
+
+
+def test_daemon_follows_an_apply_it_was_not_told_about(counter_conf: Path,
+                                                      bpffs_root: str) -> None:
+    """A manual apply (no SIGHUP) replaces objects: the running daemon re-reads the manifest
+    instead of reporting the new ids as critical drift."""
+    import json as _json
+    import signal
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "loaderd", "--config", str(counter_conf),
+                             "run", "--drift-interval", "0.3"], env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        manifest = counter_conf.parent / "state" / "manifest.json"
+        assert wait_until(manifest.exists, 120)
+        time.sleep(1)
+        spec = counter_conf.parent / "specs" / "counter.yaml"
+        spec.write_text(COUNTER.format(step=9))
+        loaderd("--config", str(counter_conf), "apply")
+        time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    lines = [_json.loads(ln) for ln in err.splitlines() if ln.startswith("{")]
+    kinds = [ln["event"] for ln in lines]
+    assert "reload" in kinds, kinds
+    assert "drift" not in kinds, [ln for ln in lines if ln["event"] == "drift"]
