@@ -149,7 +149,7 @@ def _load_program(spec: Spec, index: int, module: Module, pol: Policy,
     raise first_error
 
 
-def _fill(spec: Spec, m: MapSpec, fd: int, layout: pins.PinLayout, old_pin: str) -> None:
+def _fill(m: MapSpec, fd: int, layout: pins.PinLayout, old_pin: str) -> None:
     ncpus = kernel.possible_cpus()
     if m.preserve and layout.exists(old_pin):
         old = layout.get(old_pin, rdonly=True)
@@ -206,7 +206,7 @@ def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnershi
                         owner.mode, gid)
         for m in spec.maps:
             fd = map_fds[m.name]
-            _fill(spec, m, fd, layout, layout.map_path(spec.name, m.name))
+            _fill(m, fd, layout, layout.map_path(spec.name, m.name))
             if m.freeze:
                 kernel.map_freeze(fd)
                 audit.emit(Event.MAP_FROZEN, f"{spec.name}/{m.name}: frozen", spec=spec.name,
