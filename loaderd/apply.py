@@ -177,6 +177,10 @@ class Applier:
             if entry and entry["sha256"] == s.sha256:
                 diffs = verify.differences(entry)
                 if not diffs:
+                    try:
+                        self._conform(s.name)
+                    except LoaderdError as exc:
+                        result.errors.append(exc.with_file(s.path))
                     result.adopted.append(s.name)
                     continue
                 audit.emit(Event.DRIFT, f"{s.name}: pinned objects differ from the manifest, "
@@ -227,6 +231,17 @@ class Applier:
                    compiles=result.compiles, built=result.built, adopted=result.adopted,
                    removed=result.removed)
         return result
+
+    def _conform(self, spec: str) -> None:
+        """Adopted pins get today's pin mode and group: they may come from a root run (the
+        README demo, an operator's `loaderd apply`) made before the readers' group existed."""
+        live = self.layout.spec_dir(spec)
+        changed = self.layout.conform_pins(live, self.settings.pins.mode,
+                                           self.settings.pins.gid)
+        if changed:
+            audit.emit(Event.PIN_WRITTEN, f"{spec}: adopted pins given mode "
+                       f"{self.settings.pins.mode:04o} and the readers' group: "
+                       f"{', '.join(sorted(changed))}", spec=spec, pin=live, changed=changed)
 
     def _record_last(self, manifest: dict[str, Any], result: ApplyResult) -> None:
         manifest["last_apply"] = {"at": time.time(), "compiles": result.compiles,

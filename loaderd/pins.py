@@ -318,15 +318,39 @@ def chown_tree(path: str, uid: int) -> None:
     Used when root runs an apply for a service user: the pins must stay that user's."""
     with _Fd(_open_dir(path)) as d, _Fd(_reopen(d.fd, path)) as rd:
         os.chown(rd.fd, uid, -1)
-        _chown_below(rd.fd, uid)
+        for fd, name, _ in _entries(rd.fd):
+            os.chown(name, uid, -1, dir_fd=fd, follow_symlinks=False)
 
 
-def _chown_below(fd: int, uid: int) -> None:
+def conform_pins(path: str, mode: int, gid: int | None) -> list[str]:
+    """Give every pin below `path` the configured mode and group (gid None or -1: group
+    unchanged), e.g. pins adopted from a root run that had no readers' group. Returns the names
+    of the pins changed."""
+    changed: list[str] = []
+    try:
+        with _Fd(_open_dir(path)) as d, _Fd(_reopen(d.fd, path)) as rd:
+            for fd, name, st in _entries(rd.fd):
+                if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                    continue
+                want_gid = st.st_gid if gid is None or gid < 0 else gid
+                if stat.S_IMODE(st.st_mode) == mode and st.st_gid == want_gid:
+                    continue
+                os.chown(name, -1, want_gid, dir_fd=fd, follow_symlinks=False)
+                os.chmod(name, mode, dir_fd=fd)
+                changed.append(name)
+    except OSError as exc:
+        raise _os_err("chmod/chown of adopted pins", path, exc) from None
+    return changed
+
+
+def _entries(fd: int) -> Iterator[tuple[int, str, os.stat_result]]:
+    """(directory fd, name, lstat) of everything below `fd`, parents before children."""
     for name in os.listdir(fd):
-        os.chown(name, uid, -1, dir_fd=fd, follow_symlinks=False)
-        if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        yield fd, name, st
+        if stat.S_ISDIR(st.st_mode):
             with _Fd(os.open(name, _DIR_FLAGS, dir_fd=fd)) as sub:
-                _chown_below(sub.fd, uid)
+                yield from _entries(sub.fd)
 
 
 def _walk(fd: int, prefix: str) -> Iterator[str]:
@@ -426,6 +450,9 @@ class PinLayout:
 
     def list_tree(self, path: str) -> list[str]:
         return list_tree(self._confine(path))
+
+    def conform_pins(self, path: str, mode: int, gid: int | None) -> list[str]:
+        return conform_pins(self._confine(path), mode, gid)
 
     def check(self) -> None:
         """Refuse a root that is missing, reached through a symlink or not on bpffs."""

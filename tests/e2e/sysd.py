@@ -43,6 +43,10 @@ for d in etc usr var; do
     mkdir -p $o/upper $o/work
     mount -t overlay "e2e-$d" -o "lowerdir=/$d,upperdir=$o/upper,workdir=$o/work" /$d
 done
+# A clean machine as far as loaderd goes: state a root run left on the host (the README demo
+# writes /var/lib/loaderd) is whited out in the overlay, never touched on the host. Tests that
+# want such state create it inside.
+rm -rf /etc/loaderd /var/lib/loaderd
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mount -t tmpfs -o mode=0755 tmpfs /sys/fs/cgroup
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
@@ -215,7 +219,11 @@ class Systemd:
 
     def systemctl(self, *args: str, check: bool = True, timeout: float = 120.0,
                   ) -> subprocess.CompletedProcess[str]:
-        return self.run("systemctl", "--no-pager", *args, check=check, timeout=timeout)
+        try:
+            return self.run("systemctl", "--no-pager", *args, check=check, timeout=timeout)
+        except SystemdError as exc:  # say why, not just "see journalctl"
+            tail = self.journalctl("-n", "40", "-o", "short-monotonic", check=False).stdout
+            raise SystemdError(f"{exc}\n--- journal tail:\n{tail}") from None
 
     def journalctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.run("journalctl", "--no-pager", *args, check=check)

@@ -86,6 +86,29 @@ def test_pin_mode_ignores_umask(layout: pins.PinLayout, map_fd: int) -> None:
     assert stat.S_IMODE(os.stat(f"{layout.root}/m").st_mode) == 0o644
 
 
+def test_conform_pins_sets_mode_and_group_of_pins_only(layout: pins.PinLayout,
+                                                       map_fd: int) -> None:
+    """Adopted pins from a root run (0600, group root) get the configured mode and group;
+    directories and pins already right are left alone; a symlink is not followed."""
+    layout.ensure_dir(layout.kind_dir("net", "maps"), 0o755)
+    old, ok = layout.map_path("net", "old"), layout.map_path("net", "ok")
+    nogroup = 65534
+    layout.pin(map_fd, old, 0o600)
+    layout.pin(map_fd, ok, 0o640, nogroup)
+    os.symlink("/etc/passwd", f"{layout.kind_dir('net', 'maps')}/link")
+    changed = layout.conform_pins(layout.spec_dir("net"), 0o640, nogroup)
+    assert changed == ["old"]
+    st = os.stat(old)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, nogroup)
+    assert stat.S_IMODE(os.stat(layout.kind_dir("net", "maps")).st_mode) == 0o755
+    assert os.stat("/etc/passwd").st_gid == 0
+    assert layout.conform_pins(layout.spec_dir("net"), 0o640, nogroup) == []
+    # No group configured: the mode alone.
+    assert sorted(layout.conform_pins(layout.spec_dir("net"), 0o600, -1)) == ["ok", "old"]
+    st = os.stat(ok)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o600, nogroup)
+
+
 def test_pin_over_existing_refused(layout: pins.PinLayout, map_fd: int) -> None:
     layout.ensure_dir(layout.root)
     layout.pin(map_fd, f"{layout.root}/m")
