@@ -19,6 +19,7 @@ state_dir: /var/lib/loaderd
 YAML
   export PYTHONPATH=$PWD
   audit=/run/loaderd-demo/audit.jsonl   # no journald in a foreground run: JSON audit lines
+  : > "$audit"                          # this run's events only
   echo "== loaderd check (schema, policy, helpers from bytecode, verifier; loads nothing)"
   $PY -m loaderd --config "$conf" check
   echo "== loaderd apply (compile, load, pin, attach, fill, freeze, commit)"

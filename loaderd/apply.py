@@ -66,6 +66,9 @@ def _stage_worker(args: tuple[Spec, Settings, str, bool]) -> StagedSpec | Loader
         return stage_spec(s, settings.policy, settings.bpffs_root, txid, settings.pins, pin=pin)
     except LoaderdError as exc:
         return exc.with_file(s.path)
+    except OSError as exc:  # not expected past the preflight; still say what and where
+        return LoaderdError(Kind.KERNEL, f"{exc.strerror or exc}", Location(s.path),
+                            value=exc.filename)
     except Exception as exc:  # a bug or a bcc surprise: contained, reported, nothing committed
         return LoaderdError(Kind.KERNEL, f"internal error while staging: {type(exc).__name__}: "
                             f"{exc}", Location(s.path))
@@ -151,9 +154,12 @@ class Applier:
         """trusted_owner: the uid spec files must belong to, when not settings.config_owner
         (a rollback reads the generation loaderd itself wrote, as its own user)."""
         result = ApplyResult()
-        if not self.layout.exists(self.layout.root):  # tmpfiles.d owns its mode and group
-            self.layout.ensure_dir(self.layout.root, 0o755)
-        self.recover()
+        try:
+            if not self.layout.exists(self.layout.root):  # tmpfiles.d owns its mode and group
+                self.layout.ensure_dir(self.layout.root, 0o755)
+            self.recover()
+        except LoaderdError as exc:  # e.g. a read-only or unreachable pin root: audited too
+            return self._refused(result, [exc])
         settings = self.settings if trusted_owner is None else dataclasses.replace(
             self.settings, config_owner_uid=trusted_owner)
         specs, errors = validate(settings, specs_dir)
@@ -204,6 +210,10 @@ class Applier:
             return result
 
         txid = result.txid = new_txid()
+        try:  # one clear error about the pin root, before any compile, not one per worker
+            self.layout.ensure_dir(self.layout.staging_dir(txid))
+        except LoaderdError as exc:
+            return self._refused(result, [exc])
         self.notify(f"compiling {len(to_build)} specs")
         staged, errors = stage_all(to_build, self.settings, txid, jobs=jobs, notify=self.notify)
         if errors:

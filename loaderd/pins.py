@@ -64,7 +64,19 @@ def _err(message: str, path: str, value: object = None, allowed: str | None = No
 
 
 def _os_err(op: str, path: str, exc: OSError) -> LoaderdError:
-    return _err(f"{op} failed: {os.strerror(exc.errno or errno.EIO)}", path)
+    code = exc.errno or errno.EIO
+    return _err(f"{op} failed: {os.strerror(code)}", path, allowed=_HINTS.get(code))
+
+
+# What an operator can do about the errors a pin root typically meets.
+_HINTS = {
+    errno.EROFS: "a writable bpffs (under systemd, ProtectKernelTunables= makes /sys/fs/bpf "
+                 "read-only: the unit needs ReadWritePaths= for loaderd's bpffs_root)",
+    errno.EACCES: "a directory the loading user may write (systemd mounts /sys/fs/bpf 0700: "
+                  "loaderd's tmpfiles.d makes it 0711 and gives the pin root to the user)",
+    errno.EPERM: "an owner or mode loaderd's user may change (root-owned pins: "
+                 "systemd-tmpfiles --create loaderd.conf hands them to the service user)",
+}
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -119,9 +131,13 @@ def _open_child(parent: int, name: str, path: str, create_mode: int | None) -> i
                                    value=name) from None
     except OSError as exc:
         raise _not_dir(parent, name, path, exc) from None
-    with contextlib.suppress(FileExistsError):  # lost a race: open what the winner made
+    try:
         os.mkdir(name, 0o700, dir_fd=parent)
         os.chmod(name, create_mode, dir_fd=parent)  # exact mode, whatever the umask
+    except FileExistsError:
+        pass  # lost a race: open what the winner made
+    except OSError as exc:
+        raise _os_err(f"create directory {name}", path, exc) from None
     return _open_child(parent, name, path, None)
 
 

@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,3 +132,27 @@ def test_late_failures_leave_the_applied_set_running(applied: tuple[Settings, Pa
     assert any("zz_bad.yaml" in str(e) for e in result.errors), result.errors
     assert_untouched(settings, before)
     os.unlink(specs_dir / "zz_bad.yaml")
+
+
+def test_read_only_pin_root_is_one_clear_error_before_any_compile(
+        applied: tuple[Settings, Path], config: Path) -> None:
+    """The unit-file mistake (ProtectKernelTunables= without ReadWritePaths=): a read-only pin
+    root is named once, with the fix, before any compile - not one internal error per spec."""
+    settings, specs_dir = applied
+    before = snapshot(settings)
+    good = specs_dir / "sched_switches.yaml"
+    good.write_text(good.read_text().replace("(*value)++", "(*value) += 2"))  # something to build
+    root = settings.bpffs_root
+    # A read-only bind of the pin root in a private mount namespace: the host's stays writable.
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-ec",
+         f'mount --bind "{root}" "{root}"; mount -o remount,bind,ro "{root}"; '
+         f'exec "$0" -m loaderd --config "{config}" apply', sys.executable],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr
+    assert f"{root}/_staging" in errors[0] and "Read-only file system" in errors[0]
+    assert "ReadWritePaths=" in errors[0] and "internal error" not in proc.stderr
+    assert "compiles 0" in proc.stdout, proc.stdout
+    assert_untouched(settings, before)
