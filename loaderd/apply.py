@@ -149,8 +149,12 @@ class Applier:
         self.layout.remove_tree(self.layout.staging_root)
 
     # --- apply ----------------------------------------------------------------------------
-    def apply(self, specs_dir: str | None = None, *, jobs: int | None = None,
-              trusted_owner: int | None = None) -> ApplyResult:
+    def apply(self, specs_dir: str | None = None, *, jobs: int | None = None) -> ApplyResult:
+        with self.state.exclusive(waiting=self.notify):
+            return self._apply(specs_dir, jobs=jobs)
+
+    def _apply(self, specs_dir: str | None = None, *, jobs: int | None = None,
+               trusted_owner: int | None = None) -> ApplyResult:
         """trusted_owner: the uid spec files must belong to, when not settings.config_owner
         (a rollback reads the generation loaderd itself wrote, as its own user)."""
         result = ApplyResult()
@@ -373,6 +377,10 @@ class Applier:
     # --- operator actions -----------------------------------------------------------------
     def disable(self) -> list[str]:
         """Kill switch: detach and unpin everything loaderd owns."""
+        with self.state.exclusive(waiting=self.notify):
+            return self._disable()
+
+    def _disable(self) -> list[str]:
         manifest = self.state.load()
         removed = sorted(manifest.get("specs", {}))
         self.layout.remove_tree(self.layout.root)
@@ -383,6 +391,10 @@ class Applier:
 
     def rollback(self) -> ApplyResult:
         """Re-apply the generation before the current one."""
+        with self.state.exclusive(waiting=self.notify):
+            return self._rollback()
+
+    def _rollback(self) -> ApplyResult:
         current = self.state.load().get("txid")
         gens = [g for g in self.state.generations() if g != current]
         if current in self.state.generations():
@@ -393,4 +405,4 @@ class Applier:
         target = gens[-1]
         audit.emit(Event.ROLLBACK, f"rolling back to generation {target}", generation=target)
         gen = self.state.generation_dir(target)
-        return self.apply(gen, trusted_owner=os.stat(gen).st_uid)
+        return self._apply(gen, trusted_owner=os.stat(gen).st_uid)

@@ -148,10 +148,9 @@ class Daemon:
                 status(f"{n} specs applied (reloaded)")
                 audit.emit(Event.RELOAD, f"manifest re-read after reload: {n} specs", specs=n)
             if time.monotonic() >= next_drift:
-                if self._manifest_changed():  # an apply that sent no SIGHUP (manual, race)
-                    self.reread = True
+                self.check_drift()  # re-reads first a manifest an apply changed (no SIGHUP)
+                if self.reread:
                     continue
-                self.check_drift()
                 next_drift = time.monotonic() + self.drift_interval
             self._wait(tick)  # wakes on events, signals or the tick
             self.pump.pump()
@@ -171,14 +170,23 @@ class Daemon:
         return changed
 
     def check_drift(self) -> dict[str, list[str]]:
-        """Journal each new difference between the manifest and the kernel once."""
-        found: dict[str, list[str]] = {}
-        for name, entry in self.manifest.get("specs", {}).items():
-            diffs = verify.differences(entry)
-            if diffs:
-                found[name] = diffs
-                if diffs != self.known_drift.get(name):
-                    audit.emit(Event.DRIFT, f"{name}: drift detected: {'; '.join(diffs)}",
-                               spec=name, diffs=diffs)
-        self.known_drift = found
-        return found
+        """Journal each new difference between the manifest and the kernel once. Not while an
+        apply holds the lock: pins are being swapped then, and a half-swapped set is not drift
+        (the next check sees the committed truth). A commit left pending by a crashed apply is
+        checked: that is a difference worth a critical event."""
+        with self.state.quiet() as quiet:
+            if not quiet:
+                return self.known_drift
+            if self._manifest_changed():  # committed since we read it: re-read first
+                self.reread = True
+                return self.known_drift
+            found: dict[str, list[str]] = {}
+            for name, entry in self.manifest.get("specs", {}).items():
+                diffs = verify.differences(entry)
+                if diffs:
+                    found[name] = diffs
+                    if diffs != self.known_drift.get(name):
+                        audit.emit(Event.DRIFT, f"{name}: drift detected: {'; '.join(diffs)}",
+                                   spec=name, diffs=diffs)
+            self.known_drift = found
+            return found

@@ -10,10 +10,12 @@ rollback re-applies exactly what was running before.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -21,6 +23,7 @@ from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.stage import StagedSpec
 
 MANIFEST = "manifest.json"
+LOCK = "lock"  # flock()ed by whoever changes pins or the manifest (apply, rollback, disable)
 GENERATIONS = "generations"
 KEEP_GENERATIONS = 5
 
@@ -98,6 +101,56 @@ class State:
         entry["links"] = links
         entry["sources"] = source_files
         return entry
+
+    # One writer at a time: an operator's `loaderd apply` during `systemctl reload` would
+    # otherwise delete the other's staging pins (recovery clears staging) or its manifest.
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float = 300.0,
+                  waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+        path = os.path.join(self.dir, LOCK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if self.uid >= 0:
+                os.fchown(fd, self.uid, -1)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    if time.monotonic() > deadline:
+                        raise LoaderdError(Kind.STATE, f"another loaderd (pid {holder}) is "
+                                           f"changing the applied set; gave up after "
+                                           f"{timeout:.0f} s", Location(path)) from None
+                    if waiting:
+                        waiting(f"waiting for loaderd pid {holder} to finish")
+                        waiting = None
+                    time.sleep(0.1)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[bool]:
+        """A shared hold on the lock for a reader (the daemon's drift check): yields False,
+        without waiting, while a writer is at work (pins half-swapped are not drift)."""
+        try:
+            fd = os.open(os.path.join(self.dir, LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:  # no lock file (nobody applied yet) or unreadable: check anyway
+            yield True
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
 
     # Generations: copies of the applied spec files, newest last.
     def generation_dir(self, txid: str) -> str:

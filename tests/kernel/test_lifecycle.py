@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,25 @@ def test_daemon_follows_an_apply_it_was_not_told_about(counter_conf: Path,
     kinds = [ln["event"] for ln in lines]
     assert "reload" in kinds, kinds
     assert "drift" not in kinds, [ln for ln in lines if ln["event"] == "drift"]
+
+
+def test_concurrent_applies_take_turns(counter_conf: Path, bpffs_root: str) -> None:
+    """An operator's `loaderd apply` during a reload's: the state lock serializes them, so
+    neither deletes the other's staging pins or overwrites its manifest; both succeed."""
+    spec = counter_conf.parent / "specs" / "counter.yaml"
+    loaderd("--config", str(counter_conf), "apply")
+    spec.write_text(COUNTER.format(step=2))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    procs = [subprocess.Popen([sys.executable, "-m", "loaderd", "--config", str(counter_conf),
+                               "apply"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    summaries = sorted(out.strip().splitlines()[-1] for out, _ in outs)
+    # One built the change, the other found it applied and adopted it (no second compile).
+    assert summaries == ["built -; adopted ['counter']; removed -; compiles 0",
+                         "built ['counter']; adopted -; removed -; compiles 1"], outs
+    manifest = State(load_settings(str(counter_conf)).state_dir).load()
+    assert manifest["status"] == "committed"
+    assert verify.differences(manifest["specs"]["counter"]) == []
+    assert no_staging_leftovers(bpffs_root)

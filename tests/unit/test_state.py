@@ -7,6 +7,8 @@ import shutil
 import stat
 from pathlib import Path
 
+import pytest
+
 from loaderd.apply import generation_files
 from loaderd.model import Settings
 from loaderd.spec import load_dir
@@ -44,3 +46,40 @@ def test_manifest_is_written_atomically_and_group_readable_only_with_a_group(
     assert stat.S_IMODE(os.stat(shared.manifest_path).st_mode) == 0o640
     assert shared.load()["status"] == "committed"
     assert not [p for p in os.listdir(tmp_path / "b") if ".tmp." in p]
+
+
+def test_one_writer_at_a_time_and_readers_see_it(tmp_path: Path) -> None:
+    """A second writer waits for the first (and gives up naming its pid); the daemon's
+    non-blocking shared hold reports a writer at work instead of waiting."""
+    import subprocess
+    import sys
+    import time
+
+    from loaderd.errors import Kind, LoaderdError
+
+    st = State(str(tmp_path))
+    with st.quiet() as quiet:
+        assert quiet  # nobody ever applied: no lock file yet
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from loaderd.state import State\n"
+         "with State(sys.argv[1]).exclusive():\n print('held', flush=True); time.sleep(30)",
+         str(tmp_path)], stdout=subprocess.PIPE, text=True,
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with st.quiet() as quiet:
+            assert not quiet
+        waits: list[str] = []
+        start = time.monotonic()
+        with pytest.raises(LoaderdError) as exc, st.exclusive(timeout=0.5, waiting=waits.append):
+            pass
+        assert time.monotonic() - start >= 0.5
+        assert exc.value.kind is Kind.STATE and f"pid {holder.pid}" in str(exc.value)
+        assert waits == [f"waiting for loaderd pid {holder.pid} to finish"]
+    finally:
+        holder.kill()
+        holder.wait()
+    with st.exclusive(timeout=5), st.quiet() as quiet:  # the holder died: lock went with it
+        assert not quiet
+    with st.quiet() as quiet:
+        assert quiet
