@@ -29,7 +29,7 @@ from typing import Any
 from loaderd import attach, audit, faults, kernel, pins, policy, privileges, spec, verify
 from loaderd.audit import Event
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import Settings, Spec
+from loaderd.model import ProgType, Settings, Spec
 from loaderd.stage import StagedSpec, stage_spec
 from loaderd.state import State
 
@@ -185,8 +185,13 @@ class Applier:
         for s in specs:
             entry = old_specs.get(s.name)
             if entry and entry["sha256"] == s.sha256:
-                diffs = verify.differences(entry)
+                diffs = verify.differences(entry) or self._unrecorded_calls(entry)
                 if not diffs:
+                    try:  # the policy may have changed since these programs were loaded
+                        self._recheck_calls(s, entry)
+                    except LoaderdError as exc:
+                        result.errors.append(exc.with_file(s.path))
+                        continue
                     try:
                         self._conform(s.name)
                     except LoaderdError as exc:
@@ -245,6 +250,27 @@ class Applier:
                    compiles=result.compiles, built=result.built, adopted=result.adopted,
                    removed=result.removed)
         return result
+
+    @staticmethod
+    def _unrecorded_calls(entry: dict[str, Any]) -> list[str]:
+        """A manifest from before call counts were recorded: rebuild, so that the policy is
+        checked on bytecode facts again rather than trusted."""
+        return [f"program {n}: no call facts recorded" for n, p in entry["programs"].items()
+                if "calls" not in p]
+
+    def _recheck_calls(self, s: Spec, entry: dict[str, Any]) -> None:
+        """Adopted programs against today's policy, from the call facts decoded at load time
+        (bound to the running program by the tag verify just checked)."""
+        for p in entry["programs"].values():
+            calls = p["calls"]
+            try:
+                policy.check_calls(s, p["function"], ProgType(p["type"]), set(p["helpers"]),
+                                   calls["bpf_to_bpf"], calls["kfunc"], calls["callx"],
+                                   self.settings.policy)
+            except LoaderdError as exc:
+                raise dataclasses.replace(exc, message=(
+                    f"{exc.message} (running as prog id {p['id']}, loaded under an earlier "
+                    "policy; the applied set is left as it is)")) from None
 
     def _conform(self, spec: str) -> None:
         """Adopted pins get today's pin mode and group: they may come from a root run (the

@@ -36,6 +36,9 @@ class StagedProgram:
     tag: str
     helpers: list[str]
     degraded: str | None = None
+    # Counts decoded from the bytecode with the helpers: an adopt re-checks both against the
+    # policy of the day (the tag, verified on adopt, ties them to the running program).
+    calls: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,8 +102,8 @@ def check_map_facts(spec: Spec, tables: dict[str, int]) -> dict[str, int]:
 
 
 def check_calls(spec: Spec, function: str, prog_index: int, module: Module, pol: Policy,
-                map_fds: set[int]) -> list[str]:
-    """Helper names decoded from the bytecode, after policy allowed them."""
+                map_fds: set[int]) -> tuple[list[str], dict[str, int]]:
+    """Helper names and call counts decoded from the bytecode, after policy allowed them."""
     prog = spec.programs[prog_index]
     where = Location(spec.path, prog.line, None, f"programs[{prog_index}]")
     try:
@@ -119,12 +122,15 @@ def check_calls(spec: Spec, function: str, prog_index: int, module: Module, pol:
     if facts.map_fds - map_fds:
         raise LoaderdError(Kind.SEMANTIC, f"program '{function}' references maps that are not "
                            "declared in the spec", where)
-    return sorted(helpers)
+    return sorted(helpers), {"bpf_to_bpf": facts.bpf_calls, "kfunc": facts.kfunc_calls,
+                             "callx": facts.indirect_calls}
 
 
 def _load_program(spec: Spec, index: int, module: Module, pol: Policy,
-                  map_fds: set[int]) -> tuple[int, str, list[str], str | None]:
-    """Try the program, then its fallbacks. Returns (fd, function, helpers, degraded reason)."""
+                  map_fds: set[int]) -> tuple[int, str, tuple[list[str], dict[str, int]],
+                                              str | None]:
+    """Try the program, then its fallbacks. Returns (fd, function, (helpers, call counts),
+    degraded reason)."""
     prog = spec.programs[index]
     where = f"programs[{index}]"
     candidates = [prog.name, *prog.fallback]
@@ -136,7 +142,7 @@ def _load_program(spec: Spec, index: int, module: Module, pol: Policy,
                                Location(spec.path, prog.line, None, where),
                                allowed=", ".join(sorted(known)))
         try:
-            helpers = check_calls(spec, function, index, module, pol, map_fds)
+            calls = check_calls(spec, function, index, module, pol, map_fds)
             fd = module.load(function, prog.type, field=where)
         except LoaderdError as exc:
             if exc.kind not in (Kind.POLICY, Kind.HELPER, Kind.VERIFIER):
@@ -144,7 +150,7 @@ def _load_program(spec: Spec, index: int, module: Module, pol: Policy,
             first_error = first_error or exc
             continue
         degraded = None if function == prog.name else f"{prog.name}: {first_error}"
-        return fd, function, helpers, degraded
+        return fd, function, calls, degraded
     assert first_error is not None
     raise first_error
 
@@ -180,12 +186,13 @@ def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnershi
         map_fds = check_map_facts(spec, module.tables())
         prog_fds: dict[str, int] = {}
         for i, prog in enumerate(spec.programs):
-            fd, function, helpers, degraded = _load_program(spec, i, module, pol,
-                                                            set(map_fds.values()))
+            fd, function, (helpers, calls), degraded = _load_program(
+                spec, i, module, pol, set(map_fds.values()))
             info = kernel.prog_info(fd)
             prog_fds[prog.name] = fd
             staged.programs[prog.name] = StagedProgram(prog.name, function, prog.type.value,
-                                                       info.id, info.tag, helpers, degraded)
+                                                       info.id, info.tag, helpers, degraded,
+                                                       calls)
             audit.emit(Event.PROG_LOADED, f"{spec.name}/{prog.name}: loaded '{function}' "
                        f"(id {info.id}, tag {info.tag})", spec=spec.name, program=prog.name,
                        prog_id=info.id, prog_tag=info.tag, prog_type=prog.type.value,

@@ -281,3 +281,24 @@ def test_concurrent_applies_take_turns(counter_conf: Path, bpffs_root: str) -> N
     assert manifest["status"] == "committed"
     assert verify.differences(manifest["specs"]["counter"]) == []
     assert no_staging_leftovers(bpffs_root)
+
+
+def test_adopt_rechecks_helpers_against_the_policy_of_the_day(counter_conf: Path,
+                                                              bpffs_root: str) -> None:
+    """Unchanged spec, tighter policy: the running program's helpers (decoded from its
+    bytecode at load, bound to it by the tag) are refused on the next apply, which changes
+    nothing; loosened again, it is adopted without a compile."""
+    loaderd("--config", str(counter_conf), "apply")
+    pin = f"{bpffs_root}/counter/progs/count_exec"
+    before = prog_tag(pin)
+    text = counter_conf.read_text()
+    counter_conf.write_text(text + "policy:\n  helpers:\n    allow: [ktime_get_ns]\n")
+    refused = loaderd("--config", str(counter_conf), "apply", check=False)
+    assert refused.returncode != 0
+    assert "counter.yaml:12: programs[0]" in refused.stderr, refused.stderr
+    assert "helpers not allowed: map_lookup_elem" in refused.stderr
+    assert f"running as prog id {before[0]}" in refused.stderr
+    assert prog_tag(pin) == before
+    counter_conf.write_text(text)
+    again = loaderd("--config", str(counter_conf), "apply")
+    assert "compiles 0" in again.stdout and prog_tag(pin) == before
