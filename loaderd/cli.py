@@ -27,12 +27,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from loaderd.daemon import PROGRESS, notify
 
     settings = load_settings(args.config)
-    if args.reload:
-        import time
-
-        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
-               "STATUS=reloading: applying specs")
-        audit.emit(audit.Event.RELOAD, "reload requested: applying specs")
     if args.child:  # the resident daemon relays these as STATUS=
         def progress(m: str) -> None:
             print(f"{PROGRESS}{m}", flush=True)
@@ -47,13 +41,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print(f"built {result.built or '-'}; adopted {result.adopted or '-'}; "
               f"removed {result.removed or '-'}; compiles {result.compiles}"
               + ("" if result.ok else "; REFUSED: previous set left unchanged"))
-    if args.reload:
-        main_pid = os.environ.get("MAINPID")
-        if main_pid and main_pid.isdigit():
-            import signal
-
-            os.kill(int(main_pid), signal.SIGHUP)  # resident re-reads the manifest
-        notify("READY=1\nSTATUS=" + ("reloaded" if result.ok else "reload FAILED, old set kept"))
     return 0 if result.ok else 1
 
 
@@ -134,8 +121,6 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--dir", help="specs directory (default: programs_dir setting)")
             sp.add_argument("--jobs", type=int, default=None, help="parallel compiles")
         if name == "apply":
-            sp.add_argument("--reload", action="store_true",
-                            help="sd_notify RELOADING=1/READY=1 and SIGHUP $MAINPID")
             sp.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
         if name == "check":
             sp.add_argument("--no-kernel", action="store_true",

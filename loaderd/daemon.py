@@ -105,7 +105,7 @@ class Daemon:
         if self.apply:
             status("applying specs")
             rc = run_apply_child(self.config)
-        self.manifest = self.state.load()
+        self._load_manifest()
         if rc != 0 and not self.manifest.get("specs"):
             status("apply failed and nothing was applied before; see journal")
             audit.emit(Event.DAEMON, "initial apply failed and no earlier set exists; exiting",
@@ -141,11 +141,14 @@ class Daemon:
                 notify("WATCHDOG=1")
             if self.reread:
                 self.reread = False
-                self.manifest = self.state.load()
+                # systemd shows "reloading" until READY=1 (Type=notify honours RELOADING=1).
+                notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
+                       "STATUS=reloading: re-reading the manifest")
+                self._load_manifest()
                 self.known_drift.clear()
                 n = len(self.manifest.get("specs", {}))
                 self.pump.sync(self.manifest)
-                status(f"{n} specs applied (reloaded)")
+                notify(f"READY=1\nSTATUS={n} specs applied (reloaded)")
                 audit.emit(Event.RELOAD, f"manifest re-read after reload: {n} specs", specs=n)
             if time.monotonic() >= next_drift:
                 self.check_drift()  # re-reads first a manifest an apply changed (no SIGHUP)
@@ -158,6 +161,12 @@ class Daemon:
         notify("STOPPING=1")
         audit.emit(Event.DAEMON, "stopping; pinned programs stay attached", pid=os.getpid())
         return 0
+
+    def _load_manifest(self) -> None:
+        """Read the manifest and remember which file it was, so that the drift tick does not
+        take our own re-read for someone else's change (one RELOAD event per reload)."""
+        self._manifest_changed()  # stat first: a commit landing in between is re-read later
+        self.manifest = self.state.load()
 
     def _manifest_changed(self) -> bool:
         try:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,16 @@ RSS_LIMIT_KB = 40 * 1024  # issue 6 target for the resident
 def events(log: Path, kind: str) -> list[str]:
     """Audit lines of one kind (stderr JSON sink) in the daemon's log."""
     return [ln for ln in log.read_text().splitlines() if f'"event": "{kind}"' in ln]
+
+
+def notifications(res: Resident, until: str, timeout: float = 15.0) -> list[str]:
+    """sd_notify datagrams the daemon sends from now until one holds the line `until`."""
+    deadline = time.monotonic() + timeout
+    said: list[str] = []
+    while not said or until not in said[-1].split("\n"):
+        res.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        said.append(res.sock.recv(4096).decode())  # TimeoutError past the deadline
+    return said
 
 
 def prog_ids(manifest: dict) -> dict[str, int]:  # type: ignore[type-arg]
@@ -68,7 +80,14 @@ def test_resident_never_maps_bcc_and_restart_compiles_nothing(tmp_path: Path,
         assert events(second.log_path, "adopted")
 
         second.proc.send_signal(signal.SIGHUP)  # reload: re-reads the manifest
+        # sd_notify: RELOADING=1 with MONOTONIC_USEC, then READY=1 once re-read.
+        said = notifications(second, until="READY=1")
+        reloading = next(i for i, m in enumerate(said) if "RELOADING=1" in m.split("\n"))
+        assert re.search(r"^MONOTONIC_USEC=\d+$", said[reloading], re.M), said
+        assert "READY=1" in said[-1].split("\n") and "(reloaded)" in said[-1]
         assert wait_until(lambda: bool(events(second.log_path, "reload")), timeout=15)
+        time.sleep(2)  # four drift ticks: our own re-read must not count as someone's change
+        assert len(events(second.log_path, "reload")) == 1
         # A drift check in the resident (it reads pins, never compiles): remove one link pin.
         os.unlink(f"{bpffs_root}/count_1/links/count_exec")
         assert wait_until(lambda: bool(events(second.log_path, "drift")), timeout=15)
