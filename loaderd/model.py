@@ -10,6 +10,8 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from loaderd.errors import Kind, LoaderdError, Location
+
 
 class ProgType(enum.StrEnum):
     TRACEPOINT = "tracepoint"
@@ -201,6 +203,9 @@ class Policy:
 class PinOwnership:
     mode: int = 0o600  # pins' file mode
     group: str | None = None  # group name that may read pins (e.g. loaderd-readers)
+    # Where `group` was set (loaderd.yaml line): the group is resolved only when pins are made,
+    # since `loaderd check` may run before the package's sysusers.d created it.
+    where: Location | None = field(default=None, compare=False)
 
     @property
     def gid(self) -> int:
@@ -209,7 +214,12 @@ class PinOwnership:
             return -1
         import grp
 
-        return grp.getgrnam(self.group).gr_gid
+        try:
+            return grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            raise LoaderdError(Kind.SEMANTIC, "no such group", self.where or Location(
+                field="pins.group"), value=self.group, allowed="an existing group (the "
+                "package's sysusers.d creates loaderd-readers)") from None
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,8 @@ def _pins(ctx: _Ctx, raw: dict[str, Any]) -> PinOwnership:
         if mode & 0o002:
             raise ctx.error(("pins", "mode"), "pins must not be writable by other",
                             value=raw["mode"], allowed="e.g. 0600, 0640, 0660")
-    return PinOwnership(mode=mode, group=raw.get("group"))
+    return PinOwnership(mode=mode, group=raw.get("group"),
+                        where=ctx.error(("pins", "group"), "").location)
 
 
 ByType = dict[ProgType, frozenset[str]]

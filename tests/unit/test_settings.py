@@ -131,3 +131,16 @@ def test_dangerous_helper_allowed_in_allow_may_be_repeated_by_type(tmp_path: Pat
     text = "loaderd: 1\npolicy: {helpers: {allow: [sys_bpf], by_type: {xdp: [sys_bpf]}}}\n"
     s = load_settings(write(tmp_path, text), owner_uid=None)
     assert "sys_bpf" in s.policy.helpers_for(ProgType.XDP)
+
+
+def test_unknown_pins_group_is_a_located_error_when_pins_are_made(tmp_path: Path) -> None:
+    """Resolved late (check may run before sysusers.d made the group), but never a KeyError:
+    the error names the settings file, line and field."""
+    path = write(tmp_path, "loaderd: 1\npins:\n  mode: \"0640\"\n  group: no-such-group-x\n")
+    s = load_settings(path, owner_uid=None)
+    with pytest.raises(LoaderdError) as info:
+        _ = s.pins.gid
+    err = info.value
+    assert (err.location.file, err.location.line, err.location.field) == (path, 4, "pins.group")
+    assert err.message == "no such group" and err.value == "no-such-group-x"
+    assert PinOwnership(0o640, None).gid == -1
