@@ -29,7 +29,7 @@ from typing import Any
 from loaderd import attach, audit, faults, kernel, pins, policy, privileges, spec, verify
 from loaderd.audit import Event
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import ProgType, Settings, Spec
+from loaderd.model import ProgType, Settings, Spec, map_pin_mode
 from loaderd.stage import StagedSpec, stage_spec
 from loaderd.state import State
 
@@ -193,7 +193,7 @@ class Applier:
                         result.errors.append(exc.with_file(s.path))
                         continue
                     try:
-                        self._conform(s.name)
+                        self._conform(s.name, entry)
                     except LoaderdError as exc:
                         result.errors.append(exc.with_file(s.path))
                     result.adopted.append(s.name)
@@ -272,12 +272,14 @@ class Applier:
                     f"{exc.message} (running as prog id {p['id']}, loaded under an earlier "
                     "policy; the applied set is left as it is)")) from None
 
-    def _conform(self, spec: str) -> None:
+    def _conform(self, spec: str, entry: dict[str, Any]) -> None:
         """Adopted pins get today's pin mode and group: they may come from a root run (the
         README demo, an operator's `loaderd apply`) made before the readers' group existed."""
         live = self.layout.spec_dir(spec)
-        changed = self.layout.conform_pins(live, self.settings.pins.mode,
-                                           self.settings.pins.gid)
+        mode = self.settings.pins.mode
+        modes = {f"maps/{n}": map_pin_mode(mode, m.get("access", ""))
+                 for n, m in entry["maps"].items()}
+        changed = self.layout.conform_pins(live, mode, self.settings.pins.gid, modes)
         if changed:
             audit.emit(Event.PIN_WRITTEN, f"{spec}: adopted pins given mode "
                        f"{self.settings.pins.mode:04o} and the readers' group: "

@@ -90,6 +90,22 @@ class MapSpec:
     line: int | None = None
 
 
+def map_access(flags: frozenset[MapFlag]) -> str:
+    """"rdonly", "wronly" or "" (read-write): what the syscall side may do with a map."""
+    return "rdonly" if MapFlag.RDONLY in flags else "wronly" if MapFlag.WRONLY in flags else ""
+
+
+def map_pin_mode(mode: int, access: str) -> int:
+    """The pin mode of a map with `access`. The kernel keeps BPF_F_RDONLY/WRONLY only on the
+    fd made at creation, so for a pinned map the restriction is the pin's mode: BPF_OBJ_GET
+    checks it against the open flags (root's DAC override aside)."""
+    if access == "rdonly":
+        return mode & ~0o222
+    if access == "wronly":
+        return mode & ~0o444
+    return mode
+
+
 @dataclass(frozen=True)
 class TracepointAttach:
     category: str

@@ -23,7 +23,7 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from loaderd import kernel
 from loaderd.errors import Kind, LoaderdError, Location
@@ -326,7 +326,7 @@ def list_tree(path: str) -> list[str]:
     except MissingPathError:
         return []
     with _Fd(fd), _Fd(_reopen(fd, path)) as rd:
-        return sorted(_walk(rd.fd, ""))
+        return sorted(rel for _, _, rel, st in _entries(rd.fd) if not stat.S_ISDIR(st.st_mode))
 
 
 def chown_tree(path: str, uid: int) -> None:
@@ -334,49 +334,42 @@ def chown_tree(path: str, uid: int) -> None:
     Used when root runs an apply for a service user: the pins must stay that user's."""
     with _Fd(_open_dir(path)) as d, _Fd(_reopen(d.fd, path)) as rd:
         os.chown(rd.fd, uid, -1)
-        for fd, name, _ in _entries(rd.fd):
+        for fd, name, _, _ in _entries(rd.fd):
             os.chown(name, uid, -1, dir_fd=fd, follow_symlinks=False)
 
 
-def conform_pins(path: str, mode: int, gid: int | None) -> list[str]:
-    """Give every pin below `path` the configured mode and group (gid None or -1: group
-    unchanged), e.g. pins adopted from a root run that had no readers' group. Returns the names
-    of the pins changed."""
+def conform_pins(path: str, mode: int, gid: int | None,
+                 modes: Mapping[str, int] | None = None) -> list[str]:
+    """Give every pin below `path` the configured mode (`modes`: exceptions by path relative to
+    `path`, e.g. {"maps/cfg": 0o440}) and group (gid None or -1: group unchanged), e.g. pins
+    adopted from a root run that had no readers' group. Returns the pins changed, relative."""
     changed: list[str] = []
     try:
         with _Fd(_open_dir(path)) as d, _Fd(_reopen(d.fd, path)) as rd:
-            for fd, name, st in _entries(rd.fd):
+            for fd, name, rel, st in _entries(rd.fd):
                 if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
                     continue
+                want_mode = (modes or {}).get(rel, mode)
                 want_gid = st.st_gid if gid is None or gid < 0 else gid
-                if stat.S_IMODE(st.st_mode) == mode and st.st_gid == want_gid:
+                if stat.S_IMODE(st.st_mode) == want_mode and st.st_gid == want_gid:
                     continue
                 os.chown(name, -1, want_gid, dir_fd=fd, follow_symlinks=False)
-                os.chmod(name, mode, dir_fd=fd)
-                changed.append(name)
+                os.chmod(name, want_mode, dir_fd=fd)
+                changed.append(rel)
     except OSError as exc:
         raise _os_err("chmod/chown of adopted pins", path, exc) from None
     return changed
 
 
-def _entries(fd: int) -> Iterator[tuple[int, str, os.stat_result]]:
-    """(directory fd, name, lstat) of everything below `fd`, parents before children."""
+def _entries(fd: int, prefix: str = "") -> Iterator[tuple[int, str, str, os.stat_result]]:
+    """(directory fd, name, path relative to the start, lstat) of everything below `fd`,
+    parents before children; no symlink followed."""
     for name in os.listdir(fd):
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        yield fd, name, st
+        yield fd, name, prefix + name, st
         if stat.S_ISDIR(st.st_mode):
             with _Fd(os.open(name, _DIR_FLAGS, dir_fd=fd)) as sub:
-                yield from _entries(sub.fd)
-
-
-def _walk(fd: int, prefix: str) -> Iterator[str]:
-    for name in os.listdir(fd):
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            with _Fd(os.open(name, _DIR_FLAGS, dir_fd=fd)) as sub:
-                yield from _walk(sub.fd, f"{prefix}{name}/")
-        else:
-            yield prefix + name
+                yield from _entries(sub.fd, f"{prefix}{name}/")
 
 
 def check_bpffs_dir(path: str) -> None:
@@ -467,8 +460,9 @@ class PinLayout:
     def list_tree(self, path: str) -> list[str]:
         return list_tree(self._confine(path))
 
-    def conform_pins(self, path: str, mode: int, gid: int | None) -> list[str]:
-        return conform_pins(self._confine(path), mode, gid)
+    def conform_pins(self, path: str, mode: int, gid: int | None,
+                     modes: Mapping[str, int] | None = None) -> list[str]:
+        return conform_pins(self._confine(path), mode, gid, modes)
 
     def check(self) -> None:
         """Refuse a root that is missing, reached through a symlink or not on bpffs."""

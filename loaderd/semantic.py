@@ -79,6 +79,9 @@ def _flag_rules(c: Collector, i: int, m: MapSpec) -> None:
     for one, other in _EXCLUSIVE:
         if one in m.flags and other in m.flags:
             c.add(Kind.SEMANTIC, at, f"{one} and {other} exclude each other")
+    if MapFlag.WRONLY in m.flags and m.preserve:
+        c.add(Kind.SEMANTIC, ("maps", i, "preserve"), "a WRONLY map cannot be preserved: its "
+              "pin may not be opened for reading, so its contents cannot be copied")
 
 
 def _size_rules(c: Collector, i: int, m: MapSpec) -> None:

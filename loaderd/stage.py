@@ -16,7 +16,18 @@ from loaderd.btf import helper_names
 from loaderd.bytecode import BytecodeError, decode
 from loaderd.compile import Module
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import MAP_FLAG_BITS, CType, MapSpec, MapType, PinOwnership, Policy, Spec
+from loaderd.model import (
+    MAP_FLAG_BITS,
+    CType,
+    MapFlag,
+    MapSpec,
+    MapType,
+    PinOwnership,
+    Policy,
+    Spec,
+    map_access,
+    map_pin_mode,
+)
 
 # enum bpf_map_type numbers, to check what BCC created against what the spec declared.
 MAP_TYPE_IDS: dict[MapType, int] = {
@@ -46,6 +57,7 @@ class StagedMap:
     name: str
     id: int
     frozen: bool
+    access: str = ""  # model.map_access: "rdonly"/"wronly" maps are pinned without w/r bits
 
 
 @dataclass
@@ -87,7 +99,8 @@ def check_map_facts(spec: Spec, tables: dict[str, int]) -> dict[str, int]:
             raise LoaderdError(Kind.SEMANTIC, f"map '{m.name}' is declared but not in the "
                                "compiled object", _map_loc(spec, i, m))
         info = kernel.map_info(tables[m.name])
-        flags = sum(MAP_FLAG_BITS[f] for f in m.flags)
+        # RDONLY/WRONLY bind to the creating fd and are not kept in map_flags.
+        flags = sum(MAP_FLAG_BITS[f] for f in m.flags - {MapFlag.RDONLY, MapFlag.WRONLY})
         want: tuple[int, ...] = (MAP_TYPE_IDS[m.type], flags)
         got: tuple[int, ...] = (info.type, info.map_flags & 0x1FF)
         if m.type not in (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY):
@@ -218,9 +231,11 @@ def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnershi
                 kernel.map_freeze(fd)
                 audit.emit(Event.MAP_FROZEN, f"{spec.name}/{m.name}: frozen", spec=spec.name,
                            map=m.name, map_id=kernel.map_info(fd).id)
-            staging.pin(fd, staging.map_path(spec.name, m.name), owner.mode, gid)
+            access = map_access(m.flags)
+            staging.pin(fd, staging.map_path(spec.name, m.name),
+                        map_pin_mode(owner.mode, access), gid)
             map_id = kernel.map_info(fd).id
-            staged.maps[m.name] = StagedMap(m.name, map_id, kernel.map_is_frozen(fd))
+            staged.maps[m.name] = StagedMap(m.name, map_id, kernel.map_is_frozen(fd), access)
             audit.emit(Event.MAP_CREATED, f"{spec.name}/{m.name}: {m.type.value} map id "
                        f"{map_id}, {m.max_entries} entries", spec=spec.name, map=m.name,
                        map_id=map_id, frozen=staged.maps[m.name].frozen)

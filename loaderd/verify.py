@@ -19,11 +19,11 @@ T = TypeVar("T")
 
 
 def _read(path: str, read: Callable[[int], T], diffs: list[str], what: str, *,
-          rdonly: bool = False, note: str = "") -> T | None:
+          rdonly: bool = False, wronly: bool = False, note: str = "") -> T | None:
     """`read(fd)` of the object pinned at `path`; None (and a difference recorded) if it
     cannot be opened. A missing pin and a pin we may not open are different findings."""
     try:
-        fd = kernel.obj_get(path, rdonly=rdonly)
+        fd = kernel.obj_get(path, rdonly=rdonly, wronly=wronly)
     except LoaderdError as exc:
         code = getattr(exc, "errno", 0)
         diffs.append(f"{what} pin missing: {path}{note}" if code == errno.ENOENT else
@@ -55,7 +55,9 @@ def differences(entry: dict[str, Any]) -> list[str]:
                          f"{prog['id']}/{prog['tag']}")
     for name, m in entry["maps"].items():
         path = os.path.join(base, "maps", name)
-        facts = _read(path, _map_facts, diffs, "map", rdonly=True)
+        # Open the way the pin's mode allows (a WRONLY map's pin has no read bits).
+        wronly = m.get("access") == "wronly"
+        facts = _read(path, _map_facts, diffs, "map", rdonly=not wronly, wronly=wronly)
         if facts is None:
             continue
         map_id, frozen = facts

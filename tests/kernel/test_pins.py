@@ -97,14 +97,19 @@ def test_conform_pins_sets_mode_and_group_of_pins_only(layout: pins.PinLayout,
     layout.pin(map_fd, ok, 0o640, nogroup)
     os.symlink("/etc/passwd", f"{layout.kind_dir('net', 'maps')}/link")
     changed = layout.conform_pins(layout.spec_dir("net"), 0o640, nogroup)
-    assert changed == ["old"]
+    assert changed == ["maps/old"]
     st = os.stat(old)
     assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, nogroup)
     assert stat.S_IMODE(os.stat(layout.kind_dir("net", "maps")).st_mode) == 0o755
     assert os.stat("/etc/passwd").st_gid == 0
     assert layout.conform_pins(layout.spec_dir("net"), 0o640, nogroup) == []
+    # Per-pin exceptions (RDONLY maps lose their write bits).
+    assert layout.conform_pins(layout.spec_dir("net"), 0o640, nogroup,
+                               {"maps/ok": 0o440}) == ["maps/ok"]
+    assert stat.S_IMODE(os.stat(ok).st_mode) == 0o440
     # No group configured: the mode alone.
-    assert sorted(layout.conform_pins(layout.spec_dir("net"), 0o600, -1)) == ["ok", "old"]
+    assert sorted(layout.conform_pins(layout.spec_dir("net"), 0o600, -1)) == ["maps/ok",
+                                                                              "maps/old"]
     st = os.stat(ok)
     assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o600, nogroup)
 

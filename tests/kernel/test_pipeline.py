@@ -4,12 +4,15 @@ attach and work; bad programs are refused with the reason; the daemon drops ever
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import signal
 import socket
+import stat
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from loaderd import kernel
+from loaderd import kernel, verify
 from tests.conftest import loaderd, no_staging_leftovers, wait_until, write_settings
 
 pytestmark = pytest.mark.kernel
@@ -184,6 +187,59 @@ def test_rdonly_prog_map_write_is_refused_by_the_verifier(tmp_path: Path, bpffs_
     assert "write into map forbidden" in out.stderr
     assert "0xffff" not in out.stderr  # no kernel addresses shown to users
     assert not os.path.exists(f"{bpffs_root}/writer")
+
+
+ACCESS = """loaderd: 1
+source:
+  inline: |
+    int reader(void *ctx) { u32 k = 0; u64 *a = shown.lookup(&k); u64 *b = fed.lookup(&k);
+        if (a && b) __sync_fetch_and_add(a, *b); return 0; }
+maps:
+  - {name: shown, type: array, key: u32, value: u64, max_entries: 1, flags: [RDONLY]}
+  - {name: fed, type: array, key: u32, value: u64, max_entries: 1, flags: [WRONLY, RDONLY_PROG],
+     initial: [{key: 0, value: 1}]}
+programs:
+  - {name: reader, type: tracepoint, attach: {tracepoint: "sched:sched_process_exec"}}
+"""
+
+OPENER = """
+import sys
+from loaderd import kernel
+for path, how in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        kernel.obj_get(path, rdonly=how == "r", wronly=how == "w")
+        print(path.rsplit("/", 1)[1], how, "ok")
+    except kernel.KernelError as exc:
+        print(path.rsplit("/", 1)[1], how, exc.errno)
+"""
+
+
+def test_rdonly_and_wronly_maps_are_enforced_on_their_pins(
+        tmp_path: Path, bpffs_root: str, specs_dir: Path, shared_code: str) -> None:
+    """RDONLY/WRONLY bind to the creating fd only (the kernel keeps neither in map_flags), so
+    loaderd makes them hold for pins: the pin loses its write (RDONLY) or read (WRONLY) bits
+    and the kernel checks BPF_OBJ_GET's open flags against them."""
+    only_spec(specs_dir, "access", ACCESS)
+    conf = write_settings(tmp_path, bpffs_root, specs_dir, 'pins: {mode: "0660"}\n')
+    loaderd("--config", str(conf), "apply")
+    maps = f"{bpffs_root}/access/maps"
+    assert stat.S_IMODE(os.stat(f"{maps}/shown").st_mode) == 0o440
+    assert stat.S_IMODE(os.stat(f"{maps}/fed").st_mode) == 0o220
+    subprocess.run(["/bin/true"], check=True)
+    assert read_u64(f"{maps}/shown") >= 1  # fed's initial value reached the program
+    # As an unprivileged user of the pins' group (root's DAC override would hide it all).
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=0", "--clear-groups", "--inh-caps=-all",
+         "--bounding-set=-all", sys.executable, "-c", OPENER,
+         f"{maps}/shown", "r", f"{maps}/shown", "rw", f"{maps}/fed", "w", f"{maps}/fed", "r"],
+        capture_output=True, text=True, env={"PYTHONPATH": shared_code}, cwd="/", check=True)
+    assert out.stdout.split("\n")[:4] == ["shown r ok", f"shown rw {errno.EACCES}",
+                                          "fed w ok", f"fed r {errno.EACCES}"], out
+    manifest = json.loads((tmp_path / "state" / "manifest.json").read_text())
+    assert verify.differences(manifest["specs"]["access"]) == []
+    again = loaderd("--config", str(conf), "apply")  # adopted, modes kept as they are
+    assert "compiles 0" in again.stdout
+    assert stat.S_IMODE(os.stat(f"{maps}/fed").st_mode) == 0o220
 
 
 @pytest.mark.parametrize("helper,call", [
