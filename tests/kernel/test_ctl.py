@@ -394,9 +394,13 @@ def test_fallback_used_and_reported_when_primary_is_refused(tmp_path: Path,
 
 # --- compliance -------------------------------------------------------------------------------
 
+UNIT_FILES = [str(REPO / "units" / unit)
+              for unit in ("loaderd.service", "loaderd-apply.service", "loaderd-audit.service")]
+
+
 def compliance(conf: Path) -> tuple[int, dict[str, dict]]:  # type: ignore[type-arg]
-    out = loaderctl("--config", str(conf), "compliance", "--json", "--unit-file",
-                    str(REPO / "units" / "loaderd.service"), check=False)
+    units = [arg for path in UNIT_FILES for arg in ("--unit-file", path)]
+    out = loaderctl("--config", str(conf), "compliance", "--json", *units, check=False)
     data = json.loads(out.stdout)
     return out.returncode, {r["check"]: r for r in data["results"]}
 
@@ -411,7 +415,13 @@ def test_compliance_fails_when_a_config_map_is_not_frozen(applied: Path,
     assert results["pinned objects match the manifest (no drift)"]["status"] == "PASS"
     assert results["programs use only allowed helpers (current policy)"]["status"] == "PASS"
     assert results["maps have limits and their declared flags"]["status"] == "PASS"
-    assert results["unit hardening (systemd-analyze security)"]["status"] in ("PASS", "SKIP")
+    hardening = results["unit hardening (systemd-analyze security)"]
+    assert hardening["severity"] == "high"
+    if shutil.which("systemd-analyze"):  # the unit holding capabilities is scored too
+        assert hardening["status"] == "PASS", hardening
+        assert all(f"{path} " in hardening["detail"] for path in UNIT_FILES), hardening
+    else:
+        assert hardening["status"] == "SKIP"
     assert rc == 0, results
 
     # Someone swaps the frozen config map for a writable one of the same shape.

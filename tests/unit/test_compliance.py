@@ -3,8 +3,10 @@ on a plain directory tree, the resident daemon's command line, unit scoring, rep
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -134,17 +136,213 @@ def test_journal_check_warns_without_journald(tmp_path: Path,
     assert status == WARN and "stderr JSON" in detail
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
-def test_hardening_scores_unit_files(tmp_path: Path) -> None:
-    v = view(tmp_path, {})
-    shipped = [str(REPO / "units" / "loaderd.service"), str(REPO / "units" /
-                                                           "loaderd-audit.service")]
-    status, detail = compliance.check_hardening(v, shipped)
-    assert status == PASS and "loaderd.service" in detail and "loaderd-audit.service" in detail
+DRIFT_ID = audit.Event.DRIFT.message_id
+
+
+def entry(uid: str | None = "0", comm: str | None = "loaderd",
+          exe: str | None = "/usr/bin/python3.11", unit: str | None = None,
+          message: str = "counter: drift detected") -> dict[str, Any]:
+    """One journal entry as `journalctl -o json` prints it (trusted fields set by journald)."""
+    rec = {"__REALTIME_TIMESTAMP": "1767225600000000", "MESSAGE_ID": DRIFT_ID,
+           "MESSAGE": message, "_PID": "4242", "_UID": uid, "_COMM": comm, "_EXE": exe,
+           "_SYSTEMD_UNIT": unit}
+    return {k: v for k, v in rec.items() if v is not None}
+
+
+@pytest.mark.parametrize("rec", [
+    entry(),  # `loaderd apply` run by root: comm is the script's name, exe the interpreter
+    entry(uid="998", comm="python3", unit="loaderd-apply.service"),  # the apply's --child
+    entry(uid="997", comm="loaderctl", unit="loaderd-audit.service"),
+    entry(uid="998", comm="loaderd"),  # the loaderd service user, outside a unit
+])
+def test_journal_passes_on_events_loaderd_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                rec: dict[str, Any]) -> None:
+    monkeypatch.setattr(compliance, "trusted_uids", lambda: {0, 998})
+    status, detail = compliance.check_journal(view(tmp_path, {}), [rec])
+    assert status == PASS, detail
+    assert detail.startswith("1 events from loaderd itself, none forged; last "
+                             "2026-01-01T00:00:00+00:00 (_UID ")
+    assert detail.endswith(": counter: drift detected")
+
+
+@pytest.mark.parametrize(("rec", "who"), [
+    (entry(uid="1000", comm="python3"), "_UID 1000, _COMM python3"),  # any local user
+    (entry(uid="1000", comm="loaderd", unit="user@1000.service"), "_UID 1000, _SYSTEMD_UNIT"),
+    (entry(uid="0", comm="logger", exe="/usr/bin/logger"),
+     "_UID 0, _COMM logger, _EXE /usr/bin/logger"),
+    (entry(uid="998", comm="sh", exe="/usr/bin/dash"), "_UID 998, _COMM sh"),
+    (entry(uid=None, comm=None, exe=None), "_PID 4242"),
+])
+def test_journal_fails_on_forged_events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        rec: dict[str, Any], who: str) -> None:
+    monkeypatch.setattr(compliance, "trusted_uids", lambda: {0, 998})
+    genuine = entry(unit="loaderd.service", uid="998")
+    status, detail = compliance.check_journal(view(tmp_path, {}), [genuine, rec])
+    assert status == FAIL, detail
+    assert detail.startswith("1 journal entries carry a loaderd MESSAGE_ID but were not written "
+                             "by loaderd (forged; loaderd runs as uid 0/998 in ")
+    assert f"2026-01-01T00:00:00+00:00 MESSAGE_ID {DRIFT_ID} from {who}" in detail
+    results = {r.check: r for r in compliance.run(view(tmp_path, {}), unit_files=["/nonexistent"])}
+    assert results["audit events reach the journal"].severity == HIGH
+
+
+def test_journal_forgeries_are_listed_with_a_count(tmp_path: Path) -> None:
+    forged = [entry(uid="1000", comm="python3", message=f"fake {i}") for i in range(8)]
+    status, detail = compliance.check_journal(view(tmp_path, {}), forged)
+    assert status == FAIL and detail.startswith("8 journal entries") and "(+3 more)" in detail
+    assert "'fake 4'" in detail and "'fake 5'" not in detail
+
+
+def test_journal_warns_without_proof(tmp_path: Path) -> None:
+    status, detail = compliance.check_journal(view(tmp_path, {}), [])
+    assert status == WARN and "no loaderd event is visible" in detail
+    gone = entry(comm=None, exe=None)  # the process exited before journald read /proc
+    status, detail = compliance.check_journal(view(tmp_path, {}), [gone])
+    assert status == WARN and "cannot confirm loaderd wrote them" in detail
+
+
+def test_journal_records_read_with_trusted_fields(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    socket = tmp_path / "socket"
+    socket.write_text("")
+    monkeypatch.setattr(audit, "JOURNAL_SOCKET", str(socket))
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    seen: list[tuple[str, ...]] = []
+
+    def journalctl(*args: str) -> subprocess.CompletedProcess[str]:
+        seen.append(args)
+        lines = [json.dumps(entry(uid="1000", comm="python3")), json.dumps(entry())]
+        return subprocess.CompletedProcess(args, 0, "\n".join(lines) + "\n", "")
+
+    monkeypatch.setattr(compliance, "_journalctl", journalctl)
+    status, detail = compliance.check_journal(view(tmp_path, {}))
+    assert status == FAIL and "from _UID 1000, _COMM python3" in detail
+    (args,) = seen
+    assert args[:4] == ("-o", "json", "-n", str(compliance.JOURNAL_SCAN))
+    fields = args[4].removeprefix("--output-fields=").split(",")
+    assert {"_UID", "_COMM", "_EXE", "_SYSTEMD_UNIT"} <= set(fields)
+    assert f"MESSAGE_ID={DRIFT_ID}" in args
+
+
+def test_trusted_uids_are_root_and_the_service_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pwd
+
+    def getpwnam(name: str) -> Any:
+        if name != "loaderd":
+            raise KeyError(name)
+        return pwd.struct_passwd(("loaderd", "x", 998, 998, "", "/", "/usr/sbin/nologin"))
+
+    monkeypatch.setattr(pwd, "getpwnam", getpwnam)
+    assert compliance.trusted_uids() == {0, 998}
+    monkeypatch.setattr(compliance, "SERVICE_USER", "nobody-here")
+    assert compliance.trusted_uids() == {0}
+
+
+SHIPPED_UNITS = ("loaderd.service", "loaderd-apply.service", "loaderd-audit.service")
+needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                   reason="needs systemd-analyze")
+
+
+def installed_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The shipped units as the only installed ones, systemd (PID 1) not reachable."""
+    unit_dir = tmp_path / "system"
+    unit_dir.mkdir()
+    for unit in SHIPPED_UNITS:
+        shutil.copy(REPO / "units" / unit, unit_dir / unit)
+    monkeypatch.setattr(compliance, "UNIT_DIRS", (str(unit_dir),))
+    monkeypatch.setattr(compliance, "systemd_reachable",
+                        lambda: (False, "System has not been booted with systemd"))
+    return unit_dir
+
+
+def test_hardening_is_high_severity() -> None:
+    severity = {name: sev for name, sev, _check in compliance.checks(None)}
+    assert severity["unit hardening (systemd-analyze security)"] == HIGH
+
+
+@needs_analyze
+def test_hardening_scores_every_installed_unit_offline(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    unit_dir = installed_units(tmp_path, monkeypatch)
+    status, detail = compliance.check_hardening(view(tmp_path, {}), None)
+    assert status == PASS, detail
+    assert detail.startswith("systemd not reachable (System has not been booted with systemd): "
+                             "installed unit files analyzed offline (drop-ins not applied)")
+    for unit in SHIPPED_UNITS:  # the apply unit, the only one holding capabilities, included
+        assert f"{unit_dir / unit} " in detail
+    assert detail.endswith("(each <= 2.0)")
+    (unit_dir / "loaderd-audit.service").unlink()
+    status, detail = compliance.check_hardening(view(tmp_path, {}), None)
+    assert status == WARN and detail.startswith("not installed: loaderd-audit.service;")
+
+
+@needs_analyze
+def test_hardening_fails_above_two(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The apply unit without its syscall filter and device/kernel protections is still "OK"
+    (3.3, below systemd's 5.0 MEDIUM) but far from its measured 1.3: a HIGH failure."""
+    unit_dir = installed_units(tmp_path, monkeypatch)
+    apply_unit = unit_dir / "loaderd-apply.service"
+    drop = ("SystemCallFilter=", "PrivateDevices=", "ProtectKernelModules=", "ProtectKernelLogs=")
+    apply_unit.write_text("".join(line for line in apply_unit.read_text().splitlines(True)
+                                  if not line.startswith(drop)))
+    status, detail = compliance.check_hardening(view(tmp_path, {}), None)
+    assert status == FAIL
+    assert detail.startswith(f"{apply_unit}: exposure 3.3 OK, must be <= 2.0 [")
+    assert "loaderd.service 0.3 SAFE" in detail
+    results = {r.check: r for r in compliance.run(view(tmp_path, {}))}
+    assert results["unit hardening (systemd-analyze security)"] in \
+        compliance.high_failures(list(results.values()))
     bare = tmp_path / "bare.service"
     bare.write_text("[Service]\nExecStart=/bin/true\n")
-    status, detail = compliance.check_hardening(v, [str(bare)])
-    assert status == FAIL and "must be < 5.0" in detail
+    status, detail = compliance.check_hardening(view(tmp_path, {}), [str(bare)])
+    assert status == FAIL and "must be <= 2.0" in detail
+    assert "given unit files analyzed offline (drop-ins not applied)" in detail
+
+
+@needs_analyze
+def test_hardening_scores_given_unit_files(tmp_path: Path) -> None:
+    shipped = [str(REPO / "units" / unit) for unit in SHIPPED_UNITS]
+    status, detail = compliance.check_hardening(view(tmp_path, {}), shipped)
+    assert status == PASS, detail
+    assert "loaderd-apply.service 1.3 OK" in detail and "loaderd-audit.service 0.8" in detail
+
+
+def test_hardening_prefers_the_loaded_units(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With systemd reachable, the loaded unit (drop-ins included) is scored, not the file; a
+    unit systemd has not loaded falls back to its installed file, analyzed offline."""
+    unit_dir = installed_units(tmp_path, monkeypatch)
+    monkeypatch.setattr(compliance, "systemd_reachable", lambda: (True, "Version=252"))
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    dropin = "/etc/systemd/system/loaderd-apply.service.d/x.conf"
+    calls: list[list[str]] = []
+
+    def run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        calls.append(list(argv))
+        unit = argv[-1]
+        if argv[0] == "systemctl":
+            state = "not-found" if unit == "loaderd-audit.service" else "loaded"
+            out = (f"LoadState={state}\nFragmentPath=/usr/lib/systemd/system/{unit}\n"
+                   f"DropInPaths={dropin if unit == 'loaderd-apply.service' else ''}\n")
+            return subprocess.CompletedProcess(argv, 0, out, "")
+        name = os.path.basename(unit)
+        score = {"loaderd.service": "0.3 SAFE", "loaderd-apply.service": "2.4 OK"}.get(name,
+                                                                                   "0.8 SAFE")
+        return subprocess.CompletedProcess(
+            argv, 0, f"→ Overall exposure level for {name}: {score} 😀\n", "")
+
+    monkeypatch.setattr(compliance, "_run", run)
+    status, detail = compliance.check_hardening(view(tmp_path, {}), None)
+    analyzed = [c[2:] for c in calls if c[0] == "systemd-analyze"]
+    assert analyzed == [["loaderd.service"], ["loaderd-apply.service"],
+                        ["--offline=true", str(unit_dir / "loaderd-audit.service")]]
+    assert status == FAIL
+    assert detail.startswith("loaderd-apply.service: exposure 2.4 OK, must be <= 2.0 "
+                             "[scored by the running systemd (loaded units, drop-ins applied): "
+                             "loaderd.service 0.3 SAFE; "
+                             f"loaderd-apply.service 2.4 OK (+ {dropin}); ")
+    assert "audit.service 0.8 SAFE (not loaded (LoadState=not-found): file analyzed offline)" \
+        in detail
 
 
 def test_report_and_exit_semantics() -> None:
@@ -179,3 +377,16 @@ def test_daemon_caps_verdicts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(compliance, "_applying", lambda _pid: applying)
     got, detail = compliance.check_daemon_caps(view(tmp_path, {}))
     assert got == status and text in detail
+
+
+def test_units_sharing_the_state_dir_agree_on_its_mode() -> None:
+    """systemd sets a StateDirectory= to the starting unit's StateDirectoryMode=: one unit with
+    0750 would lock the readers group out of manifest.json (they only traverse: 0751)."""
+    modes = {}
+    for unit in SHIPPED_UNITS:
+        lines = (REPO / "units" / unit).read_text().splitlines()
+        assert "StateDirectory=loaderd" in lines, unit
+        (mode,) = [line.split("=", 1)[1] for line in lines
+                   if line.startswith("StateDirectoryMode=")]
+        modes[unit] = mode
+    assert modes == dict.fromkeys(SHIPPED_UNITS, "0751")
