@@ -316,7 +316,7 @@ class Applier:
             old_link = self.layout.link_path(s.name, prog.name)
             if attach.is_exclusive(prog) and old_entry and prog.name in old_entry.get(
                     "links", {}) and old_entry["links"][prog.name]["target"] == tgt \
-                    and self.layout.exists(old_link):
+                    and self._link_holds(old_link, tgt):
                 deferred.append(prog.name)
                 links[prog.name] = {"target": tgt, "id": old_entry["links"][prog.name]["id"]}
                 continue
@@ -349,6 +349,37 @@ class Applier:
         entry["deferred_links"] = deferred
         entry["events"] = {m.name: m.events for m in s.maps if m.events}
         return entry
+
+    def _detach(self, link_pin: str) -> None:
+        try:
+            fd = self.layout.get(link_pin)
+        except LoaderdError:
+            return  # not a link we can open: removing its pin is all we can do
+        try:
+            kernel.link_detach(fd)
+        except LoaderdError as exc:
+            if getattr(exc, "errno", 0) not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            # perf_event and raw_tp links have no detach op (EOPNOTSUPP, measured on 6.18):
+            # they go with the last reference; link pins are never readable by the readers'
+            # group (OBJ_GET opens links read-write only), so that is loaderd's own pin.
+        finally:
+            os.close(fd)
+
+    def _link_holds(self, link_pin: str, tgt: str) -> bool:
+        """The old link still holds `tgt`, so the commit can LINK_UPDATE it. Checked before the
+        commit point: a link left behind by a deleted interface (ifindex 0) cannot be updated,
+        and a roll-forward that fails there would be stuck; such a target gets a new link."""
+        if not self.layout.exists(link_pin):
+            return False
+        try:
+            fd = self.layout.get(link_pin)
+        except LoaderdError:
+            return False
+        try:
+            return attach.target_difference(kernel.link_info(fd), tgt) is None
+        finally:
+            os.close(fd)
 
     def _commit(self, txid: str, manifest: dict[str, Any]) -> None:
         for name, entry in manifest["specs"].items():
@@ -411,6 +442,10 @@ class Applier:
     def _disable(self) -> list[str]:
         manifest = self.state.load()
         removed = sorted(manifest.get("specs", {}))
+        # Detach first: unpinning alone leaves a link attached while anyone still holds an fd.
+        for pin in self.layout.list_tree(self.layout.root):
+            if "/links/" in f"/{pin}":
+                self._detach(os.path.join(self.layout.root, pin))
         self.layout.remove_tree(self.layout.root)
         self.state.save({"version": 1, "status": "disabled", "txid": None, "specs": {}})
         audit.emit(Event.KILL_SWITCH, f"kill switch: removed every pin and link under "

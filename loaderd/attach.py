@@ -60,6 +60,27 @@ def is_exclusive(program: ProgramSpec) -> bool:
     return isinstance(program.attach, XdpAttach)
 
 
+def target_difference(info: kernel.LinkInfo, tgt: str) -> str | None:
+    """How a link's kernel facts disagree with the target it was made for (None: they agree).
+    An XDP link outlives its interface (ifindex 0 then) and does not follow a recreated one."""
+    kind, _, rest = tgt.partition(":")
+    if kind == "xdp":
+        iface = rest.rsplit(":", 1)[0]
+        if not info.ifindex:
+            return f"detached from {iface} (the interface went away)"
+        try:
+            now = kernel.ifindex(iface)
+        except LoaderdError:
+            return f"interface {iface} is gone"
+        if info.ifindex != now:
+            return f"attached to ifindex {info.ifindex}, but {iface} is now ifindex {now}"
+        return None
+    want = rest if kind == "raw_tracepoint" else rest.partition(":")[2]
+    if info.tp_name is not None and info.tp_name != want:
+        return f"attached to {info.tp_name}, not {want}"
+    return None
+
+
 def update_link(link_pin: str, new_prog_fd: int) -> int:
     """Swap the program behind an existing pinned link; returns the link id."""
     fd = kernel.obj_get(link_pin)
@@ -70,4 +91,5 @@ def update_link(link_pin: str, new_prog_fd: int) -> int:
         os.close(fd)
 
 
-__all__ = ["LoaderdError", "create_link", "is_exclusive", "target", "update_link"]
+__all__ = ["LoaderdError", "create_link", "is_exclusive", "target", "target_difference",
+           "update_link"]

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from loaderd import kernel
+from loaderd import attach, kernel
 from loaderd.errors import LoaderdError
 
 T = TypeVar("T")
@@ -65,7 +65,7 @@ def differences(entry: dict[str, Any]) -> list[str]:
             diffs.append(f"map {path}: id {map_id} != manifest {m['id']}")
         if frozen != m["frozen"]:
             diffs.append(f"map {path}: frozen={frozen}, manifest says {m['frozen']}")
-    for name in entry.get("links", {}):
+    for name, link in entry.get("links", {}).items():
         path = os.path.join(base, "links", name)
         linfo = _read(path, kernel.link_info, diffs, "link",
                       note=f" (program {name} is detached)")
@@ -74,4 +74,7 @@ def differences(entry: dict[str, Any]) -> list[str]:
         if name in prog_ids and linfo.prog_id != prog_ids[name]:
             diffs.append(f"link {path}: runs program id {linfo.prog_id}, expected "
                          f"{prog_ids[name]}")
+        off = attach.target_difference(linfo, link["target"])
+        if off:
+            diffs.append(f"link {path}: {off}")
     return diffs

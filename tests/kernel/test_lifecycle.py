@@ -199,8 +199,19 @@ def test_kill_switch_removes_every_pin_and_link(config: Path, bpffs_root: str) -
     ids = {prog_tag(f"{bpffs_root}/{s}/progs/{p}")[0] for s, p in (
         ("exec_counter", "count_exec"), ("xdp_counter", "xdp_count"),
         ("sched_switches", "count_switch"))}
-    loaderd("--config", str(config), "disable")
-    assert not os.path.exists(bpffs_root) or not os.listdir(bpffs_root)
+    # A reader that kept a link fd open: unpinning alone would leave that link attached.
+    held = {"xdp_count": kernel.obj_get(f"{bpffs_root}/xdp_counter/links/xdp_count")}
+    try:
+        loaderd("--config", str(config), "disable")
+        assert not os.path.exists(bpffs_root) or not os.listdir(bpffs_root)
+        # Detached although still open (XDP has a detach op; raw_tp/perf links do not).
+        assert kernel.link_info(held["xdp_count"]).ifindex == 0
+        assert not [lk for lk in bpftool("link", "show")  # type: ignore[attr-defined]
+                    if lk.get("prog_id") in ids and lk.get("type") == "xdp"
+                    and lk.get("ifindex")]
+    finally:
+        for fd in held.values():
+            os.close(fd)
     assert wait_until(lambda: not [lk for lk in bpftool("link", "show")  # type: ignore[attr-defined]
                                    if lk.get("prog_id") in ids])
     # Released asynchronously after the last unpin: no loaderd program remains loaded at all.
