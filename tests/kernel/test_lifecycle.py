@@ -151,6 +151,37 @@ def test_xdp_change_updates_the_link_in_place(tmp_path: Path, bpffs_root: str,
     loaderd("--config", str(conf), "disable")
 
 
+def test_recreated_interface_is_drift_and_a_change_gets_a_new_link(
+        tmp_path: Path, bpffs_root: str, dummy_iface: str) -> None:
+    """An XDP link outlives its interface (ifindex 0) and does not follow a new one of the same
+    name: verify reports it; a changed spec gets a fresh link there (a LINK_UPDATE of the dead
+    link would fail after the commit point) and the set verifies clean again."""
+    d = tmp_path / "specs"
+    d.mkdir()
+    os.chmod(tmp_path, 0o755)
+    (d / "xdp.yaml").write_text(XDP.format(step=1, iface=dummy_iface))
+    conf = write_settings(tmp_path, bpffs_root, d)
+    loaderd("--config", str(conf), "apply")
+    state = State(load_settings(str(conf)).state_dir)
+    subprocess.run(["ip", "link", "del", dummy_iface], check=True)
+    subprocess.run(["ip", "link", "add", dummy_iface, "type", "veth", "peer", "name",
+                    dummy_iface + "p"], check=True)
+    diffs = verify.differences(state.load()["specs"]["xdp"])
+    assert any("detached from" in x or "is now ifindex" in x for x in diffs), diffs
+    (d / "xdp.yaml").write_text(XDP.format(step=7, iface=dummy_iface))
+    out = loaderd("--config", str(conf), "apply")
+    assert "built ['xdp']" in out.stdout
+    manifest = state.load()
+    assert manifest["status"] == "committed"
+    assert verify.differences(manifest["specs"]["xdp"]) == []
+    fd = kernel.obj_get(f"{bpffs_root}/xdp/links/xdp_count")
+    try:  # (bpftool 7.1 does not print an XDP link's ifindex)
+        assert kernel.link_info(fd).ifindex == kernel.ifindex(dummy_iface)
+    finally:
+        os.close(fd)
+    loaderd("--config", str(conf), "disable")
+
+
 @pytest.mark.parametrize("fault", ["after_compile", "after_load", "after_pin", "after_attach",
                                    "mid_commit"])
 def test_kill_9_at_each_stage_ends_in_old_or_new_never_a_mix(
