@@ -36,7 +36,7 @@ from loaderd.ctl import (
     pin_facts,
 )
 from loaderd.errors import LoaderdError
-from loaderd.model import DANGEROUS_HELPERS, MAP_FLAG_BITS, MapType, ProgType
+from loaderd.model import DANGEROUS_HELPERS, MapType, ProgType, kernel_map_flags, map_pin_mode
 
 HIGH, MEDIUM, LOW = "high", "medium", "low"
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
@@ -150,7 +150,7 @@ def check_map_limits(view: View) -> Outcome:
         if decl is None:
             problems.append(f"{where}: no applied spec to compare flags with")
             continue
-        want = sum(MAP_FLAG_BITS[f] for f in decl.flags)
+        want = kernel_map_flags(decl.flags)
         if facts["flags"] & _MAP_FLAG_MASK != want:
             problems.append(f"{where}: flags {facts['flags'] & _MAP_FLAG_MASK:#x}, spec "
                             f"declares {want:#x}")
@@ -549,14 +549,18 @@ def check_pin_modes(view: View) -> Outcome:
         want_gid = view.settings.pins.gid
     except (KeyError, LoaderdError):  # model raises LoaderdError for an unknown group now
         return FAIL, f"configured pin group '{view.settings.pins.group}' does not exist"
+    # RDONLY/WRONLY maps' pins lose their write/read bits (model.map_pin_mode).
+    special = {os.path.join(e["pin_dir"], "maps", n): map_pin_mode(want_mode, m.get("access", ""))
+               for e in (view.manifest or {}).get("specs", {}).values()
+               for n, m in e.get("maps", {}).items()}
     problems, n = [], 0
     for path, st in _pin_entries(root):
         if not stat.S_ISREG(st.st_mode):
             continue
         n += 1
-        mode = stat.S_IMODE(st.st_mode)
-        if mode != want_mode:
-            problems.append(f"{path}: mode {mode:04o}, configured {want_mode:04o}")
+        mode, want = stat.S_IMODE(st.st_mode), special.get(path, want_mode)
+        if mode != want:
+            problems.append(f"{path}: mode {mode:04o}, configured {want:04o}")
         if want_gid >= 0 and st.st_gid != want_gid:
             problems.append(f"{path}: group {st.st_gid}, configured "
                             f"{view.settings.pins.group} ({want_gid})")

@@ -90,6 +90,12 @@ class MapSpec:
     line: int | None = None
 
 
+def kernel_map_flags(flags: frozenset[MapFlag]) -> int:
+    """The map_flags the kernel keeps for a map created with `flags`: RDONLY/WRONLY bind to
+    the creating fd only (bpf_map_flags_retain_permanent drops them)."""
+    return sum(MAP_FLAG_BITS[f] for f in flags - {MapFlag.RDONLY, MapFlag.WRONLY})
+
+
 def map_access(flags: frozenset[MapFlag]) -> str:
     """"rdonly", "wronly" or "" (read-write): what the syscall side may do with a map."""
     return "rdonly" if MapFlag.RDONLY in flags else "wronly" if MapFlag.WRONLY in flags else ""

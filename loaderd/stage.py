@@ -17,14 +17,13 @@ from loaderd.bytecode import BytecodeError, decode
 from loaderd.compile import Module
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
-    MAP_FLAG_BITS,
     CType,
-    MapFlag,
     MapSpec,
     MapType,
     PinOwnership,
     Policy,
     Spec,
+    kernel_map_flags,
     map_access,
     map_pin_mode,
 )
@@ -99,9 +98,7 @@ def check_map_facts(spec: Spec, tables: dict[str, int]) -> dict[str, int]:
             raise LoaderdError(Kind.SEMANTIC, f"map '{m.name}' is declared but not in the "
                                "compiled object", _map_loc(spec, i, m))
         info = kernel.map_info(tables[m.name])
-        # RDONLY/WRONLY bind to the creating fd and are not kept in map_flags.
-        flags = sum(MAP_FLAG_BITS[f] for f in m.flags - {MapFlag.RDONLY, MapFlag.WRONLY})
-        want: tuple[int, ...] = (MAP_TYPE_IDS[m.type], flags)
+        want: tuple[int, ...] = (MAP_TYPE_IDS[m.type], kernel_map_flags(m.flags))
         got: tuple[int, ...] = (info.type, info.map_flags & 0x1FF)
         if m.type not in (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY):
             want += (m.key.size, m.value.size, m.max_entries)

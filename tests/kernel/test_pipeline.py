@@ -240,6 +240,12 @@ def test_rdonly_and_wronly_maps_are_enforced_on_their_pins(
     again = loaderd("--config", str(conf), "apply")  # adopted, modes kept as they are
     assert "compiles 0" in again.stdout
     assert stat.S_IMODE(os.stat(f"{maps}/fed").st_mode) == 0o220
+    # Compliance knows these modes and flags are the intended ones.
+    from tests.kernel.test_ctl import compliance
+    _, results = compliance(conf)
+    for check in ("pins have the configured mode and group",
+                  "maps have limits and their declared flags"):
+        assert results[check]["status"] == "PASS", results[check]
 
 
 @pytest.mark.parametrize("helper,call", [
