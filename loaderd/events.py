@@ -10,6 +10,8 @@ acquire and plain stores release.
 
 Records decode by a layout such as `pid:u32,uid:u32,comm:bytes16` (spec scalar names, or
 bytesN); bytes past the layout come as `_rest`. Without a layout a record is `{"data": bytes}`.
+A u32/s32 field the sanitizer treats as an address (`saddr`, `daddr`, `ip`, ...) is read in network
+order, as the kernel stores iphdr/sockaddr addresses, into an IPv4Address.
 Then the Sanitizer (uid pseudonymized, addresses masked, secrets redacted) unless raw. A token
 bucket enforces `limits.max_event_rate`: records over it are consumed (the producer must never
 stall) but not emitted, and counted.
@@ -17,6 +19,7 @@ stall) but not emitted, and counted.
 
 from __future__ import annotations
 
+import ipaddress
 import mmap
 import os
 import re
@@ -30,6 +33,7 @@ from typing import Any
 from loaderd import kernel
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import SCALAR_TYPES
+from loaderd.sanitize import IP_FIELDS
 
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
@@ -71,7 +75,9 @@ def parse_layout(text: str) -> tuple[Field, ...]:
     return tuple(fields)
 
 
-def decode(record: bytes, layout: tuple[Field, ...] | None) -> dict[str, Any]:
+def decode(record: bytes, layout: tuple[Field, ...] | None,
+           addresses: frozenset[str] = IP_FIELDS) -> dict[str, Any]:
+    """A record's fields by `layout`; 4-byte scalars named in `addresses` become IPv4Address."""
     if layout is None:
         return {"data": record}
     out: dict[str, Any] = {}
@@ -81,8 +87,13 @@ def decode(record: bytes, layout: tuple[Field, ...] | None) -> dict[str, Any]:
         if len(raw) < f.size:
             out["_short"] = True  # the record is smaller than the layout says
             break
-        out[f.name] = raw if f.kind == "bytes" else int.from_bytes(
-            raw, "little", signed=SCALAR_TYPES[f.kind][1])
+        if f.kind == "bytes":
+            out[f.name] = raw  # 16-byte addresses too: the sanitizer reads bytes in network order
+        elif f.size == 4 and f.name in addresses:
+            # network order: read little-endian, 10.1.2.3 would be masked as 3.2.1.0/24
+            out[f.name] = ipaddress.IPv4Address(raw)
+        else:
+            out[f.name] = int.from_bytes(raw, "little", signed=SCALAR_TYPES[f.kind][1])
         end = f.offset + f.size
     if len(record) > end and "_short" not in out:
         out["_rest"] = record[end:]

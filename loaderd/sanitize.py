@@ -4,8 +4,9 @@ One pipeline for any nested value (dicts, lists, strings, bytes, ints):
 - fields: keep only an allow-list (top level), drop a deny-list, redact secret-named fields,
   pseudonymize identity fields with a keyed HMAC-SHA-256 (a bare hash of a uid or an address is
   reversed by enumerating the small input space; a keyed one is not without the key);
-- strings (and bytes that are text): mask IPv4/IPv6 addresses to a prefix, redact secrets
-  (`password=`, `token=`, `api_key=`, bearer tokens, card numbers that pass the Luhn check);
+- strings (and bytes that are text; a C string ends at its first NUL): mask IPv4/IPv6
+  addresses to a prefix, redact secrets (`password=`, `"token": "..."`, `api_key=`, bearer
+  tokens, GitHub tokens, AWS keys, URL passwords, card numbers that pass the Luhn check);
 - bytes that are not text become hex, so the result is always JSON-safe.
 
 The key comes from a systemd credential (`$CREDENTIALS_DIRECTORY/sanitize.key`) or from
@@ -46,6 +47,11 @@ def _names(items: Iterable[str]) -> frozenset[str]:
     return frozenset(_norm(i) for i in items)
 
 
+# Fields holding raw addresses. events.decode reads 4-byte scalars of these names in network
+# order (as the kernel stores iphdr/sockaddr addresses), not as little-endian ints.
+IP_FIELDS = _names({"saddr", "daddr", "src_ip", "dst_ip", "ip", "addr"})
+
+
 @dataclass(frozen=True)
 class Rules:
     """What to do with which field. Field names match case-insensitively, `-` == `_`."""
@@ -56,11 +62,12 @@ class Rules:
     drop: frozenset[str] = _names({"raw_payload", "payload"})
     redact: frozenset[str] = _names({
         "password", "passwd", "secret", "token", "access_token", "refresh_token", "api_key",
-        "apikey", "authorization", "cookie", "credentials", "private_key"})
+        "apikey", "authorization", "cookie", "credentials", "private_key",
+        "aws_secret_access_key"})
     pseudonymize: frozenset[str] = _names({"user", "username", "uid", "login_uid", "email"})
-    # Fields holding raw addresses: bytes (4 or 16, network order) or an int (ipaddress's
-    # reading of it). Addresses inside strings are found without this.
-    ip_fields: frozenset[str] = _names({"saddr", "daddr", "src_ip", "dst_ip", "ip", "addr"})
+    # Fields holding raw addresses: bytes (4 or 16, network order) or an int (the address's
+    # numeric value, ipaddress's reading). Addresses inside strings are found without this.
+    ip_fields: frozenset[str] = IP_FIELDS
     secrets_in_text: bool = True
 
     def __post_init__(self) -> None:
@@ -174,9 +181,18 @@ def ephemeral_key() -> Key:
 _IPV6 = re.compile(r"(?<![\w:.])\[?((?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|"
                    r"\d{1,3}(?:\.\d{1,3}){3})?)(?:%[\w.]+)?\]?(?![\w:])")
 _IPV4 = re.compile(r"(?<![\w.])(\d{1,3}(?:\.\d{1,3}){3})(?![\w.]*\d)")
+# `key=value`, `key: value` and JSON/Python `"key": "value"` (the key's closing quote before the
+# separator; escaped quotes inside a quoted value do not end it).
 _KEY_VALUE = re.compile(
-    r"(?i)\b(password|passwd|pwd|secret|token|access_token|api[_-]?key|auth_token)"
-    r"(\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s&;,\"']+)")
+    r"(?i)\b((?:aws_)?secret_access_key|password|passwd|pwd|secret|token|access_token|"
+    r"api[_-]?key|auth_token)"
+    r"([\"']?\s*[=:]\s*)(\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|[^\s&;,\"']+)")
+# Self-identifying tokens, wherever they appear: GitHub (classic ghp/gho/ghu/ghs/ghr, and
+# fine-grained github_pat_) and AWS access key ids (AKIA long-term, ASIA temporary).
+_TOKEN = re.compile(r"(?<![A-Za-z0-9])(?:gh[pousr]_[A-Za-z0-9]{20,}|"
+                    r"github_pat_[A-Za-z0-9_]{20,}|(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9]))")
+# `scheme://user:password@host`: the password ends at the authority's last `@`.
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/?#@:]*:)[^\s/?#]*@")
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9\-._~+/]+=*")
 _PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE "
                           r"KEY-----|$)", re.S)
@@ -192,6 +208,11 @@ def luhn_ok(digits: str) -> bool:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
     return total % 10 == 0
+
+
+def _key_value(match: re.Match[str]) -> str:
+    quote = match.group(3)[0] if match.group(3)[0] in "\"'" else ""  # keep JSON valid
+    return f"{match.group(1)}{match.group(2)}{quote}{REDACTED}{quote}"
 
 
 def _card(match: re.Match[str]) -> str:
@@ -263,7 +284,9 @@ class Sanitizer:
         if self.rules.secrets_in_text:
             text = _PRIVATE_KEY.sub(REDACTED, text)
             text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-            text = _KEY_VALUE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+            text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
+            text = _KEY_VALUE.sub(_key_value, text)
+            text = _TOKEN.sub(REDACTED, text)
         text = _IPV6.sub(self._ip_text, text)
         text = _IPV4.sub(self._ip_text, text)
         if self.rules.secrets_in_text:
@@ -296,8 +319,9 @@ class Sanitizer:
 
 
 def _as_text(raw: bytes) -> str | None:
-    """Bytes that are printable UTF-8 (C strings: trailing NULs dropped), else None."""
-    body = raw.rstrip(b"\0")
+    """Bytes that are printable UTF-8 up to the first NUL, else None. A C string ends there:
+    what follows (stale buffer bytes) would make a secret look binary and leave it as hex."""
+    body = raw.split(b"\0", 1)[0]
     if not body:
         return None
     try:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.kernel
 SPEC = """loaderd: 1
 source:
   inline: |
-    struct exec_event { u32 pid; u32 uid; char comm[16]; char note[32]; };
+    struct exec_event { u32 pid; u32 uid; char comm[16]; char note[32]; u32 saddr; };
     int on_exec(void *ctx) {
         struct exec_event *e = exec_events.ringbuf_reserve(sizeof(struct exec_event));
         if (!e)
@@ -28,7 +28,9 @@ source:
         e->pid = bpf_get_current_pid_tgid() >> 32;
         e->uid = bpf_get_current_uid_gid();
         bpf_get_current_comm(&e->comm, sizeof(e->comm));
-        __builtin_memcpy(e->note, "login password=hunter2 ok", 26);
+        // a C string, its NUL, then garbage, as uninitialized buffers hold
+        __builtin_memcpy(e->note, "login password=hunter2 ok\\0\\x01\\x02\\x03\\x04\\x05\\x06", 32);
+        e->saddr = __builtin_bswap32(0x0a010203);  // 10.1.2.3 as iphdr holds it: network order
         exec_events.ringbuf_submit(e, 0);
         return 0;
     }
@@ -36,7 +38,7 @@ maps:
   - name: exec_events
     type: ringbuf
     max_entries: 16384
-    events: {layout: "pid:u32,uid:u32,comm:bytes16,note:bytes32"}
+    events: {layout: "pid:u32,uid:u32,comm:bytes16,note:bytes32,saddr:u32"}
 programs:
   - {name: on_exec, type: tracepoint, attach: {tracepoint: "sched:sched_process_exec"}}
 """
@@ -72,5 +74,7 @@ def test_daemon_journals_sanitized_rate_limited_events(tmp_path: Path, bpffs_roo
     trues = [e for e in evs if e.get("event_comm") == "true"]
     assert trues, evs[:3]
     assert all("hunter2" not in json.dumps(e) for e in evs)  # secret redacted
+    assert all(e["event_note"] == "login password=[REDACTED] ok" for e in trues)  # not hex
+    assert all(e["event_saddr"] == "10.1.2.0/24" for e in trues)  # read in network order
     assert all(str(e["event_uid"]) != "0" for e in trues)  # uid pseudonymized, not raw
     assert len(evs) < 20 and sum(d["dropped"] for d in drops) > 0  # limited, never silently

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import stat
@@ -55,6 +56,21 @@ def test_ip_fields_hold_raw_addresses(san: Sanitizer) -> None:
                           "addr": "10.0.0.0/24", "count": 0x0A000001}
 
 
+def test_address_fields_decode_from_network_order_bytes(san: Sanitizer) -> None:
+    from loaderd.events import decode, parse_layout
+
+    # What the kernel writes: iphdr/sockaddr addresses in network byte order, then a port and
+    # a counter in host (little-endian) order.
+    layout = parse_layout("saddr:u32,dport:u16,count:u32,daddr:bytes16")
+    record = (bytes([10, 1, 2, 3]) + (443).to_bytes(2, "little") + b"\0\0" + bytes([10, 1, 2, 3])
+              + ipaddress.IPv6Address("2001:db8:abcd:12::1").packed)
+    event = decode(record, layout)
+    assert event["saddr"] == ipaddress.IPv4Address("10.1.2.3")
+    assert event["count"] == 0x0302010A  # an ordinary u32: host order, unchanged
+    assert san(event) == {"saddr": "10.1.2.0/24", "dport": 443, "count": 0x0302010A,
+                          "daddr": "2001:db8:abcd::/48"}
+
+
 def test_pseudonyms_are_keyed_stable_and_not_a_bare_hash(san: Sanitizer) -> None:
     a = san({"uid": 1000, "user": "alice", "nested": [{"email": "a@example.org"}]})
     b = san({"uid": 1000, "user": "alice"})
@@ -92,6 +108,27 @@ def test_secret_patterns_in_text(san: Sanitizer) -> None:
     assert san(pem) == f"k={REDACTED}!"
 
 
+def test_more_secret_formats_in_text(san: Sanitizer) -> None:
+    gh = "ghp_" + "A1b2" * 9
+    pat = "github_pat_11ABCDEFG0123456789_" + "x" * 59
+    cases = {
+        '{"password": "hun\\"ter2", "user": "bob"}': f'{{"password": "{REDACTED}", "user": "bob"}}',
+        "{'token': 'y', 'n': 1}": f"{{'token': '{REDACTED}', 'n': 1}}",
+        "aws_secret_access_key=wJalrXUtnFEMI/K7MDENG": f"aws_secret_access_key={REDACTED}",
+        "AWS_SECRET_ACCESS_KEY: wJalrX ok": f"AWS_SECRET_ACCESS_KEY: {REDACTED} ok",
+        f"push {gh} and gho_{'z' * 36}, ghs_{'9' * 36}": f"push {REDACTED} and {REDACTED}, "
+                                                         f"{REDACTED}",
+        f"GH={pat}.": f"GH={REDACTED}.",
+        "id AKIAIOSFODNN7EXAMPLE used": f"id {REDACTED} used",
+        "dsn postgres://app:s3:cr@t@db.internal:5432/x ok":
+            f"dsn postgres://app:{REDACTED}@db.internal:5432/x ok",
+        "see https://example.org/a:b@c and ghp_short": "see https://example.org/a:b@c and "
+                                                        "ghp_short",
+    }
+    for text, want in cases.items():
+        assert san(text) == want, text
+
+
 def test_card_numbers_need_a_valid_luhn_checksum(san: Sanitizer) -> None:
     assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
     assert san("card 4111 1111 1111 1111.") == f"card {REDACTED_CARD}."
@@ -107,6 +144,13 @@ def test_bytes_become_text_or_hex_and_everything_is_json_safe(san: Sanitizer) ->
     assert out == {"comm": "curl", "blob": "0001ff", "msg": f"password={REDACTED}",
                    "t": [1, 2.5, None, True], "ip": None}
     json.dumps(out)
+
+
+def test_c_string_with_garbage_after_nul_is_text_then_redacted(san: Sanitizer) -> None:
+    out = san({"note": b"password=hunter2\0\x01\x02", "v": [b"token=abc\0\xff\xfe"]})
+    assert out == {"note": f"password={REDACTED}", "v": [f"token={REDACTED}"]}
+    assert "68756e74657232" not in json.dumps(out)  # nor the secret's hex
+    assert san(b"\xff\xfe\0ab") == "fffe006162"  # binary before the NUL: still hex
 
 
 def test_stream(san: Sanitizer) -> None:
