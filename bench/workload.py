@@ -244,7 +244,7 @@ class Resident:
     READY=1 arrives after the initial apply committed and every capability was dropped."""
 
     def __init__(self, config: Path | str, workdir: Path | str,
-                 drift_interval: float = 3600.0) -> None:
+                 drift_interval: float = 3600.0, no_apply: bool = False) -> None:
         workdir = Path(workdir)
         self.log_path = workdir / "loaderd.log"
         self.sock_path = str(workdir / f"notify-{secrets.token_hex(3)}")
@@ -255,7 +255,7 @@ class Resident:
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loaderd", "--config", str(config), "run",
-             "--drift-interval", str(drift_interval)],
+             "--drift-interval", str(drift_interval), *(["--no-apply"] if no_apply else [])],
             stdout=self.log, stderr=self.log, env=child_env(NOTIFY_SOCKET=self.sock_path))
 
     @classmethod

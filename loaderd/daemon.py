@@ -122,6 +122,11 @@ class Daemon:
                    no_new_privs=caps.no_new_privs)
         n = len(self.manifest.get("specs", {}))
         summary = f"{n} specs applied" + ("" if rc == 0 else "; last apply FAILED, old set kept")
+        # Say what is true now, not what the manifest claims: after a reboot with a refused
+        # apply (loaderd-apply.service failed, Wants= let us start) its pins may be gone.
+        drift = self.check_drift()
+        if drift:
+            summary += f"; DRIFT in {len(drift)}: {', '.join(sorted(drift))} (see journal)"
         notify(f"READY=1\nSTATUS={summary}")
         audit.emit(Event.DAEMON, f"ready: {summary}", specs=n, pid=os.getpid())
         return self.loop()

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from sysd import Systemd
 
+from bench.workload import BCC_LIBS
 from loaderd.audit import Event
 
 pytestmark = pytest.mark.systemd
@@ -162,6 +163,10 @@ def test_resident_daemon_holds_no_capabilities(started: Systemd) -> None:
     # Nothing else runs in the unit: the privileged apply lives (and ended) in its own unit.
     procs = started.run("cat", f"/sys/fs/cgroup/system.slice/{UNIT}/cgroup.procs").stdout.split()
     assert procs == [pid], procs
+    # ...and BCC/LLVM never reach the packaged resident (it only opens pins).
+    mapped = [ln for ln in started.run("cat", f"/proc/{pid}/maps").stdout.splitlines()
+              if any(lib in ln for lib in BCC_LIBS)]
+    assert mapped == [], mapped
 
 
 def test_audit_events_are_journaled_with_ids_and_fields(started: Systemd) -> None:
