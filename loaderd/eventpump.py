@@ -19,6 +19,10 @@ from loaderd.audit import Event
 from loaderd.errors import LoaderdError
 from loaderd.model import Settings
 
+# Records taken from one ring per pump(): a flood (or a producer faster than the journal) must
+# not keep the daemon from its watchdog ping and signals; the next loop turn takes the rest.
+MAX_PER_PUMP = 4096
+
 
 @dataclass
 class _Ring:
@@ -64,7 +68,7 @@ class EventPump:
         """Journal what is available now; returns the number of events journaled."""
         sent = 0
         for r in self.rings:
-            for record in r.ring.consume():
+            for record in r.ring.consume(MAX_PER_PUMP):
                 if not r.limit.allow():
                     continue
                 fields = self.clean(events.decode(record, r.layout))

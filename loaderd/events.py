@@ -147,11 +147,15 @@ class RingBuffer:
         value: int = struct.unpack_from("<Q", m, at)[0]
         return value
 
-    def consume(self) -> Iterator[bytes]:
-        """Every complete record available now, in order (stops at one still being written)."""
+    def consume(self, limit: int | None = None) -> Iterator[bytes]:
+        """Complete records available now, in order (stops at one still being written), at
+        most `limit` of them: under a flood the producer never lets `cons < prod` end, and the
+        caller must get back to its watchdog and signals."""
         cons = self._u64(self.cons, 0)
         prod = self._u64(self.prod, 0)
-        while cons < prod:
+        taken = 0
+        while cons < prod and (limit is None or taken < limit):
+            taken += 1
             at = _PAGE + (cons & self.mask)
             length: int = struct.unpack_from("<I", self.prod, at)[0]
             if length & _BUSY:
