@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import secrets
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -70,6 +71,7 @@ def _stage_worker(args: tuple[Spec, Settings, str, bool]) -> StagedSpec | Loader
         return LoaderdError(Kind.KERNEL, f"{exc.strerror or exc}", Location(s.path),
                             value=exc.filename)
     except Exception as exc:  # a bug or a bcc surprise: contained, reported, nothing committed
+        audit.debug(f"{s.path}: internal error while staging", traceback.format_exc())
         return LoaderdError(Kind.KERNEL, f"internal error while staging: {type(exc).__name__}: "
                             f"{exc}", Location(s.path))
 

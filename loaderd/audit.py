@@ -14,6 +14,7 @@ e.g. `sudo loaderctl disable`), the caller's code location and the fields.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import json
@@ -88,6 +89,7 @@ _NO_LOGIN_UID = 4294967295  # (uid_t)-1: no login session behind this process
 _lock = threading.Lock()
 _logger: Any = None  # structlog BoundLogger, built by configure()
 _fallback: IO[str] | None = None  # where journald sink failures still get written
+_journal = False  # the sink configure() chose
 
 
 def journal_field(key: str) -> str:
@@ -204,11 +206,27 @@ def configure(*, journal: bool | None = None, stream: IO[str] | None = None) -> 
     Uses its own structlog logger (wrap_logger), not the global structlog configuration, so
     nothing else in the process can reroute or reformat the audit trail by configuring structlog.
     """
-    global _logger, _fallback
+    global _logger, _fallback, _journal
     use_journal = journal_available() if journal is None else journal
     with _lock:
+        _journal = use_journal
         _fallback = stream or sys.stderr
         _logger = _build(use_journal, _fallback)
+
+
+def debug(message: str, detail: str) -> None:
+    """Internal detail (a traceback) for whoever debugs loaderd: a PRIORITY=7 journal entry,
+    never part of an error shown to users. Without a journal there is no debug log: the
+    CLI's --debug prints it instead."""
+    if _logger is None:
+        configure()
+    if not _journal:
+        return
+    from systemd import journal
+
+    with contextlib.suppress(OSError):
+        journal.send(MESSAGE=message, PRIORITY="7", SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER,
+                     LOADERD_DEBUG=detail)
 
 
 def emit(event: Event, message: str, **fields: Any) -> None:

@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `loaderctl list | head`
         return 0
     except Exception as e:  # never a traceback for users unless asked
+        from loaderd import audit
+
+        audit.debug(f"internal error: {type(e).__name__}", traceback.format_exc())
         if args.debug:
             traceback.print_exc()
         print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for details)",

@@ -165,7 +165,7 @@ def _load_program(spec: Spec, index: int, module: Module, pol: Policy,
     raise first_error
 
 
-def _fill(m: MapSpec, fd: int, layout: pins.PinLayout, old_pin: str) -> None:
+def _fill(m: MapSpec, fd: int, layout: pins.PinLayout, old_pin: str, spec: str) -> None:
     ncpus = kernel.possible_cpus()
     if m.preserve and layout.exists(old_pin):
         old = layout.get(old_pin, rdonly=True)
@@ -178,6 +178,11 @@ def _fill(m: MapSpec, fd: int, layout: pins.PinLayout, old_pin: str) -> None:
                     if val is not None:
                         kernel.map_update(fd, key, val)
                 return
+            # Never silently: the operator asked for these contents to be kept.
+            audit.emit(Event.DEGRADED, f"{spec}/{m.name}: preserve not possible, key/value "
+                       f"size changed ({info.key_size}/{info.value_size} -> "
+                       f"{m.key.size}/{m.value.size}); the old contents are dropped and "
+                       "`initial` is used", spec=spec, map=m.name, old_map_id=info.id)
         finally:
             os.close(old)
     for entry in m.initial:
@@ -223,7 +228,7 @@ def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnershi
                         owner.mode, gid)
         for m in spec.maps:
             fd = map_fds[m.name]
-            _fill(m, fd, layout, layout.map_path(spec.name, m.name))
+            _fill(m, fd, layout, layout.map_path(spec.name, m.name), spec.name)
             if m.freeze:
                 kernel.map_freeze(fd)
                 audit.emit(Event.MAP_FROZEN, f"{spec.name}/{m.name}: frozen", spec=spec.name,

@@ -344,3 +344,32 @@ def test_adopt_rechecks_helpers_against_the_policy_of_the_day(counter_conf: Path
     counter_conf.write_text(text)
     again = loaderd("--config", str(counter_conf), "apply")
     assert "compiles 0" in again.stdout and prog_tag(pin) == before
+
+
+PRESERVED = """loaderd: 1
+source:
+  inline: |
+    int touch(void *ctx) {{ u32 k = 0; {vtype} *v = kept.lookup(&k); if (v) *v += 1; return 0; }}
+maps:
+  - {{name: kept, type: array, key: u32, value: {vtype}, max_entries: 1, preserve: true,
+     initial: [{{key: 0, value: 5}}]}}
+programs:
+  - {{name: touch, type: tracepoint, attach: {{tracepoint: "sched:sched_process_exec"}}}}
+"""
+
+
+def test_preserve_that_cannot_be_kept_is_said_not_silent(tmp_path: Path,
+                                                         bpffs_root: str) -> None:
+    d = tmp_path / "specs"
+    d.mkdir()
+    os.chmod(tmp_path, 0o755)
+    (d / "kept.yaml").write_text(PRESERVED.format(vtype="u64"))
+    conf = write_settings(tmp_path, bpffs_root, d)
+    loaderd("--config", str(conf), "apply")
+    (d / "kept.yaml").write_text(PRESERVED.format(vtype="u32"))
+    out = loaderd("--config", str(conf), "apply")
+    said = [json.loads(ln) for ln in out.stderr.splitlines() if ln.startswith("{")]
+    degraded = [e for e in said if e["event"] == "degraded"]
+    assert len(degraded) == 1, out.stderr
+    assert "kept/kept: preserve not possible, key/value size changed (4/8 -> 4/4)" in \
+        degraded[0]["message"]

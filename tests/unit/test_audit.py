@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from loaderd import audit
 from loaderd.audit import Event
 
@@ -44,3 +46,24 @@ def test_stderr_sink_writes_one_json_object_per_event() -> None:
                                                  Event.DRIFT.message_id]
     assert lines[0]["prog_id"] == 7 and lines[0]["spec"] == "x"
     assert lines[1]["priority"] == 2
+
+
+def test_debug_detail_goes_to_the_journal_only_at_priority_7(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracebacks never reach users' error text; with a journal they are kept at debug
+    priority (no MESSAGE_ID: not an audit event); without one there is no debug log."""
+    from systemd import journal
+
+    sent: list[dict[str, str]] = []
+    monkeypatch.setattr(journal, "send", lambda **kw: sent.append(kw))
+    try:
+        audit.configure(journal=False, stream=io.StringIO())
+        audit.debug("internal error: KeyError", "Traceback (most recent call last): ...")
+        assert sent == []
+        audit.configure(journal=True)
+        audit.debug("internal error: KeyError", "Traceback (most recent call last): ...")
+    finally:
+        audit.configure(journal=False, stream=io.StringIO())
+    assert sent == [{"MESSAGE": "internal error: KeyError", "PRIORITY": "7",
+                     "SYSLOG_IDENTIFIER": "loaderd",
+                     "LOADERD_DEBUG": "Traceback (most recent call last): ..."}]
