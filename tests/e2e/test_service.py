@@ -343,6 +343,39 @@ def test_capability_free_resident_detects_drift(started: Systemd) -> None:
         started.systemctl("restart", UNIT, timeout=300)
 
 
+FOREIGN = """
+from bcc import BPF
+from bcc.libbcc import lib
+b = BPF(text=b"int e2e_foreign(struct __sk_buff *skb) { return 0; }", allow_rlimit=False)
+fn = b.load_func("e2e_foreign", BPF.SOCKET_FILTER)
+assert lib.bpf_obj_pin(fn.fd, b"/sys/fs/bpf/e2e_foreign") == 0
+"""
+
+
+def test_audit_unit_reports_a_program_loaded_behind_loaderds_back(started: Systemd) -> None:
+    """loaderd-audit.service (CAP_SYS_ADMIN, oneshot, on its timer) journals a program loaderd
+    did not load, once, at priority 2; loaderd's own programs are not reported."""
+    started.run("/usr/bin/python3", "-c", FOREIGN, timeout=120)
+    try:
+        # New findings: exit 1, so the unit shows in `systemctl --failed` until a clean run.
+        started.systemctl("start", "loaderd-audit.service", timeout=120, check=False)
+        assert started.show("loaderd-audit.service", "Result")["Result"] == "exit-code"
+        mid = Event.FOREIGN_LOAD.message_id
+        found = started.journal_json("-u", "loaderd-audit.service", f"MESSAGE_ID={mid}")
+        ours = {str(p["id"]) for e in manifest(started)["specs"].values()
+                for p in e["programs"].values()}
+        mine = [e for e in found if "'e2e_foreign'" in str(e["MESSAGE"])]
+        assert len(mine) == 1, [e["MESSAGE"] for e in found]
+        assert mine[0]["PRIORITY"] == "2" and mine[0]["LOADERD_AUDIT"] == "foreign_program"
+        assert not {str(e.get("BPF_PROG_ID")) for e in found} & ours
+        started.systemctl("start", "loaderd-audit.service", timeout=120)  # a timer run later:
+        assert started.show("loaderd-audit.service", "Result")["Result"] == "success"  # clean
+        again = started.journal_json("-u", "loaderd-audit.service", f"MESSAGE_ID={mid}")
+        assert len([e for e in again if "'e2e_foreign'" in str(e["MESSAGE"])]) == 1
+    finally:
+        started.run("rm", "-f", "/sys/fs/bpf/e2e_foreign")
+
+
 def test_stop_leaves_programs_attached(started: Systemd) -> None:
     started.systemctl("stop", UNIT, timeout=120)
     props = started.show(UNIT, "ActiveState", "Result")
