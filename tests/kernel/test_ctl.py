@@ -392,6 +392,31 @@ def test_fallback_used_and_reported_when_primary_is_refused(tmp_path: Path,
     assert "DEGRADED" in loaderctl("--config", str(conf), "list").stdout
 
 
+VERIFIER_FALLBACK = """loaderd: 1
+source:
+  inline: |
+    int greedy(struct __sk_buff *skb) { volatile char buf[8] = {};
+        return buf[skb->len & 0xff]; }
+    int careful(struct __sk_buff *skb) { return skb->len; }
+programs:
+  - {name: greedy, type: socket_filter, attach: none, fallback: [careful]}
+"""
+
+
+def test_fallback_used_when_the_verifier_refuses_the_primary(tmp_path: Path,
+                                                             bpffs_root: str) -> None:
+    """The other trigger of a fallback: the primary passes policy but not the verifier."""
+    os.chmod(tmp_path, 0o755)
+    conf = make_conf(tmp_path, bpffs_root, {"vfall": VERIFIER_FALLBACK})
+    out = loaderd("--config", str(conf), "apply")
+    events = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    (deg,) = [e for e in events if e["event"] == "degraded"]
+    assert "careful" in deg["message"] and "kernel refused program 'greedy'" in deg["reason"]
+    report = json.loads(loaderctl("--config", str(conf), "status", "--json").stdout)
+    (prog,) = report["specs"][0]["programs"]
+    assert prog["function"] == "careful" and "stack" in prog["degraded"], prog
+
+
 # --- compliance -------------------------------------------------------------------------------
 
 UNIT_FILES = [str(REPO / "units" / unit)
