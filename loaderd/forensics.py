@@ -112,14 +112,18 @@ def _specs(b: Bundle, view: ctl.View) -> None:
 
 
 def _journal(b: Bundle, since: str) -> None:
-    from loaderd.compliance import message_id_matches
+    from loaderd.compliance import UNITS, message_id_matches
 
     if shutil.which("journalctl") is None:
         b.notes.append("journalctl not installed: no journal slice")
         b.write("journal.json", b"")  # present but empty: the bundle's layout is fixed
         return
+    # loaderd's events, plus whatever its units printed (stderr: errors, tracebacks at
+    # debug priority) and what systemd said about them (start/stop/failed): "+" is OR.
+    units = [m for u in UNITS for m in ("+", f"_SYSTEMD_UNIT={u}", "+", f"UNIT={u}")]
     out = subprocess.run(["journalctl", "--no-pager", "-o", "json", "--since", since,
-                          *message_id_matches()], capture_output=True, timeout=120, check=False)
+                          *message_id_matches(), *units], capture_output=True, timeout=120,
+                         check=False)
     if out.returncode != 0 or not out.stdout:
         why = out.stderr.decode(errors="replace").strip()[:200] or "no matching entries"
         b.notes.append(f"journal slice empty: {why}")

@@ -376,6 +376,24 @@ def test_audit_unit_reports_a_program_loaded_behind_loaderds_back(started: Syste
         started.run("rm", "-f", "/sys/fs/bpf/e2e_foreign")
 
 
+def test_forensics_journal_slice_has_events_and_unit_messages(started: Systemd) -> None:
+    """The bundle's journal slice: loaderd's audit events and what systemd said about its
+    units (an incident is often a unit that failed, not an audit event)."""
+    out = "/root/e2e-forensics"
+    started.run("loaderctl", "--config", "/etc/loaderd/loaderd.yaml", "forensics", out,
+                "--since=-1h")
+    try:
+        lines = started.run("cat", f"{out}/journal.json").stdout.splitlines()
+        entries = [json.loads(ln) for ln in lines if ln.strip()]
+        ids = {e.message_id for e in Event}
+        assert any(e.get("MESSAGE_ID") in ids for e in entries)
+        systemd_said = [e for e in entries if e.get("UNIT") == UNIT and e.get("_PID") == "1"]
+        assert any("Started" in str(e["MESSAGE"]) for e in systemd_said), systemd_said[:3]
+        started.run("sh", "-c", f"cd {out} && sha256sum -c --quiet SHA256SUMS")
+    finally:
+        started.run("rm", "-rf", out)
+
+
 def test_stop_leaves_programs_attached(started: Systemd) -> None:
     started.systemctl("stop", UNIT, timeout=120)
     props = started.show(UNIT, "ActiveState", "Result")
