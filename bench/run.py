@@ -16,7 +16,8 @@ P4 events missed across a daemon restart: an exec generator runs while `loaderd 
    link is pinned, no process holds the attachment).
 P5 audit throughput: `loaderd.audit.emit` to the stderr JSON sink (/dev/null) and to journald
    (the host's when its socket exists, else a private journald in a mount namespace: see
-   bench/journal.py), vs json.dumps + write + flush of the same dicts.
+   bench/journal.py), vs json.dumps + write + flush of the same dicts; and the ring-buffer event
+   pipeline (EventPump.journal: decode by layout, sanitize, emit) vs decode + json + write.
 
 Usage (root, repository root): /usr/bin/python3 -m bench [--quick] [--reps R] [--json PATH]
 """
@@ -214,6 +215,52 @@ def audit_throughput(events: int = 20000, rounds: int = 3, *,
     return res
 
 
+LAYOUT = "pid:u32,uid:u32,comm:bytes16,note:bytes32,saddr:u32"
+
+
+def event_throughput(events: int = 20000, rounds: int = 3) -> dict[str, Any]:
+    """Best of `rounds` (events/s): what the resident does per ring-buffer record
+    (EventPump.journal: decode, sanitize with IP masking and secret redaction, audit.emit to the
+    stderr JSON sink on /dev/null) vs decode + json.dumps + write of the same records."""
+    import struct
+    import tempfile
+
+    from loaderd import audit
+    from loaderd import events as ev
+    from loaderd.eventpump import EventPump
+    from loaderd.model import Settings
+
+    layout = ev.parse_layout(LAYOUT)
+    record = struct.pack("<II16s32s", 4242, 1000, b"sshd", b"login password=hunter2 ok\0") + \
+        bytes([10, 1, 2, 3])
+
+    def timed(fn: Any) -> float:
+        t0 = time.perf_counter()
+        for _ in range(events):
+            fn()
+        return events / (time.perf_counter() - t0)
+
+    best: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as state, open(os.devnull, "w") as sink:
+        pump = EventPump(Settings(state_dir=state))
+        audit.configure(journal=False, stream=sink)
+        try:
+            def baseline() -> None:
+                sink.write(json.dumps(ev.decode(record, layout), default=str) + "\n")
+                sink.flush()
+
+            def pipeline() -> None:
+                pump.journal("bench", "events", record, layout)
+
+            for _ in range(rounds):
+                best["decode_json_write"] = max(best.get("decode_json_write", 0.0),
+                                                timed(baseline))
+                best["pipeline"] = max(best.get("pipeline", 0.0), timed(pipeline))
+        finally:
+            audit.configure()
+    return {"events": events, **best}
+
+
 # --- table ------------------------------------------------------------------------------------
 
 @dataclass
@@ -323,6 +370,12 @@ def p5_rows(r: dict[str, Any]) -> list[Row]:
     else:
         rows.append(Row("P5 audit.emit → journald", "—", "—", "—", "—", "skip",
                         {"note": r["journald_note"]}))
+    e = r.get("events_pipeline")
+    if e:
+        rows.append(Row("P5 ring event → decode+sanitize+emit (stderr JSON)",
+                        f"{e['pipeline']:,.0f} ev/s",
+                        f"{e['decode_json_write']:,.0f} ev/s (decode+json+write)",
+                        f"{e['pipeline'] / e['decode_json_write']:.2f}x", "—", "info"))
     return rows
 
 
@@ -397,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += p4_rows(p4)
     with stage("P5 audit throughput", notes):
         p5 = audit_throughput()
+        p5["events_pipeline"] = event_throughput()
         results["p5"] = p5
         rows += p5_rows(p5)
     load_end = env["loadavg_end"] = os.getloadavg()[0]
