@@ -107,3 +107,32 @@ def test_consume_is_bounded_and_loses_nothing(tmp_path: Path, bpffs_root: str) -
     finally:
         ring.close()
         os.close(fd)
+
+
+def test_rate_limit_survives_a_reload(tmp_path: Path, bpffs_root: str) -> None:
+    """sync() after SIGHUP reopens the rings but keeps each one's token bucket and drop count:
+    a reload must not hand a flood a fresh burst or forget drops not yet reported."""
+    from loaderd.eventpump import EventPump
+    from loaderd.settings import load_settings
+    from loaderd.state import State
+    from tests.conftest import loaderd
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    os.chmod(tmp_path, 0o755)
+    (specs / "execs.yaml").write_text(SPEC)
+    conf = write_settings(tmp_path, bpffs_root, specs)
+    loaderd("--config", str(conf), "apply")
+    settings = load_settings(str(conf))
+    manifest = State(settings.state_dir).load()
+    pump = EventPump(settings)
+    try:
+        pump.sync(manifest)
+        (ring,) = pump.rings
+        ring.limit.tokens, ring.limit.dropped, ring.reported = 0.0, 7, 5
+        pump.sync(manifest)
+        (again,) = pump.rings
+        assert again.ring is not ring.ring  # reopened...
+        assert again.limit is ring.limit and again.reported == 5  # ...same bucket and count
+    finally:
+        pump.close()
