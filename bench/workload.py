@@ -5,6 +5,7 @@ baseline, an exec generator. Everything a workspace pins is removed by `close()`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -244,7 +245,8 @@ class Resident:
     READY=1 arrives after the initial apply committed and every capability was dropped."""
 
     def __init__(self, config: Path | str, workdir: Path | str,
-                 drift_interval: float = 3600.0, no_apply: bool = False) -> None:
+                 drift_interval: float = 3600.0, no_apply: bool = False,
+                 env: dict[str, str] | None = None) -> None:
         workdir = Path(workdir)
         self.log_path = workdir / "loaderd.log"
         self.sock_path = str(workdir / f"notify-{secrets.token_hex(3)}")
@@ -256,7 +258,8 @@ class Resident:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loaderd", "--config", str(config), "run",
              "--drift-interval", str(drift_interval), *(["--no-apply"] if no_apply else [])],
-            stdout=self.log, stderr=self.log, env=child_env(NOTIFY_SOCKET=self.sock_path))
+            stdout=self.log, stderr=self.log,
+            env=child_env(NOTIFY_SOCKET=self.sock_path, **(env or {})))
 
     @classmethod
     def of(cls, ws: Workspace, drift_interval: float = 3600.0) -> Resident:
@@ -321,6 +324,10 @@ class Resident:
             return time.monotonic() - t0
         finally:
             self.log.close()
+            self.sock.setblocking(False)  # keep what it said on the way out (STOPPING=1)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    self.messages.append(self.sock.recv(4096).decode())
             self.sock.close()
             os.unlink(self.sock_path)
 

@@ -118,3 +118,23 @@ def test_no_apply_resident_reports_drift_in_its_ready_status(tmp_path: Path,
         assert events(res.log_path, "drift")
     finally:
         res.stop()
+
+
+def test_watchdog_pings_and_stopping_notification(tmp_path: Path, bpffs_root: str) -> None:
+    """With WatchdogSec= (WATCHDOG_USEC), WATCHDOG=1 comes at least every half period; SIGTERM
+    is answered with STOPPING=1 before the exit."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    os.chmod(tmp_path, 0o755)
+    (specs / "count_0.yaml").write_text(COUNTER.format(i=0, step=1))
+    conf = write_settings(tmp_path, bpffs_root, specs)
+    res = Resident(conf, tmp_path, env={"WATCHDOG_USEC": "400000"})
+    try:
+        res.wait_ready(240)
+        said = notifications(res, until="WATCHDOG=1")
+        said += notifications(res, until="WATCHDOG=1", timeout=1.0)  # a second one, in time
+    finally:
+        res.stop()
+    assert res.proc.returncode == 0
+    assert sum("WATCHDOG=1" in m.split("\n") for m in said) >= 2, said
+    assert "STOPPING=1" in res.messages[-1].split("\n"), res.messages[-3:]
