@@ -576,9 +576,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    d = dump(load_view(args.config), args.target, raw=args.raw, ip=args.ip or (),
-             pseudonymize=args.pseudonymize or (), ipv4_prefix=args.ipv4_prefix,
-             ipv6_prefix=args.ipv6_prefix)
+    view = load_view(args.config)
+    rules = view.settings.sanitize
+    d = dump(view, args.target, raw=args.raw, ip=args.ip or (),
+             pseudonymize=args.pseudonymize or (),
+             ipv4_prefix=rules.ipv4_prefix if args.ipv4_prefix is None else args.ipv4_prefix,
+             ipv6_prefix=rules.ipv6_prefix if args.ipv6_prefix is None else args.ipv6_prefix)
     print(to_json(d) if args.json else render_dump(d))
     return 0
 
@@ -590,7 +593,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     _spec, _map, path = map_pin(view, args.target)
     check_raw(args.raw)
     notes: list[str] = []
-    clean = None if args.raw else sanitize.Sanitizer(sanitize_key(view, notes))
+    clean = None if args.raw else sanitize.Sanitizer(sanitize_key(view, notes),
+                                                     view.settings.sanitize)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     layout = events.parse_layout(args.layout) if args.layout else None
@@ -652,8 +656,10 @@ def parser() -> argparse.ArgumentParser:
                     help="key/value holds an IP address (network order): mask it")
     sp.add_argument("--pseudonymize", action="append", choices=("key", "value"),
                     help="replace key/value by a keyed HMAC pseudonym")
-    sp.add_argument("--ipv4-prefix", type=int, default=24)
-    sp.add_argument("--ipv6-prefix", type=int, default=48)
+    sp.add_argument("--ipv4-prefix", type=int, default=None,
+                    help="default: sanitize.ipv4_prefix in loaderd.yaml (24)")
+    sp.add_argument("--ipv6-prefix", type=int, default=None,
+                    help="default: sanitize.ipv6_prefix in loaderd.yaml (48)")
     sp = add("events", cmd_events, "stream a ring buffer map's records as JSON lines, decoded "
              "and sanitized (root or the pin's owner: consuming needs a read-write fd)",
              json_flag=False)

@@ -38,7 +38,7 @@ class _Ring:
 class EventPump:
     def __init__(self, settings: Settings) -> None:
         self.rate = settings.policy.limits.max_event_rate
-        self.clean = sanitize.Sanitizer(sanitize.load_key(settings.state_dir))
+        self.clean = sanitize.Sanitizer(sanitize.load_key(settings.state_dir), settings.sanitize)
         self.rings: list[_Ring] = []
 
     def sync(self, manifest: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.sanitize import Rules
 
 
 class ProgType(enum.StrEnum):
@@ -254,5 +255,6 @@ class Settings:
     config_owner_uid: int = 0  # config/source files must be owned by this uid (StrictModes)
     pins: PinOwnership = PinOwnership()
     policy: Policy = Policy()
+    sanitize: Rules = field(default_factory=Rules)  # daemon events, loaderctl events/dump
     watchdog: bool = True
     path: str | None = None  # the file it came from

@@ -23,6 +23,7 @@ from loaderd.model import (
     ProgType,
     Settings,
 )
+from loaderd.sanitize import Rules
 from loaderd.yamlsafe import Marks, Path
 
 DEFAULT_PATH = "/etc/loaderd/loaderd.yaml"
@@ -125,6 +126,7 @@ def _parse(path: str, raw: bytes) -> Settings:
         else defaults.config_owner_uid,
         pins=_pins(ctx, data.get("pins", {})),
         policy=_policy(ctx, data.get("policy", {})),
+        sanitize=Rules.from_mapping(data.get("sanitize", {})),  # shape checked by the schema
         watchdog=data.get("watchdog", defaults.watchdog),
         path=path)
 

@@ -50,7 +50,8 @@ def test_daemon_journals_sanitized_rate_limited_events(tmp_path: Path, bpffs_roo
     os.chmod(tmp_path, 0o755)
     (specs / "execs.yaml").write_text(SPEC)
     conf = write_settings(tmp_path, bpffs_root, specs,
-                          "policy:\n  limits: {max_event_rate: 3}\n")
+                          "policy:\n  limits: {max_event_rate: 3}\n"
+                          "sanitize: {ipv4_prefix: 16, redact: [uid]}\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "loaderd", "--config", str(conf), "run",
                              "--drift-interval", "0.5"], env=env, stderr=subprocess.PIPE,
@@ -75,7 +76,10 @@ def test_daemon_journals_sanitized_rate_limited_events(tmp_path: Path, bpffs_roo
     assert trues, evs[:3]
     assert all("hunter2" not in json.dumps(e) for e in evs)  # secret redacted
     assert all(e["event_note"] == "login password=[REDACTED] ok" for e in trues)  # not hex
-    assert all(e["event_saddr"] == "10.1.2.0/24" for e in trues)  # read in network order
+    # Network order, masked to loaderd.yaml's sanitize.ipv4_prefix (16, not the default 24);
+    # sanitize.redact adds uid to the fields redacted.
+    assert all(e["event_saddr"] == "10.1.0.0/16" for e in trues)
+    assert all(e["event_uid"] == "[REDACTED]" for e in trues)
     assert all(str(e["event_uid"]) != "0" for e in trues)  # uid pseudonymized, not raw
     assert len(evs) < 20 and sum(d["dropped"] for d in drops) > 0  # limited, never silently
 

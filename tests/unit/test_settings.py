@@ -144,3 +144,26 @@ def test_unknown_pins_group_is_a_located_error_when_pins_are_made(tmp_path: Path
     assert (err.location.file, err.location.line, err.location.field) == (path, 4, "pins.group")
     assert err.message == "no such group" and err.value == "no-such-group-x"
     assert PinOwnership(0o640, None).gid == -1
+
+
+def test_sanitize_section_configures_the_rules(tmp_path: Path) -> None:
+    from loaderd.sanitize import Rules
+
+    path = write(tmp_path, "loaderd: 1\nsanitize:\n  ipv4_prefix: 16\n  ipv6_prefix: 32\n"
+                 "  redact: [session_id]\n  keep: [pid, comm]\n")
+    rules = load_settings(path, owner_uid=None).sanitize
+    assert (rules.ipv4_prefix, rules.ipv6_prefix) == (16, 32)
+    assert "session_id" in rules.redact and "password" in rules.redact  # adds to defaults
+    assert rules.keep == frozenset({"pid", "comm"})
+    assert load_settings(None).sanitize == Rules()
+
+
+@pytest.mark.parametrize("body,field,line", [
+    ("sanitize:\n  ipv4_prefx: 16\n", "sanitize.ipv4_prefx", 3),
+    ("sanitize:\n  ipv4_prefix: 40\n", "sanitize.ipv4_prefix", 3),
+    ("sanitize:\n  redact: [\"no spaces\"]\n", "sanitize.redact[0]", 3),
+])
+def test_sanitize_section_errors_are_located(tmp_path: Path, body: str, field: str,
+                                             line: int) -> None:
+    err = refused(write(tmp_path, "loaderd: 1\n" + body), owner_uid=None)
+    assert (err.location.field, err.location.line) == (field, line), str(err)
