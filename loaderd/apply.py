@@ -244,7 +244,13 @@ class Applier:
         result.built = sorted(by_name)
         faults.point("after_attach")
         self.state.save(manifest)  # the commit point: from here recovery rolls forward
-        self._commit(txid, manifest)
+        try:
+            self._commit(txid, manifest)
+        except LoaderdError as exc:  # past the commit point there is no "unchanged" to report
+            audit.emit(Event.APPLY_FAILED, f"commit {txid} interrupted: {exc}; the manifest "
+                       "stays pending and the next apply rolls it forward", txid=txid,
+                       file=exc.location.file)
+            raise
         self.state.save_generation(txid, generation_files(specs))
         self._record_last(manifest, result)
         audit.emit(Event.APPLIED, f"applied {len(specs)} specs: built {result.built}, adopted "

@@ -373,3 +373,41 @@ def test_preserve_that_cannot_be_kept_is_said_not_silent(tmp_path: Path,
     assert len(degraded) == 1, out.stderr
     assert "kept/kept: preserve not possible, key/value size changed (4/8 -> 4/4)" in \
         degraded[0]["message"]
+
+
+def test_commit_failure_is_audited_and_the_next_apply_rolls_forward(
+        counter_conf: Path, bpffs_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the commit point a failure cannot leave "the previous set unchanged": it is
+    journaled as such (APPLY_FAILED, txid), the manifest stays pending, and the next apply
+    finishes the same swap (roll forward), ending verified and clean."""
+    import io
+
+    from loaderd import audit
+    from loaderd.errors import Kind, LoaderdError
+
+    loaderd("--config", str(counter_conf), "apply")
+    (counter_conf.parent / "specs" / "counter.yaml").write_text(COUNTER.format(step=3))
+    settings = load_settings(str(counter_conf))
+    sink = io.StringIO()
+    audit.configure(journal=False, stream=sink)
+    try:
+        def broken(self: Applier, txid: str, name: str, entry: dict) -> None:  # type: ignore[type-arg]
+            raise LoaderdError(Kind.PIN, "rename failed: simulated")
+
+        with monkeypatch.context() as m:
+            m.setattr(Applier, "_commit_spec", broken)
+            with pytest.raises(LoaderdError, match="simulated"):
+                Applier(settings).apply()
+        said = [json.loads(ln) for ln in sink.getvalue().splitlines()]
+        (failed,) = [e for e in said if e["event"] == "apply_failed"]
+        assert "interrupted" in failed["message"] and failed["txid"]
+        state = State(settings.state_dir)
+        assert state.load()["status"] == "pending"
+        result = Applier(settings).apply()  # recovery first, then nothing left to build
+    finally:
+        audit.configure()
+    assert result.ok and result.adopted == ["counter"]
+    manifest = state.load()
+    assert manifest["status"] == "committed" and manifest["txid"] == failed["txid"]
+    assert verify.differences(manifest["specs"]["counter"]) == []
+    assert no_staging_leftovers(bpffs_root)
