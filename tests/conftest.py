@@ -98,6 +98,17 @@ def write_settings(tmp_path: Path, bpffs_root: str, specs: Path, extra: str = ""
     return conf
 
 
+def make_conf(base: Path, bpffs_root: str, specs: dict[str, str], extra: str = "") -> Path:
+    """Settings plus a programs dir under `base` holding `specs` (name -> YAML text); `base`
+    made 0755 so the trust checks and unprivileged readers can walk it."""
+    os.chmod(base, 0o755)
+    d = base / "specs"
+    d.mkdir(exist_ok=True)
+    for name, text in specs.items():
+        (d / f"{name}.yaml").write_text(text)
+    return write_settings(base, bpffs_root, d, extra)
+
+
 @pytest.fixture
 def config(tmp_path: Path, bpffs_root: str, specs_dir: Path) -> Path:
     return write_settings(tmp_path, bpffs_root, specs_dir)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from loaderd import kernel
-from tests.conftest import REPO, SYSTEM_PYTHON, loaderd, wait_until, write_settings
+from tests.conftest import REPO, SYSTEM_PYTHON, loaderd, make_conf, wait_until
 
 pytestmark = [
     pytest.mark.kernel,
@@ -118,17 +118,8 @@ def world_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def make_conf(base: Path, bpffs_root: str, specs: dict[str, str], extra: str = "") -> Path:
-    d = base / "specs"
-    d.mkdir(exist_ok=True)
-    for name, text in specs.items():
-        (d / f"{name}.yaml").write_text(text)
-    return write_settings(base, bpffs_root, d, extra)
-
-
 @pytest.fixture
 def applied(tmp_path: Path, bpffs_root: str) -> Path:
-    os.chmod(tmp_path, 0o755)
     conf = make_conf(tmp_path, bpffs_root, {"filter": FILTER, "counter": COUNTER})
     loaderd("--config", str(conf), "apply")
     return conf
@@ -349,7 +340,6 @@ class Daemon:
 
 
 def test_running_daemon_reports_a_pin_removed_by_hand(tmp_path: Path, bpffs_root: str) -> None:
-    os.chmod(tmp_path, 0o755)
     conf = make_conf(tmp_path, bpffs_root, {"counter": COUNTER})
     daemon = Daemon(conf)
     try:
@@ -375,15 +365,20 @@ def test_running_daemon_reports_a_pin_removed_by_hand(tmp_path: Path, bpffs_root
 
 # --- graceful degradation ---------------------------------------------------------------------
 
-def test_fallback_used_and_reported_when_primary_is_refused(tmp_path: Path,
-                                                            bpffs_root: str) -> None:
-    os.chmod(tmp_path, 0o755)
-    conf = make_conf(tmp_path, bpffs_root, {"degraded": DEGRADED})
+def apply_degraded(base: Path, bpffs_root: str, name: str, text: str
+                   ) -> tuple[Path, dict, dict]:  # type: ignore[type-arg]
+    """Apply one spec whose primary is refused: (config, the DEGRADED event, status --json)."""
+    conf = make_conf(base, bpffs_root, {name: text})
     out = loaderd("--config", str(conf), "apply")
     events = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
     (deg,) = [e for e in events if e["event"] == "degraded"]
+    return conf, deg, json.loads(loaderctl("--config", str(conf), "status", "--json").stdout)
+
+
+def test_fallback_used_and_reported_when_primary_is_refused(tmp_path: Path,
+                                                            bpffs_root: str) -> None:
+    conf, deg, report = apply_degraded(tmp_path, bpffs_root, "degraded", DEGRADED)
     assert deg["priority"] == 4 and "quiet" in deg["message"] and "trace_printk" in deg["reason"]
-    report = json.loads(loaderctl("--config", str(conf), "status", "--json").stdout)
     (spec,) = report["specs"]
     (prog,) = spec["programs"]
     assert spec["degraded"] is True and prog["function"] == "quiet"
@@ -406,13 +401,8 @@ programs:
 def test_fallback_used_when_the_verifier_refuses_the_primary(tmp_path: Path,
                                                              bpffs_root: str) -> None:
     """The other trigger of a fallback: the primary passes policy but not the verifier."""
-    os.chmod(tmp_path, 0o755)
-    conf = make_conf(tmp_path, bpffs_root, {"vfall": VERIFIER_FALLBACK})
-    out = loaderd("--config", str(conf), "apply")
-    events = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
-    (deg,) = [e for e in events if e["event"] == "degraded"]
+    _, deg, report = apply_degraded(tmp_path, bpffs_root, "vfall", VERIFIER_FALLBACK)
     assert "careful" in deg["message"] and "kernel refused program 'greedy'" in deg["reason"]
-    report = json.loads(loaderctl("--config", str(conf), "status", "--json").stdout)
     (prog,) = report["specs"][0]["programs"]
     assert prog["function"] == "careful" and "stack" in prog["degraded"], prog
 
@@ -472,7 +462,6 @@ def test_compliance_fails_when_a_config_map_is_not_frozen(applied: Path,
 
 
 def test_compliance_pins_and_helpers_against_settings(tmp_path: Path, bpffs_root: str) -> None:
-    os.chmod(tmp_path, 0o755)
     conf = make_conf(tmp_path, bpffs_root, {"filter": FILTER})
     loaderd("--config", str(conf), "apply")
     os.chmod(f"{bpffs_root}/filter/maps/stats", 0o646)
@@ -557,7 +546,6 @@ def stream_while(conf: Path, run: Path, times: int, *args: str) -> list[dict]:  
 
 def test_events_streamed_decoded_sanitized_and_rate_limited(tmp_path: Path,
                                                             bpffs_root: str) -> None:
-    os.chmod(tmp_path, 0o755)
     conf = make_conf(tmp_path, bpffs_root, {"ev": EVENTS})
     loaderd("--config", str(conf), "apply")
     name = f"ldev{uuid.uuid4().hex[:8]}"

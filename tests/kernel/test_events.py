@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, write_settings
+from tests.conftest import REPO, make_conf, write_settings
 
 pytestmark = pytest.mark.kernel
 
@@ -90,11 +90,7 @@ def test_consume_is_bounded_and_loses_nothing(tmp_path: Path, bpffs_root: str) -
     from loaderd import events, kernel
     from tests.conftest import loaderd
 
-    specs = tmp_path / "specs"
-    specs.mkdir()
-    os.chmod(tmp_path, 0o755)
-    (specs / "execs.yaml").write_text(SPEC)
-    loaderd("--config", str(write_settings(tmp_path, bpffs_root, specs)), "apply")
+    loaderd("--config", str(make_conf(tmp_path, bpffs_root, {"execs": SPEC})), "apply")
     path = f"{bpffs_root}/execs/maps/exec_events"
     fd = kernel.obj_get(path)
     ring = events.RingBuffer(fd, path)
@@ -121,11 +117,7 @@ def test_rate_limit_survives_a_reload(tmp_path: Path, bpffs_root: str) -> None:
     from loaderd.state import State
     from tests.conftest import loaderd
 
-    specs = tmp_path / "specs"
-    specs.mkdir()
-    os.chmod(tmp_path, 0o755)
-    (specs / "execs.yaml").write_text(SPEC)
-    conf = write_settings(tmp_path, bpffs_root, specs)
+    conf = make_conf(tmp_path, bpffs_root, {"execs": SPEC})
     loaderd("--config", str(conf), "apply")
     settings = load_settings(str(conf))
     manifest = State(settings.state_dir).load()

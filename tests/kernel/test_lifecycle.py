@@ -16,7 +16,13 @@ from loaderd import kernel, verify
 from loaderd.apply import Applier
 from loaderd.settings import load_settings
 from loaderd.state import State
-from tests.conftest import loaderd, no_staging_leftovers, wait_until, write_settings
+from tests.conftest import (
+    loaderd,
+    make_conf,
+    no_staging_leftovers,
+    wait_until,
+    write_settings,
+)
 from tests.kernel.test_pipeline import bpftool, read_u64
 
 pytestmark = pytest.mark.kernel
@@ -134,11 +140,8 @@ def test_change_replaces_program_preserves_map_and_rollback_restores_tag(
 
 def test_xdp_change_updates_the_link_in_place(tmp_path: Path, bpffs_root: str,
                                               dummy_iface: str) -> None:
+    conf = make_conf(tmp_path, bpffs_root, {"xdp": XDP.format(step=1, iface=dummy_iface)})
     d = tmp_path / "specs"
-    d.mkdir()
-    os.chmod(tmp_path, 0o755)
-    (d / "xdp.yaml").write_text(XDP.format(step=1, iface=dummy_iface))
-    conf = write_settings(tmp_path, bpffs_root, d)
     loaderd("--config", str(conf), "apply")
     link = f"{bpffs_root}/xdp/links/xdp_count"
     before = bpftool("link", "show", "pinned", link)
@@ -156,11 +159,8 @@ def test_recreated_interface_is_drift_and_a_change_gets_a_new_link(
     """An XDP link outlives its interface (ifindex 0) and does not follow a new one of the same
     name: verify reports it; a changed spec gets a fresh link there (a LINK_UPDATE of the dead
     link would fail after the commit point) and the set verifies clean again."""
+    conf = make_conf(tmp_path, bpffs_root, {"xdp": XDP.format(step=1, iface=dummy_iface)})
     d = tmp_path / "specs"
-    d.mkdir()
-    os.chmod(tmp_path, 0o755)
-    (d / "xdp.yaml").write_text(XDP.format(step=1, iface=dummy_iface))
-    conf = write_settings(tmp_path, bpffs_root, d)
     loaderd("--config", str(conf), "apply")
     state = State(load_settings(str(conf)).state_dir)
     subprocess.run(["ip", "link", "del", dummy_iface], check=True)
@@ -360,11 +360,8 @@ programs:
 
 def test_preserve_that_cannot_be_kept_is_said_not_silent(tmp_path: Path,
                                                          bpffs_root: str) -> None:
+    conf = make_conf(tmp_path, bpffs_root, {"kept": PRESERVED.format(vtype="u64")})
     d = tmp_path / "specs"
-    d.mkdir()
-    os.chmod(tmp_path, 0o755)
-    (d / "kept.yaml").write_text(PRESERVED.format(vtype="u64"))
-    conf = write_settings(tmp_path, bpffs_root, d)
     loaderd("--config", str(conf), "apply")
     (d / "kept.yaml").write_text(PRESERVED.format(vtype="u32"))
     out = loaderd("--config", str(conf), "apply")
