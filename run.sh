@@ -9,23 +9,43 @@ PY=/usr/bin/python3   # Debian's interpreter: python3-bpfcc and friends live the
 case "${1:-}" in
 demo)
   scripts/setup-host.sh
-  conf=/run/loaderd-demo/loaderd.yaml
-  mkdir -p /run/loaderd-demo && chmod 700 /run/loaderd-demo
+  repo=$PWD
+  run=/run/loaderd-demo
+  conf=$run/loaderd.yaml
+  mkdir -p "$run" && chmod 700 "$run"
+  # Root-owned copies of the example specs: the trust checks refuse spec files a user owns or
+  # may write (a clone may be a user's, or made under umask 002), and settings paths must be
+  # plain names (a clone path may hold spaces).
+  rm -rf "$run/programs.d"
+  install -d -m 0755 -o root -g root "$run/programs.d"
+  install -m 0644 -o root -g root configs/programs.d/* "$run/programs.d/"
   cat > "$conf" <<YAML
 loaderd: 1
-programs_dir: $PWD/configs/programs.d
+programs_dir: $run/programs.d
 bpffs_root: /sys/fs/bpf/loaderd
 state_dir: /var/lib/loaderd
 YAML
-  export PYTHONPATH=$PWD
-  audit=/run/loaderd-demo/audit.jsonl   # no journald in a foreground run: JSON audit lines
-  : > "$audit"                          # this run's events only
-  echo "== loaderd check (schema, policy, helpers from bytecode, verifier; loads nothing)"
-  $PY -m loaderd --config "$conf" check
+  export PYTHONPATH=$repo
+  cd /   # BCC puts the working directory on the compiler's include path: not the clone
+  start=$(date '+%Y-%m-%d %H:%M:%S')
+  audit=$run/audit.jsonl   # without a journald socket, audit events are JSON lines on stderr
+  : > "$audit"
+  loaderd() {   # audit JSON lines to the file, everything else (errors) to the terminal
+    local log rc=0
+    log=$(mktemp)
+    $PY -m loaderd --config "$conf" "$@" 2>"$log" || rc=$?
+    grep '^{' "$log" >> "$audit" || true
+    grep -v '^{' "$log" >&2 || true
+    rm -f "$log"
+    [ "$rc" = 0 ] || { echo "loaderd $1 refused: the errors above name file, line and field" >&2
+                       exit "$rc"; }
+  }
+  echo "== loaderd check (schema, policy, helpers from bytecode, verifier; nothing stays loaded)"
+  loaderd check
   echo "== loaderd apply (compile, load, pin, attach, fill, freeze, commit)"
-  $PY -m loaderd --config "$conf" apply 2>>"$audit"
+  loaderd apply
   echo "== loaderd status"
-  $PY -m loaderd --config "$conf" status
+  loaderd status
   echo "== bpftool finds every program by its pin"
   for p in /sys/fs/bpf/loaderd/*/progs/*; do
     out=$(bpftool prog show pinned "$p"); echo "  $p: ${out%%$'\n'*}"
@@ -33,16 +53,20 @@ YAML
   for _ in 1 2 3; do /bin/true; done
   echo "== exec counter (tracepoint, pinned link) after a few execs:"
   bpftool map dump pinned /sys/fs/bpf/loaderd/exec_counter/maps/exec_count
-  echo "== $(wc -l < "$audit") audit events in $audit, e.g.:"
-  grep '"event": "attached"' "$audit" | head -n 1 || true
-  echo "Programs stay attached. Undo with: PYTHONPATH=$PWD $PY -m loaderd --config $conf disable"
+  if [ -s "$audit" ]; then
+    echo "== $(wc -l < "$audit") audit events in $audit, e.g.:"
+    grep '"event": "attached"' "$audit" | head -n 1 || true
+  else
+    echo "== audit events went to the journal: journalctl -t loaderd --since '$start', e.g.:"
+    journalctl --no-pager -t loaderd --since "$start" LOADERD_EVENT=attached -n 1 || true
+  fi
+  printf 'Programs stay attached. Undo with: PYTHONPATH=%q %q -m loaderd --config %q disable\n' \
+    "$repo" "$PY" "$conf"
   ;;
 test)
   LOADERD_SETUP_TEST=1 scripts/setup-host.sh
-  if [ ! -x .venv/bin/ruff ] || [ ! -x .venv/bin/mypy ]; then
-    $PY -m venv --system-site-packages .venv
-    .venv/bin/pip install -q ruff mypy
-  fi
+  [ -x .venv/bin/pip ] || $PY -m venv --system-site-packages .venv
+  .venv/bin/pip install -q -r requirements-dev.txt   # no-op (no network) once satisfied
   shift
   .venv/bin/ruff check loaderd tests bench
   .venv/bin/mypy loaderd
