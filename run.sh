@@ -55,7 +55,7 @@ YAML
   bpftool map dump pinned /sys/fs/bpf/loaderd/exec_counter/maps/exec_count
   if [ -s "$audit" ]; then
     echo "== $(wc -l < "$audit") audit events in $audit, e.g.:"
-    grep '"event": "attached"' "$audit" | head -n 1 || true
+    { grep '"event": "attached"' "$audit" || cat "$audit"; } | head -n 1
   else
     echo "== audit events went to the journal: journalctl -t loaderd --since '$start', e.g.:"
     journalctl --no-pager -t loaderd --since "$start" LOADERD_EVENT=attached -n 1 || true
