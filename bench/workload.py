@@ -213,8 +213,11 @@ class Workspace:
         return self.loaderd("apply", *extra).seconds
 
     def disable(self) -> None:
+        """Back to nothing loaded, between repetitions: the kill switch, then its release (it
+        holds until `enable`, and the next repetition's apply must load)."""
         if os.path.exists(self.root) or self.state.exists():
             self.loaderd("disable")
+            self.loaderd("enable")
 
     def manifest(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.state / "manifest.json").read_text())

@@ -104,10 +104,11 @@ def stage_all(specs: list[Spec], settings: Settings, txid: str, *, pin: bool = T
     return staged, errors
 
 
-def validate(settings: Settings, specs_dir: str | None = None
+def validate(settings: Settings, specs_dir: str | None = None, *, check_owner: bool = True
              ) -> tuple[list[Spec], list[LoaderdError]]:
     """Everything that can be decided without the kernel: parse, schema, policy, limits."""
-    specs, errors = spec.load_dir(specs_dir or settings.programs_dir, settings)
+    specs, errors = spec.load_dir(specs_dir or settings.programs_dir, settings,
+                                  check_owner=check_owner)
     for s in specs:
         try:
             policy.check_spec(s, settings.policy)
@@ -164,6 +165,7 @@ class Applier:
             if not self.layout.exists(self.layout.root):  # tmpfiles.d owns its mode and group
                 self.layout.ensure_dir(self.layout.root, 0o755)
             self.recover()
+            self._check_enabled()
         except LoaderdError as exc:  # e.g. a read-only or unreachable pin root: audited too
             return self._refused(result, [exc])
         settings = self.settings if trusted_owner is None else dataclasses.replace(
@@ -442,6 +444,27 @@ class Applier:
         return True  # a spec with maps only: nothing distinguishes old from new; swap once
 
     # --- operator actions -----------------------------------------------------------------
+    def _check_enabled(self) -> None:
+        """The kill switch holds until an operator releases it: a unit restart, a reboot with
+        the unit enabled or a reload must not load everything again behind their back."""
+        manifest = self.state.load()
+        if manifest.get("status") == "disabled":
+            when = time.strftime("%Y-%m-%d %H:%M:%S",
+                                 time.localtime(manifest.get("written_at", 0)))
+            raise LoaderdError(Kind.STATE, f"loaderd is disabled (kill switch pulled at {when}):"
+                               " nothing is loaded until an operator runs `loaderd enable`",
+                               Location(self.state.manifest_path))
+
+    def enable(self) -> bool:
+        """Release the kill switch (True if it was pulled); the next apply loads the specs."""
+        with self.state.exclusive(waiting=self.notify):
+            if self.state.load().get("status") != "disabled":
+                return False
+            self.state.save({"version": 1, "status": "empty", "txid": None, "specs": {}})
+            audit.emit(Event.KILL_SWITCH, "kill switch released: applies are allowed again",
+                       released=True)
+            return True
+
     def disable(self) -> list[str]:
         """Kill switch: detach and unpin everything loaderd owns."""
         with self.state.exclusive(waiting=self.notify):
@@ -454,7 +477,8 @@ class Applier:
         for pin in self.layout.list_tree(self.layout.root):
             if "/links/" in f"/{pin}":
                 self._detach(os.path.join(self.layout.root, pin))
-        self.layout.remove_tree(self.layout.root)
+        for name in self.layout.children(self.layout.root):  # the root is tmpfiles.d's
+            self.layout.remove_tree(os.path.join(self.layout.root, name))
         self.state.save({"version": 1, "status": "disabled", "txid": None, "specs": {}})
         audit.emit(Event.KILL_SWITCH, f"kill switch: removed every pin and link under "
                    f"{self.layout.root} ({len(removed)} specs)", specs=removed)
@@ -466,6 +490,7 @@ class Applier:
             return self._rollback()
 
     def _rollback(self) -> ApplyResult:
+        self._check_enabled()
         current = self.state.load().get("txid")
         gens = [g for g in self.state.generations() if g != current]
         if current in self.state.generations():

@@ -15,13 +15,13 @@ from loaderd.model import Settings
 DEFAULT_CONFIG = "/etc/loaderd/loaderd.yaml"
 
 
-def load_settings(config: str | None) -> Settings:
+def load_settings(config: str | None, *, check_owner: bool = True) -> Settings:
     """The given file; else /etc/loaderd/loaderd.yaml if it exists; else the defaults."""
     from loaderd.settings import load_settings as load
 
     if config is None and os.path.exists(DEFAULT_CONFIG):
         config = DEFAULT_CONFIG
-    return load(config)
+    return load(config, owner_uid=0 if check_owner else None)
 
 
 def add_global_flags(p: argparse.ArgumentParser) -> None:
@@ -64,6 +64,15 @@ def cmd_disable(args: argparse.Namespace) -> int:
 
     removed = Applier(load_settings(args.config)).disable()
     print(f"kill switch: detached and unpinned {len(removed)} specs: {', '.join(removed)}")
+    return 0
+
+
+def cmd_enable(args: argparse.Namespace) -> int:
+    from loaderd.apply import Applier
+
+    released = Applier(load_settings(args.config)).enable()
+    print("kill switch released: the next apply (systemctl reload loaderd) loads the specs"
+          if released else "not disabled: nothing to do")
     return 0
 
 

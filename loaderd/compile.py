@@ -8,7 +8,8 @@
 - BCC chdirs the whole process while compiling: one compile per process at a time (callers run
   each spec in its own worker process).
 
-Only the short-lived apply worker imports this module; the resident daemon never does.
+Only the short-lived apply workers import bcc (lazily, through Module); the resident daemon
+imports this module's name through stage/state but never loads bcc or LLVM.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from loaderd.ctl import (
 from loaderd.errors import LoaderdError
 from loaderd.model import DANGEROUS_HELPERS, MapType, ProgType, kernel_map_flags, map_pin_mode
 
-HIGH, MEDIUM, LOW = "high", "medium", "low"
+HIGH, MEDIUM = "high", "medium"
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
 UNIT_DIRS = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 # Every unit the package ships; loaderd-apply.service is the one that holds capabilities.

@@ -3,7 +3,7 @@
 status, list and dump need no capability: they read the manifest and open pins themselves
 (maps with BPF_F_RDONLY). The kernel lets BPF_OBJ_GET open a program or link only read-write,
 so a reader whose pin mode grants read alone sees those from the manifest, and says so. When
-the manifest itself is unreadable (state dir 0750 loaderd:loaderd), the pins are walked.
+the manifest itself is unreadable (it is 0640 loaderd:loaderd-readers), the pins are walked.
 
 JSON uses bpftool's field names for kernel facts, plus loaderd's own (spec, sha256, pin,
 freeze, degraded, drift, facts). Exit codes: 0 ok, 1 failed or a finding, 2 usage.
@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loaderd import audit, kernel, pins, state, verify
-from loaderd.clikit import add_global_flags, cmd_disable, cmd_rollback, load_settings, run
+from loaderd.clikit import (
+    add_global_flags,
+    cmd_disable,
+    cmd_enable,
+    cmd_rollback,
+    load_settings,
+    run,
+)
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import CType, Settings, Spec
 from loaderd.sanitize import Key
@@ -643,6 +650,8 @@ def parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text, description=text)
         sp.set_defaults(func=func)
         sp.add_argument("--config", default=argparse.SUPPRESS, help="same as the global --config")
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="same as the global --debug")
         if json_flag:
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
@@ -686,6 +695,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--since", default="-7d", help="journal slice start (journalctl --since)")
     add("disable", cmd_disable, "kill switch: detach and unpin everything loaderd owns",
         json_flag=False)
+    add("enable", cmd_enable, "release the kill switch (then apply or reload)", json_flag=False)
     add("rollback", cmd_rollback, "re-apply the previous generation of specs", json_flag=False)
     return p
 

@@ -1,11 +1,12 @@
 """The resident daemon: apply (in a child), drop every capability, READY=1, then watch.
 
 The resident process never imports bcc: compile/load/pin/attach happen in a short-lived
-`loaderd apply` child that inherits the unit's capabilities. Once the child is done, the
-resident drops every capability for good (a dropped capability never comes back, which is why
-reload runs a fresh privileged `loaderd apply` from ExecReload=). It then pings the watchdog,
-re-reads the manifest on SIGHUP, and checks for drift (pins, links, tags, frozen state) on a
-timer. Stopping never detaches or unpins anything.
+`loaderd apply` child that inherits the unit's capabilities (or, packaged, in
+loaderd-apply.service: `run --no-apply`). Once that is done, the resident drops every capability
+for good (a dropped capability never comes back, which is why a reload runs a fresh privileged
+apply). It then pings the watchdog, re-reads the manifest on SIGHUP (RELOADING=1 ... READY=1),
+and checks for drift (pins, links, tags, frozen state) on a timer. Stopping never detaches or
+unpins anything.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def status(message: str) -> None:
 
 def run_apply_child(config: str | None) -> int:
     """Run `loaderd apply` as a child process with this process's capabilities. The child's
-    progress lines are relayed as STATUS= (systemd accepts notifications from the main process
-    only, with NotifyAccess=exec)."""
+    progress lines are relayed as STATUS= (with the default NotifyAccess=main, systemd accepts
+    notifications from the main process only)."""
     cmd = [sys.executable, "-m", "loaderd", "apply", "--child"]
     if config:
         cmd += ["--config", config]

@@ -80,15 +80,3 @@ class LoaderdError(Exception):
             self.location = Location(file, self.location.line, self.location.column,
                                      self.location.field)
         return self
-
-    def as_fields(self) -> dict[str, Any]:
-        """Structured form for audit events and `--json` output."""
-        loc = self.location
-        out: dict[str, Any] = {"kind": self.kind.value, "message": self.message}
-        for key, val in (("file", loc.file), ("line", loc.line), ("column", loc.column),
-                         ("field", loc.field), ("allowed", self.allowed)):
-            if val is not None:
-                out[key] = val
-        if self.value is not None:
-            out["value"] = repr(self.value)
-        return out

@@ -8,7 +8,6 @@ object and `strerror(errno)`, with `.errno` kept for callers that branch on it.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
@@ -60,7 +59,6 @@ MODEL_MAP_TYPES: dict[MapType, int] = {t: MAP_TYPES[t.value] for t in MapType}
 MODEL_PROG_TYPES: dict[ProgType, int] = {t: PROG_TYPES[t.value] for t in ProgType}
 
 # Attach types (enum bpf_attach_type) used by loaderd.
-ATTACH_TRACE_RAW_TP = 23
 ATTACH_XDP = 37
 ATTACH_PERF_EVENT = 41
 
@@ -70,8 +68,7 @@ BPF_F_RDONLY = 1 << 3  # at map creation: binds to the returned fd only, not kep
 BPF_F_WRONLY = 1 << 4
 BPF_F_PATH_FD = 1 << 14  # OBJ_PIN/OBJ_GET relative to path_fd (kernel >= 6.5)
 BPF_F_REPLACE = 1 << 2
-BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1
+BPF_ANY, BPF_NOEXIST = 0, 1
 XDP_FLAGS_SKB_MODE = 2
 XDP_FLAGS_DRV_MODE = 4
 XDP_FLAGS_HW_MODE = 8
@@ -717,15 +714,4 @@ def prog_fd_by_id(prog_id: int) -> int:
 def map_fd_by_id(map_id: int) -> int:
     return _fd_by_id("bpf_map_get_fd_by_id", "map", map_id)
 
-
-def link_fd_by_id(link_id: int) -> int:
-    return _fd_by_id("bpf_link_get_fd_by_id", "link", link_id)
-
-
-def close_quietly(*fds: int | None) -> None:
-    """Close fds on cleanup paths where a second error would hide the first."""
-    for fd in fds:
-        if fd is not None and fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 

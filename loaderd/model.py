@@ -256,5 +256,4 @@ class Settings:
     pins: PinOwnership = PinOwnership()
     policy: Policy = Policy()
     sanitize: Rules = field(default_factory=Rules)  # daemon events, loaderctl events/dump
-    watchdog: bool = True
     path: str | None = None  # the file it came from

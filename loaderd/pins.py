@@ -329,6 +329,16 @@ def list_tree(path: str) -> list[str]:
         return sorted(rel for _, _, rel, st in _entries(rd.fd) if not stat.S_ISDIR(st.st_mode))
 
 
+def children(path: str) -> list[str]:
+    """Names directly below directory `path` (a missing path has none)."""
+    try:
+        fd = _open_dir(path)
+    except MissingPathError:
+        return []
+    with _Fd(fd), _Fd(_reopen(fd, path)) as rd:
+        return sorted(os.listdir(rd.fd))
+
+
 def chown_tree(path: str, uid: int) -> None:
     """Give `path` and everything below it (no symlink followed) to `uid`, groups unchanged.
     Used when root runs an apply for a service user: the pins must stay that user's."""
@@ -459,6 +469,9 @@ class PinLayout:
 
     def list_tree(self, path: str) -> list[str]:
         return list_tree(self._confine(path))
+
+    def children(self, path: str) -> list[str]:
+        return children(self._confine(path))
 
     def conform_pins(self, path: str, mode: int, gid: int | None,
                      modes: Mapping[str, int] | None = None) -> list[str]:

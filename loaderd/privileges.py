@@ -44,11 +44,6 @@ class CapState:
     def has(self, cap: str) -> bool:
         return bool(self.effective >> CAP_NUMBERS[cap] & 1)
 
-    @property
-    def all_zero(self) -> bool:
-        return not (self.effective | self.permitted | self.inheritable | self.bounding
-                    | self.ambient)
-
 
 def names(mask: int) -> list[str]:
     return [CAP_NAMES.get(i, f"cap_{i}") for i in range(64) if mask >> i & 1]

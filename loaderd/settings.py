@@ -26,7 +26,6 @@ from loaderd.model import (
 from loaderd.sanitize import Rules
 from loaderd.yamlsafe import Marks, Path
 
-DEFAULT_PATH = "/etc/loaderd/loaderd.yaml"
 SCHEMA = "settings.schema.json"
 MAX_BYTES = 64 * 1024
 
@@ -127,7 +126,6 @@ def _parse(path: str, raw: bytes) -> Settings:
         pins=_pins(ctx, data.get("pins", {})),
         policy=_policy(ctx, data.get("policy", {})),
         sanitize=Rules.from_mapping(data.get("sanitize", {})),  # shape checked by the schema
-        watchdog=data.get("watchdog", defaults.watchdog),
         path=path)
 
 

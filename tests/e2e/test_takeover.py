@@ -103,3 +103,23 @@ def test_readers_can_read_the_adopted_maps(
     out = sysd.run("runuser", "-u", "e2e-reader", "--", "loaderctl", "dump",
                    "exec_counter/exec_count").stdout
     assert re.search(r"^0: \d+$", out, re.M), out
+
+
+def test_kill_switch_holds_across_a_restart_until_enabled(
+        demo_then_package: tuple[Systemd, dict[str, int]]) -> None:
+    """`loaderd disable` is not undone by `systemctl restart` (or a reboot with the unit
+    enabled): the apply unit refuses, the resident runs with nothing applied; `loaderd enable`
+    and a reload bring the programs back."""
+    sysd, _ = demo_then_package
+    conf = "/etc/loaderd/loaderd.yaml"
+    sysd.run("loaderd", "disable", "--config", conf)
+    sysd.systemctl("restart", "loaderd.service", timeout=300)
+    assert sysd.show("loaderd-apply.service", "Result")["Result"] == "exit-code"
+    props = sysd.show("loaderd.service", "ActiveState", "StatusText")
+    assert props["ActiveState"] == "active" and props["StatusText"].startswith("0 specs"), props
+    assert sysd.run("ls", "-A", ROOT).stdout == ""  # the root stays (tmpfiles.d's), empty
+    said = sysd.journalctl("-u", "loaderd-apply.service", "-n", "20").stdout
+    assert "runs `loaderd enable`" in said, said
+    assert "kill switch released" in sysd.run("loaderd", "enable", "--config", conf).stdout
+    sysd.systemctl("reload", "loaderd.service", timeout=300)
+    assert sysd.run("test", "-e", f"{ROOT}/exec_counter/links/count_exec").returncode == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loaderd import kernel, verify
+from loaderd import faults, kernel, verify
 from loaderd.apply import Applier
 from loaderd.settings import load_settings
 from loaderd.state import State
@@ -182,8 +182,7 @@ def test_recreated_interface_is_drift_and_a_change_gets_a_new_link(
     loaderd("--config", str(conf), "disable")
 
 
-@pytest.mark.parametrize("fault", ["after_compile", "after_load", "after_pin", "after_attach",
-                                   "mid_commit"])
+@pytest.mark.parametrize("fault", faults.POINTS)
 def test_kill_9_at_each_stage_ends_in_old_or_new_never_a_mix(
         counter_conf: Path, bpffs_root: str, tmp_path: Path, fault: str) -> None:
     d = counter_conf.parent / "specs"
@@ -247,6 +246,16 @@ def test_kill_switch_removes_every_pin_and_link(config: Path, bpffs_root: str) -
                                    if lk.get("prog_id") in ids])
     # Released asynchronously after the last unpin: no loaderd program remains loaded at all.
     assert wait_until(lambda: not ids & set(kernel.prog_ids()))
+    # The switch holds: an apply (a unit restart, a reboot, a reload) or a rollback loads
+    # nothing until an operator releases it.
+    for cmd in ("apply", "rollback"):
+        refused = loaderd("--config", str(config), cmd, check=False)
+        assert refused.returncode == 1 and "runs `loaderd enable`" in refused.stderr, refused
+    assert not os.path.exists(f"{bpffs_root}/exec_counter")
+    assert "kill switch released" in loaderd("--config", str(config), "enable").stdout
+    assert "not disabled" in loaderd("--config", str(config), "enable").stdout
+    loaderd("--config", str(config), "apply")
+    assert os.path.exists(f"{bpffs_root}/exec_counter/links/count_exec")
 
 
 def test_root_acting_for_the_service_user_keeps_everything_theirs(

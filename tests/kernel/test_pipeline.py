@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from loaderd import kernel, verify
-from tests.conftest import loaderd, no_staging_leftovers, wait_until, write_settings
+from tests.conftest import REPO, loaderd, no_staging_leftovers, wait_until, write_settings
 
 pytestmark = pytest.mark.kernel
 
@@ -345,3 +346,33 @@ def test_missing_capability_is_refused_before_anything_is_compiled(config: Path,
     assert out.returncode == 1
     assert "CAP_PERFMON is missing" in out.stderr and "exec_counter.yaml" in out.stderr
     assert not os.path.exists(f"{bpffs_root}/exec_counter")
+
+
+def test_check_by_a_non_root_author_validates_their_own_files(shared_code: str) -> None:
+    """A spec author (no root, files their own, group-writable) gets schema/policy verdicts
+    from `loaderd check --no-kernel`; ownership is the daemon's verdict, and it says so."""
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="ldauthor-"))
+    try:
+        (work / "specs").mkdir()
+        for f in (REPO / "configs" / "programs.d").iterdir():
+            (work / "specs" / f.name).write_bytes(f.read_bytes())
+        (work / "specs" / "broken.yaml").write_text("loaderd: 1\nprograms: []\nmaps: {}\n")
+        (work / "loaderd.yaml").write_text(f"loaderd: 1\nprograms_dir: {work}/specs\n")
+        for p in [work, *work.rglob("*")]:
+            os.chown(p, 65534, 65534)
+            os.chmod(p, 0o775 if p.is_dir() else 0o664)
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-m", "loaderd", "--config", str(work / "loaderd.yaml"), "check", "--no-kernel"],
+            capture_output=True, text=True, env={"PYTHONPATH": shared_code}, cwd="/")
+        assert out.returncode == 1, out
+        assert "not root: file ownership and modes are not checked" in out.stdout
+        assert re.search(r"^4 specs, [1-9]\d* errors$", out.stdout, re.M), out.stdout
+        # Verdicts, located; the examples themselves pass.
+        assert f"{work}/specs/broken.yaml:3:1: maps: expected a list" in out.stderr, out.stderr
+        assert all("broken.yaml" in ln for ln in out.stderr.splitlines()), out.stderr
+        assert "owned by uid" not in out.stderr
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

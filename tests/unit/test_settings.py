@@ -27,7 +27,6 @@ bpffs_root: /sys/fs/bpf/loaderd
 state_dir: /var/lib/loaderd
 config_owner: root              # config and source files must be owned by this user
 pins: {mode: "0640", group: loaderd-readers}
-watchdog: false
 policy:
   program_types: [tracepoint, raw_tracepoint, xdp, socket_filter]
   map_types: [array, hash, percpu_array, percpu_hash, lru_hash, ringbuf]
@@ -63,7 +62,7 @@ def test_no_file_means_defaults() -> None:
 def test_documented_example(tmp_path: Path) -> None:
     path = write(tmp_path, EXAMPLE)
     s = load_settings(path, owner_uid=None)
-    assert s.path == path and s.config_owner_uid == 0 and not s.watchdog
+    assert s.path == path and s.config_owner_uid == 0
     assert s.pins == PinOwnership(0o640, "loaderd-readers")
     assert s.policy == Policy(
         program_types=frozenset(ProgType),
