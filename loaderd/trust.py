@@ -37,10 +37,22 @@ def _check_stat(path: str, st: os.stat_result, owner_uid: int | None, kind: str)
                    f"(mode {stat.S_IMODE(st.st_mode):04o}); run chmod go-w", allowed=allowed)
 
 
+def _check_ancestor(path: str, st: os.stat_result, owner_uid: int | None) -> None:
+    """A directory above `root_dir`, as sshd's StrictModes walks them: whoever may write it
+    could rename the path below it away and put their own in its place. A root-owned sticky
+    directory (/tmp) is the exception: the entry below it is checked in turn (root's or the
+    owner's), and the sticky bit keeps others from renaming or removing what is not theirs."""
+    if owner_uid is None:
+        return
+    if st.st_mode & stat.S_ISVTX and st.st_uid == 0:
+        return
+    _check_stat(path, st, owner_uid, "parent directory")
+
+
 def check_file(path: str, *, owner_uid: int | None, root_dir: str) -> str:
     """Refuse `path` unless it is a regular file inside `root_dir` (also after following a
-    symlink) and it and every directory up to and including `root_dir` are trusted.
-    Returns the resolved path to open."""
+    symlink), it and every directory up to and including `root_dir` are trusted, and no
+    directory above that can be changed by anyone else. Returns the resolved path to open."""
     root = os.path.realpath(root_dir)
     link = os.path.abspath(path)
     if not _inside(link, os.path.abspath(root_dir)) and not _inside(link, root):
@@ -58,11 +70,14 @@ def check_file(path: str, *, owner_uid: int | None, root_dir: str) -> str:
     _check_stat(real, st, owner_uid, "file")
     directory = os.path.dirname(real)
     while True:
-        _check_stat(directory, os.stat(directory), owner_uid, "directory")
-        if directory == root or directory == "/":
-            break
+        dst = os.stat(directory)
+        if _inside(directory, root):
+            _check_stat(directory, dst, owner_uid, "directory")
+        else:
+            _check_ancestor(directory, dst, owner_uid)
+        if directory == "/":
+            return real
         directory = os.path.dirname(directory)
-    return real
 
 
 def check_relative(ref: str, base_dir: str) -> str:

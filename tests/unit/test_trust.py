@@ -73,9 +73,26 @@ def test_directory_of_another_user_is_refused(root: Path) -> None:
     assert f"owned by uid {OTHER}" in refused(root / "sub" / "x.c", root).message
 
 
-def test_directories_above_root_dir_are_not_checked(root: Path) -> None:
+def test_writable_directory_above_root_dir_is_refused(root: Path) -> None:
+    """Like sshd's StrictModes: whoever may write an ancestor could swap the tree below it."""
     os.chmod(root.parent, 0o777)
+    err = refused(root / "spec.yaml", root)
+    assert err.location.file == str(root.parent) and "parent directory" in err.message
+
+
+def test_ancestor_of_another_user_is_refused(root: Path) -> None:
+    os.chown(root.parent, OTHER, 0)
+    err = refused(root / "spec.yaml", root)
+    assert err.location.file == str(root.parent) and f"uid {OTHER}" in err.message
+
+
+def test_root_sticky_ancestor_is_trusted(root: Path) -> None:
+    """/tmp-like (1777 root): others cannot rename or remove the root-owned entry below it
+    (which is checked in turn); without the sticky bit, or not root's, it is refused."""
+    os.chmod(root.parent, 0o1777)
     trust.check_file(str(root / "spec.yaml"), owner_uid=0, root_dir=str(root))
+    os.chown(root.parent, OTHER, 0)
+    assert refused(root / "spec.yaml", root).location.file == str(root.parent)
 
 
 def test_owner_none_skips_ownership_but_not_escapes(root: Path) -> None:
