@@ -143,10 +143,12 @@ def test_read_only_pin_root_is_one_clear_error_before_any_compile(
     good = specs_dir / "sched_switches.yaml"
     good.write_text(good.read_text().replace("(*value)++", "(*value) += 2"))  # something to build
     root = settings.bpffs_root
-    # A read-only bind of the pin root in a private mount namespace: the host's stays writable.
+    # A read-only bind of the pin root in a new mount namespace whose bpffs mount is made
+    # private first (not "/": in a chroot it is no mount point): the host's stays writable.
     proc = subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "sh", "-ec",
-         f'mount --bind "{root}" "{root}"; mount -o remount,bind,ro "{root}"; '
+        ["unshare", "-m", "--propagation", "unchanged", "sh", "-ec",
+         f'mount --make-rprivate /sys/fs/bpf; mount --bind "{root}" "{root}"; '
+         f'mount -o remount,bind,ro "{root}"; '
          f'exec "$0" -m loaderd --config "{config}" apply', sys.executable],
         capture_output=True, text=True, timeout=300,
         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
