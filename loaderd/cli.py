@@ -95,6 +95,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                           "specs": rows}, indent=1, sort_keys=True))
         return 0
     print(f"manifest: {manifest.get('status')} (txid {manifest.get('txid')})")
+    if manifest.get("status") == "disabled":
+        print("kill switch pulled: nothing is loaded until `loaderd enable` (then reload)")
     for r in rows:
         state = "DRIFT: " + "; ".join(r["drift"]) if r["drift"] else "ok"
         print(f"{r['spec']}: {state}")

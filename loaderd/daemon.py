@@ -123,6 +123,8 @@ class Daemon:
                    no_new_privs=caps.no_new_privs)
         n = len(self.manifest.get("specs", {}))
         summary = f"{n} specs applied" + ("" if rc == 0 else "; last apply FAILED, old set kept")
+        if self.manifest.get("status") == "disabled":  # what `systemctl status` should say
+            summary = "kill switch pulled: nothing applied until `loaderd enable`, then reload"
         # Say what is true now, not what the manifest claims: after a reboot with a refused
         # apply (loaderd-apply.service failed, Wants= let us start) its pins may be gone.
         drift = self.check_drift()
