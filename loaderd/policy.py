@@ -15,7 +15,9 @@ _PERCPU = (MapType.PERCPU_ARRAY, MapType.PERCPU_HASH, MapType.LRU_PERCPU_HASH)
 
 @functools.cache
 def possible_cpus() -> int:
-    """Number of possible CPUs (what the kernel sizes per-CPU maps by)."""
+    """Number of possible CPUs (what the kernel sizes per-CPU maps by), for the memory limit
+    estimate only: a fallback is fine here, unlike kernel.possible_cpus, which sizes per-CPU
+    value buffers and must be exact (and policy must stay importable without libbpf)."""
     try:
         with open("/sys/devices/system/cpu/possible", encoding="ascii") as f:
             text = f.read().strip()
