@@ -607,7 +607,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     layout = events.parse_layout(args.layout) if args.layout else None
     rate = args.rate or view.settings.policy.limits.max_event_rate
     for event in events.stream(path, layout=layout, rate=rate, sanitize=clean,
-                               count=args.count, duration=args.duration):
+                               count=args.count, duration=args.duration,
+                               addresses=view.settings.sanitize.ip_fields):
         print(json.dumps(event, sort_keys=True,
                          default=lambda o: o.hex() if isinstance(o, bytes) else str(o)),
               flush=True)

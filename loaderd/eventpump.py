@@ -87,7 +87,8 @@ class EventPump:
     def journal(self, spec: str, map_name: str, record: bytes,
                 layout: tuple[events.Field, ...]) -> None:
         """One record: decoded by its layout, sanitized, journaled (bench/ times this)."""
-        fields = self.clean(events.decode(record, layout))
+        # The address fields the settings name are read in network order too (sanitize.ip_fields).
+        fields = self.clean(events.decode(record, layout, self.clean.rules.ip_fields))
         audit.emit(Event.BPF_EVENT, f"{spec}/{map_name}: "
                    + json.dumps(fields, default=str, sort_keys=True), spec=spec,
                    map=map_name, **{f"event_{k.lstrip('_')}": v for k, v in fields.items()})

@@ -89,7 +89,7 @@ def decode(record: bytes, layout: tuple[Field, ...] | None,
             break
         if f.kind == "bytes":
             out[f.name] = raw  # 16-byte addresses too: the sanitizer reads bytes in network order
-        elif f.size == 4 and f.name in addresses:
+        elif f.size == 4 and f.name.lower() in addresses:
             # network order: read little-endian, 10.1.2.3 would be masked as 3.2.1.0/24
             out[f.name] = ipaddress.IPv4Address(raw)
         else:
@@ -177,7 +177,8 @@ class RingBuffer:
 
 def stream(path: str, *, layout: tuple[Field, ...] | None, rate: int,
            sanitize: Callable[[Any], Any] | None, count: int | None = None,
-           duration: float | None = None, poll: float = 0.2) -> Iterator[dict[str, Any]]:
+           duration: float | None = None, poll: float = 0.2,
+           addresses: frozenset[str] = IP_FIELDS) -> Iterator[dict[str, Any]]:
     """Decoded (and sanitized) events from the ring buffer pinned at `path`. A `_dropped`
     record reports events consumed over the rate limit since the previous report."""
     fd = kernel.obj_get(path)
@@ -191,7 +192,7 @@ def stream(path: str, *, layout: tuple[Field, ...] | None, rate: int,
             for record in ring.consume():
                 if not limit.allow():
                     continue
-                event = decode(record, layout)
+                event = decode(record, layout, addresses)
                 yield sanitize(event) if sanitize else event
                 emitted += 1
                 if count is not None and emitted >= count:

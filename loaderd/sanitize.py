@@ -192,7 +192,9 @@ _KEY_VALUE = re.compile(
 _TOKEN = re.compile(r"(?<![A-Za-z0-9])(?:gh[pousr]_[A-Za-z0-9]{20,}|"
                     r"github_pat_[A-Za-z0-9_]{20,}|(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9]))")
 # `scheme://user:password@host`: the password ends at the authority's last `@`.
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/?#@:]*:)[^\s/?#]*@")
+# The scheme is bounded (RFC schemes are short): unbounded, "a.a.a..." backtracked from every
+# word boundary (quadratic: 64 KB of it took 12 s, past the daemon's watchdog).
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,31}://[^\s/?#@:]*:)[^\s/?#]*@")
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9\-._~+/]+=*")
 _PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE "
                           r"KEY-----|$)", re.S)
@@ -323,7 +325,14 @@ def _as_text(raw: bytes) -> str | None:
     what follows (stale buffer bytes) would make a secret look binary and leave it as hex."""
     body = raw.split(b"\0", 1)[0]
     if not body:
-        return None
+        # An empty C string whose buffer still holds old text: show neither (hex of a secret
+        # is the secret). Binary that merely starts with a zero byte stays hex.
+        stale = raw.lstrip(b"\0").split(b"\0", 1)[0]
+        return "" if not stale or _printable(stale) is not None else None
+    return _printable(body)
+
+
+def _printable(body: bytes) -> str | None:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.kernel
 SPEC = """loaderd: 1
 source:
   inline: |
-    struct exec_event { u32 pid; u32 uid; char comm[16]; char note[32]; u32 saddr; };
+    struct exec_event { u32 pid; u32 uid; char comm[16]; char note[32]; u32 saddr; u32 peer; };
     int on_exec(void *ctx) {
         struct exec_event *e = exec_events.ringbuf_reserve(sizeof(struct exec_event));
         if (!e)
@@ -31,6 +31,7 @@ source:
         // a C string, its NUL, then garbage, as uninitialized buffers hold
         __builtin_memcpy(e->note, "login password=hunter2 ok\\0\\x01\\x02\\x03\\x04\\x05\\x06", 32);
         e->saddr = __builtin_bswap32(0x0a010203);  // 10.1.2.3 as iphdr holds it: network order
+        e->peer = __builtin_bswap32(0x0a090807);   // 10.9.8.7: an address only settings name
         exec_events.ringbuf_submit(e, 0);
         return 0;
     }
@@ -38,7 +39,7 @@ maps:
   - name: exec_events
     type: ringbuf
     max_entries: 16384
-    events: {layout: "pid:u32,uid:u32,comm:bytes16,note:bytes32,saddr:u32"}
+    events: {layout: "pid:u32,uid:u32,comm:bytes16,note:bytes32,saddr:u32,peer:u32"}
 programs:
   - {name: on_exec, type: tracepoint, attach: {tracepoint: "sched:sched_process_exec"}}
 """
@@ -51,7 +52,7 @@ def test_daemon_journals_sanitized_rate_limited_events(tmp_path: Path, bpffs_roo
     (specs / "execs.yaml").write_text(SPEC)
     conf = write_settings(tmp_path, bpffs_root, specs,
                           "policy:\n  limits: {max_event_rate: 3}\n"
-                          "sanitize: {ipv4_prefix: 16, redact: [uid]}\n")
+                          "sanitize: {ipv4_prefix: 16, redact: [uid], ip_fields: [peer]}\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "loaderd", "--config", str(conf), "run",
                              "--drift-interval", "0.5"], env=env, stderr=subprocess.PIPE,
@@ -80,7 +81,8 @@ def test_daemon_journals_sanitized_rate_limited_events(tmp_path: Path, bpffs_roo
     # sanitize.redact adds uid to the fields redacted.
     assert all(e["event_saddr"] == "10.1.0.0/16" for e in trues)
     assert all(e["event_uid"] == "[REDACTED]" for e in trues)
-    assert all(str(e["event_uid"]) != "0" for e in trues)  # uid pseudonymized, not raw
+    # A field only loaderd.yaml names as an address: read in network order and masked too.
+    assert all(e["event_peer"] == "10.9.0.0/16" for e in trues), trues[0]
     assert len(evs) < 20 and sum(d["dropped"] for d in drops) > 0  # limited, never silently
 
 

@@ -241,3 +241,18 @@ def test_event_rate_limit_token_bucket() -> None:
     now[0] = 1.0  # a second refills `rate` tokens, never more
     assert [limit.allow() for _ in range(4)] == [True, True, True, False]
     assert limit.dropped == 3
+
+
+def test_c_string_starting_with_nul_shows_nothing_of_what_follows() -> None:
+    """An empty C string: the stale bytes after its NUL are neither text nor hex."""
+    clean = Sanitizer(b"k" * 32)
+    assert clean({"note": b"\0password=hunter2 ok"}) == {"note": ""}
+
+
+def test_url_password_scheme_is_bounded() -> None:
+    """The scheme part is bounded (a long 'a.a.a...' run made the unbounded pattern
+    quadratic): schemes of normal length still match, a 40-character 'scheme' does not."""
+    clean = Sanitizer(b"k" * 32)
+    assert clean("postgres://app:pw@db") == "postgres://app:[REDACTED]@db"
+    long = "a" * 40 + "://u:pw@h"
+    assert clean(long) == long
