@@ -189,7 +189,8 @@ class Applier:
         for s in specs:
             entry = old_specs.get(s.name)
             if entry and entry["sha256"] == s.sha256:
-                diffs = verify.differences(entry) or self._unrecorded_calls(entry)
+                diffs = (verify.differences(entry, by_name=True)
+                         or self._unrecorded_calls(entry))
                 if not diffs:
                     try:  # the policy may have changed since these programs were loaded
                         self._recheck_calls(s, entry)
@@ -328,7 +329,8 @@ class Applier:
                     "links", {}) and old_entry["links"][prog.name]["target"] == tgt \
                     and self._link_holds(old_link, tgt):
                 deferred.append(prog.name)
-                links[prog.name] = {"target": tgt, "id": old_entry["links"][prog.name]["id"]}
+                links[prog.name] = {k: v for k, v in old_entry["links"][prog.name].items()
+                                    if k in ("target", "id", "ifindex")}
                 continue
             prog_fd = staging.get(staging.prog_path(s.name, prog.name))
             try:
@@ -346,10 +348,13 @@ class Applier:
             try:
                 staging.pin(link_fd, staging.link_path(s.name, prog.name),
                             self.settings.pins.mode, self.settings.pins.gid)
-                lid = kernel.link_info(link_fd).id
+                linfo = kernel.link_info(link_fd)
             finally:
                 os.close(link_fd)
-            links[prog.name] = {"target": tgt, "id": lid}
+            lid = linfo.id
+            # XDP: the ifindex is what the resident (own network namespace) can compare with.
+            links[prog.name] = {"target": tgt, "id": lid,
+                                **({"ifindex": linfo.ifindex} if linfo.ifindex else {})}
             audit.emit(Event.ATTACHED, f"{s.name}/{prog.name}: attached to {tgt} (link {lid})",
                        spec=s.name, program=prog.name, link_id=lid, target=tgt,
                        prog_id=st.programs[prog.name].id)
@@ -387,7 +392,7 @@ class Applier:
         except LoaderdError:
             return False
         try:
-            return attach.target_difference(kernel.link_info(fd), tgt) is None
+            return attach.target_difference(kernel.link_info(fd), tgt, by_name=True) is None
         finally:
             os.close(fd)
 

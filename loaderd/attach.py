@@ -60,14 +60,21 @@ def is_exclusive(program: ProgramSpec) -> bool:
     return isinstance(program.attach, XdpAttach)
 
 
-def target_difference(info: kernel.LinkInfo, tgt: str) -> str | None:
+def target_difference(info: kernel.LinkInfo, tgt: str, ifindex: int | None = None, *,
+                      by_name: bool = False) -> str | None:
     """How a link's kernel facts disagree with the target it was made for (None: they agree).
-    An XDP link outlives its interface (ifindex 0 then) and does not follow a recreated one."""
+    An XDP link outlives its interface (ifindex 0 then) and does not follow a recreated one.
+    `ifindex`: the one recorded at attach. `by_name` looks the interface up again: only in
+    the host's network namespace (the apply), never in the resident's private one."""
     kind, _, rest = tgt.partition(":")
     if kind == "xdp":
         iface = rest.rsplit(":", 1)[0]
         if not info.ifindex:
             return f"detached from {iface} (the interface went away)"
+        if ifindex is not None and info.ifindex != ifindex:
+            return f"attached to ifindex {info.ifindex}, not {ifindex} ({iface})"
+        if not by_name:
+            return None
         try:
             now = kernel.ifindex(iface)
         except LoaderdError:

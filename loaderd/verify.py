@@ -39,8 +39,9 @@ def _map_facts(fd: int) -> tuple[int, bool]:
     return kernel.map_info(fd).id, kernel.map_is_frozen(fd)
 
 
-def differences(entry: dict[str, Any]) -> list[str]:
-    """Every way the pinned objects of one manifest spec entry differ from it. [] = intact."""
+def differences(entry: dict[str, Any], *, by_name: bool = False) -> list[str]:
+    """Every way the pinned objects of one manifest spec entry differ from it. [] = intact.
+    `by_name`: also look XDP interfaces up by name (only in the host's network namespace)."""
     base = entry["pin_dir"]
     diffs: list[str] = []
     prog_ids: dict[str, int] = {}
@@ -74,7 +75,8 @@ def differences(entry: dict[str, Any]) -> list[str]:
         if name in prog_ids and linfo.prog_id != prog_ids[name]:
             diffs.append(f"link {path}: runs program id {linfo.prog_id}, expected "
                          f"{prog_ids[name]}")
-        off = attach.target_difference(linfo, link["target"])
+        off = attach.target_difference(linfo, link["target"], link.get("ifindex"),
+                                       by_name=by_name)
         if off:
             diffs.append(f"link {path}: {off}")
     return diffs

@@ -417,3 +417,21 @@ def test_commit_failure_is_audited_and_the_next_apply_rolls_forward(
     assert manifest["status"] == "committed" and manifest["txid"] == failed["txid"]
     assert verify.differences(manifest["specs"]["counter"]) == []
     assert no_staging_leftovers(bpffs_root)
+
+
+def test_resident_in_its_own_network_namespace_sees_no_false_xdp_drift(
+        tmp_path: Path, bpffs_root: str, dummy_iface: str) -> None:
+    """The packaged resident has PrivateNetwork=yes: only `lo` there, so an XDP link on a real
+    interface must be checked against the ifindex recorded at attach, not looked up by name
+    (which reported "interface ... is gone" for every non-lo XDP spec)."""
+    conf = make_conf(tmp_path, bpffs_root, {"xdp": XDP.format(step=1, iface=dummy_iface)})
+    loaderd("--config", str(conf), "apply")
+    entry = State(load_settings(str(conf)).state_dir).load()["specs"]["xdp"]
+    assert entry["links"]["xdp_count"]["ifindex"] == kernel.ifindex(dummy_iface)
+    code = ("import json, sys; from loaderd import verify; "
+            "print(json.dumps(verify.differences(json.load(sys.stdin))))")
+    out = subprocess.run(["unshare", "--net", sys.executable, "-c", code],
+                         input=json.dumps(entry), capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+    assert json.loads(out.stdout) == [], out
+    loaderd("--config", str(conf), "disable")
