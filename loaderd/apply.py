@@ -19,6 +19,7 @@ import errno
 import multiprocessing
 import os
 import secrets
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -76,6 +77,16 @@ def _stage_worker(args: tuple[Spec, Settings, str, bool]) -> StagedSpec | Loader
                             f"{exc}", Location(s.path))
 
 
+def _worker_init(parent: int) -> None:
+    """Die with the apply: a forked worker shares the apply's state lock, and idle workers of a
+    `kill -9`ed parent would otherwise hold it (and every later apply would wait for them)."""
+    import prctl
+
+    prctl.set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
 def stage_all(specs: list[Spec], settings: Settings, txid: str, *, pin: bool = True,
               jobs: int | None = None, notify: Notify | None = None
               ) -> tuple[list[StagedSpec], list[LoaderdError]]:
@@ -88,7 +99,8 @@ def stage_all(specs: list[Spec], settings: Settings, txid: str, *, pin: bool = T
     errors: list[LoaderdError] = []
     # fork: the parent never imported bcc, so workers start small and fast. A worker that dies
     # (OOM, a crash inside LLVM) breaks the pool: reported as an error, nothing committed.
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
+                             initializer=_worker_init, initargs=(os.getpid(),)) as pool:
         work = [(s, settings, txid, pin) for s in specs]
         try:
             for i, result in enumerate(pool.map(_stage_worker, work), 1):

@@ -196,8 +196,13 @@ def test_kill_9_at_each_stage_ends_in_old_or_new_never_a_mix(
     env = dict(os.environ, LOADERD_FAULT=fault)
     out = _apply_with_fault(counter_conf, env)
     assert out.returncode == -9, out.stderr[-2000:]  # it really was killed at that point
-    # What the next start does first: finish or discard the interrupted apply.
     settings = load_settings(str(counter_conf))
+
+    def lock_free() -> bool:  # compile workers die with their apply, and its lock with them
+        with State(settings.state_dir).quiet() as quiet:
+            return quiet
+    assert wait_until(lock_free, timeout=10), "a worker of the killed apply holds the lock"
+    # What the next start does first: finish or discard the interrupted apply.
     Applier(settings).recover()
     now = {s: prog_tag(f"{bpffs_root}/{s}/progs/count_exec") for s in ("counter", "second")}
     changed = {s for s in now if now[s] != old[s]}
