@@ -11,6 +11,9 @@ demo)
   scripts/setup-host.sh
   repo=$PWD
   run=/run/loaderd-demo
+  # Its own pin root and state: the demo never touches a packaged loaderd's programs, state or
+  # kill switch (/sys/fs/bpf/loaderd, /var/lib/loaderd).
+  pins=/sys/fs/bpf/loaderd-demo
   conf=$run/loaderd.yaml
   mkdir -p "$run" && chmod 700 "$run"
   # Root-owned copies of the example specs: the trust checks refuse spec files a user owns or
@@ -22,8 +25,8 @@ demo)
   cat > "$conf" <<YAML
 loaderd: 1
 programs_dir: $run/programs.d
-bpffs_root: /sys/fs/bpf/loaderd
-state_dir: /var/lib/loaderd
+bpffs_root: $pins
+state_dir: /var/lib/loaderd-demo
 YAML
   export PYTHONPATH=$repo
   cd /   # BCC puts the working directory on the compiler's include path: not the clone
@@ -40,7 +43,7 @@ YAML
     [ "$rc" = 0 ] || { echo "loaderd $1 refused: the errors above name file, line and field" >&2
                        exit "$rc"; }
   }
-  released=$(loaderd enable)   # running the demo is asking for the examples to be loaded
+  released=$(loaderd enable)   # the demo's own kill switch: running it asks for the examples
   case $released in "kill switch released"*) echo "== $released";; esac
   echo "== loaderd check (schema, policy, helpers from bytecode, verifier; nothing stays loaded)"
   loaderd check
@@ -49,12 +52,12 @@ YAML
   echo "== loaderd status"
   loaderd status
   echo "== bpftool finds every program by its pin"
-  for p in /sys/fs/bpf/loaderd/*/progs/*; do
+  for p in "$pins"/*/progs/*; do
     out=$(bpftool prog show pinned "$p"); echo "  $p: ${out%%$'\n'*}"
   done
   for _ in 1 2 3; do /bin/true; done
   echo "== exec counter (tracepoint, pinned link) after a few execs:"
-  bpftool map dump pinned /sys/fs/bpf/loaderd/exec_counter/maps/exec_count
+  bpftool map dump pinned "$pins/exec_counter/maps/exec_count"
   if [ -s "$audit" ]; then
     echo "== $(wc -l < "$audit") audit events in $audit, e.g.:"
     { grep '"event": "attached"' "$audit" || cat "$audit"; } | head -n 1

@@ -209,10 +209,6 @@ class Applier:
                     except LoaderdError as exc:
                         result.errors.append(exc.with_file(s.path))
                         continue
-                    try:
-                        self._conform(s.name, entry)
-                    except LoaderdError as exc:
-                        result.errors.append(exc.with_file(s.path))
                     result.adopted.append(s.name)
                     continue
                 audit.emit(Event.DRIFT, f"{s.name}: pinned objects differ from the manifest, "
@@ -224,6 +220,15 @@ class Applier:
                     "(remove them, or `loaderd disable`)", Location(s.path, field="name")))
                 continue
             to_build.append(s)
+        if result.errors:
+            return self._refused(result, result.errors)
+        # Only now that the apply goes ahead: a refused apply changes nothing, modes included.
+        spec_of = {s.name: s for s in specs}
+        for name in result.adopted:
+            try:
+                self._conform(name, old_specs[name])
+            except LoaderdError as exc:
+                result.errors.append(exc.with_file(spec_of[name].path))
         if result.errors:
             return self._refused(result, result.errors)
         names = {s.name for s in specs}
@@ -490,13 +495,15 @@ class Applier:
     def _disable(self) -> list[str]:
         manifest = self.state.load()
         removed = sorted(manifest.get("specs", {}))
+        # The switch is pulled before anything is removed: a disable killed half-way must not
+        # look like drift that the next start "repairs" by loading everything again.
+        self.state.save({"version": 1, "status": "disabled", "txid": None, "specs": {}})
         # Detach first: unpinning alone leaves a link attached while anyone still holds an fd.
         for pin in self.layout.list_tree(self.layout.root):
             if "/links/" in f"/{pin}":
                 self._detach(os.path.join(self.layout.root, pin))
         for name in self.layout.children(self.layout.root):  # the root is tmpfiles.d's
             self.layout.remove_tree(os.path.join(self.layout.root, name))
-        self.state.save({"version": 1, "status": "disabled", "txid": None, "specs": {}})
         audit.emit(Event.KILL_SWITCH, f"kill switch: removed every pin and link under "
                    f"{self.layout.root} ({len(removed)} specs)", specs=removed)
         return removed

@@ -82,6 +82,15 @@ def _flag_rules(c: Collector, i: int, m: MapSpec) -> None:
     if MapFlag.WRONLY in m.flags and m.preserve:
         c.add(Kind.SEMANTIC, ("maps", i, "preserve"), "a WRONLY map cannot be preserved: its "
               "pin may not be opened for reading, so its contents cannot be copied")
+    # BCC creates an RDONLY map with a read-only fd: neither the copy into it nor
+    # BPF_MAP_FREEZE (which needs a writable fd) can be done through it.
+    if MapFlag.RDONLY in m.flags and m.preserve:
+        c.add(Kind.SEMANTIC, ("maps", i, "preserve"), "an RDONLY map cannot be preserved: "
+              "userspace cannot write the copied contents into it")
+    if MapFlag.RDONLY in m.flags and m.freeze:
+        c.add(Kind.SEMANTIC, ("maps", i, "freeze"), "an RDONLY map cannot be frozen (freezing "
+              "needs a writable fd) and is already read-only for userspace; for read-only "
+              "config use RDONLY_PROG with freeze: true")
 
 
 def _size_rules(c: Collector, i: int, m: MapSpec) -> None:

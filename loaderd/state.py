@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -67,10 +68,19 @@ class State:
         self.dir = state_dir
         self.gid = gid
         self.uid = service_uid(state_dir)
-        if not os.path.isdir(state_dir):
-            os.makedirs(state_dir, mode=0o750)
-        # Generations hold copies of the spec files: private to loaderd.
-        os.makedirs(os.path.join(state_dir, GENERATIONS), mode=0o700, exist_ok=True)
+
+    def _ensure_dirs(self) -> None:
+        """Made by the first writer, not by readers (status as a non-root user)."""
+        try:
+            if not os.path.isdir(self.dir):
+                os.makedirs(self.dir, mode=0o750)
+            # Generations hold copies of the spec files: private to loaderd.
+            os.makedirs(os.path.join(self.dir, GENERATIONS), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise LoaderdError(Kind.STATE, f"cannot create the state directory: "
+                               f"{exc.strerror}", Location(exc.filename or self.dir),
+                               allowed="run as root or as the service user (the state "
+                               "directory's owner)") from None
 
     @property
     def manifest_path(self) -> str:
@@ -88,6 +98,7 @@ class State:
         return data
 
     def save(self, manifest: dict[str, Any]) -> None:
+        self._ensure_dirs()
         manifest["written_at"] = time.time()
         _write_atomic(self.manifest_path,
                       json.dumps(manifest, indent=1, sort_keys=True).encode(), self.gid,
@@ -107,9 +118,22 @@ class State:
     @contextlib.contextmanager
     def exclusive(self, timeout: float = 300.0,
                   waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+        self._ensure_dirs()
         path = os.path.join(self.dir, LOCK)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:  # O_NONBLOCK: a FIFO planted as the lock must not hang the open
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                         | os.O_NONBLOCK, 0o600)
+        except OSError as exc:
+            raise LoaderdError(Kind.STATE, f"cannot open the state lock: {exc.strerror}",
+                               Location(path), allowed="run as root or as the service user "
+                               "(the state directory's owner)") from None
         try:
+            st = os.fstat(fd)
+            # Root truncates and chowns this file: only a plain, singly linked one (a hard link
+            # to some other file would hand that file over).
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise LoaderdError(Kind.STATE, "the state lock is not a plain file",
+                                   Location(path), allowed="remove it; loaderd recreates it")
             if self.uid >= 0:
                 os.fchown(fd, self.uid, -1)
             deadline = time.monotonic() + timeout
@@ -138,7 +162,8 @@ class State:
         """A shared hold on the lock for a reader (the daemon's drift check): yields False,
         without waiting, while a writer is at work (pins half-swapped are not drift)."""
         try:
-            fd = os.open(os.path.join(self.dir, LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(os.path.join(self.dir, LOCK),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:  # no lock file (nobody applied yet) or unreadable: check anyway
             yield True
             return
@@ -158,6 +183,7 @@ class State:
 
     def save_generation(self, txid: str, files: dict[str, bytes]) -> None:
         """files: relative name -> the exact bytes that were applied."""
+        self._ensure_dirs()
         dest = self.generation_dir(txid)
         for rel, data in files.items():
             path = os.path.join(dest, rel)

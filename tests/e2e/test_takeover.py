@@ -1,10 +1,10 @@
 """A root run before the package: the service takes its programs over, reloading nothing.
 
-The README's demo (`./run.sh demo`) runs `loaderd apply` as root, with the package's paths
-(/var/lib/loaderd, /sys/fs/bpf/loaderd) and no readers' group. An operator who then installs the
-.deb and starts the service must get a running service that adopts those programs - not a unit
-that fails because root's 0600 manifest and pins are unreadable to the service user (which is
-what happened before tmpfiles.d handed them over).
+An operator runs `loaderd apply` by hand as root with the package's paths (/var/lib/loaderd,
+/sys/fs/bpf/loaderd) and no readers' group - as the README demo did before it got paths of its
+own, which is how CI found this. Installing the .deb and starting the service must then give a
+running service that adopts those programs - not a unit that fails because root's 0600 manifest
+and pins are unreadable to the service user (what happened before tmpfiles.d handed them over).
 """
 
 from __future__ import annotations

@@ -83,3 +83,28 @@ def test_one_writer_at_a_time_and_readers_see_it(tmp_path: Path) -> None:
         assert not quiet
     with st.quiet() as quiet:
         assert quiet
+
+
+def test_lock_must_be_a_plain_singly_linked_file(tmp_path: Path) -> None:
+    """Root truncates and chowns the lock: a planted FIFO must not hang it, a hard link must
+    not hand some other file over."""
+    from loaderd.errors import Kind, LoaderdError
+
+    st = State(str(tmp_path))
+    os.mkfifo(tmp_path / "lock")
+    with pytest.raises(LoaderdError) as exc, st.exclusive(timeout=1):
+        pass
+    assert exc.value.kind is Kind.STATE and "not a plain file" in exc.value.message
+    os.unlink(tmp_path / "lock")
+    other = tmp_path / "other"
+    other.write_text("precious\n")
+    os.link(other, tmp_path / "lock")
+    with pytest.raises(LoaderdError), st.exclusive(timeout=1):
+        pass
+    assert other.read_text() == "precious\n"  # not truncated
+
+
+def test_readers_create_nothing(tmp_path: Path) -> None:
+    state = State(str(tmp_path / "state"))
+    assert state.load()["status"] == "empty" and state.generations() == []
+    assert not (tmp_path / "state").exists()  # only a writer makes the directory
