@@ -439,6 +439,13 @@ class Applier:
                 prog_fd = staging.get(staging.prog_path(name, prog))
                 try:
                     attach.update_link(old_link, prog_fd)
+                except LoaderdError as exc:
+                    if getattr(exc, "errno", 0) != errno.ENOLINK:
+                        raise
+                    # Severed since the pre-commit check (its interface went away, e.g. during
+                    # a crash before this roll-forward): attach anew instead of staying stuck.
+                    self._relink(staging, name, prog, prog_fd, entry)
+                    continue
                 finally:
                     os.close(prog_fd)
                 self.layout.rename(old_link, staging.link_path(name, prog))
@@ -451,6 +458,28 @@ class Applier:
         for prog in entry["programs"].values():
             audit.emit(Event.PIN_WRITTEN, f"{name}/{prog['name']}: committed under {live}",
                        spec=name, program=prog["name"], prog_id=prog["id"], pin=live)
+
+    def _relink(self, staging: pins.PinLayout, name: str, prog: str, prog_fd: int,
+                entry: dict[str, Any]) -> None:
+        link = entry["links"][prog]
+        if staging.exists(staging.link_path(name, prog)):
+            return  # a re-run after a crash right here: already attached anew
+        try:
+            link_fd = attach.relink_xdp(link["target"], prog_fd)
+        except LoaderdError as exc:  # the commit goes on; the missing link is drift, said
+            audit.emit(Event.DEGRADED, f"{name}/{prog}: its link was severed and it cannot be "
+                       f"attached again: {exc}", spec=name, program=prog)
+            return
+        try:
+            staging.pin(link_fd, staging.link_path(name, prog), self.settings.pins.mode,
+                        self.settings.pins.gid)
+            info = kernel.link_info(link_fd)
+        finally:
+            os.close(link_fd)
+        link.update(id=info.id, ifindex=info.ifindex)
+        audit.emit(Event.ATTACHED, f"{name}/{prog}: old link severed; attached anew to "
+                   f"{link['target']} (link {info.id})", spec=name, program=prog,
+                   link_id=info.id, prog_id=entry["programs"][prog]["id"])
 
     @staticmethod
     def _holds_new(staging: pins.PinLayout, name: str, entry: dict[str, Any]) -> bool:

@@ -55,6 +55,13 @@ def create_link(program: ProgramSpec, prog_fd: int) -> int | None:
     raise AssertionError(f"unhandled attach {a!r}")
 
 
+def relink_xdp(tgt: str, prog_fd: int) -> int:
+    """A new XDP link for `prog_fd` on the target recorded as "xdp:<iface>:<mode>" (commit
+    recovery has the manifest, not the spec)."""
+    _, iface, mode = tgt.split(":")
+    return kernel.link_create(prog_fd, kernel.ifindex(iface), kernel.ATTACH_XDP, XDP_MODES[mode])
+
+
 def is_exclusive(program: ProgramSpec) -> bool:
     """Targets that take one link only: replace with LINK_UPDATE instead of a second link."""
     return isinstance(program.attach, XdpAttach)
@@ -98,5 +105,5 @@ def update_link(link_pin: str, new_prog_fd: int) -> int:
         os.close(fd)
 
 
-__all__ = ["LoaderdError", "create_link", "is_exclusive", "target", "target_difference",
-           "update_link"]
+__all__ = ["LoaderdError", "create_link", "is_exclusive", "relink_xdp", "target",
+           "target_difference", "update_link"]

@@ -440,3 +440,37 @@ def test_resident_in_its_own_network_namespace_sees_no_false_xdp_drift(
                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
     assert json.loads(out.stdout) == [], out
     loaderd("--config", str(conf), "disable")
+
+
+def test_roll_forward_attaches_anew_when_the_xdp_link_was_severed_meanwhile(
+        tmp_path: Path, bpffs_root: str, dummy_iface: str) -> None:
+    """Crash after the commit point with the XDP spec's LINK_UPDATE still to do, and the
+    interface is deleted and recreated before the next start: the roll-forward cannot update
+    the severed link (ENOLINK) and must not stay stuck; it attaches the new program anew."""
+    conf = make_conf(tmp_path, bpffs_root, {
+        "counter": COUNTER.format(step=1), "xdp": XDP.format(step=1, iface=dummy_iface)})
+    loaderd("--config", str(conf), "apply")
+    d = tmp_path / "specs"
+    (d / "counter.yaml").write_text(COUNTER.format(step=2))
+    (d / "xdp.yaml").write_text(XDP.format(step=7, iface=dummy_iface))
+    out = _apply_with_fault(conf, dict(os.environ, LOADERD_FAULT="mid_commit"))
+    assert out.returncode == -9, out.stderr[-2000:]
+    state = State(load_settings(str(conf)).state_dir)
+    assert state.load()["status"] == "pending"  # counter swapped, xdp still to do
+    subprocess.run(["ip", "link", "del", dummy_iface], check=True)
+    subprocess.run(["ip", "link", "add", dummy_iface, "type", "veth", "peer", "name",
+                    dummy_iface + "p"], check=True)
+    again = loaderd("--config", str(conf), "apply")
+    assert "attached anew" in again.stderr, again.stderr[-3000:]
+    manifest = state.load()
+    assert manifest["status"] == "committed"
+    for entry in manifest["specs"].values():
+        assert verify.differences(entry, by_name=True) == []
+    fd = kernel.obj_get(f"{bpffs_root}/xdp/links/xdp_count")
+    try:
+        info = kernel.link_info(fd)
+        assert info.ifindex == kernel.ifindex(dummy_iface)
+        assert info.prog_id == prog_tag(f"{bpffs_root}/xdp/progs/xdp_count")[0]
+    finally:
+        os.close(fd)
+    loaderd("--config", str(conf), "disable")
