@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from loaderd import audit
 from loaderd.clikit import (
+    add_command,
     add_global_flags,
     cmd_disable,
     cmd_enable,
@@ -124,11 +125,7 @@ def parser() -> argparse.ArgumentParser:
         "rollback": (cmd_rollback, "re-apply the previous generation of specs"),
     }
     for name, (func, help_text) in commands.items():
-        sp = sub.add_parser(name, help=help_text)
-        sp.set_defaults(func=func)
-        sp.add_argument("--config", default=argparse.SUPPRESS, help="same as the global --config")
-        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="same as the global --debug")
+        sp = add_command(sub, name, func, help_text)
         if name in ("apply", "check"):
             sp.add_argument("--dir", help="specs directory (default: programs_dir setting)")
             sp.add_argument("--jobs", type=int, default=None, help="parallel compiles")

@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 from loaderd.errors import LoaderdError
 from loaderd.model import Settings
@@ -28,6 +30,17 @@ def add_global_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=os.environ.get("LOADERD_CONFIG"),
                    help=f"daemon settings file (default {DEFAULT_CONFIG} if it exists)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+
+
+def add_command(sub: Any, name: str, func: Callable[[argparse.Namespace], int],
+                text: str) -> argparse.ArgumentParser:
+    """A subcommand that also takes the global flags after its name (`status --debug`)."""
+    sp: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
+    sp.set_defaults(func=func)
+    sp.add_argument("--config", default=argparse.SUPPRESS, help="same as the global --config")
+    sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                    help="same as the global --debug")
+    return sp
 
 
 def print_error(e: LoaderdError) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from loaderd import audit, kernel, pins, state, verify
 from loaderd.clikit import (
+    add_command,
     add_global_flags,
     cmd_disable,
     cmd_enable,
@@ -648,11 +649,7 @@ def parser() -> argparse.ArgumentParser:
 
     def add(name: str, func: Callable[[argparse.Namespace], int], text: str,
             json_flag: bool = True) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=text, description=text)
-        sp.set_defaults(func=func)
-        sp.add_argument("--config", default=argparse.SUPPRESS, help="same as the global --config")
-        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="same as the global --debug")
+        sp = add_command(sub, name, func, text)
         if json_flag:
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
