@@ -36,7 +36,14 @@ from loaderd.ctl import (
     pin_facts,
 )
 from loaderd.errors import LoaderdError
-from loaderd.model import DANGEROUS_HELPERS, MapType, ProgType, kernel_map_flags, map_pin_mode
+from loaderd.model import (
+    DANGEROUS_HELPERS,
+    MAP_FLAG_MASK,
+    MapType,
+    ProgType,
+    kernel_map_flags,
+    map_pin_mode,
+)
 
 HIGH, MEDIUM = "high", "medium"
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
@@ -56,7 +63,6 @@ _JOURNAL_FIELDS = ("MESSAGE_ID", "MESSAGE", "_UID", "_PID", "_COMM", "_EXE", "_S
 # What loaderd runs as: the `loaderd`/`loaderctl` scripts (comm = the script's name) or a Python
 # interpreter (`python3 -m loaderd apply --child`; _EXE is the interpreter).
 _LOADERD_PROGRAM = re.compile(r"(loaderd|loaderctl|python[0-9.]*|pypy[0-9.]*)")
-_MAP_FLAG_MASK = 0x1FF  # the BPF_F_* bits a spec can declare (as stage.check_map_facts)
 _EXPOSURE = re.compile(r"Overall exposure level for \S+: (\d+(?:\.\d+)?) (\w+)")
 
 
@@ -151,8 +157,8 @@ def check_map_limits(view: View) -> Outcome:
             problems.append(f"{where}: no applied spec to compare flags with")
             continue
         want = kernel_map_flags(decl.flags)
-        if facts["flags"] & _MAP_FLAG_MASK != want:
-            problems.append(f"{where}: flags {facts['flags'] & _MAP_FLAG_MASK:#x}, spec "
+        if facts["flags"] & MAP_FLAG_MASK != want:
+            problems.append(f"{where}: flags {facts['flags'] & MAP_FLAG_MASK:#x}, spec "
                             f"declares {want:#x}")
         if kernel.MAP_TYPES.get(facts["type"]) != kernel.MODEL_MAP_TYPES[decl.type]:
             problems.append(f"{where}: type {facts['type']}, spec declares {decl.type.value}")

@@ -91,6 +91,11 @@ class MapSpec:
     line: int | None = None
 
 
+# The map_flags bits a spec can declare (BPF_F_NO_PREALLOC .. BPF_F_WRONLY_PROG): the facts
+# checks (stage, compliance) compare only these.
+MAP_FLAG_MASK = 0x1FF
+
+
 def kernel_map_flags(flags: frozenset[MapFlag]) -> int:
     """The map_flags the kernel keeps for a map created with `flags`: RDONLY/WRONLY bind to
     the creating fd only (bpf_map_flags_retain_permanent drops them)."""

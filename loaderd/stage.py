@@ -17,6 +17,7 @@ from loaderd.bytecode import BytecodeError, decode
 from loaderd.compile import Module
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
+    MAP_FLAG_MASK,
     CType,
     MapSpec,
     MapType,
@@ -99,7 +100,7 @@ def check_map_facts(spec: Spec, tables: dict[str, int]) -> dict[str, int]:
                                "compiled object", _map_loc(spec, i, m))
         info = kernel.map_info(tables[m.name])
         want: tuple[int, ...] = (MAP_TYPE_IDS[m.type], kernel_map_flags(m.flags))
-        got: tuple[int, ...] = (info.type, info.map_flags & 0x1FF)
+        got: tuple[int, ...] = (info.type, info.map_flags & MAP_FLAG_MASK)
         if m.type not in (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY):
             want += (m.key.size, m.value.size, m.max_entries)
             got += (info.key_size, info.value_size, info.max_entries)
