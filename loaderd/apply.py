@@ -301,8 +301,8 @@ class Applier:
                     "policy; the applied set is left as it is)")) from None
 
     def _conform(self, spec: str, entry: dict[str, Any]) -> None:
-        """Adopted pins get today's pin mode and group: they may come from a root run (the
-        README demo, an operator's `loaderd apply`) made before the readers' group existed."""
+        """Adopted pins get today's pin mode and group: they may come from a root run (an
+        operator's `loaderd apply` by hand) made before the readers' group existed."""
         live = self.layout.spec_dir(spec)
         mode = self.settings.pins.mode
         modes = {f"maps/{n}": map_pin_mode(mode, m.get("access", ""))
@@ -362,16 +362,8 @@ class Applier:
             finally:
                 os.close(prog_fd)
             assert link_fd is not None
-            try:
-                staging.pin(link_fd, staging.link_path(s.name, prog.name),
-                            self.settings.pins.mode, self.settings.pins.gid)
-                linfo = kernel.link_info(link_fd)
-            finally:
-                os.close(link_fd)
-            lid = linfo.id
-            # XDP: the ifindex is what the resident (own network namespace) can compare with.
-            links[prog.name] = {"target": tgt, "id": lid,
-                                **({"ifindex": linfo.ifindex} if linfo.ifindex else {})}
+            links[prog.name] = self._pin_link(staging, s.name, prog.name, link_fd, tgt)
+            lid = links[prog.name]["id"]
             audit.emit(Event.ATTACHED, f"{s.name}/{prog.name}: attached to {tgt} (link {lid})",
                        spec=s.name, program=prog.name, link_id=lid, target=tgt,
                        prog_id=st.programs[prog.name].id)
@@ -402,11 +394,9 @@ class Applier:
         """The old link still holds `tgt`, so the commit can LINK_UPDATE it. Checked before the
         commit point: a link left behind by a deleted interface (ifindex 0) cannot be updated,
         and a roll-forward that fails there would be stuck; such a target gets a new link."""
-        if not self.layout.exists(link_pin):
-            return False
         try:
             fd = self.layout.get(link_pin)
-        except LoaderdError:
+        except LoaderdError:  # missing, or not ours to open
             return False
         try:
             return attach.target_difference(kernel.link_info(fd), tgt, by_name=True) is None
@@ -470,16 +460,23 @@ class Applier:
             audit.emit(Event.DEGRADED, f"{name}/{prog}: its link was severed and it cannot be "
                        f"attached again: {exc}", spec=name, program=prog)
             return
+        link.update(self._pin_link(staging, name, prog, link_fd, link["target"]))
+        audit.emit(Event.ATTACHED, f"{name}/{prog}: old link severed; attached anew to "
+                   f"{link['target']} (link {link['id']})", spec=name, program=prog,
+                   link_id=link["id"], prog_id=entry["programs"][prog]["id"])
+
+    def _pin_link(self, staging: pins.PinLayout, spec: str, prog: str, link_fd: int,
+                  tgt: str) -> dict[str, Any]:
+        """Pin a new link in staging (closing the fd); its manifest entry. XDP links record
+        their ifindex: what the resident, in its own network namespace, can compare with."""
         try:
-            staging.pin(link_fd, staging.link_path(name, prog), self.settings.pins.mode,
+            staging.pin(link_fd, staging.link_path(spec, prog), self.settings.pins.mode,
                         self.settings.pins.gid)
             info = kernel.link_info(link_fd)
         finally:
             os.close(link_fd)
-        link.update(id=info.id, ifindex=info.ifindex)
-        audit.emit(Event.ATTACHED, f"{name}/{prog}: old link severed; attached anew to "
-                   f"{link['target']} (link {info.id})", spec=name, program=prog,
-                   link_id=info.id, prog_id=entry["programs"][prog]["id"])
+        return {"target": tgt, "id": info.id,
+                **({"ifindex": info.ifindex} if info.ifindex else {})}
 
     @staticmethod
     def _holds_new(staging: pins.PinLayout, name: str, entry: dict[str, Any]) -> bool:
