@@ -53,7 +53,7 @@ def _inside(events: int, rounds: int) -> dict[str, Any]:
             subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", d], check=True)
     journald = subprocess.Popen([JOURNALD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        from loaderd import audit
+        from loaderd.audit import log as audit
 
         deadline = time.monotonic() + 10
         while not audit.journal_available():

@@ -14,7 +14,7 @@ P3 memory of the resident `loaderd run` (VmRSS, VmHWM) after READY with the larg
 P4 events missed across a daemon restart: an exec generator runs while `loaderd run` gets
    SIGTERM and is started again; missed = execs generated - counter delta (expected 0: the
    link is pinned, no process holds the attachment).
-P5 audit throughput: `loaderd.audit.emit` to the stderr JSON sink (/dev/null) and to journald
+P5 audit throughput: `loaderd.audit.log.emit` to the stderr JSON sink (/dev/null) and to journald
    (the host's when its socket exists, else a private journald in a mount namespace: see
    bench/journal.py), vs json.dumps + write + flush of the same dicts; and the ring-buffer event
    pipeline (EventPump.journal: decode by layout, sanitize, emit) vs decode + json + write.
@@ -170,7 +170,7 @@ def audit_throughput(events: int = 20000, rounds: int = 3, *,
                      private_journald: bool = True) -> dict[str, Any]:
     """Best of `rounds` (events/s) for each sink and for the json.dumps+write baseline. With no
     journal socket on the host, journald is measured in a private mount namespace."""
-    from loaderd import audit
+    from loaderd.audit import log as audit
 
     def timed(fn: Any) -> float:
         t0 = time.perf_counter()
@@ -225,10 +225,10 @@ def event_throughput(events: int = 20000, rounds: int = 3) -> dict[str, Any]:
     import struct
     import tempfile
 
-    from loaderd import audit
-    from loaderd import events as ev
-    from loaderd.eventpump import EventPump
+    from loaderd import layout as ev
+    from loaderd.audit import log as audit
     from loaderd.model import Settings
+    from loaderd.runtime.eventpump import EventPump
 
     layout = ev.parse_layout(LAYOUT)
     record = struct.pack("<II16s32s", 4242, 1000, b"sshd", b"login password=hunter2 ok\0") + \

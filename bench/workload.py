@@ -182,9 +182,9 @@ class Workspace:
 
     def baseline_work(self) -> list[list[Any]]:
         """The exact C text loaderd compiles for each spec, with its functions and types."""
-        from loaderd.apply import validate
-        from loaderd.compile import PROG_TYPE_IDS, render
-        from loaderd.settings import load_settings
+        from loaderd.apply.applier import validate
+        from loaderd.config.settings import load_settings
+        from loaderd.stage.compile import PROG_TYPE_IDS, render
 
         specs, errors = validate(load_settings(str(self.config)))
         if errors:
@@ -237,7 +237,7 @@ class Workspace:
             self.disable()
         finally:
             if os.path.exists(self.root):
-                from loaderd.pins import PinLayout
+                from loaderd.bpf.pins import PinLayout
 
                 PinLayout(self.root).remove_tree(self.root)
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -395,7 +395,7 @@ class ExecGenerator:
 
 def read_counter(pin: str, key: int = 0) -> int:
     """Sum of a u64 array/percpu_array slot, read through a read-only pin fd."""
-    from loaderd import kernel
+    from loaderd.bpf import kernel
 
     fd = kernel.obj_get(pin, rdonly=True)
     try:

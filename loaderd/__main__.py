@@ -1,3 +1,3 @@
-from loaderd.cli import main
+from loaderd.cli.loaderd import main
 
 raise SystemExit(main())

@@ -47,7 +47,7 @@ def _names(items: Iterable[str]) -> frozenset[str]:
     return frozenset(_norm(i) for i in items)
 
 
-# Fields holding raw addresses. events.decode reads 4-byte scalars of these names in network
+# Fields holding raw addresses. layout.decode reads 4-byte scalars of these names in network
 # order (as the kernel stores iphdr/sockaddr addresses), not as little-endian ints.
 IP_FIELDS = _names({"saddr", "daddr", "src_ip", "dst_ip", "ip", "addr"})
 

@@ -29,7 +29,7 @@ done
 
 # Entry points. -I: isolated mode, so a root shell's PYTHONPATH/PYTHONHOME/user site can never
 # inject code into a tool that runs with BPF capabilities.
-for tool in loaderd:cli loaderctl:ctl; do
+for tool in loaderd:cli.loaderd loaderctl:cli.loaderctl; do
     name=${tool%%:*}; mod=${tool#*:}
     mkdir -p "$root/usr/bin"
     cat > "$root/usr/bin/$name" <<EOF
@@ -49,7 +49,7 @@ for u in "$top"/units/*.service "$top"/units/*.timer; do
 done
 inst 0644 "$top/units/loaderd.sysusers" /usr/lib/sysusers.d/loaderd.conf
 inst 0644 "$top/units/loaderd.tmpfiles" /usr/lib/tmpfiles.d/loaderd.conf
-inst 0644 "$top/loaderd/catalog/loaderd.catalog" /usr/lib/systemd/catalog/loaderd.catalog
+inst 0644 "$top/loaderd/audit/catalog/loaderd.catalog" /usr/lib/systemd/catalog/loaderd.catalog
 
 # Configuration: the daemon settings are a conffile; example specs are documentation, not
 # active (a package should not start loading kernel programs on its own).

@@ -45,7 +45,7 @@ def bpffs_root() -> Iterator[str]:
         pytest.fail("bpffs is not mounted: scripts/setup-host.sh mounts it")
     root = f"/sys/fs/bpf/ldtest_{uuid.uuid4().hex[:10]}"
     yield root
-    from loaderd.pins import PinLayout
+    from loaderd.bpf.pins import PinLayout
 
     PinLayout(root).remove_tree(root)
 
@@ -74,7 +74,7 @@ def specs_dir(tmp_path: Path, dummy_iface: str) -> Path:
 
 
 def no_staging_leftovers(root: str) -> bool:
-    from loaderd.pins import PinLayout
+    from loaderd.bpf.pins import PinLayout
 
     staging = PinLayout(root).staging_root
     return not os.path.exists(staging) or not os.listdir(staging)

@@ -19,7 +19,7 @@ import yaml
 from sysd import Systemd
 
 from bench.workload import BCC_LIBS
-from loaderd.audit import Event
+from loaderd.audit.log import Event
 
 pytestmark = pytest.mark.systemd
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sysd import Systemd
 
-from loaderd.audit import Event
+from loaderd.audit.log import Event
 
 pytestmark = pytest.mark.systemd
 

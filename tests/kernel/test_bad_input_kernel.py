@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from loaderd import audit, verify
-from loaderd.apply import Applier
+from loaderd.apply.applier import Applier
+from loaderd.audit import log as audit
+from loaderd.bpf.pins import PinLayout
+from loaderd.config.settings import load_settings
 from loaderd.model import Settings
-from loaderd.pins import PinLayout
-from loaderd.settings import load_settings
-from loaderd.state import State
+from loaderd.observe import drift as verify
+from loaderd.store.statedir import State
 from tests.conftest import loaderd, no_staging_leftovers
 from tests.kernel.test_pipeline import read_u64
 from tests.unit.test_corpus import BAD, bad_cases, read_header

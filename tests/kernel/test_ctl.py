@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from loaderd import kernel
+from loaderd.bpf import kernel
 from tests.conftest import REPO, SYSTEM_PYTHON, loaderd, make_conf, wait_until
 
 pytestmark = [
@@ -95,8 +95,8 @@ programs:
 def loaderctl(*args: str, check: bool = True, timeout: float = 120
               ) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "loaderd.ctl", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, check=False)
+    proc = subprocess.run([sys.executable, "-m", "loaderd.cli.loaderctl", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"loaderctl {' '.join(args)} failed ({proc.returncode}):\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
@@ -238,7 +238,7 @@ def as_user(user: str, code: str, *argv: str) -> subprocess.CompletedProcess[str
 
 WRITER = """
 import errno, sys
-from loaderd import kernel
+from loaderd.bpf import kernel
 fd = kernel.obj_get(sys.argv[1], rdonly=True)
 try:
     kernel.map_update(fd, b"\\0" * 4, b"\\1" + b"\\0" * 7)
@@ -264,7 +264,7 @@ def test_group_reader_can_status_and_dump_but_not_write(
     assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, gid)
 
     # The state dir is root's 0700: the member sees what the pins tell.
-    ctl = [SYSTEM_PYTHON, "-m", "loaderd.ctl", "--config", str(conf)]
+    ctl = [SYSTEM_PYTHON, "-m", "loaderd.cli.loaderctl", "--config", str(conf)]
     # First without the manifest (e.g. a reader outside the state dir's group).
     os.chmod(world_dir / "state" / "manifest.json", 0o600)
     out = as_user(member, shared_code, *ctl, "status", "--json")
@@ -532,7 +532,7 @@ programs:
 def stream_while(conf: Path, run: Path, times: int, *args: str) -> list[dict]:  # type: ignore[type-arg]
     """`loaderctl events` for a few seconds while `run` is executed `times` times."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "loaderd.ctl", "--config", str(conf),
+    proc = subprocess.Popen([sys.executable, "-m", "loaderd.cli.loaderctl", "--config", str(conf),
                              "events", "ev/events", "--layout", "pid:u32,uid:u32,comm:bytes16",
                              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)

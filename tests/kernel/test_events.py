@@ -89,7 +89,9 @@ def test_daemon_journals_sanitized_rate_limited_events(tmp_path: Path, bpffs_roo
 def test_consume_is_bounded_and_loses_nothing(tmp_path: Path, bpffs_root: str) -> None:
     """Under a flood `cons < prod` never ends by itself: consume(limit) returns after `limit`
     records (the daemon gets back to its watchdog and signals) and the rest waits in order."""
-    from loaderd import events, kernel
+    from loaderd import layout
+    from loaderd.bpf import kernel
+    from loaderd.runtime import ringbuf as events
     from tests.conftest import loaderd
 
     loaderd("--config", str(make_conf(tmp_path, bpffs_root, {"execs": SPEC})), "apply")
@@ -103,7 +105,7 @@ def test_consume_is_bounded_and_loses_nothing(tmp_path: Path, bpffs_root: str) -
         first = list(ring.consume(limit=10))
         rest = list(ring.consume())
         assert len(first) == 10 and len(rest) >= 20
-        mine = [r for r in first + rest if events.decode(r, events.parse_layout(
+        mine = [r for r in first + rest if layout.decode(r, layout.parse_layout(
             "pid:u32,uid:u32,comm:bytes16,note:bytes32,saddr:u32"))["comm"].startswith(b"true")]
         assert len(mine) == 30  # every exec of ours, none skipped, none twice
     finally:
@@ -114,9 +116,9 @@ def test_consume_is_bounded_and_loses_nothing(tmp_path: Path, bpffs_root: str) -
 def test_rate_limit_survives_a_reload(tmp_path: Path, bpffs_root: str) -> None:
     """sync() after SIGHUP reopens the rings but keeps each one's token bucket and drop count:
     a reload must not hand a flood a fresh burst or forget drops not yet reported."""
-    from loaderd.eventpump import EventPump
-    from loaderd.settings import load_settings
-    from loaderd.state import State
+    from loaderd.config.settings import load_settings
+    from loaderd.runtime.eventpump import EventPump
+    from loaderd.store.statedir import State
     from tests.conftest import loaderd
 
     conf = make_conf(tmp_path, bpffs_root, {"execs": SPEC})

@@ -1,4 +1,4 @@
-"""loaderd.kernel on the real kernel: pins, read-only fds, freeze, info structs against
+"""loaderd.bpf.kernel on the real kernel: pins, read-only fds, freeze, info structs against
 bpftool, tracepoint/raw tracepoint/XDP links, enumeration."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from loaderd import kernel, pins
+from loaderd.bpf import kernel, pins
 from loaderd.errors import Kind, LoaderdError
 from loaderd.model import MapType, ProgType
 
@@ -217,7 +217,7 @@ def test_tracepoint_link_outlives_loader_until_unpinned(bpffs_dir: str) -> None:
     script = f"""
 import sys
 from bcc import BPF
-from loaderd import kernel
+from loaderd.bpf import kernel
 class NoAuto(BPF):
     def _trace_autoload(self): pass
 b = NoAuto(text={COUNT_GETPID.replace("TARGET", str(os.getpid())).encode()!r},

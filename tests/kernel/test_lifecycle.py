@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from loaderd import faults, kernel, verify
-from loaderd.apply import Applier
-from loaderd.settings import load_settings
-from loaderd.state import State
+from loaderd import faults
+from loaderd.apply.applier import Applier
+from loaderd.bpf import kernel
+from loaderd.config.settings import load_settings
+from loaderd.observe import drift as verify
+from loaderd.store.statedir import State
 from tests.conftest import (
     loaderd,
     make_conf,
@@ -393,7 +395,7 @@ def test_commit_failure_is_audited_and_the_next_apply_rolls_forward(
     finishes the same swap (roll forward), ending verified and clean."""
     import io
 
-    from loaderd import audit
+    from loaderd.audit import log as audit
     from loaderd.errors import Kind, LoaderdError
 
     loaderd("--config", str(counter_conf), "apply")
@@ -433,7 +435,7 @@ def test_resident_in_its_own_network_namespace_sees_no_false_xdp_drift(
     loaderd("--config", str(conf), "apply")
     entry = State(load_settings(str(conf)).state_dir).load()["specs"]["xdp"]
     assert entry["links"]["xdp_count"]["ifindex"] == kernel.ifindex(dummy_iface)
-    code = ("import json, sys; from loaderd import verify; "
+    code = ("import json, sys; from loaderd.observe import drift as verify; "
             "print(json.dumps(verify.differences(json.load(sys.stdin))))")
     out = subprocess.run(["unshare", "--net", sys.executable, "-c", code],
                          input=json.dumps(entry), capture_output=True, text=True, check=True,

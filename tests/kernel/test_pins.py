@@ -1,4 +1,4 @@
-"""loaderd.pins on a real bpffs: layout, modes/owners, confinement (symlinks, foreign
+"""loaderd.bpf.pins on a real bpffs: layout, modes/owners, confinement (symlinks, foreign
 filesystems, bad names), removal, rename and atomic exchange."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from loaderd import kernel, pins
+from loaderd.bpf import kernel, pins
 from loaderd.errors import Kind, LoaderdError
 from tests.conftest import SYSTEM_PYTHON
 
@@ -314,7 +314,7 @@ def test_staging_publish(layout: pins.PinLayout) -> None:
 NOBODY = 65534
 READER = """
 import errno, sys
-from loaderd import kernel
+from loaderd.bpf import kernel
 path = sys.argv[1]
 fd = kernel.obj_get(path, rdonly=True)
 print("rdonly", kernel.map_lookup(fd, b"\\0" * 4, 4).hex())

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from loaderd import kernel, verify
+from loaderd.bpf import kernel
+from loaderd.observe import drift as verify
 from tests.conftest import REPO, loaderd, no_staging_leftovers, wait_until, write_settings
 
 pytestmark = pytest.mark.kernel
@@ -205,7 +206,7 @@ programs:
 
 OPENER = """
 import sys
-from loaderd import kernel
+from loaderd.bpf import kernel
 for path, how in zip(sys.argv[1::2], sys.argv[2::2]):
     try:
         kernel.obj_get(path, rdonly=how == "r", wronly=how == "w")

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from loaderd import kernel
-from loaderd.sysaudit import bursts
+from loaderd.bpf import kernel
+from loaderd.reports.sysaudit import bursts
 from tests.conftest import REPO, loaderd, write_settings
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: bpf() enumeration")
@@ -37,7 +37,7 @@ int sneaky_c(struct __sk_buff *skb) { return 2; }
 
 def audit_system(conf: Path, *args: str) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-m", "loaderd.ctl", "--config", str(conf),
+    out = subprocess.run([sys.executable, "-m", "loaderd.cli.loaderctl", "--config", str(conf),
                           "audit-system", "--json", *args], capture_output=True, text=True,
                          timeout=120, env=env, check=False)
     assert out.returncode in (0, 1), out.stderr
@@ -123,7 +123,7 @@ def test_burst_of_loads_is_reported(conf: Path, bcc_compile: Callable[[str], Any
 def test_without_cap_sys_admin_it_names_the_capability(conf: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
     out = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-sys_admin",
-                          sys.executable, "-m", "loaderd.ctl", "--config", str(conf),
+                          sys.executable, "-m", "loaderd.cli.loaderctl", "--config", str(conf),
                           "audit-system"], capture_output=True, text=True, env=env,
                          timeout=120, check=False)
     assert out.returncode == 1, out.stdout

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from loaderd import audit
-from loaderd.audit import Event
+from loaderd.audit import log as audit
+from loaderd.audit.log import Event
 
 CATALOG = Path(audit.__file__).parent / "catalog" / "loaderd.catalog"
 

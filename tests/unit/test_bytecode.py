@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from loaderd.btf import BTFError, enum_values, helper_names
-from loaderd.bytecode import BytecodeError, decode
+from loaderd.bpf.btf import BTFError, enum_values, helper_names
+from loaderd.bpf.bytecode import BytecodeError, decode
 
 
 def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:

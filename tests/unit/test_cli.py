@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from loaderd import cli, ctl
+from loaderd.cli import loaderctl as ctl
+from loaderd.cli import loaderd as cli
 
 
 @pytest.mark.parametrize("make", [cli.parser, ctl.parser])

@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 
-from loaderd import audit, compliance, privileges
-from loaderd.clikit import DEFAULT_CONFIG
-from loaderd.compliance import FAIL, HIGH, MEDIUM, PASS, SKIP, WARN, Result
-from loaderd.ctl import View
+from loaderd import privileges
+from loaderd.audit import log as audit
+from loaderd.config.settings import DEFAULT_CONFIG
 from loaderd.model import PinOwnership, Policy, ProgType, Settings
+from loaderd.observe.status import View
+from loaderd.reports import compliance
+from loaderd.reports.compliance import FAIL, HIGH, MEDIUM, PASS, SKIP, WARN, Result
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -109,7 +111,7 @@ def test_pin_modes_and_world_writable(tmp_path: Path) -> None:
     (["/usr/bin/python3", "-m", "loaderd", "--config", "/c", "run"], ["--config", "/c", "run"]),
     (["/usr/bin/loaderd", "run"], ["run"]),
     (["timeout", "15", "/usr/bin/python3", "-m", "loaderd", "run"], None),
-    (["/usr/bin/python3", "-m", "loaderd.ctl", "status"], None),
+    (["/usr/bin/python3", "-m", "loaderd.cli.loaderctl", "status"], None),
     (["/usr/bin/python3", "/usr/bin/loaderctl", "run"], None),
     ([], None),
 ])

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from loaderd import policy
+from loaderd.config.settings import load_settings
+from loaderd.config.spec import load_spec
 from loaderd.errors import Kind, LoaderdError
 from loaderd.model import Limits, Settings
-from loaderd.settings import load_settings
-from loaderd.spec import load_spec
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 BAD, GOOD = CORPUS / "bad", CORPUS / "good"

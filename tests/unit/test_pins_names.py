@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from loaderd import pins
+from loaderd.bpf import pins
 from loaderd.errors import Kind, LoaderdError
 
 ROOT = "/sys/fs/bpf/loaderd"

@@ -57,7 +57,7 @@ def test_ip_fields_hold_raw_addresses(san: Sanitizer) -> None:
 
 
 def test_address_fields_decode_from_network_order_bytes(san: Sanitizer) -> None:
-    from loaderd.events import decode, parse_layout
+    from loaderd.layout import decode, parse_layout
 
     # What the kernel writes: iphdr/sockaddr addresses in network byte order, then a port and
     # a counter in host (little-endian) order.
@@ -211,7 +211,7 @@ def test_key_readable_by_others_or_short_is_refused(tmp_path: Path,
 # --- the event pipeline: decode -> rate limit -> sanitize --------------------------------------
 
 def test_event_layout_decode_then_sanitize(san: Sanitizer) -> None:
-    from loaderd.events import decode, parse_layout
+    from loaderd.layout import decode, parse_layout
 
     layout = parse_layout("kind:u8, pid:u32,uid:u32,saddr:bytes4,delta:s16,comm:bytes8")
     assert [(f.name, f.offset, f.size) for f in layout] == [
@@ -233,7 +233,7 @@ def test_event_layout_decode_then_sanitize(san: Sanitizer) -> None:
 
 
 def test_event_rate_limit_token_bucket() -> None:
-    from loaderd.events import RateLimit
+    from loaderd.runtime.ringbuf import RateLimit
 
     now = [0.0]
     limit = RateLimit(3, clock=lambda: now[0])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from loaderd.config.settings import load_settings
 from loaderd.errors import Kind, LoaderdError
 from loaderd.model import (
     DEFAULT_HELPERS,
@@ -18,7 +19,6 @@ from loaderd.model import (
     ProgType,
     Settings,
 )
-from loaderd.settings import load_settings
 
 EXAMPLE = """\
 loaderd: 1

@@ -13,8 +13,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from loaderd import spec as specmod
-from loaderd import srccheck
+from loaderd.config import source as srccheck
+from loaderd.config import spec as specmod
 from loaderd.errors import Kind, LoaderdError
 from loaderd.model import (
     CType,
@@ -265,7 +265,7 @@ def test_shipped_examples_load() -> None:
 
 def test_schema_files_are_valid_2020_12() -> None:
     for name in ("spec.schema.json", "settings.schema.json"):
-        text = resources.files("loaderd").joinpath("schema", name).read_text("utf-8")
+        text = resources.files("loaderd.config").joinpath("schemas", name).read_text("utf-8")
         jsonschema.Draft202012Validator.check_schema(json.loads(text))
 
 
@@ -281,12 +281,12 @@ def test_every_object_in_the_schemas_is_closed() -> None:
                 walk(value, f"{where}/{i}")
 
     for name in ("spec.schema.json", "settings.schema.json"):
-        text = resources.files("loaderd").joinpath("schema", name).read_text("utf-8")
+        text = resources.files("loaderd.config").joinpath("schemas", name).read_text("utf-8")
         walk(json.loads(text), name)
 
 
 def test_schema_enums_match_the_model() -> None:
-    text = resources.files("loaderd").joinpath("schema", "spec.schema.json").read_text()
+    text = resources.files("loaderd.config").joinpath("schemas", "spec.schema.json").read_text()
     defs = json.loads(text)["$defs"]
     assert defs["map"]["properties"]["type"]["enum"] == [t.value for t in MapType]
     assert defs["program"]["properties"]["type"]["enum"] == [t.value for t in ProgType]

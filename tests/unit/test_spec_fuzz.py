@@ -18,10 +18,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loaderd.config.settings import load_settings
+from loaderd.config.spec import parse_spec
 from loaderd.errors import LoaderdError
 from loaderd.model import Limits
-from loaderd.settings import load_settings
-from loaderd.spec import parse_spec
 
 FUZZ = settings(max_examples=int(os.environ.get("LOADERD_FUZZ_EXAMPLES", "200")),
                 deadline=None, suppress_health_check=[HealthCheck.too_slow])

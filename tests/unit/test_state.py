@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from loaderd.apply import generation_files
+from loaderd.apply.applier import generation_files
+from loaderd.config.spec import load_dir
 from loaderd.model import Settings
-from loaderd.spec import load_dir
-from loaderd.state import State
+from loaderd.store.statedir import State
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "configs" / "programs.d"
 
@@ -61,7 +61,7 @@ def test_one_writer_at_a_time_and_readers_see_it(tmp_path: Path) -> None:
     with st.quiet() as quiet:
         assert quiet  # nobody ever applied: no lock file yet
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from loaderd.state import State\n"
+        [sys.executable, "-c", "import sys, time; from loaderd.store.statedir import State\n"
          "with State(sys.argv[1]).exclusive():\n print('held', flush=True); time.sleep(30)",
          str(tmp_path)], stdout=subprocess.PIPE, text=True,
         env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})

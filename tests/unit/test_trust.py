@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loaderd import trust
+from loaderd.config import trust
 from loaderd.errors import Kind, LoaderdError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chowns files: needs root")
@@ -158,7 +158,7 @@ def test_read_file_notices_a_swap_after_the_check(root: Path,
         os.replace(evil, path)  # a racing writer replaces the checked file
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr("loaderd.trust.os.open", swapping_open)
+    monkeypatch.setattr("loaderd.config.trust.os.open", swapping_open)
     with pytest.raises(LoaderdError) as info:
         trust.read_file(str(root / "spec.yaml"), owner_uid=0, root_dir=str(root),
                         max_bytes=100)
@@ -174,7 +174,7 @@ def test_read_file_does_not_follow_a_late_symlink(root: Path,
         os.symlink("/etc/hostname", path)
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr("loaderd.trust.os.open", swapping_open)
+    monkeypatch.setattr("loaderd.config.trust.os.open", swapping_open)
     with pytest.raises(LoaderdError) as info:
         trust.read_file(str(root / "spec.yaml"), owner_uid=0, root_dir=str(root),
                         max_bytes=100)

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
-from loaderd import yamlsafe
+from loaderd.config import yamlsafe
+from loaderd.config.yamlsafe import Marks
 from loaderd.errors import Kind, LoaderdError
-from loaderd.yamlsafe import Marks
 
 LOADERS = [yaml.SafeLoader] + ([yaml.CSafeLoader] if yaml.__with_libyaml__ else [])
 DEFAULT_LOADER = yamlsafe._Loader

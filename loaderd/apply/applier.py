@@ -16,26 +16,23 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import multiprocessing
 import os
 import secrets
-import signal
 import time
-import traceback
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
-from loaderd import attach, audit, faults, kernel, pins, policy, privileges, spec, verify
-from loaderd.audit import Event
+from loaderd import faults, policy, privileges
+from loaderd.audit import log as audit
+from loaderd.audit.log import Event
+from loaderd.bpf import attach, kernel, pins
+from loaderd.config import spec
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import ProgType, Settings, Spec, map_pin_mode
-from loaderd.stage import StagedSpec, stage_spec
-from loaderd.state import State
-
-Notify = Callable[[str], None]
+from loaderd.observe import drift as verify
+from loaderd.stage.pool import Progress, stage_all
+from loaderd.stage.worker import StagedSpec
+from loaderd.store.statedir import State
 
 
 @dataclass
@@ -60,60 +57,6 @@ def new_txid() -> str:
     now = time.time_ns()
     return (time.strftime("%Y%m%dt%H%M%S", time.gmtime(now / 1e9))
             + f"-{now % 1_000_000_000:09d}-{secrets.token_hex(3)}")
-
-
-def _stage_worker(args: tuple[Spec, Settings, str, bool]) -> StagedSpec | LoaderdError:
-    s, settings, txid, pin = args
-    try:
-        return stage_spec(s, settings.policy, settings.bpffs_root, txid, settings.pins, pin=pin)
-    except LoaderdError as exc:
-        return exc.with_file(s.path)
-    except OSError as exc:  # not expected past the preflight; still say what and where
-        return LoaderdError(Kind.KERNEL, f"{exc.strerror or exc}", Location(s.path),
-                            value=exc.filename)
-    except Exception as exc:  # a bug or a bcc surprise: contained, reported, nothing committed
-        audit.debug(f"{s.path}: internal error while staging", traceback.format_exc())
-        return LoaderdError(Kind.KERNEL, f"internal error while staging: {type(exc).__name__}: "
-                            f"{exc}", Location(s.path))
-
-
-def _worker_init(parent: int) -> None:
-    """Die with the apply: a forked worker shares the apply's state lock, and idle workers of a
-    `kill -9`ed parent would otherwise hold it (and every later apply would wait for them)."""
-    import prctl
-
-    prctl.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        os._exit(1)
-
-
-def stage_all(specs: list[Spec], settings: Settings, txid: str, *, pin: bool = True,
-              jobs: int | None = None, notify: Notify | None = None
-              ) -> tuple[list[StagedSpec], list[LoaderdError]]:
-    """Compile+load each spec in its own short-lived process (BCC chdirs the process and keeps
-    ~130 MB of LLVM: neither may leak into the caller), up to one per core at a time."""
-    if not specs:
-        return [], []
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(specs)))
-    staged: list[StagedSpec] = []
-    errors: list[LoaderdError] = []
-    # fork: the parent never imported bcc, so workers start small and fast. A worker that dies
-    # (OOM, a crash inside LLVM) breaks the pool: reported as an error, nothing committed.
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
-                             initializer=_worker_init, initargs=(os.getpid(),)) as pool:
-        work = [(s, settings, txid, pin) for s in specs]
-        try:
-            for i, result in enumerate(pool.map(_stage_worker, work), 1):
-                if notify:
-                    notify(f"compiled {i}/{len(specs)}: {specs[i - 1].name}")
-                if isinstance(result, LoaderdError):
-                    errors.append(result)
-                else:
-                    staged.append(result)
-        except BrokenProcessPool:
-            errors.append(LoaderdError(Kind.KERNEL, "a compile worker died (killed or crashed);"
-                                       " nothing was committed", Location(settings.programs_dir)))
-    return staged, errors
 
 
 def validate(settings: Settings, specs_dir: str | None = None, *, check_owner: bool = True
@@ -146,7 +89,7 @@ def generation_files(specs: list[Spec]) -> dict[str, bytes]:
 
 
 class Applier:
-    def __init__(self, settings: Settings, notify: Notify | None = None) -> None:
+    def __init__(self, settings: Settings, notify: Progress | None = None) -> None:
         self.settings = settings
         self.layout = pins.PinLayout(settings.bpffs_root)
         self.state = State(settings.state_dir, settings.pins.gid)
@@ -246,7 +189,8 @@ class Applier:
         except LoaderdError as exc:
             return self._refused(result, [exc])
         self.notify(f"compiling {len(to_build)} specs")
-        staged, errors = stage_all(to_build, self.settings, txid, jobs=jobs, notify=self.notify)
+        staged, errors = stage_all(to_build, self.settings, txid, jobs=jobs,
+                                   progress=self.notify)
         if errors:
             self._discard(txid)
             return self._refused(result, errors)
@@ -367,8 +311,9 @@ class Applier:
             audit.emit(Event.ATTACHED, f"{s.name}/{prog.name}: attached to {tgt} (link {lid})",
                        spec=s.name, program=prog.name, link_id=lid, target=tgt,
                        prog_id=st.programs[prog.name].id)
-        entry = State.spec_entry(st, self.layout.spec_dir(s.name), links,
-                                 [f for f in (s.source_path,) if f])
+        entry = dataclasses.asdict(st)
+        entry.update(pin_dir=self.layout.spec_dir(s.name), links=links,
+                     sources=[f for f in (s.source_path,) if f])
         entry["txid"] = txid
         entry["deferred_links"] = deferred
         entry["events"] = {m.name: m.events for m in s.maps if m.events}

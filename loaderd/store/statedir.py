@@ -17,11 +17,9 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from typing import Any
 
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.stage import StagedSpec
 
 MANIFEST = "manifest.json"
 LOCK = "lock"  # flock()ed by whoever changes pins or the manifest (apply, rollback, disable)
@@ -103,15 +101,6 @@ class State:
         _write_atomic(self.manifest_path,
                       json.dumps(manifest, indent=1, sort_keys=True).encode(), self.gid,
                       self.uid)
-
-    @staticmethod
-    def spec_entry(staged: StagedSpec, pin_dir: str, links: dict[str, dict[str, Any]],
-                   source_files: list[str]) -> dict[str, Any]:
-        entry = asdict(staged)
-        entry["pin_dir"] = pin_dir
-        entry["links"] = links
-        entry["sources"] = source_files
-        return entry
 
     # One writer at a time: an operator's `loaderd apply` during `systemctl reload` would
     # otherwise delete the other's staging pins (recovery clears staging) or its manifest.

@@ -25,7 +25,7 @@ import re
 import stat
 from collections.abc import Iterator, Mapping
 
-from loaderd import kernel
+from loaderd.bpf import kernel
 from loaderd.errors import Kind, LoaderdError, Location
 
 NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")

@@ -14,10 +14,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from loaderd import audit, events, kernel, sanitize
-from loaderd.audit import Event
+from loaderd import sanitize
+from loaderd.audit import log as audit
+from loaderd.audit.log import Event
+from loaderd.bpf import kernel
 from loaderd.errors import LoaderdError
+from loaderd.layout import Field, decode, parse_layout
 from loaderd.model import Settings
+from loaderd.runtime import ringbuf
 
 # Records taken from one ring per pump(): a flood (or a producer faster than the journal) must
 # not keep the daemon from its watchdog ping and signals; the next loop turn takes the rest.
@@ -29,9 +33,9 @@ class _Ring:
     spec: str
     map: str
     fd: int
-    ring: events.RingBuffer
-    layout: tuple[events.Field, ...]
-    limit: events.RateLimit
+    ring: ringbuf.RingBuffer
+    layout: tuple[Field, ...]
+    limit: ringbuf.RateLimit
     reported: int = 0
 
 
@@ -52,15 +56,15 @@ class EventPump:
                 fd = -1
                 try:
                     fd = kernel.obj_get(path)
-                    ring = events.RingBuffer(fd, path)
+                    ring = ringbuf.RingBuffer(fd, path)
                 except LoaderdError as exc:
                     if fd >= 0:
                         os.close(fd)
                     audit.emit(Event.DAEMON, f"{name}/{mname}: cannot read events: {exc}",
                                spec=name, map=mname)
                     continue
-                limit, reported = limits.get((name, mname), (events.RateLimit(self.rate), 0))
-                self.rings.append(_Ring(name, mname, fd, ring, events.parse_layout(layout),
+                limit, reported = limits.get((name, mname), (ringbuf.RateLimit(self.rate), 0))
+                self.rings.append(_Ring(name, mname, fd, ring, parse_layout(layout),
                                         limit, reported))
 
     def fds(self) -> list[int]:
@@ -85,10 +89,10 @@ class EventPump:
         return sent
 
     def journal(self, spec: str, map_name: str, record: bytes,
-                layout: tuple[events.Field, ...]) -> None:
+                layout: tuple[Field, ...]) -> None:
         """One record: decoded by its layout, sanitized, journaled (bench/ times this)."""
         # The address fields the settings name are read in network order too (sanitize.ip_fields).
-        fields = self.clean(events.decode(record, layout, self.clean.rules.ip_fields))
+        fields = self.clean(decode(record, layout, self.clean.rules.ip_fields))
         audit.emit(Event.BPF_EVENT, f"{spec}/{map_name}: "
                    + json.dumps(fields, default=str, sort_keys=True), spec=spec,
                    map=map_name, **{f"event_{k.lstrip('_')}": v for k, v in fields.items()})

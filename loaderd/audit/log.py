@@ -3,7 +3,7 @@
 Contract used across loaderd:  `audit.emit(Event.X, "human message", spec=..., prog_id=...)`.
 Keyword fields are lowercase here and mapped to stable uppercase journal fields (see FIELD_NAMES);
 unknown keys become LOADERD_<KEY>. With a journal socket, events go to journald with a
-MESSAGE_ID per event kind (documented in loaderd/catalog/loaderd.catalog); otherwise one JSON
+MESSAGE_ID per event kind (documented in loaderd/audit/catalog/loaderd.catalog); otherwise one JSON
 line per event on stderr. `configure()` is called once per process by the CLI; `emit()` configures
 on first use when nobody did.
 

@@ -13,7 +13,10 @@ import os
 import re
 from typing import Any
 
-from loaderd import schemacheck, semantic, srccheck, trust, yamlsafe
+from loaderd.config import schema as schemacheck
+from loaderd.config import semantic, trust, yamlsafe
+from loaderd.config import source as srccheck
+from loaderd.config.semantic import Collector
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
     SCALAR_TYPES,
@@ -32,7 +35,6 @@ from loaderd.model import (
     TracepointAttach,
     XdpAttach,
 )
-from loaderd.semantic import Collector
 
 NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 SAFE_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,250}\.yaml")

@@ -11,19 +11,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from loaderd.config.settings import DEFAULT_CONFIG, load_default
 from loaderd.errors import LoaderdError
-from loaderd.model import Settings
 
-DEFAULT_CONFIG = "/etc/loaderd/loaderd.yaml"
-
-
-def load_settings(config: str | None, *, check_owner: bool = True) -> Settings:
-    """The given file; else /etc/loaderd/loaderd.yaml if it exists; else the defaults."""
-    from loaderd.settings import load_settings as load
-
-    if config is None and os.path.exists(DEFAULT_CONFIG):
-        config = DEFAULT_CONFIG
-    return load(config, owner_uid=0 if check_owner else None)
+load_settings = load_default
 
 
 def add_global_flags(p: argparse.ArgumentParser) -> None:
@@ -62,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `loaderctl list | head`
         return 0
     except Exception as e:  # never a traceback for users unless asked
-        from loaderd import audit
+        from loaderd.audit import log as audit
 
         audit.debug(f"internal error: {type(e).__name__}", traceback.format_exc())
         if args.debug:
@@ -73,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def cmd_disable(args: argparse.Namespace) -> int:
-    from loaderd.apply import Applier
+    from loaderd.apply.applier import Applier
 
     removed = Applier(load_settings(args.config)).disable()
     print(f"kill switch: detached and unpinned {len(removed)} specs: {', '.join(removed)}")
@@ -81,7 +72,7 @@ def cmd_disable(args: argparse.Namespace) -> int:
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
-    from loaderd.apply import Applier
+    from loaderd.apply.applier import Applier
 
     released = Applier(load_settings(args.config)).enable()
     print("kill switch released: the next apply (systemctl reload loaderd) loads the specs"
@@ -90,7 +81,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from loaderd.apply import Applier
+    from loaderd.apply.applier import Applier
 
     result = Applier(load_settings(args.config)).rollback()
     for e in result.errors:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from loaderd import kernel
+from loaderd.bpf import kernel
 from loaderd.errors import LoaderdError
 from loaderd.model import NoAttach, ProgramSpec, RawTracepointAttach, TracepointAttach, XdpAttach
 

@@ -19,8 +19,11 @@ import subprocess
 import time
 from typing import Any
 
-from loaderd import ctl, kernel, state
+from loaderd.bpf import kernel
 from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.observe import dump as dumping
+from loaderd.observe import status as ctl
+from loaderd.store import statedir as state
 
 SUMS = "SHA256SUMS"
 
@@ -96,7 +99,7 @@ def _maps(b: Bundle, view: ctl.View, report: dict[str, Any]) -> None:
         for m in spec["maps"]:
             rel = f"maps/{spec['spec']}/{m['name']}.json"
             try:
-                b.json(rel, ctl.dump(view, f"{spec['spec']}/{m['name']}", raw=False))
+                b.json(rel, dumping.dump(view, f"{spec['spec']}/{m['name']}", raw=False))
             except LoaderdError as exc:
                 b.json(rel, {**m, "dump_error": str(exc)})
 
@@ -112,7 +115,7 @@ def _specs(b: Bundle, view: ctl.View) -> None:
 
 
 def _journal(b: Bundle, since: str) -> None:
-    from loaderd.compliance import UNITS, message_id_matches
+    from loaderd.reports.compliance import UNITS, message_id_matches
 
     if shutil.which("journalctl") is None:
         b.notes.append("journalctl not installed: no journal slice")
@@ -131,7 +134,7 @@ def _journal(b: Bundle, since: str) -> None:
 
 
 def _system(b: Bundle, view: ctl.View) -> None:
-    from loaderd import sysaudit
+    from loaderd.reports import sysaudit
 
     try:
         report = sysaudit.scan(view.manifest, view.settings.bpffs_root)

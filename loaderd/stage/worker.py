@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from loaderd import audit, faults, kernel, pins, policy
-from loaderd.audit import Event
-from loaderd.btf import helper_names
-from loaderd.bytecode import BytecodeError, decode
-from loaderd.compile import Module
+from loaderd import faults, policy
+from loaderd.audit import log as audit
+from loaderd.audit.log import Event
+from loaderd.bpf import kernel, pins
+from loaderd.bpf.btf import helper_names
+from loaderd.bpf.bytecode import BytecodeError, decode
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
     MAP_FLAG_MASK,
@@ -28,6 +29,7 @@ from loaderd.model import (
     map_access,
     map_pin_mode,
 )
+from loaderd.stage.compile import Module
 
 # enum bpf_map_type numbers, to check what BCC created against what the spec declared.
 MAP_TYPE_IDS: dict[MapType, int] = {

@@ -7,10 +7,12 @@ import re
 import resource
 from typing import Any
 
-from loaderd import schemacheck, srccheck, yamlsafe
+from loaderd.config import schema as schemacheck
+from loaderd.config import source as srccheck
+from loaderd.config import yamlsafe
+from loaderd.config.yamlsafe import Marks, Path
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import CType, MapEntry, MapFlag, MapSpec, MapType, ProgramSpec
-from loaderd.yamlsafe import Marks, Path
 
 PAGE_SIZE = resource.getpagesize()
 _ARRAYS = (MapType.ARRAY, MapType.PERCPU_ARRAY)
@@ -144,7 +146,7 @@ def _event_rules(c: Collector, i: int, m: MapSpec) -> None:
         c.add(Kind.SEMANTIC, ("maps", i, "events"), "events: only a ringbuf map carries "
               "events the daemon journals", value=m.type.value, allowed="ringbuf")
         return
-    from loaderd.events import parse_layout
+    from loaderd.layout import parse_layout
 
     try:
         parse_layout(m.events)

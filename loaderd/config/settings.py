@@ -10,7 +10,9 @@ import os
 import pwd
 from typing import Any
 
-from loaderd import schemacheck, trust, yamlsafe
+from loaderd.config import schema as schemacheck
+from loaderd.config import trust, yamlsafe
+from loaderd.config.yamlsafe import Marks, Path
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
     DANGEROUS_HELPERS,
@@ -24,7 +26,6 @@ from loaderd.model import (
     Settings,
 )
 from loaderd.sanitize import Rules
-from loaderd.yamlsafe import Marks, Path
 
 SCHEMA = "settings.schema.json"
 MAX_BYTES = 64 * 1024
@@ -140,3 +141,13 @@ def load_settings(path: str | None = None, *, owner_uid: int | None = 0) -> Sett
         return _parse(path, raw)
     except LoaderdError as exc:
         raise exc.with_file(path) from None
+
+
+DEFAULT_CONFIG = "/etc/loaderd/loaderd.yaml"
+
+
+def load_default(config: str | None, *, check_owner: bool = True) -> Settings:
+    """The given file; else /etc/loaderd/loaderd.yaml if it exists; else the defaults."""
+    if config is None and os.path.exists(DEFAULT_CONFIG):
+        config = DEFAULT_CONFIG
+    return load_settings(config, owner_uid=0 if check_owner else None)

@@ -21,11 +21,13 @@ import time
 from types import FrameType
 from typing import Any
 
-from loaderd import audit, privileges, verify
-from loaderd.audit import Event
-from loaderd.eventpump import EventPump
+from loaderd import privileges
+from loaderd.audit import log as audit
+from loaderd.audit.log import Event
 from loaderd.model import Settings
-from loaderd.state import State
+from loaderd.observe import drift as verify
+from loaderd.runtime.eventpump import EventPump
+from loaderd.store.statedir import State
 
 DRIFT_INTERVAL = 30.0
 PROGRESS = "progress: "  # prefix of the apply child's progress lines on stdout

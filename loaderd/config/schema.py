@@ -14,8 +14,8 @@ from typing import Any
 import jsonschema
 from jsonschema import validators
 
+from loaderd.config.yamlsafe import Marks, Path, field_name
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.yamlsafe import Marks, Path, field_name
 
 
 def _strict_integer(_checker: Any, instance: Any) -> bool:
@@ -49,7 +49,7 @@ _TYPE_WORDS = {"object": "a mapping", "array": "a list", "string": "a string",
 
 @functools.cache
 def _validator(name: str) -> Any:
-    text = resources.files("loaderd").joinpath("schema", name).read_text("utf-8")
+    text = resources.files("loaderd.config").joinpath("schemas", name).read_text("utf-8")
     # The shipped schemas are checked against the metaschema by the unit tests, not here:
     # that costs ~20 ms on every process start (measured by bench P2).
     return _Validator(json.loads(text))

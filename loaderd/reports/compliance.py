@@ -25,16 +25,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeAlias
 
-from loaderd import audit, kernel, privileges, verify
-from loaderd.clikit import DEFAULT_CONFIG
-from loaderd.ctl import (
-    MISSING,
-    NO_PERMISSION,
-    View,
-    applied_spec,
-    map_facts,
-    pin_facts,
-)
+from loaderd import privileges
+from loaderd.audit import log as audit
+from loaderd.bpf import kernel
+from loaderd.config.settings import DEFAULT_CONFIG
 from loaderd.errors import LoaderdError
 from loaderd.model import (
     DANGEROUS_HELPERS,
@@ -44,6 +38,8 @@ from loaderd.model import (
     kernel_map_flags,
     map_pin_mode,
 )
+from loaderd.observe import drift as verify
+from loaderd.observe.status import MISSING, NO_PERMISSION, View, applied_spec, map_facts, pin_facts
 
 HIGH, MEDIUM = "high", "medium"
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"

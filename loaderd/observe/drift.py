@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from loaderd import attach, kernel
+from loaderd.bpf import attach, kernel
 from loaderd.errors import LoaderdError
 
 T = TypeVar("T")

@@ -21,12 +21,13 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from loaderd import audit, kernel
-from loaderd.audit import Event
+from loaderd.audit import log as audit
+from loaderd.audit.log import Event
+from loaderd.bpf import kernel
 from loaderd.errors import Kind, LoaderdError
 
 if TYPE_CHECKING:
-    from loaderd.ctl import View
+    from loaderd.observe.status import View
 
 BASELINE = "sysaudit.json"
 FOREIGN_EVENT = Event.FOREIGN_LOAD
@@ -70,7 +71,7 @@ def _pinned_ids(root: str) -> tuple[set[int], set[int]]:
 
 
 def _programs() -> list[dict[str, Any]]:
-    from loaderd.ctl import prog_facts
+    from loaderd.observe.status import prog_facts
 
     out = []
     for pid in kernel.prog_ids():
@@ -86,7 +87,7 @@ def _programs() -> list[dict[str, Any]]:
 
 
 def _maps() -> list[dict[str, Any]]:
-    from loaderd.ctl import map_facts
+    from loaderd.observe.status import map_facts
 
     out = []
     for mid in kernel.map_ids():

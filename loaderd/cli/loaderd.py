@@ -11,8 +11,8 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
-from loaderd import audit
-from loaderd.clikit import (
+from loaderd.audit import log as audit
+from loaderd.cli.common import (
     add_command,
     add_global_flags,
     cmd_disable,
@@ -25,8 +25,8 @@ from loaderd.clikit import (
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from loaderd.apply import Applier
-    from loaderd.daemon import PROGRESS, notify
+    from loaderd.apply.applier import Applier
+    from loaderd.runtime.daemon import PROGRESS, notify
 
     settings = load_settings(args.config)
     if args.child:  # the resident daemon relays these as STATUS=
@@ -47,7 +47,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from loaderd.apply import stage_all, validate
+    from loaderd.apply.applier import validate
+    from loaderd.stage.pool import stage_all
 
     # A dry run changes nothing, so it has nothing to audit: keep its output to the verdicts.
     audit.configure(journal=False, stream=open(os.devnull, "w"))  # noqa: SIM115
@@ -72,7 +73,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from loaderd.daemon import Daemon
+    from loaderd.runtime.daemon import Daemon
 
     settings = load_settings(args.config)
     return Daemon(settings, args.config, drift_interval=args.drift_interval,
@@ -80,8 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from loaderd import verify
-    from loaderd.state import State
+    from loaderd.observe import drift as verify
+    from loaderd.store.statedir import State
 
     settings = load_settings(args.config)
     manifest = State(settings.state_dir).load()

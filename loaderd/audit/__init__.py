@@ -1,0 +1,4 @@
+"""The audit trail: `log` emits one structured event per decision (journald fields, MESSAGE_IDs,
+JSON lines without a journal socket); `catalog/` is the journal catalog of those events.
+
+May import: errors only (every layer above emits events)."""

@@ -1,0 +1,171 @@
+"""`loaderctl`: read-mostly operator tooling over what loaderd applied.
+
+status, list and dump need no capability: they read the manifest and open pins themselves
+(maps with BPF_F_RDONLY). The kernel lets BPF_OBJ_GET open a program or link only read-write,
+so a reader whose pin mode grants read alone sees those from the manifest, and says so. When
+the manifest itself is unreadable (it is 0640 loaderd:loaderd-readers), the pins are walked.
+
+JSON uses bpftool's field names for kernel facts, plus loaderd's own (spec, sha256, pin,
+freeze, degraded, drift, facts). Exit codes: 0 ok, 1 failed or a finding, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from loaderd.audit import log as audit
+from loaderd.cli.common import (
+    add_command,
+    add_global_flags,
+    cmd_disable,
+    cmd_enable,
+    cmd_rollback,
+    run,
+)
+from loaderd.cli.render import listing, render_dump, render_list, render_status
+from loaderd.observe.dump import check_raw, dump, map_pin, sanitize_key
+from loaderd.observe.status import load_view, status, to_json
+
+# --- commands ---------------------------------------------------------------------------------
+
+def cmd_status(args: argparse.Namespace) -> int:
+    report = status(load_view(args.config))
+    print(to_json(report) if args.json else render_status(report))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = listing(status(load_view(args.config)))
+    print(to_json(rows) if args.json else render_list(rows))
+    return 0
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    view = load_view(args.config)
+    rules = view.settings.sanitize
+    d = dump(view, args.target, raw=args.raw, ip=args.ip or (),
+             pseudonymize=args.pseudonymize or (),
+             ipv4_prefix=rules.ipv4_prefix if args.ipv4_prefix is None else args.ipv4_prefix,
+             ipv6_prefix=rules.ipv6_prefix if args.ipv6_prefix is None else args.ipv6_prefix)
+    print(to_json(d) if args.json else render_dump(d))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from loaderd import sanitize
+    from loaderd.layout import parse_layout
+    from loaderd.runtime import ringbuf as events
+
+    view = load_view(args.config)
+    _spec, _map, path = map_pin(view, args.target)
+    check_raw(args.raw)
+    notes: list[str] = []
+    clean = None if args.raw else sanitize.Sanitizer(sanitize_key(view, notes),
+                                                     view.settings.sanitize)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    layout = parse_layout(args.layout) if args.layout else None
+    rate = args.rate or view.settings.policy.limits.max_event_rate
+    for event in events.stream(path, layout=layout, rate=rate, sanitize=clean,
+                               count=args.count, duration=args.duration,
+                               addresses=view.settings.sanitize.ip_fields):
+        print(json.dumps(event, sort_keys=True,
+                         default=lambda o: o.hex() if isinstance(o, bytes) else str(o)),
+              flush=True)
+    return 0
+
+
+def cmd_audit_system(args: argparse.Namespace) -> int:
+    from loaderd.reports import sysaudit
+
+    view = load_view(args.config)
+    report = sysaudit.run(view, burst=args.burst, window=args.window,
+                          baseline=not args.no_baseline)
+    print(to_json(report) if args.json else sysaudit.render(report))
+    return 1 if report["findings"] else 0
+
+
+def cmd_compliance(args: argparse.Namespace) -> int:
+    from loaderd.reports import compliance
+
+    results = compliance.run(load_view(args.config), unit_files=args.unit_file or None)
+    print(to_json(compliance.as_json(results)) if args.json else compliance.render(results))
+    return 1 if compliance.high_failures(results) else 0
+
+
+def cmd_forensics(args: argparse.Namespace) -> int:
+    from loaderd.reports import forensics
+
+    written = forensics.collect(load_view(args.config), args.dir, since=args.since)
+    print(f"forensics bundle: {args.dir} ({len(written)} files, SHA256SUMS included)")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loaderctl", description=__doc__.splitlines()[0])
+    add_global_flags(p)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], text: str,
+            json_flag: bool = True) -> argparse.ArgumentParser:
+        sp = add_command(sub, name, func, text)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        return sp
+
+    add("status", cmd_status, "what is applied, per spec, with kernel facts and drift")
+    add("list", cmd_list, "every program, map and link loaderd owns (bpftool-style rows)")
+    sp = add("dump", cmd_dump, "a map's entries through a read-only fd, typed and sanitized")
+    sp.add_argument("target", metavar="SPEC/MAP")
+    sp.add_argument("--raw", action="store_true", help="no sanitization (root only)")
+    sp.add_argument("--ip", action="append", choices=("key", "value"),
+                    help="key/value holds an IP address (network order): mask it")
+    sp.add_argument("--pseudonymize", action="append", choices=("key", "value"),
+                    help="replace key/value by a keyed HMAC pseudonym")
+    sp.add_argument("--ipv4-prefix", type=int, default=None,
+                    help="default: sanitize.ipv4_prefix in loaderd.yaml (24)")
+    sp.add_argument("--ipv6-prefix", type=int, default=None,
+                    help="default: sanitize.ipv6_prefix in loaderd.yaml (48)")
+    sp = add("events", cmd_events, "stream a ring buffer map's records as JSON lines, decoded "
+             "and sanitized (root or the pin's owner: consuming needs a read-write fd)",
+             json_flag=False)
+    sp.add_argument("target", metavar="SPEC/MAP")
+    sp.add_argument("--layout", help="record fields in C order, e.g. pid:u32,comm:bytes16")
+    sp.add_argument("--count", type=int, help="stop after this many events")
+    sp.add_argument("--duration", type=float, help="stop after this many seconds")
+    sp.add_argument("--rate", type=int, help="events/s emitted (default limits.max_event_rate)")
+    sp.add_argument("--raw", action="store_true", help="no sanitization (root only)")
+    sp = add("audit-system", cmd_audit_system, "every BPF program/map on the host: report "
+             "those loaderd did not load, and load bursts (needs CAP_SYS_ADMIN)")
+    sp.add_argument("--burst", type=int, default=20, help="more loads than this within "
+                    "--window seconds is a burst (default 20)")
+    sp.add_argument("--window", type=float, default=10.0, help="seconds (default 10)")
+    sp.add_argument("--no-baseline", action="store_true",
+                    help="report every foreign program as new (ignore/keep no baseline)")
+    sp = add("compliance", cmd_compliance, "PASS/FAIL report on the security checklist; exit 1 "
+             "on a high-severity FAIL")
+    sp.add_argument("--unit-file", action="append",
+                    help="unit file to score (default: installed loaderd units)")
+    sp = add("forensics", cmd_forensics, "incident bundle: info, xlated code, sanitized dumps, "
+             "manifest, specs, journal slice, SHA256SUMS (root)", json_flag=False)
+    sp.add_argument("dir", help="new (or empty) directory to write into")
+    sp.add_argument("--since", default="-7d", help="journal slice start (journalctl --since)")
+    add("disable", cmd_disable, "kill switch: detach and unpin everything loaderd owns",
+        json_flag=False)
+    add("enable", cmd_enable, "release the kill switch (then apply or reload)", json_flag=False)
+    add("rollback", cmd_rollback, "re-apply the previous generation of specs", json_flag=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    audit.configure()
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

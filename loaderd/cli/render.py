@@ -1,0 +1,113 @@
+"""Text renderings of status, list and dump reports (the JSON forms are the reports)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def _ts(epoch: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+def _prog_line(p: dict[str, Any]) -> str:
+    facts = "" if p["facts"] == "kernel" else f" [{p['facts']}: {p.get('note')}]"
+    extra = (f" loaded {_ts(p['loaded_at'])} xlated {p['bytes_xlated']}B jited "
+             f"{p['bytes_jited']}B memlock {p['bytes_memlock']}B"
+             if p["facts"] == "kernel" else "")
+    if "run_cnt" in p:
+        extra += f" run_cnt {p['run_cnt']} run_time_ns {p['run_time_ns']}"
+    deg = f" DEGRADED ({p['degraded']})" if p.get("degraded") else ""
+    return (f"  prog {p['name']:<20} id {p.get('id', '-'):<6} {p.get('type', '-'):<15} tag "
+            f"{p.get('tag', '-')}{extra}{deg}{facts}")
+
+
+def _map_line(m: dict[str, Any]) -> str:
+    if m["facts"] != "kernel":
+        return f"  map  {m['name']:<20} id {m.get('id', '-'):<6} [{m['facts']}: {m.get('note')}]"
+    frozen = " frozen" if m["frozen"] else ""
+    return (f"  map  {m['name']:<20} id {m['id']:<6} {m['type']:<15} key {m['bytes_key']}B "
+            f"value {m['bytes_value']}B max_entries {m['max_entries']} flags {m['flags']:#x}"
+            f"{frozen}")
+
+
+def _link_line(lk: dict[str, Any]) -> str:
+    where = lk.get("target") or "-"
+    if lk["facts"] != "kernel":
+        return f"  link {lk['program']:<20} id {lk.get('id', '-'):<6} -> {where} " \
+               f"[{lk['facts']}: {lk.get('note')}]"
+    return (f"  link {lk['program']:<20} id {lk['id']:<6} {lk['type']:<15} prog_id "
+            f"{lk['prog_id']} -> {where}")
+
+
+def render_status(report: dict[str, Any]) -> str:
+    head = report["manifest"]
+    if head["readable"]:
+        lines = [f"manifest {head['path']}: {head.get('status')} (txid {head.get('txid')}, "
+                 f"written {_ts(head.get('written_at'))}), {len(report['specs'])} specs"]
+    else:
+        lines = [f"manifest: {head.get('note')}"]
+    for s in report["specs"]:
+        if s["drift"] is None:
+            state_text = "drift unknown (no manifest)"
+        elif s["drift"]:
+            state_text = "DRIFT: " + "; ".join(s["drift"])
+        else:
+            state_text = "ok" + (" (partially checked)" if s["unchecked"] else "")
+        deg = "  DEGRADED" if s["degraded"] else ""
+        sha = f"  sha256 {s['sha256'][:12]}" if s["sha256"] else ""
+        lines.append(f"{s['spec']}: {state_text}{deg}{sha}")
+        lines += [_prog_line(p) for p in s["programs"]]
+        lines += [_map_line(m) for m in s["maps"]]
+        lines += [_link_line(lk) for lk in s["links"]]
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
+
+def listing(report: dict[str, Any]) -> dict[str, Any]:
+    rows: dict[str, list[dict[str, Any]]] = {"programs": [], "maps": [], "links": []}
+    for s in report["specs"]:
+        for kind in rows:
+            rows[kind] += s[kind]
+    return {**rows, "notes": report["notes"]}
+
+
+def render_list(rows: dict[str, Any]) -> str:
+    lines = [f"{'KIND':<5} {'SPEC/NAME':<36} {'ID':>6}  {'TYPE':<15} {'TAG/TARGET':<36} FACTS"]
+    for p in rows["programs"]:
+        deg = " DEGRADED" if p.get("degraded") else ""
+        drift = " DRIFT" if p.get("drift") else ""
+        lines.append(f"{'prog':<5} {p['spec'] + '/' + p['name']:<36} {p.get('id', '-'):>6}  "
+                     f"{p.get('type', '-'):<15} {p.get('tag', '-'):<36} {p['facts']}"
+                     f"{deg}{drift}")
+    for m in rows["maps"]:
+        frozen = " frozen" if m.get("frozen") else ""
+        drift = " DRIFT" if m.get("drift") else ""
+        lines.append(f"{'map':<5} {m['spec'] + '/' + m['name']:<36} {m.get('id', '-'):>6}  "
+                     f"{m.get('type', '-'):<15} {'':<36} {m['facts']}{frozen}{drift}")
+    for lk in rows["links"]:
+        drift = " DRIFT" if lk.get("drift") else ""
+        lines.append(f"{'link':<5} {lk['spec'] + '/' + lk['program']:<36} "
+                     f"{lk.get('id', '-'):>6}  {lk.get('type', '-'):<15} "
+                     f"{lk.get('target') or '-':<36} {lk['facts']}{drift}")
+    lines += [f"note: {n}" for n in rows["notes"]]
+    return "\n".join(lines)
+
+
+def render_dump(d: dict[str, Any]) -> str:
+    types = d["types"]
+    lines = [f"# {d['spec']}/{d['map']}: {d['type']} id {d['id']}, {len(d['entries'])} "
+             f"entries, key {types['key'] or 'raw'} value {types['value'] or 'raw'}"
+             + (", frozen" if d["frozen"] else "")
+             + (", sanitized" if d["sanitized"] else ", RAW (unsanitized)")]
+
+    def fmt(v: Any) -> str:
+        return v.hex() if isinstance(v, bytes) else str(v)
+
+    for e in d["entries"]:
+        value = e["value"] if "value" in e else "[" + ", ".join(fmt(v) for v in e["values"]) + "]"
+        lines.append(f"{fmt(e['key'])}: {fmt(value)}")
+    lines += [f"# note: {n}" for n in d["notes"]]
+    return "\n".join(lines)
+
+

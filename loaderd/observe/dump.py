@@ -1,0 +1,139 @@
+"""`loaderctl dump`: every entry of one map through a read-only fd, typed by its spec and
+sanitized unless raw (root only)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from loaderd import sanitize
+from loaderd.bpf import kernel, pins
+from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.model import CType
+from loaderd.observe.status import View, applied_spec, map_facts
+from loaderd.sanitize import Key
+
+_PERCPU_MAPS = {kernel.MAP_TYPES[t] for t in ("percpu_hash", "percpu_array", "lru_percpu_hash")}
+_UNDUMPABLE = {kernel.MAP_TYPES[t] for t in ("ringbuf", "perf_event_array", "user_ringbuf")}
+
+# --- dump -------------------------------------------------------------------------------------
+
+def _decode(raw: bytes, ctype: CType | None) -> int | bytes:
+    if ctype is None or ctype.name is None:
+        return raw
+    return int.from_bytes(raw[:ctype.size], "little", signed=ctype.signed)
+
+
+def _type_name(ctype: CType | None) -> str | None:
+    if ctype is None:
+        return None
+    return ctype.name or f"bytes[{ctype.size}]"
+
+
+def map_pin(view: View, target: str) -> tuple[str, str, str]:
+    """(spec, map, pin path) for a `SPEC/MAP` argument."""
+    spec_name, _, map_name = target.partition("/")
+    pins.check_name(spec_name, "spec name")
+    pins.check_name(map_name, "map name")
+    entry = view.entry(spec_name)
+    if view.manifest is not None and entry is None:
+        raise LoaderdError(Kind.STATE, f"no spec '{spec_name}' in the manifest",
+                           Location(view.manifest_path),
+                           allowed=", ".join(sorted(view.manifest.get("specs", {}))) or "none")
+    base = entry["pin_dir"] if entry else os.path.join(view.settings.bpffs_root, spec_name)
+    return spec_name, map_name, os.path.join(base, "maps", map_name)
+
+
+def check_raw(raw: bool) -> None:
+    if raw and os.geteuid() != 0:
+        raise LoaderdError(Kind.CAPABILITY, "--raw shows unsanitized data and is for root only",
+                           allowed="drop --raw (sanitized output)")
+
+
+def sanitize_key(view: View, notes: list[str]) -> Key:
+    """The pseudonymization key, or a one-run key (and a note) when it is not readable."""
+
+    try:
+        return sanitize.load_key(view.settings.state_dir, create=os.geteuid() == 0)
+    except LoaderdError as exc:
+        notes.append(f"{exc}; pseudonyms use a one-run key (consistent within this output only)")
+        return sanitize.ephemeral_key()
+
+
+def dump(view: View, target: str, *, raw: bool, ip: Sequence[str] = (),
+         pseudonymize: Sequence[str] = (), ipv4_prefix: int = 24, ipv6_prefix: int = 48
+         ) -> dict[str, Any]:
+    """Every entry of one map through a read-only fd, typed by its spec, sanitized unless raw."""
+    spec_name, map_name, path = map_pin(view, target)
+    check_raw(raw)
+    notes: list[str] = []
+    fd = kernel.obj_get(path, rdonly=True)
+    try:
+        facts = map_facts(fd)
+        info = kernel.map_info(fd)
+        if info.type in _UNDUMPABLE:
+            raise LoaderdError(Kind.KERNEL, f"a {info.type_name} map holds events, not "
+                               "entries: nothing to dump", Location(path))
+        key_t, val_t = _declared_types(view, spec_name, map_name, info, notes)
+        entries = list(_entries(fd, info, key_t, val_t, ip))
+    finally:
+        os.close(fd)
+    out: dict[str, Any] = {"spec": spec_name, "map": map_name, "pin": path, **facts,
+                           "types": {"key": _type_name(key_t), "value": _type_name(val_t)},
+                           "sanitized": not raw, "entries": entries, "notes": notes}
+    if not raw:
+        out["entries"], out["key_source"] = _sanitize_entries(
+            view, entries, ip, pseudonymize, ipv4_prefix, ipv6_prefix, notes)
+    return out
+
+
+def _declared_types(view: View, spec_name: str, map_name: str, info: kernel.MapInfo,
+                    notes: list[str]) -> tuple[CType | None, CType | None]:
+    parsed, why = applied_spec(view, spec_name)
+    if parsed is None:
+        notes.append(why or "spec unavailable")
+        return None, None
+    decl = next((m for m in parsed.maps if m.name == map_name), None)
+    if decl is None or (decl.key.size, decl.value.size) != (info.key_size, info.value_size):
+        notes.append(f"the pinned map's sizes differ from the spec's declaration of "
+                     f"'{map_name}': keys and values shown as raw bytes")
+        return None, None
+    return decl.key, decl.value
+
+
+def _entries(fd: int, info: kernel.MapInfo, key_t: CType | None, val_t: CType | None,
+             ip: Sequence[str]) -> Iterator[dict[str, Any]]:
+    # Fields named for --ip stay raw bytes (network order) for the sanitizer to mask.
+    key_t = None if "key" in ip else key_t
+    val_t = None if "value" in ip else val_t
+    percpu = info.type in _PERCPU_MAPS
+    slot = (info.value_size + 7) // 8 * 8
+    ncpus = kernel.possible_cpus() if percpu else 1
+    size = slot * ncpus if percpu else info.value_size
+    for key in kernel.map_keys(fd, info.key_size):
+        value = kernel.map_lookup(fd, key, size)
+        if value is None:
+            continue  # deleted while we walked
+        row: dict[str, Any] = {"key": _decode(key, key_t)}
+        if percpu:
+            row["values"] = [_decode(value[i * slot:i * slot + info.value_size], val_t)
+                             for i in range(ncpus)]
+        else:
+            row["value"] = _decode(value, val_t)
+        yield row
+
+
+def _sanitize_entries(view: View, entries: list[dict[str, Any]], ip: Sequence[str],
+                      pseudonymize: Sequence[str], v4: int, v6: int, notes: list[str]
+                      ) -> tuple[Any, str]:
+
+    key = sanitize_key(view, notes)
+    fields = set(ip) | {f"{f}s" for f in ip if f == "value"}
+    pseud = set(pseudonymize) | {f"{f}s" for f in pseudonymize if f == "value"}
+    rules = sanitize.Rules(ipv4_prefix=v4, ipv6_prefix=v6,
+                           ip_fields=frozenset(fields), pseudonymize=frozenset(pseud),
+                           redact=frozenset(), drop=frozenset())
+    return sanitize.Sanitizer(key, rules)(entries), key.source
+
+

@@ -1,0 +1,329 @@
+"""What is applied, read without privileges: the manifest x the kernel x bpffs.
+
+status needs no capability: it reads the manifest and opens pins itself (maps with
+BPF_F_RDONLY). The kernel lets BPF_OBJ_GET open a program or link only read-write, so a reader
+whose pin mode grants read alone sees those from the manifest, and says so. When the manifest
+itself is unreadable (it is 0640 loaderd:loaderd-readers), the pins are walked.
+
+JSON uses bpftool's field names for kernel facts, plus loaderd's own (spec, sha256, pin,
+freeze, degraded, drift, facts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from loaderd.bpf import kernel, pins
+from loaderd.config.settings import load_default
+from loaderd.model import Settings, Spec
+from loaderd.observe import drift as verify
+from loaderd.store import statedir as state
+
+NO_PERMISSION = "no permission"
+MISSING = "missing"
+MISSING_NOTE = "pin missing"
+
+# --- what the caller may read -----------------------------------------------------------------
+
+@dataclass
+class View:
+    settings: Settings
+    manifest: dict[str, Any] | None  # None: unreadable or absent
+    manifest_note: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.settings.state_dir, state.MANIFEST)
+
+    def entry(self, spec: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = (self.manifest or {}).get("specs", {}).get(spec)
+        return found
+
+
+def read_manifest(settings: Settings) -> tuple[dict[str, Any] | None, str | None]:
+    """The manifest, or None and why (read directly: State() would try to create dirs)."""
+    path = os.path.join(settings.state_dir, state.MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            data: dict[str, Any] = json.load(f)
+        return data, None
+    except FileNotFoundError:
+        return None, f"no manifest at {path}: nothing applied yet"
+    except PermissionError:
+        return None, (f"manifest {path} is not readable by uid {os.getuid()}: showing what the "
+                      "pins tell (kernel facts of maps; programs and links by name only)")
+    except (OSError, ValueError) as exc:
+        return None, f"manifest {path} unreadable: {exc}"
+
+
+def load_view(config: str | None) -> View:
+    settings = load_default(config)
+    manifest, note = read_manifest(settings)
+    return View(settings, manifest, note)
+
+
+# --- kernel facts, bpftool's field names ------------------------------------------------------
+
+def _boot_to_wall() -> float:
+    """Add to a CLOCK_BOOTTIME reading to get wall-clock seconds (load_time is boottime ns)."""
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def fdinfo(fd: int) -> dict[str, str]:
+    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+        pairs = (line.split(":", 1) for line in f if ":" in line)
+        return {k.strip(): v.strip() for k, v in pairs}
+
+
+def prog_facts(fd: int) -> dict[str, Any]:
+    info = kernel.prog_info(fd)
+    out: dict[str, Any] = {
+        "id": info.id, "type": info.type_name, "name": info.name, "tag": info.tag,
+        "gpl_compatible": info.gpl_compatible,
+        "loaded_at": int(_boot_to_wall() + info.load_time / 1e9), "uid": info.created_by_uid,
+        "bytes_xlated": info.xlated_len, "jited": info.jited_len > 0,
+        "bytes_jited": info.jited_len,
+        "bytes_memlock": int(fdinfo(fd).get("memlock", "0") or 0),
+        "map_ids": list(info.map_ids)}
+    if info.btf_id:
+        out["btf_id"] = info.btf_id
+    if info.run_time_ns:  # like bpftool: only once kernel.bpf_stats_enabled counted something
+        out["run_time_ns"], out["run_cnt"] = info.run_time_ns, info.run_cnt
+    return out
+
+
+def map_facts(fd: int) -> dict[str, Any]:
+    info = kernel.map_info(fd)
+    out: dict[str, Any] = {
+        "id": info.id, "type": info.type_name, "name": info.name, "flags": info.map_flags,
+        "bytes_key": info.key_size, "bytes_value": info.value_size,
+        "max_entries": info.max_entries}
+    fdi = fdinfo(fd)
+    out["bytes_memlock"] = int(fdi.get("memlock", "0") or 0)
+    out["frozen"] = int(fdi.get("frozen", "0") or 0)
+    if info.btf_id:
+        out["btf_id"] = info.btf_id
+    return out
+
+
+def link_facts(fd: int) -> dict[str, Any]:
+    info = kernel.link_info(fd)
+    out: dict[str, Any] = {"id": info.id, "type": info.type_name, "prog_id": info.prog_id}
+    if info.type == kernel.LINK_TYPE_RAW_TRACEPOINT:
+        out["tp_name"] = info.tp_name
+    elif info.tp_name is not None:
+        out["event_type"], out["tracepoint"] = "tracepoint", info.tp_name
+    if info.ifindex is not None:
+        out["ifindex"] = info.ifindex
+    return out
+
+
+def open_pin(path: str, *, rdonly: bool) -> tuple[int | None, str | None]:
+    """(fd, None) or (None, MISSING | NO_PERMISSION | error text)."""
+    try:
+        return kernel.obj_get(path, rdonly=rdonly), None
+    except kernel.KernelError as exc:
+        if exc.errno == errno.ENOENT:
+            return None, MISSING
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return None, NO_PERMISSION
+        return None, str(exc)
+
+
+def pin_facts(path: str, read: Callable[[int], dict[str, Any]], *, rdonly: bool
+              ) -> tuple[dict[str, Any] | None, str | None]:
+    fd, why = open_pin(path, rdonly=rdonly)
+    if fd is None:
+        return None, why
+    try:
+        return read(fd), None
+    finally:
+        os.close(fd)
+
+
+# --- status -----------------------------------------------------------------------------------
+
+def _fallback_note(why: str | None, kind: str, have_manifest: bool) -> str:
+    shown = "showing manifest data" if have_manifest else "no manifest to show instead"
+    if why == NO_PERMISSION and kind == "map":
+        return (f"map pin not readable by uid {os.getuid()} (its mode/group grants no read); "
+                f"{shown}")
+    if why == NO_PERMISSION:
+        return (f"{kind} pin not openable by uid {os.getuid()} (BPF_OBJ_GET opens {kind}s "
+                f"read-write only); {shown}")
+    if why == MISSING:
+        return MISSING_NOTE
+    return f"pin not openable: {why}"
+
+
+def _object_rows(name: str, entry: dict[str, Any], unchecked: list[str]
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    base = entry["pin_dir"]
+    common = {"spec": name, "sha256": entry.get("sha256")}
+    progs, maps, links = [], [], []
+    for pname, p in sorted(entry.get("programs", {}).items()):
+        path = os.path.join(base, "progs", pname)
+        row: dict[str, Any] = {**common, "pin": path, "degraded": p.get("degraded"),
+                               "function": p.get("function", pname)}
+        facts, why = pin_facts(path, prog_facts, rdonly=False)
+        if facts is not None:
+            row.update(facts, facts="kernel")
+        else:
+            row.update(name=pname, facts="manifest" if p else "none",
+                       note=_fallback_note(why, "program", bool(p)))
+            row.update({k: p[k] for k in ("id", "type", "tag") if k in p})
+            if why == NO_PERMISSION:
+                unchecked.append(path)
+        progs.append(row)
+    for mname, m in sorted(entry.get("maps", {}).items()):
+        path = os.path.join(base, "maps", mname)
+        row = {**common, "pin": path, "freeze": m.get("frozen")}
+        facts, why = pin_facts(path, map_facts, rdonly=True)
+        if facts is not None:
+            row.update(facts, facts="kernel")
+        else:
+            row.update(name=mname, facts="manifest" if m else "none",
+                       note=_fallback_note(why, "map", bool(m)))
+            if "id" in m:
+                row["id"] = m["id"]
+            if why == NO_PERMISSION:
+                unchecked.append(path)
+        maps.append(row)
+    for lname, link in sorted(entry.get("links", {}).items()):
+        path = os.path.join(base, "links", lname)
+        row = {**common, "pin": path, "program": lname, "target": link.get("target")}
+        facts, why = pin_facts(path, link_facts, rdonly=False)
+        if facts is not None:
+            row.update(facts, facts="kernel")
+        else:
+            row.update(facts="manifest" if link else "none", note=_fallback_note(why, "link",
+                                                                           bool(link)))
+            if "id" in link:
+                row["id"] = link["id"]
+            if why == NO_PERMISSION:
+                unchecked.append(path)
+        links.append(row)
+    return progs, maps, links
+
+
+def _partial_drift(progs: list[dict[str, Any]], maps: list[dict[str, Any]],
+                   links: list[dict[str, Any]], entry: dict[str, Any]) -> list[str]:
+    """Drift from what this reader could open; verify.differences needs every pin open."""
+    diffs = []
+    for kind, rows in (("program", progs), ("link", links)):
+        diffs += [f"{kind} pin missing: {r['pin']}" for r in rows if r.get("note") == MISSING_NOTE]
+    for row in maps:
+        m = entry["maps"].get(row["name"], {})
+        if row.get("note") == MISSING_NOTE:
+            diffs.append(f"map pin missing: {row['pin']}")
+        elif row["facts"] == "kernel":
+            if row["id"] != m.get("id"):
+                diffs.append(f"map {row['pin']}: id {row['id']} != manifest {m.get('id')}")
+            if bool(row["frozen"]) != m.get("frozen"):
+                diffs.append(f"map {row['pin']}: frozen={bool(row['frozen'])}, manifest says "
+                             f"{m.get('frozen')}")
+    return diffs
+
+
+def spec_report(name: str, entry: dict[str, Any], *, from_manifest: bool = True
+                ) -> dict[str, Any]:
+    unchecked: list[str] = []
+    progs, maps, links = _object_rows(name, entry, unchecked)
+    drift: list[str] | None
+    if not from_manifest:
+        drift = None  # nothing to compare against
+    elif unchecked:
+        drift = _partial_drift(progs, maps, links, entry)
+    else:
+        drift = verify.differences(entry)  # the daemon's own definition
+    for row in progs + maps + links:
+        row["drift"] = None if drift is None else [d for d in drift if row["pin"] in d]
+        row["degraded"] = row.get("degraded")
+    return {"spec": name, "sha256": entry.get("sha256"), "file": entry.get("file"),
+            "pin_dir": entry["pin_dir"], "txid": entry.get("txid"),
+            "degraded": any(p.get("degraded") for p in progs), "drift": drift,
+            "unchecked": unchecked, "programs": progs, "maps": maps, "links": links}
+
+
+def _walked_entries(root: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Pseudo manifest entries from the bpffs layout (names only)."""
+    with contextlib.suppress(FileNotFoundError):
+        for spec in sorted(os.listdir(root)):
+            if not pins.NAME_RE.fullmatch(spec):
+                continue  # _staging and anything not a spec name
+            base = os.path.join(root, spec)
+            entry: dict[str, Any] = {"pin_dir": base}
+            for kind, key in (("progs", "programs"), ("maps", "maps"), ("links", "links")):
+                try:
+                    names = os.listdir(os.path.join(base, kind))
+                except OSError:
+                    names = []
+                entry[key] = {n: {} for n in names if pins.NAME_RE.fullmatch(n)}
+            yield spec, entry
+
+
+def status(view: View) -> dict[str, Any]:
+    m = view.manifest
+    head: dict[str, Any] = {"path": view.manifest_path, "readable": m is not None}
+    if m is not None:
+        head.update(status=m.get("status"), txid=m.get("txid"), written_at=m.get("written_at"))
+        specs = [spec_report(n, e) for n, e in sorted(m.get("specs", {}).items())]
+    else:
+        head["note"] = view.manifest_note
+        specs = [spec_report(n, e, from_manifest=False)
+                 for n, e in _walked_entries(view.settings.bpffs_root)]
+    notes = list(view.notes)
+    if any(s["unchecked"] for s in specs):
+        notes.append("some pins could not be opened by this user" + (
+            ": their facts come from the manifest and drift was checked only for what could be "
+            "opened" if m is not None else "") + "; run as root (or the loaderd user) for the "
+            "full picture")
+    return {"manifest": head, "specs": specs, "notes": notes}
+
+
+# --- applied specs (types for dumps, flags for compliance) ------------------------------------
+
+def applied_spec(view: View, name: str) -> tuple[Spec | None, str | None]:
+    """The spec exactly as applied (sha256 matches the manifest) or, with no manifest, the
+    current one in programs_dir. (None, why) when no readable file matches."""
+    from loaderd.config import spec as spec_mod
+
+    entry = view.entry(name)
+    limits = view.settings.policy.limits
+    candidates: list[str] = []
+    if entry and entry.get("file"):
+        if entry.get("txid"):
+            candidates.append(os.path.join(view.settings.state_dir, state.GENERATIONS,
+                                           entry["txid"], os.path.basename(entry["file"])))
+        candidates.append(entry["file"])
+    candidates.append(os.path.join(view.settings.programs_dir, f"{name}.yaml"))
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        parsed, _errors = spec_mod.parse_spec(path, limits=limits, owner_uid=None)
+        if parsed and parsed.name == name and (entry is None
+                                               or parsed.sha256 == entry.get("sha256")):
+            return parsed, None
+    with contextlib.suppress(OSError):
+        specs, _errors = spec_mod.load_dir(view.settings.programs_dir, view.settings,
+                                           check_owner=False)
+        for parsed in specs:
+            if parsed.name == name and (entry is None or parsed.sha256 == entry.get("sha256")):
+                return parsed, None
+    return None, (f"no readable spec file matches the applied version of '{name}': "
+                  "keys and values shown as raw bytes")
+
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, indent=1, sort_keys=True,
+                      default=lambda o: o.hex() if isinstance(o, bytes) else str(o))
+
