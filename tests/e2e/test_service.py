@@ -110,7 +110,8 @@ def started(installed: Systemd) -> Systemd:
 
 def test_package_installs_like_a_package(installed: Systemd) -> None:
     for path in ("/usr/bin/loaderd", "/usr/bin/loaderctl",
-                 "/usr/lib/python3/dist-packages/loaderd/cli.py",
+                 "/usr/lib/python3/dist-packages/loaderd/cli/loaderd.py",
+                 "/usr/lib/python3/dist-packages/loaderd/config/schemas/spec.schema.json",
                  "/usr/lib/systemd/system/loaderd.service",
                  "/usr/lib/systemd/system/loaderd-apply.service",
                  "/usr/lib/sysusers.d/loaderd.conf",
