@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loaderd import faults, policy, privileges
+from loaderd.apply import plan
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import attach, kernel, pins
 from loaderd.config import spec
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import ProgType, Settings, Spec, map_pin_mode
+from loaderd.model import Settings, Spec, map_pin_mode
 from loaderd.observe import drift as verify
 from loaderd.stage.pool import Progress, stage_all
 from loaderd.stage.worker import StagedSpec
@@ -92,7 +93,7 @@ class Applier:
     def __init__(self, settings: Settings, notify: Progress | None = None) -> None:
         self.settings = settings
         self.layout = pins.PinLayout(settings.bpffs_root)
-        self.state = State(settings.state_dir, settings.pins.gid)
+        self.state = State(settings.state_dir, settings.pins.gid, settings.bpffs_root)
         self.notify = notify or (lambda _msg: None)
 
     # --- recovery -------------------------------------------------------------------------
@@ -140,31 +141,23 @@ class Applier:
 
         old = self.state.load()
         old_specs: dict[str, Any] = old.get("specs", {})
-        to_build: list[Spec] = []
-        for s in specs:
-            entry = old_specs.get(s.name)
-            if entry and entry["sha256"] == s.sha256:
-                diffs = (verify.differences(entry, by_name=True)
-                         or self._unrecorded_calls(entry))
-                if not diffs:
-                    try:  # the policy may have changed since these programs were loaded
-                        self._recheck_calls(s, entry)
-                    except LoaderdError as exc:
-                        result.errors.append(exc.with_file(s.path))
-                        continue
-                    result.adopted.append(s.name)
-                    continue
-                audit.emit(Event.DRIFT, f"{s.name}: pinned objects differ from the manifest, "
-                           f"rebuilding: {'; '.join(diffs)}", spec=s.name, diffs=diffs)
-            elif entry is None and self.layout.exists(self.layout.spec_dir(s.name)):
-                result.errors.append(LoaderdError(
-                    Kind.PIN, f"{self.layout.spec_dir(s.name)} exists but loaderd's manifest "
-                    "does not know it; refusing to replace pins it did not create "
-                    "(remove them, or `loaderd disable`)", Location(s.path, field="name")))
-                continue
-            to_build.append(s)
-        if result.errors:
-            return self._refused(result, result.errors)
+        current = self.state.manifest()
+        facts = plan.Facts(
+            differences={r.name: verify.differences(old_specs[r.name], by_name=True)
+                         for r in plan.candidates(specs, current)},
+            present=frozenset(s.name for s in specs
+                              if self.layout.exists(self.layout.spec_dir(s.name))))
+        decided = plan.plan(specs, current, facts, self.settings.policy,
+                            {s.name: self.layout.spec_dir(s.name) for s in specs})
+        for d in decided.decisions:
+            if d.action is plan.Action.BUILD and d.reason.startswith("drift: "):
+                audit.emit(Event.DRIFT, f"{d.spec}: pinned objects differ from the manifest, "
+                           f"rebuilding: {d.reason[len('drift: '):]}", spec=d.spec,
+                           diffs=list(facts.differences.get(d.spec, ())))
+        result.adopted = decided.adopt
+        to_build = [s for s in specs if s.name in set(decided.build)]
+        if decided.errors:
+            return self._refused(result, decided.errors)
         # Only now that the apply goes ahead: a refused apply changes nothing, modes included.
         spec_of = {s.name: s for s in specs}
         for name in result.adopted:
@@ -222,27 +215,6 @@ class Applier:
                    compiles=result.compiles, built=result.built, adopted=result.adopted,
                    removed=result.removed)
         return result
-
-    @staticmethod
-    def _unrecorded_calls(entry: dict[str, Any]) -> list[str]:
-        """A manifest from before call counts were recorded: rebuild, so that the policy is
-        checked on bytecode facts again rather than trusted."""
-        return [f"program {n}: no call facts recorded" for n, p in entry["programs"].items()
-                if "calls" not in p]
-
-    def _recheck_calls(self, s: Spec, entry: dict[str, Any]) -> None:
-        """Adopted programs against today's policy, from the call facts decoded at load time
-        (bound to the running program by the tag verify just checked)."""
-        for p in entry["programs"].values():
-            calls = p["calls"]
-            try:
-                policy.check_calls(s, p["function"], ProgType(p["type"]), set(p["helpers"]),
-                                   calls["bpf_to_bpf"], calls["kfunc"], calls["callx"],
-                                   self.settings.policy)
-            except LoaderdError as exc:
-                raise dataclasses.replace(exc, message=(
-                    f"{exc.message} (running as prog id {p['id']}, loaded under an earlier "
-                    "policy; the applied set is left as it is)")) from None
 
     def _conform(self, spec: str, entry: dict[str, Any]) -> None:
         """Adopted pins get today's pin mode and group: they may come from a root run (an

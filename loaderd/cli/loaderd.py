@@ -85,7 +85,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from loaderd.store.statedir import State
 
     settings = load_settings(args.config)
-    manifest = State(settings.state_dir).load()
+    manifest = State(settings.state_dir, pin_root=settings.bpffs_root).load()
     rows = []
     for name, entry in sorted(manifest.get("specs", {}).items()):
         diffs = verify.differences(entry)

@@ -22,8 +22,10 @@ from typing import Any
 
 from loaderd.bpf import kernel, pins
 from loaderd.config.settings import load_default
+from loaderd.errors import LoaderdError
 from loaderd.model import Settings, Spec
 from loaderd.observe import drift as verify
+from loaderd.store import manifest
 from loaderd.store import statedir as state
 
 NO_PERMISSION = "no permission"
@@ -52,11 +54,12 @@ def read_manifest(settings: Settings) -> tuple[dict[str, Any] | None, str | None
     """The manifest, or None and why (read directly: State() would try to create dirs)."""
     path = os.path.join(settings.state_dir, state.MANIFEST)
     try:
-        with open(path, "rb") as f:
-            data: dict[str, Any] = json.load(f)
-        return data, None
-    except FileNotFoundError:
-        return None, f"no manifest at {path}: nothing applied yet"
+        found = manifest.read(path, settings.bpffs_root)
+        if found is None:
+            return None, f"no manifest at {path}: nothing applied yet"
+        return manifest.to_dict(found), None
+    except LoaderdError as exc:
+        return None, str(exc)
     except PermissionError:
         return None, (f"manifest {path} is not readable by uid {os.getuid()}: showing what the "
                       "pins tell (kernel facts of maps; programs and links by name only)")

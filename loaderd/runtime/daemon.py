@@ -67,7 +67,7 @@ class Daemon:
         self.settings = settings
         self.config = config
         self.apply = apply  # False: a separate privileged unit applies (loaderd-apply.service)
-        self.state = State(settings.state_dir)
+        self.state = State(settings.state_dir, pin_root=settings.bpffs_root)
         self.drift_interval = drift_interval
         self.stop = False
         self.reread = False

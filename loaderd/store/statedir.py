@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.store import manifest
 
 MANIFEST = "manifest.json"
 LOCK = "lock"  # flock()ed by whoever changes pins or the manifest (apply, rollback, disable)
@@ -60,10 +61,11 @@ def service_uid(state_dir: str) -> int:
 
 
 class State:
-    def __init__(self, state_dir: str, gid: int = -1) -> None:
+    def __init__(self, state_dir: str, gid: int = -1, pin_root: str | None = None) -> None:
         """gid: the pin readers' group (settings.pins), which may read the manifest so that
         `loaderctl status` works for them without privileges; -1 keeps it private."""
         self.dir = state_dir
+        self.pin_root = pin_root  # every spec's pin_dir must be <pin_root>/<spec>
         self.gid = gid
         self.uid = service_uid(state_dir)
 
@@ -84,16 +86,13 @@ class State:
     def manifest_path(self) -> str:
         return os.path.join(self.dir, MANIFEST)
 
+    def manifest(self) -> manifest.Manifest:
+        """The manifest as typed, validated records (untrusted input: see store.manifest)."""
+        return manifest.read(self.manifest_path, self.pin_root) or manifest.EMPTY
+
     def load(self) -> dict[str, Any]:
-        try:
-            with open(self.manifest_path, "rb") as f:
-                data: dict[str, Any] = json.load(f)
-        except FileNotFoundError:
-            return {"version": 1, "status": "empty", "txid": None, "specs": {}}
-        except (OSError, ValueError) as exc:
-            raise LoaderdError(Kind.STATE, f"manifest unreadable: {exc}",
-                               Location(self.manifest_path)) from None
-        return data
+        """The validated manifest as its JSON dict (for callers not yet on the records)."""
+        return manifest.to_dict(self.manifest())
 
     def save(self, manifest: dict[str, Any]) -> None:
         self._ensure_dirs()
