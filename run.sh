@@ -74,7 +74,7 @@ test)
   .venv/bin/pip install -q -r requirements-dev.txt   # no-op (no network) once satisfied
   shift
   .venv/bin/ruff check loaderd tests bench
-  .venv/bin/mypy loaderd
+  .venv/bin/mypy loaderd tests bench   # strict, warn_unused_ignores (pyproject.toml)
   exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
   ;;
 *)

@@ -122,25 +122,48 @@ def map_pin_mode(mode: int, access: str) -> int:
 class TracepointAttach:
     category: str
     event: str
+    exclusive = False  # targets that take one link only are replaced with LINK_UPDATE
+
+    @property
+    def text(self) -> str:
+        """The manifest's and status's spelling of the target."""
+        return f"tracepoint:{self.category}:{self.event}"
 
 
 @dataclass(frozen=True)
 class RawTracepointAttach:
     name: str
+    exclusive = False
+
+    @property
+    def text(self) -> str:
+        return f"raw_tracepoint:{self.name}"
 
 
 @dataclass(frozen=True)
 class XdpAttach:
     interface: str
     mode: str = "skb"  # skb | native | hw
+    exclusive = True  # one XDP program per interface and mode
+
+    @property
+    def text(self) -> str:
+        return f"xdp:{self.interface}:{self.mode}"
 
 
 @dataclass(frozen=True)
 class NoAttach:
     """Loaded and pinned only (socket filters: consumers attach with SO_ATTACH_BPF)."""
 
+    exclusive = False
+
+    @property
+    def text(self) -> str:
+        return "-"
+
 
 Attach = TracepointAttach | RawTracepointAttach | XdpAttach | NoAttach
+LinkTarget = TracepointAttach | RawTracepointAttach | XdpAttach  # what a link is made for
 
 
 @dataclass(frozen=True)

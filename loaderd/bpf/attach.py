@@ -18,22 +18,23 @@ import os
 
 from loaderd.bpf import kernel
 from loaderd.errors import LoaderdError
-from loaderd.model import NoAttach, ProgramSpec, RawTracepointAttach, TracepointAttach, XdpAttach
+from loaderd.model import (
+    LinkTarget,
+    NoAttach,
+    ProgramSpec,
+    RawTracepointAttach,
+    TracepointAttach,
+    XdpAttach,
+)
 
 XDP_MODES = {"skb": kernel.XDP_FLAGS_SKB_MODE, "native": kernel.XDP_FLAGS_DRV_MODE,
              "hw": kernel.XDP_FLAGS_HW_MODE}
 
 
-def target(program: ProgramSpec) -> str | None:
-    """A stable description of what the program attaches to (manifest, status)."""
+def target(program: ProgramSpec) -> LinkTarget | None:
+    """What the program's link is made for; None: it is pinned only (NoAttach)."""
     a = program.attach
-    if isinstance(a, TracepointAttach):
-        return f"tracepoint:{a.category}:{a.event}"
-    if isinstance(a, RawTracepointAttach):
-        return f"raw_tracepoint:{a.name}"
-    if isinstance(a, XdpAttach):
-        return f"xdp:{a.interface}:{a.mode}"
-    return None
+    return None if isinstance(a, NoAttach) else a
 
 
 def create_link(program: ProgramSpec, prog_fd: int) -> int | None:
@@ -55,27 +56,21 @@ def create_link(program: ProgramSpec, prog_fd: int) -> int | None:
     raise AssertionError(f"unhandled attach {a!r}")
 
 
-def relink_xdp(tgt: str, prog_fd: int) -> int:
-    """A new XDP link for `prog_fd` on the target recorded as "xdp:<iface>:<mode>" (commit
-    recovery has the manifest, not the spec)."""
-    _, iface, mode = tgt.split(":")
-    return kernel.link_create(prog_fd, kernel.ifindex(iface), kernel.ATTACH_XDP, XDP_MODES[mode])
+def relink_xdp(tgt: XdpAttach, prog_fd: int) -> int:
+    """A new XDP link for `prog_fd` on a recorded target (commit recovery has the manifest,
+    not the spec)."""
+    return kernel.link_create(prog_fd, kernel.ifindex(tgt.interface), kernel.ATTACH_XDP,
+                              XDP_MODES[tgt.mode])
 
 
-def is_exclusive(program: ProgramSpec) -> bool:
-    """Targets that take one link only: replace with LINK_UPDATE instead of a second link."""
-    return isinstance(program.attach, XdpAttach)
-
-
-def target_difference(info: kernel.LinkInfo, tgt: str, ifindex: int | None = None, *,
+def target_difference(info: kernel.LinkInfo, tgt: LinkTarget, ifindex: int | None = None, *,
                       by_name: bool = False) -> str | None:
     """How a link's kernel facts disagree with the target it was made for (None: they agree).
     An XDP link outlives its interface (ifindex 0 then) and does not follow a recreated one.
     `ifindex`: the one recorded at attach. `by_name` looks the interface up again: only in
     the host's network namespace (the apply), never in the resident's private one."""
-    kind, _, rest = tgt.partition(":")
-    if kind == "xdp":
-        iface = rest.rsplit(":", 1)[0]
+    if isinstance(tgt, XdpAttach):
+        iface = tgt.interface
         if not info.ifindex:
             return f"detached from {iface} (the interface went away)"
         if ifindex is not None and info.ifindex != ifindex:
@@ -89,7 +84,7 @@ def target_difference(info: kernel.LinkInfo, tgt: str, ifindex: int | None = Non
         if info.ifindex != now:
             return f"attached to ifindex {info.ifindex}, but {iface} is now ifindex {now}"
         return None
-    want = rest if kind == "raw_tracepoint" else rest.partition(":")[2]
+    want = tgt.name if isinstance(tgt, RawTracepointAttach) else tgt.event
     if info.tp_name is not None and info.tp_name != want:
         return f"attached to {info.tp_name}, not {want}"
     return None
@@ -105,5 +100,5 @@ def update_link(link_pin: str, new_prog_fd: int) -> int:
         os.close(fd)
 
 
-__all__ = ["LoaderdError", "create_link", "is_exclusive", "relink_xdp", "target",
+__all__ = ["LoaderdError", "create_link", "relink_xdp", "target",
            "target_difference", "update_link"]

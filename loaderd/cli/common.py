@@ -63,6 +63,23 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """One status for both CLIs (same report, text and JSON, for root, the service user and
+    the readers' group). Exit 0: every spec as applied (or nothing applied); 1: drift, or a
+    commit left pending."""
+    from loaderd.cli.render import render_status
+    from loaderd.observe.status import load_view, status, to_json
+
+    report = status(load_view(args.config))
+    print(to_json(report) if args.json else render_status(report))
+    return 1 if status_failed(report) else 0
+
+
+def status_failed(report: dict[str, Any]) -> bool:
+    return (report["manifest"].get("status") == "pending"
+            or any(s["drift"] for s in report["specs"]))
+
+
 def cmd_disable(args: argparse.Namespace) -> int:
     from loaderd.apply.applier import Applier
 

@@ -23,19 +23,14 @@ from loaderd.cli.common import (
     cmd_disable,
     cmd_enable,
     cmd_rollback,
+    cmd_status,
     run,
 )
-from loaderd.cli.render import listing, render_dump, render_list, render_status
+from loaderd.cli.render import listing, render_dump, render_list
 from loaderd.observe.dump import check_raw, dump, map_pin, sanitize_key
 from loaderd.observe.status import load_view, status, to_json
 
 # --- commands ---------------------------------------------------------------------------------
-
-def cmd_status(args: argparse.Namespace) -> int:
-    report = status(load_view(args.config))
-    print(to_json(report) if args.json else render_status(report))
-    return 0
-
 
 def cmd_list(args: argparse.Namespace) -> int:
     rows = listing(status(load_view(args.config)))

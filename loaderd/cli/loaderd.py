@@ -7,7 +7,6 @@ indented below); tracebacks only with --debug. Exit codes: 0 ok, 1 refused or fa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable, Sequence
 
@@ -18,6 +17,7 @@ from loaderd.cli.common import (
     cmd_disable,
     cmd_enable,
     cmd_rollback,
+    cmd_status,
     load_settings,
     print_error,
     run,
@@ -80,37 +80,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                   apply=not args.no_apply).start()
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from loaderd.observe import drift as verify
-    from loaderd.store.statedir import State
-
-    settings = load_settings(args.config)
-    manifest = State(settings.state_dir, pin_root=settings.bpffs_root).load()
-    rows = []
-    for name, entry in sorted(manifest.get("specs", {}).items()):
-        diffs = verify.differences(entry)
-        rows.append({"spec": name, "sha256": entry["sha256"], "pin_dir": entry["pin_dir"],
-                     "programs": entry["programs"], "maps": entry["maps"],
-                     "links": entry.get("links", {}), "drift": diffs})
-    if args.json:
-        print(json.dumps({"status": manifest.get("status"), "txid": manifest.get("txid"),
-                          "specs": rows}, indent=1, sort_keys=True))
-        return 0
-    print(f"manifest: {manifest.get('status')} (txid {manifest.get('txid')})")
-    if manifest.get("status") == "disabled":
-        print("kill switch pulled: nothing is loaded until `loaderd enable` (then reload)")
-    for r in rows:
-        state = "DRIFT: " + "; ".join(r["drift"]) if r["drift"] else "ok"
-        print(f"{r['spec']}: {state}")
-        for pname, p in r["programs"].items():
-            deg = f" DEGRADED ({p['degraded']})" if p.get("degraded") else ""
-            link = r["links"].get(pname, {}).get("target", "-")
-            print(f"  prog {pname}: id {p['id']} tag {p['tag']} {p['type']} -> {link}{deg}")
-        for mname, m in r["maps"].items():
-            print(f"  map  {mname}: id {m['id']}{' frozen' if m['frozen'] else ''}")
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loaderd", description=__doc__.splitlines()[0])
     add_global_flags(p)
@@ -136,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--no-kernel", action="store_true",
                             help="schema and policy only (no compile, no CAP_BPF needed)")
         if name == "status":
-            sp.add_argument("--json", action="store_true")
+            sp.add_argument("--json", action="store_true", help="the report as JSON")
         if name == "run":
             sp.add_argument("--drift-interval", type=float, default=30.0)
             sp.add_argument("--no-apply", action="store_true",

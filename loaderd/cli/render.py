@@ -47,6 +47,12 @@ def render_status(report: dict[str, Any]) -> str:
                  f"written {_ts(head.get('written_at'))}), {len(report['specs'])} specs"]
     else:
         lines = [f"manifest: {head.get('note')}"]
+    if head.get("status") == "disabled":
+        lines.append("kill switch pulled: nothing is loaded until `loaderd enable` (then "
+                     "`systemctl reload loaderd`)")
+    elif head.get("status") == "pending":
+        lines.append("a commit was interrupted (pending): the next `loaderd apply` (or "
+                     "`systemctl reload loaderd`) rolls it forward")
     for s in report["specs"]:
         if s["drift"] is None:
             state_text = "drift unknown (no manifest)"

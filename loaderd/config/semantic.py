@@ -12,6 +12,7 @@ from loaderd.config import source as srccheck
 from loaderd.config import yamlsafe
 from loaderd.config.yamlsafe import Marks, Path
 from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.layout import parse_layout
 from loaderd.model import CType, MapEntry, MapFlag, MapSpec, MapType, ProgramSpec
 
 PAGE_SIZE = resource.getpagesize()
@@ -146,7 +147,6 @@ def _event_rules(c: Collector, i: int, m: MapSpec) -> None:
         c.add(Kind.SEMANTIC, ("maps", i, "events"), "events: only a ringbuf map carries "
               "events the daemon journals", value=m.type.value, allowed="ringbuf")
         return
-    from loaderd.layout import parse_layout
 
     try:
         parse_layout(m.events)

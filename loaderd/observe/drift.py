@@ -10,10 +10,11 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from loaderd.bpf import attach, kernel
 from loaderd.errors import LoaderdError
+from loaderd.store.manifest import SpecRecord
 
 T = TypeVar("T")
 
@@ -39,34 +40,34 @@ def _map_facts(fd: int) -> tuple[int, bool]:
     return kernel.map_info(fd).id, kernel.map_is_frozen(fd)
 
 
-def differences(entry: dict[str, Any], *, by_name: bool = False) -> list[str]:
-    """Every way the pinned objects of one manifest spec entry differ from it. [] = intact.
+def differences(record: SpecRecord, *, by_name: bool = False) -> list[str]:
+    """Every way the pinned objects of one spec record differ from it. [] = intact.
     `by_name`: also look XDP interfaces up by name (only in the host's network namespace)."""
-    base = entry["pin_dir"]
+    base = record.pin_dir
     diffs: list[str] = []
     prog_ids: dict[str, int] = {}
-    for name, prog in entry["programs"].items():
+    for name, prog in record.programs.items():
         path = os.path.join(base, "progs", name)
         info = _read(path, kernel.prog_info, diffs, "program")
         if info is None:
             continue
         prog_ids[name] = info.id
-        if (info.id, info.tag) != (prog["id"], prog["tag"]):
+        if (info.id, info.tag) != (prog.id, prog.tag):
             diffs.append(f"program {path}: id/tag {info.id}/{info.tag} != manifest "
-                         f"{prog['id']}/{prog['tag']}")
-    for name, m in entry["maps"].items():
+                         f"{prog.id}/{prog.tag}")
+    for name, m in record.maps.items():
         path = os.path.join(base, "maps", name)
         # Open the way the pin's mode allows (a WRONLY map's pin has no read bits).
-        wronly = m.get("access") == "wronly"
+        wronly = m.access == "wronly"
         facts = _read(path, _map_facts, diffs, "map", rdonly=not wronly, wronly=wronly)
         if facts is None:
             continue
         map_id, frozen = facts
-        if map_id != m["id"]:
-            diffs.append(f"map {path}: id {map_id} != manifest {m['id']}")
-        if frozen != m["frozen"]:
-            diffs.append(f"map {path}: frozen={frozen}, manifest says {m['frozen']}")
-    for name, link in entry.get("links", {}).items():
+        if map_id != m.id:
+            diffs.append(f"map {path}: id {map_id} != manifest {m.id}")
+        if frozen != m.frozen:
+            diffs.append(f"map {path}: frozen={frozen}, manifest says {m.frozen}")
+    for name, link in record.links.items():
         path = os.path.join(base, "links", name)
         linfo = _read(path, kernel.link_info, diffs, "link",
                       note=f" (program {name} is detached)")
@@ -75,8 +76,7 @@ def differences(entry: dict[str, Any], *, by_name: bool = False) -> list[str]:
         if name in prog_ids and linfo.prog_id != prog_ids[name]:
             diffs.append(f"link {path}: runs program id {linfo.prog_id}, expected "
                          f"{prog_ids[name]}")
-        off = attach.target_difference(linfo, link["target"], link.get("ifindex"),
-                                       by_name=by_name)
+        off = attach.target_difference(linfo, link.target, link.ifindex, by_name=by_name)
         if off:
             diffs.append(f"link {path}: {off}")
     return diffs

@@ -40,8 +40,8 @@ def map_pin(view: View, target: str) -> tuple[str, str, str]:
     if view.manifest is not None and entry is None:
         raise LoaderdError(Kind.STATE, f"no spec '{spec_name}' in the manifest",
                            Location(view.manifest_path),
-                           allowed=", ".join(sorted(view.manifest.get("specs", {}))) or "none")
-    base = entry["pin_dir"] if entry else os.path.join(view.settings.bpffs_root, spec_name)
+                           allowed=", ".join(sorted(view.manifest.specs)) or "none")
+    base = entry.pin_dir if entry else os.path.join(view.settings.bpffs_root, spec_name)
     return spec_name, map_name, os.path.join(base, "maps", map_name)
 
 

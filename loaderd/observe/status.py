@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loaderd.bpf import kernel, pins
+from loaderd.config import spec as spec_mod
 from loaderd.config.settings import load_default
 from loaderd.errors import LoaderdError
 from loaderd.model import Settings, Spec
-from loaderd.observe import drift as verify
+from loaderd.observe.drift import differences
 from loaderd.store import manifest
 from loaderd.store import statedir as state
+from loaderd.store.manifest import Manifest, SpecRecord
 
 NO_PERMISSION = "no permission"
 MISSING = "missing"
@@ -37,7 +39,7 @@ MISSING_NOTE = "pin missing"
 @dataclass
 class View:
     settings: Settings
-    manifest: dict[str, Any] | None  # None: unreadable or absent
+    manifest: Manifest | None  # None: unreadable or absent
     manifest_note: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -45,19 +47,18 @@ class View:
     def manifest_path(self) -> str:
         return os.path.join(self.settings.state_dir, state.MANIFEST)
 
-    def entry(self, spec: str) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = (self.manifest or {}).get("specs", {}).get(spec)
-        return found
+    def entry(self, spec: str) -> SpecRecord | None:
+        return None if self.manifest is None else self.manifest.specs.get(spec)
 
 
-def read_manifest(settings: Settings) -> tuple[dict[str, Any] | None, str | None]:
+def read_manifest(settings: Settings) -> tuple[Manifest | None, str | None]:
     """The manifest, or None and why (read directly: State() would try to create dirs)."""
     path = os.path.join(settings.state_dir, state.MANIFEST)
     try:
         found = manifest.read(path, settings.bpffs_root)
         if found is None:
             return None, f"no manifest at {path}: nothing applied yet"
-        return manifest.to_dict(found), None
+        return found, None
     except LoaderdError as exc:
         return None, str(exc)
     except PermissionError:
@@ -167,50 +168,73 @@ def _fallback_note(why: str | None, kind: str, have_manifest: bool) -> str:
     return f"pin not openable: {why}"
 
 
-def _object_rows(name: str, entry: dict[str, Any], unchecked: list[str]
+@dataclass(frozen=True)
+class Recorded:
+    """One spec's objects as status shows them: its manifest record, or (no readable
+    manifest) the names walked from its pin directory, with no recorded facts."""
+
+    name: str
+    pin_dir: str
+    record: SpecRecord | None
+    programs: tuple[str, ...]
+    maps: tuple[str, ...]
+    links: tuple[str, ...]
+
+    @classmethod
+    def of(cls, r: SpecRecord) -> Recorded:
+        return cls(r.name, r.pin_dir, r, tuple(r.programs), tuple(r.maps), tuple(r.links))
+
+
+def _object_rows(spec: Recorded, unchecked: list[str]
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    base = entry["pin_dir"]
-    common = {"spec": name, "sha256": entry.get("sha256")}
+    r = spec.record
+    base = spec.pin_dir
+    common = {"spec": spec.name, "sha256": r.sha256 if r else None}
     progs, maps, links = [], [], []
-    for pname, p in sorted(entry.get("programs", {}).items()):
+    for pname in sorted(spec.programs):
+        p = r.programs.get(pname) if r else None
         path = os.path.join(base, "progs", pname)
-        row: dict[str, Any] = {**common, "pin": path, "degraded": p.get("degraded"),
-                               "function": p.get("function", pname)}
+        row: dict[str, Any] = {**common, "pin": path, "degraded": p.degraded if p else None,
+                               "function": p.function if p else pname}
         facts, why = pin_facts(path, prog_facts, rdonly=False)
         if facts is not None:
             row.update(facts, facts="kernel")
         else:
             row.update(name=pname, facts="manifest" if p else "none",
                        note=_fallback_note(why, "program", bool(p)))
-            row.update({k: p[k] for k in ("id", "type", "tag") if k in p})
+            if p:
+                row.update(id=p.id, type=p.type.value, tag=p.tag)
             if why == NO_PERMISSION:
                 unchecked.append(path)
         progs.append(row)
-    for mname, m in sorted(entry.get("maps", {}).items()):
+    for mname in sorted(spec.maps):
+        m = r.maps.get(mname) if r else None
         path = os.path.join(base, "maps", mname)
-        row = {**common, "pin": path, "freeze": m.get("frozen")}
+        row = {**common, "pin": path, "freeze": m.frozen if m else None}
         facts, why = pin_facts(path, map_facts, rdonly=True)
         if facts is not None:
             row.update(facts, facts="kernel")
         else:
             row.update(name=mname, facts="manifest" if m else "none",
                        note=_fallback_note(why, "map", bool(m)))
-            if "id" in m:
-                row["id"] = m["id"]
+            if m:
+                row["id"] = m.id
             if why == NO_PERMISSION:
                 unchecked.append(path)
         maps.append(row)
-    for lname, link in sorted(entry.get("links", {}).items()):
+    for lname in sorted(spec.links):
+        lk = r.links.get(lname) if r else None
         path = os.path.join(base, "links", lname)
-        row = {**common, "pin": path, "program": lname, "target": link.get("target")}
+        row = {**common, "pin": path, "program": lname,
+               "target": lk.target.text if lk else None}
         facts, why = pin_facts(path, link_facts, rdonly=False)
         if facts is not None:
             row.update(facts, facts="kernel")
         else:
-            row.update(facts="manifest" if link else "none", note=_fallback_note(why, "link",
-                                                                           bool(link)))
-            if "id" in link:
-                row["id"] = link["id"]
+            row.update(facts="manifest" if lk else "none",
+                       note=_fallback_note(why, "link", bool(lk)))
+            if lk:
+                row["id"] = lk.id
             if why == NO_PERMISSION:
                 unchecked.append(path)
         links.append(row)
@@ -218,71 +242,70 @@ def _object_rows(name: str, entry: dict[str, Any], unchecked: list[str]
 
 
 def _partial_drift(progs: list[dict[str, Any]], maps: list[dict[str, Any]],
-                   links: list[dict[str, Any]], entry: dict[str, Any]) -> list[str]:
-    """Drift from what this reader could open; verify.differences needs every pin open."""
+                   links: list[dict[str, Any]], record: SpecRecord) -> list[str]:
+    """Drift from what this reader could open; drift.differences needs every pin open."""
     diffs = []
     for kind, rows in (("program", progs), ("link", links)):
         diffs += [f"{kind} pin missing: {r['pin']}" for r in rows if r.get("note") == MISSING_NOTE]
     for row in maps:
-        m = entry["maps"].get(row["name"], {})
+        m = record.maps[row["name"]]
         if row.get("note") == MISSING_NOTE:
             diffs.append(f"map pin missing: {row['pin']}")
         elif row["facts"] == "kernel":
-            if row["id"] != m.get("id"):
-                diffs.append(f"map {row['pin']}: id {row['id']} != manifest {m.get('id')}")
-            if bool(row["frozen"]) != m.get("frozen"):
+            if row["id"] != m.id:
+                diffs.append(f"map {row['pin']}: id {row['id']} != manifest {m.id}")
+            if bool(row["frozen"]) != m.frozen:
                 diffs.append(f"map {row['pin']}: frozen={bool(row['frozen'])}, manifest says "
-                             f"{m.get('frozen')}")
+                             f"{m.frozen}")
     return diffs
 
 
-def spec_report(name: str, entry: dict[str, Any], *, from_manifest: bool = True
-                ) -> dict[str, Any]:
+def spec_report(spec: Recorded) -> dict[str, Any]:
     unchecked: list[str] = []
-    progs, maps, links = _object_rows(name, entry, unchecked)
+    progs, maps, links = _object_rows(spec, unchecked)
+    r = spec.record
     drift: list[str] | None
-    if not from_manifest:
+    if r is None:
         drift = None  # nothing to compare against
     elif unchecked:
-        drift = _partial_drift(progs, maps, links, entry)
+        drift = _partial_drift(progs, maps, links, r)
     else:
-        drift = verify.differences(entry)  # the daemon's own definition
+        drift = differences(r)  # the daemon's own definition
     for row in progs + maps + links:
         row["drift"] = None if drift is None else [d for d in drift if row["pin"] in d]
         row["degraded"] = row.get("degraded")
-    return {"spec": name, "sha256": entry.get("sha256"), "file": entry.get("file"),
-            "pin_dir": entry["pin_dir"], "txid": entry.get("txid"),
+    return {"spec": spec.name, "sha256": r.sha256 if r else None, "file": r.file if r else None,
+            "pin_dir": spec.pin_dir, "txid": r.txid if r else None,
             "degraded": any(p.get("degraded") for p in progs), "drift": drift,
             "unchecked": unchecked, "programs": progs, "maps": maps, "links": links}
 
 
-def _walked_entries(root: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Pseudo manifest entries from the bpffs layout (names only)."""
+def _walked(root: str) -> Iterator[Recorded]:
+    """The specs the bpffs layout shows (names only)."""
     with contextlib.suppress(FileNotFoundError):
         for spec in sorted(os.listdir(root)):
             if not pins.NAME_RE.fullmatch(spec):
                 continue  # _staging and anything not a spec name
             base = os.path.join(root, spec)
-            entry: dict[str, Any] = {"pin_dir": base}
-            for kind, key in (("progs", "programs"), ("maps", "maps"), ("links", "links")):
+            names: list[tuple[str, ...]] = []
+            for kind in ("progs", "maps", "links"):
                 try:
-                    names = os.listdir(os.path.join(base, kind))
+                    found = os.listdir(os.path.join(base, kind))
                 except OSError:
-                    names = []
-                entry[key] = {n: {} for n in names if pins.NAME_RE.fullmatch(n)}
-            yield spec, entry
+                    found = []
+                names.append(tuple(n for n in found if pins.NAME_RE.fullmatch(n)))
+            yield Recorded(spec, base, None, *names)
 
 
 def status(view: View) -> dict[str, Any]:
     m = view.manifest
     head: dict[str, Any] = {"path": view.manifest_path, "readable": m is not None}
     if m is not None:
-        head.update(status=m.get("status"), txid=m.get("txid"), written_at=m.get("written_at"))
-        specs = [spec_report(n, e) for n, e in sorted(m.get("specs", {}).items())]
+        head.update(status=m.status.value, txid=m.txid, written_at=m.written_at)
+        specs = [spec_report(Recorded.of(r)) for _, r in sorted(m.specs.items())]
     else:
         head["note"] = view.manifest_note
-        specs = [spec_report(n, e, from_manifest=False)
-                 for n, e in _walked_entries(view.settings.bpffs_root)]
+        specs = [spec_report(w) for w in _walked(view.settings.bpffs_root)]
     notes = list(view.notes)
     if any(s["unchecked"] for s in specs):
         notes.append("some pins could not be opened by this user" + (
@@ -297,29 +320,28 @@ def status(view: View) -> dict[str, Any]:
 def applied_spec(view: View, name: str) -> tuple[Spec | None, str | None]:
     """The spec exactly as applied (sha256 matches the manifest) or, with no manifest, the
     current one in programs_dir. (None, why) when no readable file matches."""
-    from loaderd.config import spec as spec_mod
 
     entry = view.entry(name)
     limits = view.settings.policy.limits
     candidates: list[str] = []
-    if entry and entry.get("file"):
-        if entry.get("txid"):
+    if entry is not None:
+        if entry.txid:
             candidates.append(os.path.join(view.settings.state_dir, state.GENERATIONS,
-                                           entry["txid"], os.path.basename(entry["file"])))
-        candidates.append(entry["file"])
+                                           entry.txid, os.path.basename(entry.file)))
+        candidates.append(entry.file)
     candidates.append(os.path.join(view.settings.programs_dir, f"{name}.yaml"))
     for path in candidates:
         if not os.path.isfile(path):
             continue
         parsed, _errors = spec_mod.parse_spec(path, limits=limits, owner_uid=None)
         if parsed and parsed.name == name and (entry is None
-                                               or parsed.sha256 == entry.get("sha256")):
+                                               or parsed.sha256 == entry.sha256):
             return parsed, None
     with contextlib.suppress(OSError):
         specs, _errors = spec_mod.load_dir(view.settings.programs_dir, view.settings,
                                            check_owner=False)
         for parsed in specs:
-            if parsed.name == name and (entry is None or parsed.sha256 == entry.get("sha256")):
+            if parsed.name == name and (entry is None or parsed.sha256 == entry.sha256):
                 return parsed, None
     return None, (f"no readable spec file matches the applied version of '{name}': "
                   "keys and values shown as raw bytes")

@@ -34,12 +34,12 @@ from loaderd.model import (
     DANGEROUS_HELPERS,
     MAP_FLAG_MASK,
     MapType,
-    ProgType,
     kernel_map_flags,
     map_pin_mode,
 )
-from loaderd.observe import drift as verify
+from loaderd.observe.drift import differences
 from loaderd.observe.status import MISSING, NO_PERMISSION, View, applied_spec, map_facts, pin_facts
+from loaderd.store.manifest import SpecRecord, Status
 
 HIGH, MEDIUM = "high", "medium"
 PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
@@ -77,11 +77,10 @@ class Skip(Exception):
 Outcome = tuple[str, str]  # (status, detail)
 
 
-def _specs(view: View) -> dict[str, Any]:
+def _specs(view: View) -> Mapping[str, SpecRecord]:
     if view.manifest is None:
         raise Skip(view.manifest_note or "no manifest")
-    specs: dict[str, Any] = view.manifest.get("specs", {})
-    return specs
+    return view.manifest.specs
 
 
 def _verdict(problems: Sequence[str], ok: str) -> Outcome:
@@ -93,16 +92,16 @@ def _verdict(problems: Sequence[str], ok: str) -> Outcome:
 def check_manifest(view: View) -> Outcome:
     if view.manifest is None:
         raise Skip(view.manifest_note or "no manifest")
-    st = view.manifest.get("status")
-    if st == "pending":
+    st = view.manifest.status
+    if st is Status.PENDING:
         return FAIL, "a commit was interrupted (status pending): run `loaderd apply` to finish it"
-    return PASS, f"status {st}, {len(view.manifest.get('specs', {}))} specs"
+    return PASS, f"status {st.value}, {len(view.manifest.specs)} specs"
 
 
 def check_drift(view: View) -> Outcome:
     problems = []
     for name, entry in sorted(_specs(view).items()):
-        problems += [f"{name}: {d}" for d in verify.differences(entry)]
+        problems += [f"{name}: {d}" for d in differences(entry)]
     return _verdict(problems, "every pinned program, map and link matches the manifest")
 
 
@@ -110,12 +109,11 @@ def check_helpers(view: View) -> Outcome:
     pol = view.settings.policy
     problems, count = [], 0
     for name, entry in sorted(_specs(view).items()):
-        for pname, p in sorted(entry.get("programs", {}).items()):
+        for pname, p in sorted(entry.programs.items()):
             count += 1
-            ptype = ProgType(p["type"])
             # same rule as policy.check_calls: a dangerous helper only if named in allow itself
-            allowed = pol.helpers_for(ptype) - (DANGEROUS_HELPERS - pol.helpers)
-            refused = sorted(set(p.get("helpers", [])) - allowed)
+            allowed = pol.helpers_for(p.type) - (DANGEROUS_HELPERS - pol.helpers)
+            refused = sorted(set(p.helpers) - allowed)
             if refused:
                 problems.append(f"{name}/{pname} calls {', '.join(refused)}, not allowed by the "
                                 "current policy")
@@ -127,8 +125,8 @@ def _map_rows(view: View) -> Iterator[tuple[str, str, dict[str, Any], Any]]:
     for name, entry in sorted(_specs(view).items()):
         parsed, _why = applied_spec(view, name)
         decls = {m.name: m for m in parsed.maps} if parsed else {}
-        for mname in sorted(entry.get("maps", {})):
-            path = os.path.join(entry["pin_dir"], "maps", mname)
+        for mname in sorted(entry.maps):
+            path = os.path.join(entry.pin_dir, "maps", mname)
             facts, why = pin_facts(path, map_facts, rdonly=True)
             if facts is None:
                 if why == NO_PERMISSION:
@@ -163,7 +161,7 @@ def check_map_limits(view: View) -> Outcome:
             problems.append(f"{where}: max_entries {facts['max_entries']}, spec declares "
                             f"{decl.max_entries}")
     specs = _specs(view)
-    n_progs = sum(len(e.get("programs", {})) for e in specs.values())
+    n_progs = sum(len(e.programs) for e in specs.values())
     if n_progs > limits.max_programs:
         problems.append(f"{n_progs} programs, limit {limits.max_programs}")
     if n_maps > limits.max_maps:
@@ -552,9 +550,9 @@ def check_pin_modes(view: View) -> Outcome:
     except (KeyError, LoaderdError):  # model raises LoaderdError for an unknown group now
         return FAIL, f"configured pin group '{view.settings.pins.group}' does not exist"
     # RDONLY/WRONLY maps' pins lose their write/read bits (model.map_pin_mode).
-    special = {os.path.join(e["pin_dir"], "maps", n): map_pin_mode(want_mode, m.get("access", ""))
-               for e in (view.manifest or {}).get("specs", {}).values()
-               for n, m in e.get("maps", {}).items()}
+    recorded = view.manifest.specs.values() if view.manifest else ()
+    special = {os.path.join(e.pin_dir, "maps", n): map_pin_mode(want_mode, m.access)
+               for e in recorded for n, m in e.maps.items()}
     problems, n = [], 0
     for path, st in _pin_entries(root):
         if not stat.S_ISREG(st.st_mode):

@@ -23,6 +23,8 @@ from loaderd.bpf import kernel
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.observe import dump as dumping
 from loaderd.observe import status as ctl
+from loaderd.reports import sysaudit
+from loaderd.reports.compliance import UNITS, message_id_matches
 from loaderd.store import statedir as state
 
 SUMS = "SHA256SUMS"
@@ -105,17 +107,16 @@ def _maps(b: Bundle, view: ctl.View, report: dict[str, Any]) -> None:
 
 
 def _specs(b: Bundle, view: ctl.View) -> None:
-    for name, entry in sorted((view.manifest or {}).get("specs", {}).items()):
-        gen = os.path.join(view.settings.state_dir, state.GENERATIONS, entry.get("txid") or "")
-        sources = [entry.get("file"), *entry.get("sources", [])]
-        for src in filter(None, sources):
+    recorded = view.manifest.specs if view.manifest else {}
+    for name, entry in sorted(recorded.items()):
+        gen = os.path.join(view.settings.state_dir, state.GENERATIONS, entry.txid or "")
+        for src in (entry.file, *entry.sources):
             copy = os.path.join(gen, os.path.basename(src))
-            b.copy(copy if entry.get("txid") and os.path.isfile(copy) else src,
+            b.copy(copy if entry.txid and os.path.isfile(copy) else src,
                    f"specs/{name}/{os.path.basename(src)}")
 
 
 def _journal(b: Bundle, since: str) -> None:
-    from loaderd.reports.compliance import UNITS, message_id_matches
 
     if shutil.which("journalctl") is None:
         b.notes.append("journalctl not installed: no journal slice")
@@ -134,7 +135,6 @@ def _journal(b: Bundle, since: str) -> None:
 
 
 def _system(b: Bundle, view: ctl.View) -> None:
-    from loaderd.reports import sysaudit
 
     try:
         report = sysaudit.scan(view.manifest, view.settings.bpffs_root)

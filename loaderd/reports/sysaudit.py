@@ -19,28 +19,27 @@ import json
 import os
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import kernel
 from loaderd.errors import Kind, LoaderdError
-
-if TYPE_CHECKING:
-    from loaderd.observe.status import View
+from loaderd.observe.status import View, map_facts, prog_facts
+from loaderd.store.manifest import Manifest
 
 BASELINE = "sysaudit.json"
 FOREIGN_EVENT = Event.FOREIGN_LOAD
 
 
-def _ids_from_manifest(manifest: dict[str, Any] | None) -> tuple[set[int], set[int], set[int]]:
+def _ids_from_manifest(m: Manifest | None) -> tuple[set[int], set[int], set[int]]:
     progs: set[int] = set()
     maps: set[int] = set()
     links: set[int] = set()
-    for entry in (manifest or {}).get("specs", {}).values():
-        progs |= {p["id"] for p in entry.get("programs", {}).values() if "id" in p}
-        maps |= {m["id"] for m in entry.get("maps", {}).values() if "id" in m}
-        links |= {lk["id"] for lk in entry.get("links", {}).values() if "id" in lk}
+    for entry in (m.specs.values() if m else ()):
+        progs |= {p.id for p in entry.programs.values()}
+        maps |= {x.id for x in entry.maps.values()}
+        links |= {lk.id for lk in entry.links.values()}
     return progs, maps, links
 
 
@@ -71,7 +70,6 @@ def _pinned_ids(root: str) -> tuple[set[int], set[int]]:
 
 
 def _programs() -> list[dict[str, Any]]:
-    from loaderd.observe.status import prog_facts
 
     out = []
     for pid in kernel.prog_ids():
@@ -87,7 +85,6 @@ def _programs() -> list[dict[str, Any]]:
 
 
 def _maps() -> list[dict[str, Any]]:
-    from loaderd.observe.status import map_facts
 
     out = []
     for mid in kernel.map_ids():
@@ -171,7 +168,7 @@ def _load_print(p: dict[str, Any]) -> str:
     return f"{p['id']}:{p['tag']}"  # one load (ids are recycled eventually; id+tag is not)
 
 
-def scan(manifest: dict[str, Any] | None, bpffs_root: str) -> dict[str, Any]:
+def scan(manifest: Manifest | None, bpffs_root: str) -> dict[str, Any]:
     """Every program and map, split into loaderd's and foreign (CAP_SYS_ADMIN)."""
     try:
         programs = _programs()

@@ -19,14 +19,15 @@ import subprocess
 import sys
 import time
 from types import FrameType
-from typing import Any
 
 from loaderd import privileges
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
+from loaderd.errors import LoaderdError
 from loaderd.model import Settings
-from loaderd.observe import drift as verify
+from loaderd.observe import drift
 from loaderd.runtime.eventpump import EventPump
+from loaderd.store.manifest import EMPTY, Manifest, Status
 from loaderd.store.statedir import State
 
 DRIFT_INTERVAL = 30.0
@@ -71,7 +72,7 @@ class Daemon:
         self.drift_interval = drift_interval
         self.stop = False
         self.reread = False
-        self.manifest: dict[str, Any] = {}
+        self.manifest: Manifest = EMPTY
         self.known_drift: dict[str, list[str]] = {}
         self.pump: EventPump | None = None
         self._wake = -1
@@ -109,7 +110,7 @@ class Daemon:
             status("applying specs")
             rc = run_apply_child(self.config)
         self._load_manifest()
-        if rc != 0 and not self.manifest.get("specs"):
+        if rc != 0 and not self.manifest.specs:
             status("apply failed and nothing was applied before; see journal")
             audit.emit(Event.DAEMON, "initial apply failed and no earlier set exists; exiting",
                        rc=rc)
@@ -123,15 +124,15 @@ class Daemon:
                    cap_effective=f"{caps.effective:x}", cap_permitted=f"{caps.permitted:x}",
                    cap_bounding=f"{caps.bounding:x}", cap_ambient=f"{caps.ambient:x}",
                    no_new_privs=caps.no_new_privs)
-        n = len(self.manifest.get("specs", {}))
+        n = len(self.manifest.specs)
         summary = f"{n} specs applied" + ("" if rc == 0 else "; last apply FAILED, old set kept")
-        if self.manifest.get("status") == "disabled":  # what `systemctl status` should say
+        if self.manifest.status is Status.DISABLED:  # what `systemctl status` should say
             summary = "kill switch pulled: nothing applied until `loaderd enable`, then reload"
         # Say what is true now, not what the manifest claims: after a reboot with a refused
         # apply (loaderd-apply.service failed, Wants= let us start) its pins may be gone.
-        drift = self.check_drift()
-        if drift:
-            summary += f"; DRIFT in {len(drift)}: {', '.join(sorted(drift))} (see journal)"
+        drifted = self.check_drift()
+        if drifted:
+            summary += f"; DRIFT in {len(drifted)}: {', '.join(sorted(drifted))} (see journal)"
         notify(f"READY=1\nSTATUS={summary}")
         audit.emit(Event.DAEMON, f"ready: {summary}", specs=n, pid=os.getpid())
         return self.loop()
@@ -156,7 +157,7 @@ class Daemon:
                        "STATUS=reloading: re-reading the manifest")
                 self._load_manifest()
                 self.known_drift.clear()
-                n = len(self.manifest.get("specs", {}))
+                n = len(self.manifest.specs)
                 self.pump.sync(self.manifest)
                 notify(f"READY=1\nSTATUS={n} specs applied (reloaded)")
                 audit.emit(Event.RELOAD, f"manifest re-read after reload: {n} specs", specs=n)
@@ -176,7 +177,12 @@ class Daemon:
         """Read the manifest and remember which file it was, so that the drift tick does not
         take our own re-read for someone else's change (one RELOAD event per reload)."""
         self._manifest_changed()  # stat first: a commit landing in between is re-read later
-        self.manifest = self.state.load()
+        try:
+            self.manifest = self.state.manifest()
+        except LoaderdError as exc:  # untrusted state: keep watching what we knew, say why
+            audit.emit(Event.DAEMON, f"manifest not re-read: {exc}; still watching the "
+                       f"{len(self.manifest.specs)} specs read before",
+                       file=exc.location.file, field=exc.location.field)
 
     def _manifest_changed(self) -> bool:
         try:
@@ -200,8 +206,8 @@ class Daemon:
                 self.reread = True
                 return self.known_drift
             found: dict[str, list[str]] = {}
-            for name, entry in self.manifest.get("specs", {}).items():
-                diffs = verify.differences(entry)
+            for name, record in self.manifest.specs.items():
+                diffs = drift.differences(record)
                 if diffs:
                     found[name] = diffs
                     if diffs != self.known_drift.get(name):

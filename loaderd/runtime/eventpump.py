@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
 
 from loaderd import sanitize
 from loaderd.audit import log as audit
@@ -22,6 +21,7 @@ from loaderd.errors import LoaderdError
 from loaderd.layout import Field, decode, parse_layout
 from loaderd.model import Settings
 from loaderd.runtime import ringbuf
+from loaderd.store.manifest import Manifest
 
 # Records taken from one ring per pump(): a flood (or a producer faster than the journal) must
 # not keep the daemon from its watchdog ping and signals; the next loop turn takes the rest.
@@ -45,14 +45,14 @@ class EventPump:
         self.clean = sanitize.Sanitizer(sanitize.load_key(settings.state_dir), settings.sanitize)
         self.rings: list[_Ring] = []
 
-    def sync(self, manifest: dict[str, Any]) -> None:
+    def sync(self, manifest: Manifest) -> None:
         """(Re)open the rings the applied specs declare; after a reload the maps may be new.
         Rate limits carry over: a reload must not grant a fresh burst."""
         limits = {(r.spec, r.map): (r.limit, r.reported) for r in self.rings}
         self.close()
-        for name, entry in manifest.get("specs", {}).items():
-            for mname, layout in entry.get("events", {}).items():
-                path = os.path.join(entry["pin_dir"], "maps", mname)
+        for name, record in manifest.specs.items():
+            for mname, layout in record.events.items():
+                path = os.path.join(record.pin_dir, "maps", mname)
                 fd = -1
                 try:
                     fd = kernel.obj_get(path)

@@ -23,7 +23,7 @@ from typing import Any
 
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
-    Attach,
+    LinkTarget,
     ProgType,
     RawTracepointAttach,
     TracepointAttach,
@@ -74,7 +74,7 @@ class MapRecord:
 
 @dataclass(frozen=True)
 class LinkRecord:
-    target: Attach
+    target: LinkTarget
     id: int
     ifindex: int | None = None  # XDP: the interface at attach time
 
@@ -115,18 +115,7 @@ class Manifest:
 EMPTY = Manifest()
 
 
-def target_text(t: Attach) -> str:
-    """The manifest's (and status's) spelling of an attach target."""
-    if isinstance(t, TracepointAttach):
-        return f"tracepoint:{t.category}:{t.event}"
-    if isinstance(t, RawTracepointAttach):
-        return f"raw_tracepoint:{t.name}"
-    if isinstance(t, XdpAttach):
-        return f"xdp:{t.interface}:{t.mode}"
-    raise ValueError(f"no target text for {t!r}")
-
-
-def parse_target(text: str) -> Attach:
+def parse_target(text: str) -> LinkTarget:
     kind, _, rest = text.partition(":")
     if kind == "tracepoint":
         cat, _, ev = rest.partition(":")
@@ -259,6 +248,9 @@ def _spec(name: str, d: dict[str, Any], where: str, pin_root: str | None) -> Spe
     for k in (*links, *deferred):
         if k not in programs:
             raise _Bad(f"{where}.links", f"link for unknown program {k!r}")
+    for k in deferred:
+        if k not in links or not links[k].target.exclusive:
+            raise _Bad(f"{where}.deferred_links", f"{k!r} has no exclusive link to update")
     events = _obj(d.get("events", {}), f"{where}.events")
     return SpecRecord(
         name=name, file=_path(d.get("file"), f"{where}.file"),
@@ -377,7 +369,7 @@ def spec_dict(s: SpecRecord) -> dict[str, Any]:
         "programs": {k: _program_dict(p) for k, p in s.programs.items()},
         "maps": {k: {"name": m.name, "id": m.id, "frozen": m.frozen, "access": m.access}
                  for k, m in s.maps.items()},
-        "links": {k: {"target": target_text(lk.target), "id": lk.id,
+        "links": {k: {"target": lk.target.text, "id": lk.id,
                       **({"ifindex": lk.ifindex} if lk.ifindex else {})}
                   for k, lk in s.links.items()},
         "sources": list(s.sources), "txid": s.txid, "deferred_links": list(s.deferred_links),

@@ -10,6 +10,7 @@ rollback re-applies exactly what was running before.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -17,10 +18,10 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.store import manifest
+from loaderd.store import manifest as records
+from loaderd.store.manifest import Manifest
 
 MANIFEST = "manifest.json"
 LOCK = "lock"  # flock()ed by whoever changes pins or the manifest (apply, rollback, disable)
@@ -86,20 +87,18 @@ class State:
     def manifest_path(self) -> str:
         return os.path.join(self.dir, MANIFEST)
 
-    def manifest(self) -> manifest.Manifest:
+    def manifest(self) -> Manifest:
         """The manifest as typed, validated records (untrusted input: see store.manifest)."""
-        return manifest.read(self.manifest_path, self.pin_root) or manifest.EMPTY
+        return records.read(self.manifest_path, self.pin_root) or records.EMPTY
 
-    def load(self) -> dict[str, Any]:
-        """The validated manifest as its JSON dict (for callers not yet on the records)."""
-        return manifest.to_dict(self.manifest())
-
-    def save(self, manifest: dict[str, Any]) -> None:
+    def save(self, m: Manifest) -> Manifest:
+        """Write `m` atomically, stamped with the time; returns what was written."""
         self._ensure_dirs()
-        manifest["written_at"] = time.time()
+        m = dataclasses.replace(m, written_at=time.time())
         _write_atomic(self.manifest_path,
-                      json.dumps(manifest, indent=1, sort_keys=True).encode(), self.gid,
-                      self.uid)
+                      json.dumps(records.to_dict(m), indent=1, sort_keys=True).encode(),
+                      self.gid, self.uid)
+        return m
 
     # One writer at a time: an operator's `loaderd apply` during `systemctl reload` would
     # otherwise delete the other's staging pins (recovery clears staging) or its manifest.

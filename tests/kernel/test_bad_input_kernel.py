@@ -78,17 +78,16 @@ def applied(config: Path, specs_dir: Path) -> Iterator[tuple[Settings, Path]]:
 
 
 def snapshot(settings: Settings) -> dict[str, object]:
-    manifest = State(settings.state_dir).load()
+    manifest = State(settings.state_dir).manifest()
     layout = PinLayout(settings.bpffs_root)
-    return {"specs": {n: (e["programs"], e["maps"], e["links"])
-                      for n, e in manifest["specs"].items()},
+    return {"specs": {n: (e.programs, e.maps, e.links) for n, e in manifest.specs.items()},
             "pins": layout.list_tree(layout.root)}
 
 
 def assert_untouched(settings: Settings, before: dict[str, object]) -> None:
     after = snapshot(settings)
     assert after == before
-    for name, entry in State(settings.state_dir).load()["specs"].items():
+    for name, entry in State(settings.state_dir).manifest().specs.items():
         assert verify.differences(entry) == [], name
     assert no_staging_leftovers(settings.bpffs_root)
 

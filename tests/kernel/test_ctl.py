@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,12 +162,25 @@ def test_status_reports_drift_per_object(applied: Path, bpffs_root: str) -> None
     text = loaderctl("--config", str(applied), "status").stdout
     assert "filter: ok" in text and "counter: ok" in text
     os.unlink(f"{bpffs_root}/filter/maps/stats")
-    report = json.loads(loaderctl("--config", str(applied), "status", "--json").stdout)
+    out = loaderctl("--config", str(applied), "status", "--json", check=False)
+    assert out.returncode == 1, out  # drift is a failure, for scripts and monitoring
+    report = json.loads(out.stdout)
     spec = next(s for s in report["specs"] if s["spec"] == "filter")
     assert spec["drift"] == [f"map pin missing: {bpffs_root}/filter/maps/stats"]
     stats = next(m for m in spec["maps"] if m["pin"].endswith("/stats"))
     assert stats["facts"] == "manifest" and stats["drift"] == spec["drift"]
-    assert "DRIFT: map pin missing" in loaderctl("--config", str(applied), "status").stdout
+    shown = loaderctl("--config", str(applied), "status", check=False)
+    assert shown.returncode == 1 and "DRIFT: map pin missing" in shown.stdout
+    # One status behind both CLIs: `loaderd status` prints the same report.
+    theirs = loaderd("--config", str(applied), "status", "--json", check=False)
+    assert theirs.returncode == 1
+    strip = {"loaded_at", "run_time_ns", "run_cnt"}  # may tick between the two runs
+
+    def same(r: dict[str, Any]) -> object:
+        return [[{k: v for k, v in row.items() if k not in strip}
+                 for kind in ("programs", "maps", "links") for row in s[kind]]
+                for s in r["specs"]], r["manifest"]
+    assert same(json.loads(theirs.stdout)) == same(report)
 
 
 # --- dump -------------------------------------------------------------------------------------
@@ -287,6 +301,10 @@ def test_group_reader_can_status_and_dump_but_not_write(
     assert report["specs"][0]["drift"] == []  # maps checked; the program could not be
     text = as_user(member, shared_code, *ctl, "status").stdout
     assert "filter: ok (partially checked)" in text and "showing manifest data" in text
+    # `loaderd status` is the same report for a member (before: false DRIFT, EACCES).
+    daemon_cli = [SYSTEM_PYTHON, "-m", "loaderd", "--config", str(conf)]
+    out = as_user(member, shared_code, *daemon_cli, "status")
+    assert out.returncode == 0 and out.stdout == text, out
 
     out = as_user(member, shared_code, *ctl, "dump", "filter/stats", "--json")
     assert out.returncode == 0, out.stderr

@@ -124,7 +124,7 @@ def test_rate_limit_survives_a_reload(tmp_path: Path, bpffs_root: str) -> None:
     conf = make_conf(tmp_path, bpffs_root, {"execs": SPEC})
     loaderd("--config", str(conf), "apply")
     settings = load_settings(str(conf))
-    manifest = State(settings.state_dir).load()
+    manifest = State(settings.state_dir).manifest()
     pump = EventPump(settings)
     try:
         pump.sync(manifest)

@@ -14,9 +14,12 @@ import pytest
 
 from loaderd import faults
 from loaderd.apply.applier import Applier
+from loaderd.apply.commit import Transaction
 from loaderd.bpf import kernel
 from loaderd.config.settings import load_settings
 from loaderd.observe import drift as verify
+from loaderd.store import manifest as manifest_mod
+from loaderd.store.manifest import SpecRecord, Status
 from loaderd.store.statedir import State
 from tests.conftest import (
     loaderd,
@@ -168,14 +171,14 @@ def test_recreated_interface_is_drift_and_a_change_gets_a_new_link(
     subprocess.run(["ip", "link", "del", dummy_iface], check=True)
     subprocess.run(["ip", "link", "add", dummy_iface, "type", "veth", "peer", "name",
                     dummy_iface + "p"], check=True)
-    diffs = verify.differences(state.load()["specs"]["xdp"])
+    diffs = verify.differences(state.manifest().specs["xdp"])
     assert any("detached from" in x or "is now ifindex" in x for x in diffs), diffs
     (d / "xdp.yaml").write_text(XDP.format(step=7, iface=dummy_iface))
     out = loaderd("--config", str(conf), "apply")
     assert "built ['xdp']" in out.stdout
-    manifest = state.load()
-    assert manifest["status"] == "committed"
-    assert verify.differences(manifest["specs"]["xdp"]) == []
+    manifest = state.manifest()
+    assert manifest.status is Status.COMMITTED
+    assert verify.differences(manifest.specs["xdp"]) == []
     fd = kernel.obj_get(f"{bpffs_root}/xdp/links/xdp_count")
     try:  # (bpftool 7.1 does not print an XDP link's ifindex)
         assert kernel.link_info(fd).ifindex == kernel.ifindex(dummy_iface)
@@ -210,9 +213,9 @@ def test_kill_9_at_each_stage_ends_in_old_or_new_never_a_mix(
     changed = {s for s in now if now[s] != old[s]}
     assert changed in (set(), {"counter", "second"}), f"mixed set after {fault}: {changed}"
     assert changed == ({"counter", "second"} if fault == "mid_commit" else set())
-    manifest = State(settings.state_dir).load()
-    assert manifest["status"] == "committed"
-    for entry in manifest["specs"].values():
+    manifest = State(settings.state_dir).manifest()
+    assert manifest.status is Status.COMMITTED
+    for entry in manifest.specs.values():
         assert verify.differences(entry) == []  # manifest, pins, links and kernel agree
     assert no_staging_leftovers(bpffs_root)
     for s in ("counter", "second"):
@@ -335,9 +338,9 @@ def test_concurrent_applies_take_turns(counter_conf: Path, bpffs_root: str) -> N
     # One built the change, the other found it applied and adopted it (no second compile).
     assert summaries == ["built -; adopted ['counter']; removed -; compiles 0",
                          "built ['counter']; adopted -; removed -; compiles 1"], outs
-    manifest = State(load_settings(str(counter_conf)).state_dir).load()
-    assert manifest["status"] == "committed"
-    assert verify.differences(manifest["specs"]["counter"]) == []
+    manifest = State(load_settings(str(counter_conf)).state_dir).manifest()
+    assert manifest.status is Status.COMMITTED
+    assert verify.differences(manifest.specs["counter"]) == []
     assert no_staging_leftovers(bpffs_root)
 
 
@@ -404,25 +407,25 @@ def test_commit_failure_is_audited_and_the_next_apply_rolls_forward(
     sink = io.StringIO()
     audit.configure(journal=False, stream=sink)
     try:
-        def broken(self: Applier, txid: str, name: str, entry: dict) -> None:  # type: ignore[type-arg]
+        def broken(self: Transaction, txid: str, record: SpecRecord) -> SpecRecord:
             raise LoaderdError(Kind.PIN, "rename failed: simulated")
 
         with monkeypatch.context() as m:
-            m.setattr(Applier, "_commit_spec", broken)
+            m.setattr(Transaction, "_commit_spec", broken)
             with pytest.raises(LoaderdError, match="simulated"):
                 Applier(settings).apply()
         said = [json.loads(ln) for ln in sink.getvalue().splitlines()]
         (failed,) = [e for e in said if e["event"] == "apply_failed"]
         assert "interrupted" in failed["message"] and failed["txid"]
         state = State(settings.state_dir)
-        assert state.load()["status"] == "pending"
+        assert state.manifest().status is Status.PENDING
         result = Applier(settings).apply()  # recovery first, then nothing left to build
     finally:
         audit.configure()
     assert result.ok and result.adopted == ["counter"]
-    manifest = state.load()
-    assert manifest["status"] == "committed" and manifest["txid"] == failed["txid"]
-    assert verify.differences(manifest["specs"]["counter"]) == []
+    manifest = state.manifest()
+    assert manifest.status is Status.COMMITTED and manifest.txid == failed["txid"]
+    assert verify.differences(manifest.specs["counter"]) == []
     assert no_staging_leftovers(bpffs_root)
 
 
@@ -433,12 +436,15 @@ def test_resident_in_its_own_network_namespace_sees_no_false_xdp_drift(
     (which reported "interface ... is gone" for every non-lo XDP spec)."""
     conf = make_conf(tmp_path, bpffs_root, {"xdp": XDP.format(step=1, iface=dummy_iface)})
     loaderd("--config", str(conf), "apply")
-    entry = State(load_settings(str(conf)).state_dir).load()["specs"]["xdp"]
-    assert entry["links"]["xdp_count"]["ifindex"] == kernel.ifindex(dummy_iface)
-    code = ("import json, sys; from loaderd.observe import drift as verify; "
-            "print(json.dumps(verify.differences(json.load(sys.stdin))))")
+    entry = State(load_settings(str(conf)).state_dir).manifest().specs["xdp"]
+    assert entry.links["xdp_count"].ifindex == kernel.ifindex(dummy_iface)
+    code = ("import json, sys; from loaderd.observe import drift; "
+            "from loaderd.store import manifest; "
+            "m = manifest.parse(sys.stdin.buffer.read(), 'stdin'); "
+            "print(json.dumps(drift.differences(m.specs['xdp'])))")
+    text = json.dumps(manifest_mod.to_dict(manifest_mod.Manifest(specs={"xdp": entry})))
     out = subprocess.run(["unshare", "--net", sys.executable, "-c", code],
-                         input=json.dumps(entry), capture_output=True, text=True, check=True,
+                         input=text, capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
     assert json.loads(out.stdout) == [], out
     loaderd("--config", str(conf), "disable")
@@ -458,15 +464,15 @@ def test_roll_forward_attaches_anew_when_the_xdp_link_was_severed_meanwhile(
     out = _apply_with_fault(conf, dict(os.environ, LOADERD_FAULT="mid_commit"))
     assert out.returncode == -9, out.stderr[-2000:]
     state = State(load_settings(str(conf)).state_dir)
-    assert state.load()["status"] == "pending"  # counter swapped, xdp still to do
+    assert state.manifest().status is Status.PENDING  # counter swapped, xdp still to do
     subprocess.run(["ip", "link", "del", dummy_iface], check=True)
     subprocess.run(["ip", "link", "add", dummy_iface, "type", "veth", "peer", "name",
                     dummy_iface + "p"], check=True)
     again = loaderd("--config", str(conf), "apply")
     assert "attached anew" in again.stderr, again.stderr[-3000:]
-    manifest = state.load()
-    assert manifest["status"] == "committed"
-    for entry in manifest["specs"].values():
+    manifest = state.manifest()
+    assert manifest.status is Status.COMMITTED
+    for entry in manifest.specs.values():
         assert verify.differences(entry, by_name=True) == []
     fd = kernel.obj_get(f"{bpffs_root}/xdp/links/xdp_count")
     try:

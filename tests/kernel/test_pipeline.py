@@ -23,6 +23,7 @@ import pytest
 
 from loaderd.bpf import kernel
 from loaderd.observe import drift as verify
+from loaderd.store.statedir import State
 from tests.conftest import REPO, loaderd, no_staging_leftovers, wait_until, write_settings
 
 pytestmark = pytest.mark.kernel
@@ -237,8 +238,8 @@ def test_rdonly_and_wronly_maps_are_enforced_on_their_pins(
         capture_output=True, text=True, env={"PYTHONPATH": shared_code}, cwd="/", check=True)
     assert out.stdout.split("\n")[:4] == ["shown r ok", f"shown rw {errno.EACCES}",
                                           "fed w ok", f"fed r {errno.EACCES}"], out
-    manifest = json.loads((tmp_path / "state" / "manifest.json").read_text())
-    assert verify.differences(manifest["specs"]["access"]) == []
+    manifest = State(str(tmp_path / "state")).manifest()
+    assert verify.differences(manifest.specs["access"]) == []
     again = loaderd("--config", str(conf), "apply")  # adopted, modes kept as they are
     assert "compiles 0" in again.stdout
     assert stat.S_IMODE(os.stat(f"{maps}/fed").st_mode) == 0o220

@@ -19,25 +19,33 @@ from loaderd.model import PinOwnership, Policy, ProgType, Settings
 from loaderd.observe.status import View
 from loaderd.reports import compliance
 from loaderd.reports.compliance import FAIL, HIGH, MEDIUM, PASS, SKIP, WARN, Result
+from loaderd.store.manifest import Calls, Manifest, ProgramRecord, SpecRecord, Status
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def view(tmp_path: Path, specs: dict[str, Any] | None = None, **settings: Any) -> View:
-    manifest = None if specs is None else {"status": "committed", "specs": specs}
+def view(tmp_path: Path, specs: dict[str, SpecRecord] | None = None, **settings: Any
+         ) -> View:
+    manifest = None if specs is None else Manifest(Status.COMMITTED, specs=specs)
     settings.setdefault("path", str(tmp_path / "loaderd.yaml"))  # no resident daemon uses it
     s = Settings(bpffs_root=str(tmp_path / "pins"), state_dir=str(tmp_path / "state"),
                  **settings)
     return View(s, manifest, None if specs is not None else "no manifest")
 
 
-def prog(helpers: list[str], ptype: str = "socket_filter") -> dict[str, Any]:
-    return {"id": 1, "tag": "00", "type": ptype, "helpers": helpers, "function": "f"}
+def prog(helpers: list[str], ptype: ProgType = ProgType.SOCKET_FILTER) -> ProgramRecord:
+    return ProgramRecord(name="f", function="f", type=ptype, id=1, tag="0" * 16,
+                         helpers=tuple(helpers), calls=Calls())
+
+
+def record(name: str, programs: dict[str, ProgramRecord]) -> SpecRecord:
+    return SpecRecord(name=name, file=f"/etc/loaderd/programs.d/{name}.yaml", sha256="0" * 64,
+                      pin_dir=f"/sys/fs/bpf/loaderd/{name}", programs=programs, maps={})
 
 
 def test_helpers_rechecked_against_the_current_policy(tmp_path: Path) -> None:
-    specs = {"a": {"programs": {"f": prog(["map_lookup_elem", "ktime_get_ns"])}},
-             "b": {"programs": {"g": prog(["trace_printk"])}}}
+    specs = {"a": record("a", {"f": prog(["map_lookup_elem", "ktime_get_ns"])}),
+             "b": record("b", {"g": prog(["trace_printk"])})}
     status, detail = compliance.check_helpers(view(tmp_path, specs))
     assert status == FAIL and detail.startswith("b/g calls trace_printk")
     allow = Policy(helpers=frozenset({"map_lookup_elem", "ktime_get_ns", "trace_printk"}))
@@ -63,8 +71,7 @@ def test_checks_without_a_manifest_skip(tmp_path: Path) -> None:
 
 def test_pending_manifest_fails(tmp_path: Path) -> None:
     v = view(tmp_path, {})
-    assert v.manifest is not None
-    v.manifest["status"] = "pending"
+    v.manifest = Manifest(Status.PENDING, txid="20261203t080000-000000000-abcdef")
     assert compliance.check_manifest(v)[0] == FAIL
 
 

@@ -138,7 +138,7 @@ def test_a_fifo_in_place_of_the_manifest_does_not_hang(tmp_path: Path) -> None:
 def test_a_symlinked_manifest_is_not_followed(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").symlink_to("/dev/zero")
     with pytest.raises(LoaderdError, match="symlink"):
-        State(str(tmp_path), pin_root=ROOT).load()
+        State(str(tmp_path), pin_root=ROOT).manifest()
 
 
 def test_an_oversized_manifest_is_refused_unread(tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_state_load_gives_the_validated_manifest(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(GOOD))
     state = State(str(tmp_path), pin_root=ROOT)
     assert state.manifest().specs["counter"].maps["counts"].id == 3
-    assert state.load()["specs"]["counter"]["links"]["xdp"]["target"] == "xdp:eth0:skb"
+    assert state.manifest().specs["counter"].links["xdp"].target.text == "xdp:eth0:skb"
     other = State(str(tmp_path), pin_root="/sys/fs/bpf/elsewhere")
     with pytest.raises(LoaderdError, match="pin_dir"):
-        other.load()
+        other.manifest()

@@ -12,6 +12,7 @@ import pytest
 from loaderd.apply.applier import generation_files
 from loaderd.config.spec import load_dir
 from loaderd.model import Settings
+from loaderd.store.manifest import Manifest, Status
 from loaderd.store.statedir import State
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "configs" / "programs.d"
@@ -39,12 +40,12 @@ def test_generation_keeps_the_bytes_that_were_parsed(tmp_path: Path) -> None:
 def test_manifest_is_written_atomically_and_group_readable_only_with_a_group(
         tmp_path: Path) -> None:
     private = State(str(tmp_path / "a"))
-    private.save({"version": 1, "status": "committed", "specs": {}})
+    private.save(Manifest(Status.COMMITTED))
     assert stat.S_IMODE(os.stat(private.manifest_path).st_mode) == 0o600
     shared = State(str(tmp_path / "b"), gid=os.getgid())
-    shared.save({"version": 1, "status": "committed", "specs": {}})
+    shared.save(Manifest(Status.COMMITTED))
     assert stat.S_IMODE(os.stat(shared.manifest_path).st_mode) == 0o640
-    assert shared.load()["status"] == "committed"
+    assert shared.manifest().status is Status.COMMITTED
     assert not [p for p in os.listdir(tmp_path / "b") if ".tmp." in p]
 
 
@@ -106,5 +107,5 @@ def test_lock_must_be_a_plain_singly_linked_file(tmp_path: Path) -> None:
 
 def test_readers_create_nothing(tmp_path: Path) -> None:
     state = State(str(tmp_path / "state"))
-    assert state.load()["status"] == "empty" and state.generations() == []
+    assert state.manifest().status is Status.EMPTY and state.generations() == []
     assert not (tmp_path / "state").exists()  # only a writer makes the directory
