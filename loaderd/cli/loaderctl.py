@@ -74,12 +74,12 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_system(args: argparse.Namespace) -> int:
-    from loaderd.reports import sysaudit
+    from loaderd.reports import foreign
 
     view = load_view(args.config)
-    report = sysaudit.run(view, burst=args.burst, window=args.window,
+    report = foreign.run(view, burst=args.burst, window=args.window,
                           baseline=not args.no_baseline)
-    print(to_json(report) if args.json else sysaudit.render(report))
+    print(to_json(report) if args.json else foreign.render(report))
     return 1 if report["findings"] else 0
 
 

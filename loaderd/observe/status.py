@@ -185,59 +185,50 @@ class Recorded:
         return cls(r.name, r.pin_dir, r, tuple(r.programs), tuple(r.maps), tuple(r.links))
 
 
+def _row(row: dict[str, Any], read: Callable[[int], dict[str, Any]], kind: str, *,
+         rdonly: bool, fallback: dict[str, Any], recorded: dict[str, Any] | None,
+         unchecked: list[str]) -> dict[str, Any]:
+    """`row` with the kernel's facts of the pin, or else what the manifest recorded (and why
+    the kernel's could not be read)."""
+    facts, why = pin_facts(row["pin"], read, rdonly=rdonly)
+    if facts is not None:
+        return {**row, **facts, "facts": "kernel"}
+    if why == NO_PERMISSION:
+        unchecked.append(row["pin"])
+    return {**row, **fallback, **(recorded or {}),
+            "facts": "manifest" if recorded is not None else "none",
+            "note": _fallback_note(why, kind, recorded is not None)}
+
+
 def _object_rows(spec: Recorded, unchecked: list[str]
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     r = spec.record
-    base = spec.pin_dir
     common = {"spec": spec.name, "sha256": r.sha256 if r else None}
-    progs, maps, links = [], [], []
-    for pname in sorted(spec.programs):
-        p = r.programs.get(pname) if r else None
-        path = os.path.join(base, "progs", pname)
-        row: dict[str, Any] = {**common, "pin": path, "degraded": p.degraded if p else None,
-                               "function": p.function if p else pname}
-        facts, why = pin_facts(path, prog_facts, rdonly=False)
-        if facts is not None:
-            row.update(facts, facts="kernel")
-        else:
-            row.update(name=pname, facts="manifest" if p else "none",
-                       note=_fallback_note(why, "program", bool(p)))
-            if p:
-                row.update(id=p.id, type=p.type.value, tag=p.tag)
-            if why == NO_PERMISSION:
-                unchecked.append(path)
-        progs.append(row)
-    for mname in sorted(spec.maps):
-        m = r.maps.get(mname) if r else None
-        path = os.path.join(base, "maps", mname)
-        row = {**common, "pin": path, "freeze": m.frozen if m else None}
-        facts, why = pin_facts(path, map_facts, rdonly=True)
-        if facts is not None:
-            row.update(facts, facts="kernel")
-        else:
-            row.update(name=mname, facts="manifest" if m else "none",
-                       note=_fallback_note(why, "map", bool(m)))
-            if m:
-                row["id"] = m.id
-            if why == NO_PERMISSION:
-                unchecked.append(path)
-        maps.append(row)
-    for lname in sorted(spec.links):
-        lk = r.links.get(lname) if r else None
-        path = os.path.join(base, "links", lname)
-        row = {**common, "pin": path, "program": lname,
-               "target": lk.target.text if lk else None}
-        facts, why = pin_facts(path, link_facts, rdonly=False)
-        if facts is not None:
-            row.update(facts, facts="kernel")
-        else:
-            row.update(facts="manifest" if lk else "none",
-                       note=_fallback_note(why, "link", bool(lk)))
-            if lk:
-                row["id"] = lk.id
-            if why == NO_PERMISSION:
-                unchecked.append(path)
-        links.append(row)
+
+    def pin(kind: str, name: str) -> str:
+        return os.path.join(spec.pin_dir, kind, name)
+
+    progs = []
+    for name in sorted(spec.programs):
+        p = r.programs.get(name) if r else None
+        progs.append(_row(
+            {**common, "pin": pin("progs", name), "degraded": p.degraded if p else None,
+             "function": p.function if p else name}, prog_facts, "program", rdonly=False,
+            fallback={"name": name}, unchecked=unchecked,
+            recorded=None if p is None else {"id": p.id, "type": p.type.value, "tag": p.tag}))
+    maps = []
+    for name in sorted(spec.maps):
+        m = r.maps.get(name) if r else None
+        maps.append(_row({**common, "pin": pin("maps", name), "freeze": m.frozen if m else None},
+                         map_facts, "map", rdonly=True, fallback={"name": name},
+                         recorded=None if m is None else {"id": m.id}, unchecked=unchecked))
+    links = []
+    for name in sorted(spec.links):
+        lk = r.links.get(name) if r else None
+        links.append(_row({**common, "pin": pin("links", name), "program": name,
+                           "target": lk.target.text if lk else None}, link_facts, "link",
+                          rdonly=False, fallback={}, unchecked=unchecked,
+                          recorded=None if lk is None else {"id": lk.id}))
     return progs, maps, links
 
 

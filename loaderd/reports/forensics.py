@@ -23,7 +23,7 @@ from loaderd.bpf import kernel
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.observe import dump as dumping
 from loaderd.observe import status as ctl
-from loaderd.reports import sysaudit
+from loaderd.reports import foreign
 from loaderd.reports.compliance import UNITS, message_id_matches
 from loaderd.store import statedir as state
 
@@ -137,7 +137,7 @@ def _journal(b: Bundle, since: str) -> None:
 def _system(b: Bundle, view: ctl.View) -> None:
 
     try:
-        report = sysaudit.scan(view.manifest, view.settings.bpffs_root)
+        report = foreign.scan(view.manifest, view.settings.bpffs_root)
     except LoaderdError as exc:
         b.notes.append(f"no system-wide audit: {exc}")
         return

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from loaderd.bpf import kernel
-from loaderd.reports.sysaudit import bursts
+from loaderd.reports.foreign import bursts
 from tests.conftest import REPO, loaderd, write_settings
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: bpf() enumeration")
