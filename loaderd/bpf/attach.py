@@ -18,22 +18,19 @@ import os
 
 from loaderd.bpf import kernel
 from loaderd.errors import LoaderdError
-from loaderd.model import NoAttach, ProgramSpec, RawTracepointAttach, TracepointAttach, XdpAttach
-
-XDP_MODES = {"skb": kernel.XDP_FLAGS_SKB_MODE, "native": kernel.XDP_FLAGS_DRV_MODE,
-             "hw": kernel.XDP_FLAGS_HW_MODE}
+from loaderd.model import (
+    NoAttach,
+    ProgramSpec,
+    RawTracepointAttach,
+    TracepointAttach,
+    XdpAttach,
+    target_text,
+)
 
 
 def target(program: ProgramSpec) -> str | None:
     """A stable description of what the program attaches to (manifest, status)."""
-    a = program.attach
-    if isinstance(a, TracepointAttach):
-        return f"tracepoint:{a.category}:{a.event}"
-    if isinstance(a, RawTracepointAttach):
-        return f"raw_tracepoint:{a.name}"
-    if isinstance(a, XdpAttach):
-        return f"xdp:{a.interface}:{a.mode}"
-    return None
+    return None if isinstance(program.attach, NoAttach) else target_text(program.attach)
 
 
 def create_link(program: ProgramSpec, prog_fd: int) -> int | None:
@@ -51,7 +48,7 @@ def create_link(program: ProgramSpec, prog_fd: int) -> int | None:
         return kernel.raw_tracepoint_open(a.name, prog_fd)
     if isinstance(a, XdpAttach):
         return kernel.link_create(prog_fd, kernel.ifindex(a.interface), kernel.ATTACH_XDP,
-                                  XDP_MODES[a.mode])
+                                  kernel.xdp_mode_flags(a.mode))
     raise AssertionError(f"unhandled attach {a!r}")
 
 
@@ -59,12 +56,13 @@ def relink_xdp(tgt: str, prog_fd: int) -> int:
     """A new XDP link for `prog_fd` on the target recorded as "xdp:<iface>:<mode>" (commit
     recovery has the manifest, not the spec)."""
     _, iface, mode = tgt.split(":")
-    return kernel.link_create(prog_fd, kernel.ifindex(iface), kernel.ATTACH_XDP, XDP_MODES[mode])
+    return kernel.link_create(prog_fd, kernel.ifindex(iface), kernel.ATTACH_XDP,
+                              kernel.xdp_mode_flags(mode))
 
 
 def is_exclusive(program: ProgramSpec) -> bool:
     """Targets that take one link only: replace with LINK_UPDATE instead of a second link."""
-    return isinstance(program.attach, XdpAttach)
+    return program.type.kind.exclusive
 
 
 def target_difference(info: kernel.LinkInfo, tgt: str, ifindex: int | None = None, *,

@@ -11,7 +11,6 @@ from loaderd import policy
 from loaderd.errors import Kind, LoaderdError
 from loaderd.model import (
     DANGEROUS_HELPERS,
-    DEFAULT_HELPERS,
     CType,
     Limits,
     MapFlag,
@@ -138,7 +137,7 @@ def test_refused_helpers_are_all_named_sorted() -> None:
            "zzz_helper" in err.message
     assert (err.location.file, err.location.field, err.location.line) == (
         "/etc/loaderd/programs.d/s.yaml", "programs[0]", 20)
-    assert err.allowed == ", ".join(sorted(DEFAULT_HELPERS))
+    assert err.allowed == ", ".join(sorted(ProgType.SOCKET_FILTER.kind.helpers))
 
 
 @pytest.mark.parametrize("helper", sorted(DANGEROUS_HELPERS))
@@ -147,7 +146,7 @@ def test_dangerous_helpers_need_the_operator(helper: str) -> None:
         calls({helper}, Policy())
     assert "dangerous, must be allowed explicitly by the operator in loaderd.yaml" in \
         info.value.message
-    calls({helper}, Policy(helpers=DEFAULT_HELPERS | {helper}))
+    calls({helper}, Policy(helpers=ProgType.SOCKET_FILTER.kind.helpers | {helper}))
 
 
 def test_dangerous_helper_in_by_type_only_is_still_refused() -> None:

@@ -10,7 +10,6 @@ import pytest
 from loaderd.config.settings import load_settings
 from loaderd.errors import Kind, LoaderdError
 from loaderd.model import (
-    DEFAULT_HELPERS,
     Limits,
     MapFlag,
     MapType,
@@ -77,7 +76,7 @@ def test_documented_example(tmp_path: Path) -> None:
 
 def test_minimal_file_keeps_defaults(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, "loaderd: 1\n"), owner_uid=None)
-    assert s.policy.helpers == DEFAULT_HELPERS
+    assert s.policy.helpers is None  # each type's defaults (model.PROG_KINDS)
     assert (s.programs_dir, s.pins) == (Settings().programs_dir, PinOwnership())
 
 
