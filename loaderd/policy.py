@@ -126,21 +126,21 @@ def check_calls(spec: Spec, program: str, ptype: ProgType, helpers: set[str], bp
 
 
 def helper_hints(refused: Iterable[str], ptype: ProgType) -> str:
-    """"; <helpers>: why, and the loaderd.yaml setting that allows them" for each group."""
-    dangerous = sorted(h for h in refused if h in DANGEROUS_HELPERS)
+    """For each kind of refused helper, why and the loaderd.yaml setting that allows it."""
+    dangerous = [h for h in sorted(refused) if h in DANGEROUS_HELPERS]
     gated: dict[str, list[str]] = {}
     for h in sorted(refused):
         if h in GATED_HELPERS and h not in DANGEROUS_HELPERS:
             gated.setdefault(GATED_HELPERS[h], []).append(h)
-    other = sorted(h for h in refused if h not in DANGEROUS_HELPERS and h not in GATED_HELPERS)
-    by_type = f"policy.helpers.by_type.{ptype}"
+    other = [h for h in sorted(refused) if h not in DANGEROUS_HELPERS and h not in GATED_HELPERS]
+    where = f"list it in loaderd.yaml under policy.helpers.by_type.{ptype}"
     out = ""
     if dangerous:
         out += (f"; {', '.join(dangerous)}: dangerous, must be allowed explicitly by the "
                 "operator in loaderd.yaml (policy.helpers.allow)")
     for why, names in gated.items():
-        out += (f"; {', '.join(names)}: {why}, off by default; allowed for {ptype} programs "
-                f"by loaderd.yaml {by_type}")
+        out += (f"; {', '.join(names)}: {why}, off by default; to allow it for {ptype} "
+                f"programs, {where}")
     if other:
-        out += f"; allowed for {ptype} programs by loaderd.yaml {by_type}"
+        out += f"; to allow {', '.join(other)} for {ptype} programs, {where}"
     return out

@@ -165,3 +165,22 @@ def test_sanitize_section_errors_are_located(tmp_path: Path, body: str, field: s
                                              line: int) -> None:
     err = refused(write(tmp_path, "loaderd: 1\n" + body), owner_uid=None)
     assert (err.location.field, err.location.line) == (field, line), str(err)
+
+
+def test_by_type_turns_a_gated_helper_on_for_one_type(tmp_path: Path) -> None:
+    text = "loaderd: 1\npolicy: {helpers: {by_type: {tracepoint: [probe_read_kernel]}}}\n"
+    pol = load_settings(write(tmp_path, text), owner_uid=None).policy
+    assert pol.helpers is None
+    assert "probe_read_kernel" in pol.helpers_for(ProgType.TRACEPOINT)
+    assert "redirect" not in pol.helpers_for(ProgType.TRACEPOINT)
+    for other in set(ProgType) - {ProgType.TRACEPOINT}:
+        assert "probe_read_kernel" not in pol.helpers_for(other)
+    assert "redirect" in pol.helpers_for(ProgType.XDP)  # the type's defaults stay
+
+
+def test_shipped_settings_allow_no_gated_helper() -> None:
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "loaderd.yaml"
+    pol = load_settings(str(shipped), owner_uid=None).policy
+    for ptype in ProgType:
+        assert not pol.helpers_for(ptype) & {"probe_read_kernel", "probe_read_kernel_str",
+                                              "tail_call"}
