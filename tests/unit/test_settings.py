@@ -64,7 +64,8 @@ def test_documented_example(tmp_path: Path) -> None:
     assert s.path == path and s.config_owner_uid == 0
     assert s.pins == PinOwnership(0o640, "loaderd-readers")
     assert s.policy == Policy(
-        program_types=frozenset(ProgType),
+        program_types=frozenset({ProgType.TRACEPOINT, ProgType.RAW_TRACEPOINT, ProgType.XDP,
+                                 ProgType.SOCKET_FILTER}),
         map_types=frozenset(MapType) - {MapType.LRU_PERCPU_HASH, MapType.PERF_EVENT_ARRAY},
         map_flags=frozenset(MapFlag),
         helpers=frozenset({"map_lookup_elem", "map_update_elem", "trace_printk"}),
