@@ -184,12 +184,12 @@ class Workspace:
         """The exact C text loaderd compiles for each spec, with its functions and types."""
         from loaderd.apply.applier import validate
         from loaderd.config.settings import load_settings
-        from loaderd.stage.compile import PROG_TYPE_IDS, render
+        from loaderd.stage.compile import render
 
         specs, errors = validate(load_settings(str(self.config)))
         if errors:
             raise BenchError("; ".join(str(e) for e in errors))
-        return [[render(s), [[p.name, PROG_TYPE_IDS[p.type]] for p in s.programs]]
+        return [[render(s), [[p.name, p.type.kind.kernel_id] for p in s.programs]]
                 for s in specs]
 
     # --- CLI ------------------------------------------------------------------------------

@@ -1,17 +1,29 @@
-"""Typed, immutable objects the rest of loaderd works on.
+"""Typed, immutable objects the rest of loaderd works on, and the facts of each type.
 
 `spec` builds them from YAML (after schema and semantic checks); nothing else parses text.
 Field names match the YAML keys documented in docs/spec-format.md.
+
+Facts about a program or map type live on the type, in one table each (`PROG_KINDS`,
+`MAP_KINDS`; read as `ProgType.XDP.kind`, `MapType.ARRAY.kind`): kernel ids, attach record,
+capabilities, default helpers, per-CPU layout, freezability. The JSON schemas' enums are
+checked against these tables by the unit tests (tests/unit/test_model.py).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.sanitize import Rules
+
+# Spec, map and program names: pin names under bpffs and C identifiers (the schema's `name`).
+NAME_PATTERN = "[a-z][a-z0-9_]{0,47}"
+NAME_RE = re.compile(NAME_PATTERN)
 
 
 class ProgType(enum.StrEnum):
@@ -19,6 +31,10 @@ class ProgType(enum.StrEnum):
     RAW_TRACEPOINT = "raw_tracepoint"
     XDP = "xdp"
     SOCKET_FILTER = "socket_filter"
+
+    @property
+    def kind(self) -> ProgKind:
+        return PROG_KINDS[self]
 
 
 class MapType(enum.StrEnum):
@@ -30,6 +46,10 @@ class MapType(enum.StrEnum):
     LRU_PERCPU_HASH = "lru_percpu_hash"
     RINGBUF = "ringbuf"
     PERF_EVENT_ARRAY = "perf_event_array"
+
+    @property
+    def kind(self) -> MapKind:
+        return MAP_KINDS[self]
 
 
 class MapFlag(enum.StrEnum):
@@ -49,6 +69,71 @@ MAP_FLAG_BITS: dict[MapFlag, int] = {
     MapFlag.RDONLY_PROG: 1 << 7,
     MapFlag.WRONLY_PROG: 1 << 8,
 }
+
+def cpu_list_count(text: str) -> int:
+    """How many CPUs a kernel CPU list names ("0-3,8,10-11" -> 7)."""
+    total = 0
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        total += int(hi or lo) - int(lo) + 1
+    return total
+
+
+@functools.cache
+def possible_cpus() -> int:
+    """Possible CPUs (/sys/devices/system/cpu/possible): what the kernel sizes per-CPU map
+    values by. Exact or an error (OSError, ValueError): never a guess."""
+    with open("/sys/devices/system/cpu/possible", encoding="ascii") as fh:
+        return cpu_list_count(fh.read())
+
+
+def percpu_slot(value_size: int) -> int:
+    """One CPU's share of a per-CPU value on the syscall side: value_size rounded up to 8."""
+    return (value_size + 7) // 8 * 8
+
+
+@dataclass(frozen=True)
+class MapKind:
+    """What loaderd knows about one map type (a row of MAP_KINDS)."""
+
+    kernel_id: int  # enum bpf_map_type
+    bcc: str | None  # BCC's BPF_F_TABLE type; None: declared by its own macro (ringbuf, perf)
+    percpu: bool = False  # the syscall side sees one 8-byte-aligned value slot per possible CPU
+    array: bool = False  # indexed by u32 0..max_entries-1, every slot exists
+    no_prealloc: bool = False  # accepts BPF_F_NO_PREALLOC (the kernel refuses it elsewhere)
+    freezable: bool = False  # BPF_MAP_FREEZE leaves it usable (array and hash families)
+    # The kernel fixes the layout (no key, value, flags or initial entries; it carries events,
+    # not entries): bytes per max_entries unit, for the memory estimate. None: a key/value map.
+    fixed_entry_bytes: int | None = None
+
+    @property
+    def fixed(self) -> bool:
+        return self.fixed_entry_bytes is not None
+
+    def value_size(self, value_size: int, ncpus: int) -> int:
+        """Bytes of one value as lookup/update see it from the syscall side."""
+        return percpu_slot(value_size) * ncpus if self.percpu else value_size
+
+    def memory(self, key_size: int, value_size: int, max_entries: int, ncpus: int) -> int:
+        """Bytes a map may take: (key + value) * entries, values per CPU for per-CPU maps."""
+        if self.fixed_entry_bytes is not None:
+            return self.fixed_entry_bytes * max_entries
+        return (key_size + self.value_size(value_size, ncpus)) * max_entries
+
+
+MAP_KINDS: Mapping[MapType, MapKind] = {
+    MapType.HASH: MapKind(1, "hash", no_prealloc=True, freezable=True),
+    MapType.ARRAY: MapKind(2, "array", array=True, freezable=True),
+    MapType.PERCPU_HASH: MapKind(5, "percpu_hash", percpu=True, no_prealloc=True,
+                                 freezable=True),
+    MapType.PERCPU_ARRAY: MapKind(6, "percpu_array", percpu=True, array=True, freezable=True),
+    MapType.LRU_HASH: MapKind(9, "lru_hash", freezable=True),
+    MapType.LRU_PERCPU_HASH: MapKind(10, "lru_percpu_hash", percpu=True, freezable=True),
+    MapType.RINGBUF: MapKind(27, None, fixed_entry_bytes=1),  # max_entries: the ring's bytes
+    MapType.PERF_EVENT_ARRAY: MapKind(4, None, fixed_entry_bytes=8),  # u32 cpu -> u32 perf fd
+}
+MAP_TYPE_BY_ID: Mapping[int, MapType] = {k.kernel_id: t for t, k in MAP_KINDS.items()}
+
 
 # Scalar C types a map key/value may be declared as, with (size, signed).
 SCALAR_TYPES: dict[str, tuple[int, bool]] = {
@@ -118,52 +203,180 @@ def map_pin_mode(mode: int, access: str) -> int:
     return mode
 
 
-@dataclass(frozen=True)
-class TracepointAttach:
-    category: str
-    event: str
-    exclusive = False  # targets that take one link only are replaced with LINK_UPDATE
+# --- attach records: a spec's `attach:` in, the manifest's target text out and back ----------
+
+_TP_PART = re.compile(r"[A-Za-z0-9_]{1,64}")
+_IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
+
+# XDP attach modes as written in a spec -> XDP_FLAGS_* (uapi/linux/if_link.h).
+XDP_MODES: Mapping[str, int] = {"skb": 1 << 1, "native": 1 << 2, "hw": 1 << 3}
+
+
+class _Target:
+    """What every attach record says about itself, from PROG_KINDS (one table)."""
+
+    @property
+    def kind(self) -> ProgKind:
+        return next(k for k in PROG_KINDS.values() if type(self) is k.attach)
+
+    @property
+    def exclusive(self) -> bool:
+        """One link per target: a replacement swaps it with LINK_UPDATE."""
+        return self.kind.exclusive
 
     @property
     def text(self) -> str:
         """The manifest's and status's spelling of the target."""
-        return f"tracepoint:{self.category}:{self.event}"
+        return target_text(cast(Attach, self))
 
 
 @dataclass(frozen=True)
-class RawTracepointAttach:
+class TracepointAttach(_Target):
+    category: str
+    event: str
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> TracepointAttach:
+        category, event = raw["tracepoint"].split(":")  # shape checked by the schema
+        return cls(category, event)
+
+    def body(self) -> str:
+        return f"{self.category}:{self.event}"
+
+    @classmethod
+    def from_body(cls, text: str) -> TracepointAttach | None:
+        cat, _, ev = text.partition(":")
+        return cls(cat, ev) if _TP_PART.fullmatch(cat) and _TP_PART.fullmatch(ev) else None
+
+
+@dataclass(frozen=True)
+class RawTracepointAttach(_Target):
     name: str
-    exclusive = False
 
-    @property
-    def text(self) -> str:
-        return f"raw_tracepoint:{self.name}"
+    @classmethod
+    def from_spec(cls, raw: Any) -> RawTracepointAttach:
+        return cls(raw["raw_tracepoint"])
+
+    def body(self) -> str:
+        return self.name
+
+    @classmethod
+    def from_body(cls, text: str) -> RawTracepointAttach | None:
+        return cls(text) if _TP_PART.fullmatch(text) else None
 
 
 @dataclass(frozen=True)
-class XdpAttach:
+class XdpAttach(_Target):
     interface: str
-    mode: str = "skb"  # skb | native | hw
-    exclusive = True  # one XDP program per interface and mode
+    mode: str = "skb"  # a key of XDP_MODES
 
-    @property
-    def text(self) -> str:
-        return f"xdp:{self.interface}:{self.mode}"
+    @classmethod
+    def from_spec(cls, raw: Any) -> XdpAttach:
+        return cls(raw["xdp"]["interface"], raw["xdp"].get("mode", "skb"))
+
+    def body(self) -> str:
+        return f"{self.interface}:{self.mode}"
+
+    @classmethod
+    def from_body(cls, text: str) -> XdpAttach | None:
+        iface, _, mode = text.rpartition(":")
+        return cls(iface, mode) if _IFNAME.fullmatch(iface) and mode in XDP_MODES else None
 
 
 @dataclass(frozen=True)
-class NoAttach:
+class NoAttach(_Target):
     """Loaded and pinned only (socket filters: consumers attach with SO_ATTACH_BPF)."""
 
-    exclusive = False
+    @classmethod
+    def from_spec(cls, raw: Any) -> NoAttach:
+        return cls()
 
-    @property
-    def text(self) -> str:
-        return "-"
+    def body(self) -> str:
+        raise ValueError("a program that is not attached has no target")
+
+    @classmethod
+    def from_body(cls, text: str) -> NoAttach | None:
+        return None
 
 
 Attach = TracepointAttach | RawTracepointAttach | XdpAttach | NoAttach
 LinkTarget = TracepointAttach | RawTracepointAttach | XdpAttach  # what a link is made for
+
+
+def target_text(a: Attach) -> str:
+    """An attach target as the manifest and status spell it: `<program type>:<body>`."""
+    for ptype, kind in PROG_KINDS.items():
+        if type(a) is kind.attach and not isinstance(a, NoAttach):
+            return f"{ptype}:{a.body()}"
+    raise ValueError(f"no target text for {a!r}")
+
+
+def parse_target(text: str) -> LinkTarget:
+    """The inverse of target_text; ValueError for anything else."""
+    prefix, _, body = text.partition(":")
+    if prefix in PROG_KINDS:
+        parsed = PROG_KINDS[ProgType(prefix)].attach.from_body(body)
+        if parsed is not None and not isinstance(parsed, NoAttach):
+            return parsed
+    raise ValueError(f"not an attach target: {text[:80]!r}")
+
+
+# --- helpers and program types ---------------------------------------------------------------
+# Helper names are `enum bpf_func_id` members without the BPF_FUNC_ prefix.
+
+# Every program type's defaults: maps, clocks, randomness, the CPU id, event output.
+COMMON_HELPERS: frozenset[str] = frozenset({
+    "map_lookup_elem", "map_update_elem", "map_delete_elem",
+    "ktime_get_ns", "ktime_get_boot_ns", "get_smp_processor_id", "get_prandom_u32",
+    "ringbuf_output", "ringbuf_reserve", "ringbuf_submit", "ringbuf_discard",
+    "perf_event_output",
+})
+_CURRENT_TASK = frozenset({"get_current_pid_tgid", "get_current_uid_gid", "get_current_comm"})
+
+# Off for every type by default, with the reason a refusal gives; the operator turns one on for
+# a type in loaderd.yaml (policy.helpers.by_type.<type>), or for all with policy.helpers.allow.
+GATED_HELPERS: Mapping[str, str] = {
+    "probe_read_kernel": "reads arbitrary kernel memory",
+    "probe_read_kernel_str": "reads arbitrary kernel memory",
+    "probe_read": "reads arbitrary kernel or user memory",
+    "probe_read_str": "reads arbitrary kernel or user memory",
+    "tail_call": "jumps into another program, outside the bytecode checked here",
+}
+
+# Never allowed unless the operator's policy lists them explicitly in `helpers.allow`:
+# they write user memory, change control flow, signal processes or spam the trace pipe.
+DANGEROUS_HELPERS: frozenset[str] = frozenset({
+    "probe_write_user", "override_return", "send_signal", "send_signal_thread",
+    "trace_printk", "trace_vprintk", "sys_bpf", "copy_from_user_task",
+})
+
+
+@dataclass(frozen=True)
+class ProgKind:
+    """What loaderd knows about one program type (a row of PROG_KINDS)."""
+
+    kernel_id: int  # enum bpf_prog_type (BCC's load_func takes the same number)
+    attach: type[Attach]  # the record a spec's `attach:` becomes (bpf/attach.py attaches it)
+    caps: frozenset[str]  # to load and attach it, on kernels with CAP_BPF (>= 5.8)
+    helpers: frozenset[str]  # allowed by default (policy.helpers.allow replaces, by_type adds)
+    exclusive: bool = False  # one link per target: a replacement swaps it (BPF_LINK_UPDATE)
+
+
+PROG_KINDS: Mapping[ProgType, ProgKind] = {
+    ProgType.TRACEPOINT: ProgKind(
+        5, TracepointAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
+        COMMON_HELPERS | _CURRENT_TASK),
+    ProgType.RAW_TRACEPOINT: ProgKind(
+        17, RawTracepointAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
+        COMMON_HELPERS | _CURRENT_TASK),
+    ProgType.XDP: ProgKind(
+        6, XdpAttach, frozenset({"CAP_BPF", "CAP_NET_ADMIN"}),
+        COMMON_HELPERS | {"redirect", "xdp_adjust_head", "xdp_adjust_tail"}, exclusive=True),
+    ProgType.SOCKET_FILTER: ProgKind(
+        1, NoAttach, frozenset({"CAP_BPF"}),
+        COMMON_HELPERS | {"skb_load_bytes", "get_socket_cookie"}),
+}
+PROG_TYPE_BY_ID: Mapping[int, ProgType] = {k.kernel_id: t for t, k in PROG_KINDS.items()}
 
 
 @dataclass(frozen=True)
@@ -215,39 +428,27 @@ class Limits:
     max_event_rate: int = 1000  # events/s journaled from an event map
 
 
-# Helpers allowed for every program type unless the policy file says otherwise. Names are
-# `enum bpf_func_id` members without the BPF_FUNC_ prefix.
-DEFAULT_HELPERS: frozenset[str] = frozenset({
-    "map_lookup_elem", "map_update_elem", "map_delete_elem",
-    "ktime_get_ns", "ktime_get_boot_ns", "get_smp_processor_id", "get_prandom_u32",
-    "get_current_pid_tgid", "get_current_uid_gid", "get_current_comm",
-    "ringbuf_output", "ringbuf_reserve", "ringbuf_submit", "ringbuf_discard",
-    "perf_event_output", "probe_read_kernel", "probe_read_kernel_str",
-    "tail_call", "redirect", "xdp_adjust_head", "xdp_adjust_tail",
-    "skb_load_bytes", "get_socket_cookie",
-})
-
-# Never allowed unless the operator's policy lists them explicitly in `helpers.allow`:
-# they write user memory, change control flow, signal processes or spam the trace pipe.
-DANGEROUS_HELPERS: frozenset[str] = frozenset({
-    "probe_write_user", "override_return", "send_signal", "send_signal_thread",
-    "trace_printk", "trace_vprintk", "sys_bpf", "copy_from_user_task",
-})
-
-
 @dataclass(frozen=True)
 class Policy:
     program_types: frozenset[ProgType] = frozenset(ProgType)
     map_types: frozenset[MapType] = frozenset(MapType)
     map_flags: frozenset[MapFlag] = frozenset(MapFlag)
-    helpers: frozenset[str] = DEFAULT_HELPERS  # allowed for every type
-    helpers_by_type: dict[ProgType, frozenset[str]] = field(default_factory=dict)  # extra per type
+    # policy.helpers.allow: replaces every type's default helpers (ProgKind.helpers) when set;
+    # the only place a dangerous helper can be allowed.
+    helpers: frozenset[str] | None = None
+    # policy.helpers.by_type: added to one type's helpers (how GATED_HELPERS are enabled).
+    helpers_by_type: dict[ProgType, frozenset[str]] = field(default_factory=dict)
     allow_calls: bool = True  # bpf-to-bpf calls (src_reg 1)
     allow_kfuncs: bool = False  # kfunc calls (src_reg 2)
     limits: Limits = Limits()
 
     def helpers_for(self, ptype: ProgType) -> frozenset[str]:
-        return self.helpers | self.helpers_by_type.get(ptype, frozenset())
+        """What a program of `ptype` may call: the type's defaults (or helpers.allow) plus
+        by_type's extras, less every dangerous helper that helpers.allow does not name."""
+        allow = self.helpers if self.helpers is not None else frozenset()
+        base = ptype.kind.helpers if self.helpers is None else self.helpers
+        return (base | self.helpers_by_type.get(ptype, frozenset())) - (
+            DANGEROUS_HELPERS - allow)
 
 
 @dataclass(frozen=True)

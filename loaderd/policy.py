@@ -3,40 +3,26 @@ names what was refused, where, and what is allowed."""
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterable, Sequence
 
+from loaderd import model
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import DANGEROUS_HELPERS, MapSpec, MapType, Policy, ProgType, Spec
-
-_PERCPU = (MapType.PERCPU_ARRAY, MapType.PERCPU_HASH, MapType.LRU_PERCPU_HASH)
+from loaderd.model import DANGEROUS_HELPERS, GATED_HELPERS, MapSpec, Policy, ProgType, Spec
 
 
-@functools.cache
 def possible_cpus() -> int:
-    """Number of possible CPUs (what the kernel sizes per-CPU maps by), for the memory limit
-    estimate only: a fallback is fine here, unlike kernel.possible_cpus, which sizes per-CPU
-    value buffers and must be exact (and policy must stay importable without libbpf)."""
+    """Possible CPUs for the memory limit estimate only: a fallback is fine here, unlike
+    model.possible_cpus, which sizes per-CPU value buffers and must be exact."""
     try:
-        with open("/sys/devices/system/cpu/possible", encoding="ascii") as f:
-            text = f.read().strip()
-        return sum(int(b) - int(a) + 1 if "-" in r else 1
-                   for r in text.split(",") for a, _, b in [r.partition("-")])
+        return model.possible_cpus()
     except (OSError, ValueError):
         return os.cpu_count() or 1
 
 
 def map_memory(m: MapSpec) -> int:
-    """Bytes a map may take: (key + value) * entries, values per CPU for per-CPU maps."""
-    if m.type is MapType.RINGBUF:
-        return m.max_entries
-    if m.type is MapType.PERF_EVENT_ARRAY:
-        return 8 * m.max_entries  # u32 index -> u32 perf fd
-    value = m.value.size
-    if m.type in _PERCPU:
-        value = (value + 7) // 8 * 8 * possible_cpus()
-    return (m.key.size + value) * m.max_entries
+    """Bytes a map may take (model.MapKind.memory)."""
+    return m.type.kind.memory(m.key.size, m.value.size, m.max_entries, possible_cpus())
 
 
 def _names(items: Iterable[str]) -> str:
@@ -125,19 +111,36 @@ def check_calls(spec: Spec, program: str, ptype: ProgType, helpers: set[str], bp
     if callx:
         raise LoaderdError(Kind.HELPER, f"{who} makes {callx} indirect call(s) (callx); "
                            "never allowed", loc)
-    # A dangerous helper counts only when the operator named it in helpers.allow itself.
-    allowed = policy.helpers_for(ptype) - (DANGEROUS_HELPERS - policy.helpers)
+    allowed = policy.helpers_for(ptype)
     refused = helpers - allowed
     if refused:
-        message = f"{who} calls helpers not allowed: {_names(refused)}"
-        dangerous = refused & DANGEROUS_HELPERS
-        if dangerous:
-            message += (f"; {_names(dangerous)}: dangerous, must be allowed explicitly by the "
-                        "operator in loaderd.yaml (policy.helpers.allow)")
-        raise LoaderdError(Kind.HELPER, message, loc, allowed=_names(allowed) or "none")
+        raise LoaderdError(Kind.HELPER, f"{who} calls helpers not allowed: {_names(refused)}"
+                           + helper_hints(refused, ptype), loc,
+                           allowed=_names(allowed) or "none")
     if kfuncs and not policy.allow_kfuncs:
         raise LoaderdError(Kind.HELPER, f"{who} makes {kfuncs} kfunc call(s); kfunc calls are "
                            "off (policy.calls.kfunc)", loc)
     if bpf_calls and not policy.allow_calls:
         raise LoaderdError(Kind.HELPER, f"{who} makes {bpf_calls} bpf-to-bpf call(s); they are "
                            "off (policy.calls.bpf_to_bpf)", loc)
+
+
+def helper_hints(refused: Iterable[str], ptype: ProgType) -> str:
+    """For each kind of refused helper, why and the loaderd.yaml setting that allows it."""
+    dangerous = [h for h in sorted(refused) if h in DANGEROUS_HELPERS]
+    gated: dict[str, list[str]] = {}
+    for h in sorted(refused):
+        if h in GATED_HELPERS and h not in DANGEROUS_HELPERS:
+            gated.setdefault(GATED_HELPERS[h], []).append(h)
+    other = [h for h in sorted(refused) if h not in DANGEROUS_HELPERS and h not in GATED_HELPERS]
+    where = f"list it in loaderd.yaml under policy.helpers.by_type.{ptype}"
+    out = ""
+    if dangerous:
+        out += (f"; {', '.join(dangerous)}: dangerous, must be allowed explicitly by the "
+                "operator in loaderd.yaml (policy.helpers.allow)")
+    for why, names in gated.items():
+        out += (f"; {', '.join(names)}: {why}, off by default; to allow it for {ptype} "
+                f"programs, {where}")
+    if other:
+        out += f"; to allow {', '.join(other)} for {ptype} programs, {where}"
+    return out

@@ -67,15 +67,10 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
 
 def required_caps(ptype: ProgType, kernel: tuple[int, int] | None = None) -> frozenset[str]:
     """Capabilities needed to load *and attach* a program of this type."""
+    caps = ptype.kind.caps
     if (kernel or kernel_version()) < (5, 8):  # CAP_BPF/CAP_PERFMON arrived in 5.8
-        extra = {"CAP_NET_ADMIN"} if ptype is ProgType.XDP else set()
-        return frozenset({"CAP_SYS_ADMIN", *extra})
-    needs = {"CAP_BPF"}
-    if ptype in (ProgType.TRACEPOINT, ProgType.RAW_TRACEPOINT):
-        needs.add("CAP_PERFMON")
-    if ptype is ProgType.XDP:
-        needs.add("CAP_NET_ADMIN")
-    return frozenset(needs)
+        return frozenset({"CAP_SYS_ADMIN"}) | (caps & {"CAP_NET_ADMIN"})
+    return caps
 
 
 def check(needed: Iterable[tuple[str, ProgType, str]], state: CapState | None = None) -> None:

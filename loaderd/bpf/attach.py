@@ -27,9 +27,6 @@ from loaderd.model import (
     XdpAttach,
 )
 
-XDP_MODES = {"skb": kernel.XDP_FLAGS_SKB_MODE, "native": kernel.XDP_FLAGS_DRV_MODE,
-             "hw": kernel.XDP_FLAGS_HW_MODE}
-
 
 def target(program: ProgramSpec) -> LinkTarget | None:
     """What the program's link is made for; None: it is pinned only (NoAttach)."""
@@ -52,7 +49,7 @@ def create_link(program: ProgramSpec, prog_fd: int) -> int | None:
         return kernel.raw_tracepoint_open(a.name, prog_fd)
     if isinstance(a, XdpAttach):
         return kernel.link_create(prog_fd, kernel.ifindex(a.interface), kernel.ATTACH_XDP,
-                                  XDP_MODES[a.mode])
+                                  kernel.xdp_mode_flags(a.mode))
     raise AssertionError(f"unhandled attach {a!r}")
 
 
@@ -60,7 +57,7 @@ def relink_xdp(tgt: XdpAttach, prog_fd: int) -> int:
     """A new XDP link for `prog_fd` on a recorded target (commit recovery has the manifest,
     not the spec)."""
     return kernel.link_create(prog_fd, kernel.ifindex(tgt.interface), kernel.ATTACH_XDP,
-                              XDP_MODES[tgt.mode])
+                              kernel.xdp_mode_flags(tgt.mode))
 
 
 def target_difference(info: kernel.LinkInfo, tgt: LinkTarget, ifindex: int | None = None, *,

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import MapType, ProgType
+from loaderd.model import XDP_MODES
+from loaderd.model import possible_cpus as possible_cpus  # sizes per-CPU value buffers
 
 # --- constants (uapi/linux/bpf.h) -------------------------------------------------------------
 
@@ -54,9 +55,8 @@ LINK_TYPE_RAW_TRACEPOINT = 1
 LINK_TYPE_XDP = 6
 LINK_TYPE_PERF_EVENT = 7
 
-# model enums -> kernel numbers; a KeyError here means the model grew a type we don't map yet.
-MODEL_MAP_TYPES: dict[MapType, int] = {t: MAP_TYPES[t.value] for t in MapType}
-MODEL_PROG_TYPES: dict[ProgType, int] = {t: PROG_TYPES[t.value] for t in ProgType}
+# The kernel ids of loaderd's own types are facts of those types (model.MAP_KINDS,
+# model.PROG_KINDS); the tables above name any object the kernel holds, foreign ones too.
 
 # Attach types (enum bpf_attach_type) used by loaderd.
 ATTACH_XDP = 37
@@ -69,12 +69,6 @@ BPF_F_WRONLY = 1 << 4
 BPF_F_PATH_FD = 1 << 14  # OBJ_PIN/OBJ_GET relative to path_fd (kernel >= 6.5)
 BPF_F_REPLACE = 1 << 2
 BPF_ANY, BPF_NOEXIST = 0, 1
-XDP_FLAGS_SKB_MODE = 2
-XDP_FLAGS_DRV_MODE = 4
-XDP_FLAGS_HW_MODE = 8
-XDP_MODES: dict[str, int] = {
-    "skb": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE, "hw": XDP_FLAGS_HW_MODE,
-}
 
 BPF_OBJ_NAME_LEN = 16
 BPF_TAG_SIZE = 8
@@ -267,7 +261,7 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
-    """Set one element. Per-CPU maps take value_size rounded up to 8, times possible CPUs."""
+    """Set one element. Per-CPU maps take model.MapKind.value_size bytes (a slot per CPU)."""
     ret = _call("bpf_map_update_elem", fd, key, value, flags)
     _check(ret, "BPF_MAP_UPDATE_ELEM", f"map fd {fd}", _MAP_WRITE_HINT)
 
@@ -309,7 +303,8 @@ def map_freeze(fd: int) -> None:
     _check(_call("bpf_map_freeze", fd), "BPF_MAP_FREEZE", f"map fd {fd}", _MAP_WRITE_HINT)
 
 
-def _fdinfo(fd: int) -> dict[str, str]:
+def fdinfo(fd: int) -> dict[str, str]:
+    """/proc/self/fdinfo/<fd> as key -> value: what bpf_*_info lacks (frozen, memlock)."""
     with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as fh:
         pairs = (line.split(":", 1) for line in fh if ":" in line)
         return {k.strip(): v.strip() for k, v in pairs}
@@ -317,17 +312,7 @@ def _fdinfo(fd: int) -> dict[str, str]:
 
 def map_is_frozen(fd: int) -> bool:
     """The kernel exposes freeze only in fdinfo (`frozen:\\t1`), not in bpf_map_info."""
-    return _fdinfo(fd).get("frozen") == "1"
-
-
-def possible_cpus() -> int:
-    """Number of possible CPUs: the multiplier of per-CPU map values."""
-    with open("/sys/devices/system/cpu/possible", encoding="ascii") as fh:
-        total = 0
-        for part in fh.read().strip().split(","):
-            lo, _, hi = part.partition("-")
-            total += int(hi or lo) - int(lo) + 1
-        return total
+    return fdinfo(fd).get("frozen") == "1"
 
 
 # --- info -------------------------------------------------------------------------------------
@@ -669,6 +654,7 @@ def ifindex(name: str) -> int:
 
 
 def xdp_mode_flags(mode: str) -> int:
+    """XDP_FLAGS_* for a spec's mode (model.XDP_MODES), or an error naming the modes."""
     try:
         return XDP_MODES[mode]
     except KeyError:

@@ -27,9 +27,10 @@ from collections.abc import Iterator, Mapping
 
 from loaderd.bpf import kernel
 from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.model import NAME_PATTERN
+from loaderd.model import NAME_RE as NAME_RE  # spec, map and program names (the schema's `name`)
 
-NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
-NAME_ALLOWED = "[a-z][a-z0-9_]{0,47}"
+NAME_ALLOWED = NAME_PATTERN
 TXID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 TXID_ALLOWED = "[a-z0-9][a-z0-9_-]{0,63}"
 # Components below the bpffs mount that the generic operations accept (roots like

@@ -16,9 +16,6 @@ from loaderd.layout import parse_layout
 from loaderd.model import CType, MapEntry, MapFlag, MapSpec, MapType, ProgramSpec
 
 PAGE_SIZE = resource.getpagesize()
-_ARRAYS = (MapType.ARRAY, MapType.PERCPU_ARRAY)
-_FIXED = (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY)  # no key/value/flags/initial
-_PREALLOC_OPTIONAL = (MapType.HASH, MapType.PERCPU_HASH)  # kernel: others refuse NO_PREALLOC
 _EXCLUSIVE = ((MapFlag.RDONLY, MapFlag.WRONLY), (MapFlag.RDONLY_PROG, MapFlag.WRONLY_PROG))
 
 
@@ -73,12 +70,12 @@ def typed_value(c: Collector, at: Path, raw: Any, ctype: CType) -> int | bytes |
 
 def _flag_rules(c: Collector, i: int, m: MapSpec) -> None:
     at: Path = ("maps", i, "flags")
-    if m.type in _FIXED and m.flags:
+    if m.type.kind.fixed and m.flags:
         c.add(Kind.SEMANTIC, at, f"{m.type} maps take no flags",
               value=", ".join(sorted(m.flags)))
-    if MapFlag.NO_PREALLOC in m.flags and m.type not in _PREALLOC_OPTIONAL:
+    if MapFlag.NO_PREALLOC in m.flags and not m.type.kind.no_prealloc:
         c.add(Kind.SEMANTIC, at, f"NO_PREALLOC is not supported for {m.type} maps",
-              allowed=", ".join(_PREALLOC_OPTIONAL))
+              allowed=", ".join(t for t in MapType if t.kind.no_prealloc))
     for one, other in _EXCLUSIVE:
         if one in m.flags and other in m.flags:
             c.add(Kind.SEMANTIC, at, f"{one} and {other} exclude each other")
@@ -102,7 +99,7 @@ def _size_rules(c: Collector, i: int, m: MapSpec) -> None:
         if n & (n - 1) or n % PAGE_SIZE:
             c.add(Kind.SEMANTIC, ("maps", i, "max_entries"), "ringbuf size must be a power "
                   f"of 2 and a multiple of the page size ({PAGE_SIZE})", value=n)
-    if m.type in _ARRAYS and m.key != CType("u32", 4):
+    if m.type.kind.array and m.key != CType("u32", 4):
         c.add(Kind.SEMANTIC, ("maps", i, "key"), "array maps are indexed by u32",
               allowed="u32")
 
@@ -111,7 +108,7 @@ def _initial(c: Collector, i: int, m: MapSpec, raw: list[Any]) -> list[MapEntry]
     at: Path = ("maps", i, "initial")
     if not raw:
         return []
-    if m.type in _FIXED:
+    if m.type.kind.fixed:
         c.add(Kind.SEMANTIC, at, f"{m.type} maps cannot take initial entries")
         return []
     if MapFlag.RDONLY in m.flags:
@@ -132,7 +129,7 @@ def _initial(c: Collector, i: int, m: MapSpec, raw: list[Any]) -> list[MapEntry]
                   value=key if isinstance(key, int) else key.hex())
             continue
         first[key] = j
-        if m.type in _ARRAYS and isinstance(key, int) and key >= m.max_entries:
+        if m.type.kind.array and isinstance(key, int) and key >= m.max_entries:
             c.add(Kind.SEMANTIC, (*at, j, "key"), "array index out of range", value=key,
                   allowed=f"0..{m.max_entries - 1}")
             continue

@@ -16,7 +16,6 @@ from loaderd.config.yamlsafe import Marks, Path
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
     DANGEROUS_HELPERS,
-    DEFAULT_HELPERS,
     Limits,
     MapFlag,
     MapType,
@@ -72,8 +71,10 @@ def _pins(ctx: _Ctx, raw: dict[str, Any]) -> PinOwnership:
 ByType = dict[ProgType, frozenset[str]]
 
 
-def _helpers(ctx: _Ctx, raw: dict[str, Any]) -> tuple[frozenset[str], ByType]:
-    allow = frozenset(raw.get("allow", DEFAULT_HELPERS))
+def _helpers(ctx: _Ctx, raw: dict[str, Any]) -> tuple[frozenset[str] | None, ByType]:
+    """policy.helpers: `allow` (None: each type's defaults, model.PROG_KINDS) and `by_type`
+    (added to one type: how a gated helper such as probe_read_kernel is turned on)."""
+    allow = frozenset(raw["allow"]) if "allow" in raw else None
     lists: list[tuple[Path, list[str]]] = [(("allow",), raw.get("allow", []))]
     lists += [(("by_type", t), n) for t, n in raw.get("by_type", {}).items()]
     for where, names in lists:
@@ -83,7 +84,7 @@ def _helpers(ctx: _Ctx, raw: dict[str, Any]) -> tuple[frozenset[str], ByType]:
                 raise ctx.error(at, "write helper names without the bpf_ prefix (enum "
                                 "bpf_func_id without BPF_FUNC_)", value=name,
                                 allowed=name.removeprefix("bpf_"))
-            if name in DANGEROUS_HELPERS and name not in allow:
+            if name in DANGEROUS_HELPERS and name not in (allow or ()):
                 raise ctx.error(at, f"'{name}' is a dangerous helper: only policy.helpers.allow "
                                 "can allow it", value=name)
     by_type = {ProgType(t): frozenset(n) for t, n in raw.get("by_type", {}).items()}

@@ -19,24 +19,19 @@ from loaderd.config import source as srccheck
 from loaderd.config.semantic import Collector
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
+    NAME_RE,
     SCALAR_TYPES,
-    Attach,
     CType,
     Limits,
     MapFlag,
     MapSpec,
     MapType,
-    NoAttach,
     ProgramSpec,
     ProgType,
-    RawTracepointAttach,
     Settings,
     Spec,
-    TracepointAttach,
-    XdpAttach,
 )
 
-NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 SAFE_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,250}\.yaml")
 SCHEMA = "spec.schema.json"
 _NO_KEY_VALUE = CType(None, 0)  # ringbuf / perf_event_array: the kernel fixes the sizes
@@ -48,20 +43,9 @@ def _ctype(raw: Any) -> CType:
     return CType(None, int(raw["bytes"]))
 
 
-def _attach(ptype: ProgType, raw: Any) -> Attach:
-    if ptype is ProgType.TRACEPOINT:
-        category, event = raw["tracepoint"].split(":")
-        return TracepointAttach(category, event)
-    if ptype is ProgType.RAW_TRACEPOINT:
-        return RawTracepointAttach(raw["raw_tracepoint"])
-    if ptype is ProgType.XDP:
-        return XdpAttach(raw["xdp"]["interface"], raw["xdp"].get("mode", "skb"))
-    return NoAttach()
-
-
 def _build_map(f: Collector, i: int, raw: dict[str, Any]) -> MapSpec:
     mtype = MapType(raw["type"])
-    fixed = mtype in (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY)
+    fixed = mtype.kind.fixed
     key = _NO_KEY_VALUE if fixed else _ctype(raw["key"])
     value = _NO_KEY_VALUE if fixed else _ctype(raw["value"])
     m = MapSpec(name=raw["name"], type=mtype, key=key, value=value,
@@ -75,7 +59,8 @@ def _build_map(f: Collector, i: int, raw: dict[str, Any]) -> MapSpec:
 
 def _build_program(f: Collector, i: int, raw: dict[str, Any]) -> ProgramSpec:
     ptype = ProgType(raw["type"])
-    return ProgramSpec(name=raw["name"], type=ptype, attach=_attach(ptype, raw.get("attach")),
+    return ProgramSpec(name=raw["name"], type=ptype,
+                       attach=ptype.kind.attach.from_spec(raw.get("attach")),
                        fallback=tuple(raw.get("fallback", [])), line=f.line(("programs", i)))
 
 

@@ -10,12 +10,12 @@ from typing import Any
 from loaderd import sanitize
 from loaderd.bpf import kernel, pins
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import CType
+from loaderd.model import MAP_TYPE_BY_ID, CType, percpu_slot
 from loaderd.observe.status import View, applied_spec, map_facts
 from loaderd.sanitize import Key
 
-_PERCPU_MAPS = {kernel.MAP_TYPES[t] for t in ("percpu_hash", "percpu_array", "lru_percpu_hash")}
-_UNDUMPABLE = {kernel.MAP_TYPES[t] for t in ("ringbuf", "perf_event_array", "user_ringbuf")}
+# Maps of other types than loaderd's (MAP_TYPE_BY_ID) that hold events, not entries, too.
+_UNDUMPABLE = {kernel.MAP_TYPES["user_ringbuf"]}
 
 # --- dump -------------------------------------------------------------------------------------
 
@@ -72,7 +72,8 @@ def dump(view: View, target: str, *, raw: bool, ip: Sequence[str] = (),
     try:
         facts = map_facts(fd)
         info = kernel.map_info(fd)
-        if info.type in _UNDUMPABLE:
+        mtype = MAP_TYPE_BY_ID.get(info.type)
+        if info.type in _UNDUMPABLE or (mtype is not None and mtype.kind.fixed):
             raise LoaderdError(Kind.KERNEL, f"a {info.type_name} map holds events, not "
                                "entries: nothing to dump", Location(path))
         key_t, val_t = _declared_types(view, spec_name, map_name, info, notes)
@@ -107,10 +108,11 @@ def _entries(fd: int, info: kernel.MapInfo, key_t: CType | None, val_t: CType | 
     # Fields named for --ip stay raw bytes (network order) for the sanitizer to mask.
     key_t = None if "key" in ip else key_t
     val_t = None if "value" in ip else val_t
-    percpu = info.type in _PERCPU_MAPS
-    slot = (info.value_size + 7) // 8 * 8
+    mtype = MAP_TYPE_BY_ID.get(info.type)
+    percpu = mtype is not None and mtype.kind.percpu
+    slot = percpu_slot(info.value_size)
     ncpus = kernel.possible_cpus() if percpu else 1
-    size = slot * ncpus if percpu else info.value_size
+    size = mtype.kind.value_size(info.value_size, ncpus) if mtype else info.value_size
     for key in kernel.map_keys(fd, info.key_size):
         value = kernel.map_lookup(fd, key, size)
         if value is None:

@@ -81,12 +81,6 @@ def _boot_to_wall() -> float:
     return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def fdinfo(fd: int) -> dict[str, str]:
-    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
-        pairs = (line.split(":", 1) for line in f if ":" in line)
-        return {k.strip(): v.strip() for k, v in pairs}
-
-
 def prog_facts(fd: int) -> dict[str, Any]:
     info = kernel.prog_info(fd)
     out: dict[str, Any] = {
@@ -95,7 +89,7 @@ def prog_facts(fd: int) -> dict[str, Any]:
         "loaded_at": int(_boot_to_wall() + info.load_time / 1e9), "uid": info.created_by_uid,
         "bytes_xlated": info.xlated_len, "jited": info.jited_len > 0,
         "bytes_jited": info.jited_len,
-        "bytes_memlock": int(fdinfo(fd).get("memlock", "0") or 0),
+        "bytes_memlock": int(kernel.fdinfo(fd).get("memlock", "0") or 0),
         "map_ids": list(info.map_ids)}
     if info.btf_id:
         out["btf_id"] = info.btf_id
@@ -110,7 +104,7 @@ def map_facts(fd: int) -> dict[str, Any]:
         "id": info.id, "type": info.type_name, "name": info.name, "flags": info.map_flags,
         "bytes_key": info.key_size, "bytes_value": info.value_size,
         "max_entries": info.max_entries}
-    fdi = fdinfo(fd)
+    fdi = kernel.fdinfo(fd)
     out["bytes_memlock"] = int(fdi.get("memlock", "0") or 0)
     out["frozen"] = int(fdi.get("frozen", "0") or 0)
     if info.btf_id:

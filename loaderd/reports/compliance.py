@@ -31,9 +31,7 @@ from loaderd.bpf import kernel
 from loaderd.config.settings import DEFAULT_CONFIG
 from loaderd.errors import LoaderdError
 from loaderd.model import (
-    DANGEROUS_HELPERS,
     MAP_FLAG_MASK,
-    MapType,
     kernel_map_flags,
     map_pin_mode,
 )
@@ -111,8 +109,7 @@ def check_helpers(view: View) -> Outcome:
     for name, entry in sorted(_specs(view).items()):
         for pname, p in sorted(entry.programs.items()):
             count += 1
-            # same rule as policy.check_calls: a dangerous helper only if named in allow itself
-            allowed = pol.helpers_for(p.type) - (DANGEROUS_HELPERS - pol.helpers)
+            allowed = pol.helpers_for(p.type)  # the rule policy.check_calls applies
             refused = sorted(set(p.helpers) - allowed)
             if refused:
                 problems.append(f"{name}/{pname} calls {', '.join(refused)}, not allowed by the "
@@ -154,10 +151,9 @@ def check_map_limits(view: View) -> Outcome:
         if facts["flags"] & MAP_FLAG_MASK != want:
             problems.append(f"{where}: flags {facts['flags'] & MAP_FLAG_MASK:#x}, spec "
                             f"declares {want:#x}")
-        if kernel.MAP_TYPES.get(facts["type"]) != kernel.MODEL_MAP_TYPES[decl.type]:
+        if kernel.MAP_TYPES.get(facts["type"]) != decl.type.kind.kernel_id:
             problems.append(f"{where}: type {facts['type']}, spec declares {decl.type.value}")
-        if decl.type not in (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY) and \
-                facts["max_entries"] != decl.max_entries:
+        if not decl.type.kind.fixed and facts["max_entries"] != decl.max_entries:
             problems.append(f"{where}: max_entries {facts['max_entries']}, spec declares "
                             f"{decl.max_entries}")
     specs = _specs(view)

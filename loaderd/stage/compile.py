@@ -25,21 +25,6 @@ from typing import Any
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import MAP_FLAG_BITS, CType, MapSpec, MapType, ProgType, Spec
 
-# BCC's BPF.<TYPE> program type numbers (enum bpf_prog_type).
-PROG_TYPE_IDS: dict[ProgType, int] = {
-    ProgType.SOCKET_FILTER: 1,
-    ProgType.TRACEPOINT: 5,
-    ProgType.XDP: 6,
-    ProgType.RAW_TRACEPOINT: 17,
-}
-
-# Table type strings understood by BCC's BPF_F_TABLE macro.
-_BCC_TABLE: dict[MapType, str] = {
-    MapType.HASH: "hash", MapType.ARRAY: "array", MapType.PERCPU_HASH: "percpu_hash",
-    MapType.PERCPU_ARRAY: "percpu_array", MapType.LRU_HASH: "lru_hash",
-    MapType.LRU_PERCPU_HASH: "lru_percpu_hash",
-}
-
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -59,7 +44,7 @@ def map_declaration(m: MapSpec) -> str:
         return f"BPF_PERF_OUTPUT({m.name});\n"
     key_def, key_t = c_type(m.name, "key", m.key)
     val_def, val_t = c_type(m.name, "value", m.value)
-    return (f"{key_def}{val_def}BPF_F_TABLE(\"{_BCC_TABLE[m.type]}\", {key_t}, {val_t}, "
+    return (f"{key_def}{val_def}BPF_F_TABLE(\"{m.type.kind.bcc}\", {key_t}, {val_t}, "
             f"{m.name}, {m.max_entries}, {flags});\n")
 
 
@@ -174,7 +159,7 @@ class Module:
         """Load into the kernel; the verifier's reason ends up in the error. Returns the fd."""
         with captured_fd2() as log:
             try:
-                fn = self.bpf.load_func(function.encode(), PROG_TYPE_IDS[ptype])
+                fn = self.bpf.load_func(function.encode(), ptype.kind.kernel_id)
                 err = None
             except Exception as exc:
                 err = exc

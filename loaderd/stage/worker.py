@@ -21,23 +21,15 @@ from loaderd.model import (
     MAP_FLAG_MASK,
     CType,
     MapSpec,
-    MapType,
     PinOwnership,
     Policy,
     Spec,
     kernel_map_flags,
     map_access,
     map_pin_mode,
+    percpu_slot,
 )
 from loaderd.stage.compile import Module
-
-# enum bpf_map_type numbers, to check what BCC created against what the spec declared.
-MAP_TYPE_IDS: dict[MapType, int] = {
-    MapType.HASH: 1, MapType.ARRAY: 2, MapType.PERF_EVENT_ARRAY: 4, MapType.PERCPU_HASH: 5,
-    MapType.PERCPU_ARRAY: 6, MapType.LRU_HASH: 9, MapType.LRU_PERCPU_HASH: 10,
-    MapType.RINGBUF: 27,
-}
-_PERCPU = {MapType.PERCPU_ARRAY, MapType.PERCPU_HASH, MapType.LRU_PERCPU_HASH}
 
 
 @dataclass
@@ -79,9 +71,8 @@ def encode(ctype: CType, value: int | bytes) -> bytes:
 
 def _value_bytes(m: MapSpec, value: int | bytes, ncpus: int) -> bytes:
     raw = encode(m.value, value)
-    if m.type in _PERCPU:  # the syscall side reads/writes one 8-byte-aligned slot per CPU
-        slot = raw.ljust((len(raw) + 7) // 8 * 8, b"\0")
-        return slot * ncpus
+    if m.type.kind.percpu:  # the syscall side reads/writes one 8-byte-aligned slot per CPU
+        return raw.ljust(percpu_slot(len(raw)), b"\0") * ncpus
     return raw
 
 
@@ -101,9 +92,9 @@ def check_map_facts(spec: Spec, tables: dict[str, int]) -> dict[str, int]:
             raise LoaderdError(Kind.SEMANTIC, f"map '{m.name}' is declared but not in the "
                                "compiled object", _map_loc(spec, i, m))
         info = kernel.map_info(tables[m.name])
-        want: tuple[int, ...] = (MAP_TYPE_IDS[m.type], kernel_map_flags(m.flags))
+        want: tuple[int, ...] = (m.type.kind.kernel_id, kernel_map_flags(m.flags))
         got: tuple[int, ...] = (info.type, info.map_flags & MAP_FLAG_MASK)
-        if m.type not in (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY):
+        if not m.type.kind.fixed:
             want += (m.key.size, m.value.size, m.max_entries)
             got += (info.key_size, info.value_size, info.max_entries)
         if want != got:
@@ -175,7 +166,7 @@ def _fill(m: MapSpec, fd: int, layout: pins.PinLayout, old_pin: str, spec: str) 
         try:
             info = kernel.map_info(old)
             if (info.key_size, info.value_size) == (m.key.size, m.value.size):
-                vsize = len(_value_bytes(m, bytes(m.value.size), ncpus))
+                vsize = m.type.kind.value_size(m.value.size, ncpus)
                 for key in kernel.map_keys(old, m.key.size):
                     val = kernel.map_lookup(old, key, vsize)
                     if val is not None:

@@ -22,20 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import (
-    LinkTarget,
-    ProgType,
-    RawTracepointAttach,
-    TracepointAttach,
-    XdpAttach,
-)
+from loaderd.model import LinkTarget, ProgType, parse_target
 
 MAX_BYTES = 16 * 1024 * 1024  # a manifest of 64 specs x 64 objects is well under 1 MB
 SAFE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}")  # spec, program and map names (pin names)
 TXID = re.compile(r"\d{8}t\d{6}-\d{9}-[0-9a-f]{6}")
-_TP_PART = re.compile(r"[A-Za-z0-9_]{1,64}")
-_IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
-XDP_MODES = ("skb", "native", "hw")
 
 
 class Status(enum.StrEnum):
@@ -113,21 +104,6 @@ class Manifest:
 
 
 EMPTY = Manifest()
-
-
-def parse_target(text: str) -> LinkTarget:
-    kind, _, rest = text.partition(":")
-    if kind == "tracepoint":
-        cat, _, ev = rest.partition(":")
-        if _TP_PART.fullmatch(cat) and _TP_PART.fullmatch(ev):
-            return TracepointAttach(cat, ev)
-    elif kind == "raw_tracepoint" and _TP_PART.fullmatch(rest):
-        return RawTracepointAttach(rest)
-    elif kind == "xdp":
-        iface, _, mode = rest.rpartition(":")
-        if _IFNAME.fullmatch(iface) and mode in XDP_MODES:
-            return XdpAttach(iface, mode)
-    raise ValueError(f"not an attach target: {text[:80]!r}")
 
 
 # --- reading ------------------------------------------------------------------------------------

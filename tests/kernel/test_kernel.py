@@ -17,7 +17,7 @@ import pytest
 
 from loaderd.bpf import kernel, pins
 from loaderd.errors import Kind, LoaderdError
-from loaderd.model import MapType, ProgType
+from loaderd.model import XDP_MODES, MapType, ProgType
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [
@@ -159,7 +159,7 @@ def test_freeze(hash_map: int) -> None:
 
 
 def test_map_info_matches_bpftool(bpffs_dir: str) -> None:
-    fd = kernel.map_create(kernel.MODEL_MAP_TYPES[MapType.HASH], 8, 16, 32,
+    fd = kernel.map_create(MapType.HASH.kind.kernel_id, 8, 16, 32,
                            flags=kernel.BPF_F_NO_PREALLOC, name="ldtest_info")
     try:
         kernel.obj_pin(fd, f"{bpffs_dir}/m")
@@ -186,8 +186,11 @@ def test_rdonly_create_flag_binds_to_fd_not_map() -> None:
 
 
 def test_model_type_tables() -> None:
-    assert kernel.MODEL_MAP_TYPES[MapType.RINGBUF] == 27
-    assert kernel.MODEL_PROG_TYPES[ProgType.XDP] == 6
+    """The model's kernel ids agree with kernel.py's uapi name tables."""
+    for mt in MapType:
+        assert kernel.MAP_TYPES[mt.value] == mt.kind.kernel_id
+    for pt in ProgType:
+        assert kernel.PROG_TYPES[pt.value] == pt.kind.kernel_id
     assert kernel.PROG_TYPE_NAMES[5] == "tracepoint"
 
 
@@ -302,7 +305,7 @@ def test_xdp_link_update_swaps_atomically(bcc_compile: Callable[[str], Any], vet
     prog_a, prog_b = bpf.load_func(b"pass_a", BPF.XDP), bpf.load_func(b"pass_b", BPF.XDP)
     id_a, id_b = kernel.prog_info(prog_a.fd).id, kernel.prog_info(prog_b.fd).id
     idx = kernel.ifindex(veth)
-    link = kernel.link_create(prog_a.fd, idx, kernel.ATTACH_XDP, kernel.XDP_FLAGS_SKB_MODE)
+    link = kernel.link_create(prog_a.fd, idx, kernel.ATTACH_XDP, XDP_MODES["skb"])
     try:
         kernel.obj_pin(link, f"{bpffs_dir}/xdp")
         info = kernel.link_info(link)
@@ -326,10 +329,10 @@ def test_xdp_link_second_attach_is_busy(bcc_compile: Callable[[str], Any], veth:
 
     prog = bcc_compile(XDP_TWO).load_func(b"pass_a", BPF.XDP)
     idx = kernel.ifindex(veth)
-    link = kernel.link_create(prog.fd, idx, kernel.ATTACH_XDP, kernel.XDP_FLAGS_SKB_MODE)
+    link = kernel.link_create(prog.fd, idx, kernel.ATTACH_XDP, XDP_MODES["skb"])
     try:
         with pytest.raises(kernel.KernelError) as exc:
-            kernel.link_create(prog.fd, idx, kernel.ATTACH_XDP, kernel.XDP_FLAGS_SKB_MODE)
+            kernel.link_create(prog.fd, idx, kernel.ATTACH_XDP, XDP_MODES["skb"])
         assert exc.value.errno == errno.EBUSY
     finally:
         os.close(link)
@@ -339,7 +342,7 @@ def test_ifindex_unknown_interface() -> None:
     with pytest.raises(LoaderdError, match="no such network interface"):
         kernel.ifindex("nonexistent0")
     assert kernel.ifindex("lo") == 1
-    assert kernel.xdp_mode_flags("native") == kernel.XDP_FLAGS_DRV_MODE
+    assert kernel.xdp_mode_flags("native") == 4  # XDP_FLAGS_DRV_MODE
     with pytest.raises(LoaderdError):
         kernel.xdp_mode_flags("turbo")
 

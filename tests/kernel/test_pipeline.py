@@ -284,6 +284,53 @@ programs:
     assert not os.path.exists(f"{bpffs_root}/evil")
 
 
+PEEK = """loaderd: 1
+source:
+  inline: |
+    int peek(void *ctx)
+    {
+        u64 v = 0;
+        bpf_probe_read_kernel(&v, sizeof(v), ctx);
+        u32 k = 0;
+        u64 *slot = seen.lookup(&k);
+        if (slot)
+            *slot = v;
+        return 0;
+    }
+maps:
+  - {name: seen, type: array, key: u32, value: u64, max_entries: 1}
+programs:
+  - {name: peek, type: tracepoint, attach: {tracepoint: "sched:sched_process_exec"}}
+"""
+
+
+def test_kernel_memory_read_is_off_by_default_and_allowed_per_type(
+        tmp_path: Path, bpffs_root: str, specs_dir: Path) -> None:
+    """bpf_probe_read_kernel (arbitrary kernel memory) is not a tracepoint default: refused from
+    the bytecode, naming file, program, helper and the setting; allowed for its type by
+    policy.helpers.by_type.tracepoint, and then loaded, attached and recorded."""
+    only_spec(specs_dir, "peek", PEEK)
+    conf = write_settings(tmp_path, bpffs_root, specs_dir)
+    out = loaderd("--config", str(conf), "apply", check=False)
+    assert out.returncode == 1
+    assert "peek.yaml" in out.stderr and "program 'peek' (tracepoint)" in out.stderr
+    assert "probe_read_kernel: reads arbitrary kernel memory" in out.stderr
+    assert "policy.helpers.by_type.tracepoint" in out.stderr
+    assert not os.path.exists(f"{bpffs_root}/peek")
+    # Allowed for another type only: still refused for a tracepoint.
+    conf = write_settings(tmp_path, bpffs_root, specs_dir, "policy:\n  helpers:\n    by_type:"
+                          "\n      raw_tracepoint: [probe_read_kernel]\n")
+    assert loaderd("--config", str(conf), "apply", check=False).returncode == 1
+    conf = write_settings(tmp_path, bpffs_root, specs_dir, "policy:\n  helpers:\n    by_type:"
+                          "\n      tracepoint: [probe_read_kernel]\n")
+    loaderd("--config", str(conf), "apply")
+    entry = json.loads((tmp_path / "state" / "manifest.json").read_text())["specs"]["peek"]
+    assert "probe_read_kernel" in entry["programs"]["peek"]["helpers"]
+    assert os.path.exists(f"{bpffs_root}/peek/links/peek")
+    subprocess.run(["/bin/true"], check=True)  # an exec: the attached program runs
+    assert verify.differences(entry) == []
+
+
 def test_verifier_rejection_carries_the_reason(tmp_path: Path, bpffs_root: str,
                                               specs_dir: Path) -> None:
     body = """loaderd: 1

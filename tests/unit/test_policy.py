@@ -11,7 +11,6 @@ from loaderd import policy
 from loaderd.errors import Kind, LoaderdError
 from loaderd.model import (
     DANGEROUS_HELPERS,
-    DEFAULT_HELPERS,
     CType,
     Limits,
     MapFlag,
@@ -138,7 +137,7 @@ def test_refused_helpers_are_all_named_sorted() -> None:
            "zzz_helper" in err.message
     assert (err.location.file, err.location.field, err.location.line) == (
         "/etc/loaderd/programs.d/s.yaml", "programs[0]", 20)
-    assert err.allowed == ", ".join(sorted(DEFAULT_HELPERS))
+    assert err.allowed == ", ".join(sorted(ProgType.SOCKET_FILTER.kind.helpers))
 
 
 @pytest.mark.parametrize("helper", sorted(DANGEROUS_HELPERS))
@@ -147,7 +146,7 @@ def test_dangerous_helpers_need_the_operator(helper: str) -> None:
         calls({helper}, Policy())
     assert "dangerous, must be allowed explicitly by the operator in loaderd.yaml" in \
         info.value.message
-    calls({helper}, Policy(helpers=DEFAULT_HELPERS | {helper}))
+    calls({helper}, Policy(helpers=ProgType.SOCKET_FILTER.kind.helpers | {helper}))
 
 
 def test_dangerous_helper_in_by_type_only_is_still_refused() -> None:
@@ -187,3 +186,68 @@ def test_fallback_functions_locate_their_program() -> None:
     with pytest.raises(LoaderdError) as info:
         calls({"sys_bpf"}, Policy(), function="elsewhere")
     assert info.value.location.field == "programs"
+
+
+# --- helper defaults per program type -----------------------------------------------------
+
+def refused_helpers(helpers: set[str], pol: Policy, ptype: ProgType) -> LoaderdError:
+    with pytest.raises(LoaderdError) as info:
+        calls(helpers, pol, ptype=ptype)
+    return info.value
+
+
+@pytest.mark.parametrize("helper", ["probe_read_kernel", "probe_read_kernel_str", "tail_call"])
+@pytest.mark.parametrize("ptype", list(ProgType))
+def test_kernel_memory_reads_and_tail_calls_are_off_by_default(helper: str,
+                                                               ptype: ProgType) -> None:
+    err = refused_helpers({helper, "map_lookup_elem"}, Policy(), ptype)
+    assert err.kind is Kind.HELPER
+    assert err.location.file == "/etc/loaderd/programs.d/s.yaml"
+    assert f"program 'p0' ({ptype}) calls helpers not allowed: {helper};" in err.message
+    assert "off by default" in err.message
+    assert f"policy.helpers.by_type.{ptype}" in err.message
+    assert helper not in (err.allowed or "")
+
+
+def test_a_gated_helper_is_allowed_for_the_type_the_settings_name_only() -> None:
+    pol = Policy(helpers_by_type={ProgType.TRACEPOINT: frozenset({"probe_read_kernel"})})
+    calls({"probe_read_kernel", "get_current_pid_tgid"}, pol, ptype=ProgType.TRACEPOINT)
+    err = refused_helpers({"probe_read_kernel"}, pol, ProgType.RAW_TRACEPOINT)
+    assert "reads arbitrary kernel memory" in err.message
+    assert "policy.helpers.by_type.raw_tracepoint" in err.message
+    # tail_call stays off for the tracepoint even so
+    refused_helpers({"tail_call"}, pol, ProgType.TRACEPOINT)
+
+
+@pytest.mark.parametrize("helper, owner", [
+    ("redirect", ProgType.XDP), ("xdp_adjust_head", ProgType.XDP),
+    ("xdp_adjust_tail", ProgType.XDP), ("skb_load_bytes", ProgType.SOCKET_FILTER),
+    ("get_socket_cookie", ProgType.SOCKET_FILTER),
+    ("get_current_comm", ProgType.TRACEPOINT), ("get_current_comm", ProgType.RAW_TRACEPOINT),
+])
+def test_type_specific_helpers_are_defaults_of_their_type_only(helper: str,
+                                                               owner: ProgType) -> None:
+    calls({helper}, Policy(), ptype=owner)
+    for other in set(ProgType) - {t for t in ProgType if helper in t.kind.helpers}:
+        err = refused_helpers({helper}, Policy(), other)
+        assert (f"to allow {helper} for {other} programs, list it in loaderd.yaml under "
+                f"policy.helpers.by_type.{other}") in err.message
+
+
+def test_helpers_allow_replaces_every_type_s_defaults() -> None:
+    pol = Policy(helpers=frozenset({"map_lookup_elem"}))
+    calls({"map_lookup_elem"}, pol, ptype=ProgType.XDP)
+    refused_helpers({"redirect"}, pol, ProgType.XDP)
+    pol = Policy(helpers=frozenset({"map_lookup_elem", "tail_call"}))  # the operator, for all
+    for ptype in ProgType:
+        calls({"tail_call"}, pol, ptype=ptype)
+
+
+def test_refusal_names_every_kind_of_helper_with_its_setting() -> None:
+    err = refused_helpers({"send_signal", "probe_read_kernel", "tail_call", "redirect"},
+                          Policy(), ProgType.TRACEPOINT)
+    assert "not allowed: probe_read_kernel, redirect, send_signal, tail_call;" in err.message
+    assert "send_signal: dangerous" in err.message and "(policy.helpers.allow)" in err.message
+    assert "probe_read_kernel: reads arbitrary kernel memory, off by default" in err.message
+    assert "tail_call: jumps into another program" in err.message
+    assert "to allow redirect for tracepoint programs" in err.message

@@ -10,7 +10,6 @@ import pytest
 from loaderd.config.settings import load_settings
 from loaderd.errors import Kind, LoaderdError
 from loaderd.model import (
-    DEFAULT_HELPERS,
     Limits,
     MapFlag,
     MapType,
@@ -65,7 +64,8 @@ def test_documented_example(tmp_path: Path) -> None:
     assert s.path == path and s.config_owner_uid == 0
     assert s.pins == PinOwnership(0o640, "loaderd-readers")
     assert s.policy == Policy(
-        program_types=frozenset(ProgType),
+        program_types=frozenset({ProgType.TRACEPOINT, ProgType.RAW_TRACEPOINT, ProgType.XDP,
+                                 ProgType.SOCKET_FILTER}),
         map_types=frozenset(MapType) - {MapType.LRU_PERCPU_HASH, MapType.PERF_EVENT_ARRAY},
         map_flags=frozenset(MapFlag),
         helpers=frozenset({"map_lookup_elem", "map_update_elem", "trace_printk"}),
@@ -77,7 +77,7 @@ def test_documented_example(tmp_path: Path) -> None:
 
 def test_minimal_file_keeps_defaults(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, "loaderd: 1\n"), owner_uid=None)
-    assert s.policy.helpers == DEFAULT_HELPERS
+    assert s.policy.helpers is None  # each type's defaults (model.PROG_KINDS)
     assert (s.programs_dir, s.pins) == (Settings().programs_dir, PinOwnership())
 
 
@@ -166,3 +166,22 @@ def test_sanitize_section_errors_are_located(tmp_path: Path, body: str, field: s
                                              line: int) -> None:
     err = refused(write(tmp_path, "loaderd: 1\n" + body), owner_uid=None)
     assert (err.location.field, err.location.line) == (field, line), str(err)
+
+
+def test_by_type_turns_a_gated_helper_on_for_one_type(tmp_path: Path) -> None:
+    text = "loaderd: 1\npolicy: {helpers: {by_type: {tracepoint: [probe_read_kernel]}}}\n"
+    pol = load_settings(write(tmp_path, text), owner_uid=None).policy
+    assert pol.helpers is None
+    assert "probe_read_kernel" in pol.helpers_for(ProgType.TRACEPOINT)
+    assert "redirect" not in pol.helpers_for(ProgType.TRACEPOINT)
+    for other in set(ProgType) - {ProgType.TRACEPOINT}:
+        assert "probe_read_kernel" not in pol.helpers_for(other)
+    assert "redirect" in pol.helpers_for(ProgType.XDP)  # the type's defaults stay
+
+
+def test_shipped_settings_allow_no_gated_helper() -> None:
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "loaderd.yaml"
+    pol = load_settings(str(shipped), owner_uid=None).policy
+    for ptype in ProgType:
+        assert not pol.helpers_for(ptype) & {"probe_read_kernel", "probe_read_kernel_str",
+                                              "tail_call"}
