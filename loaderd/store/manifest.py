@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import LinkTarget, ProgType, parse_target
+from loaderd.model import NAME_RE, LinkTarget, ProgType, parse_target
 
 MAX_BYTES = 16 * 1024 * 1024  # a manifest of 64 specs x 64 objects is well under 1 MB
-SAFE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}")  # spec, program and map names (pin names)
+SAFE_NAME = NAME_RE  # spec, program, map names: pin names (model: the schema's `name`)
+_HELPER = re.compile(r"[a-z_][a-z0-9_]{0,63}")  # enum bpf_func_id names, without BPF_FUNC_
 TXID = re.compile(r"\d{8}t\d{6}-\d{9}-[0-9a-f]{6}")
 
 
@@ -177,7 +178,7 @@ def _program(name: str, d: dict[str, Any], where: str) -> ProgramRecord:
         name=name, function=_str(d.get("function"), f"{where}.function", pattern=SAFE_NAME),
         type=ptype, id=_int(d.get("id"), f"{where}.id", minimum=1),
         tag=_str(d.get("tag"), f"{where}.tag", pattern=re.compile(r"[0-9a-f]{16}")),
-        helpers=tuple(_str(h, f"{where}.helpers", pattern=SAFE_NAME)
+        helpers=tuple(_str(h, f"{where}.helpers", pattern=_HELPER)
                       for h in _list(d.get("helpers", []), f"{where}.helpers")),
         calls=calls, degraded=_opt(d.get("degraded"), f"{where}.degraded", _str))
 

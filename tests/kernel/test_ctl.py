@@ -104,7 +104,7 @@ def loaderctl(*args: str, check: bool = True, timeout: float = 120
     return proc
 
 
-def bpftool(*args: str) -> dict:  # type: ignore[type-arg]
+def bpftool(*args: str) -> dict[str, Any]:
     out = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True)
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
@@ -185,7 +185,7 @@ def test_status_reports_drift_per_object(applied: Path, bpffs_root: str) -> None
 
 # --- dump -------------------------------------------------------------------------------------
 
-def dump(conf: Path, target: str, *args: str) -> dict:  # type: ignore[type-arg]
+def dump(conf: Path, target: str, *args: str) -> dict[str, Any]:
     out = loaderctl("--config", str(conf), "dump", target, "--json", *args)
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
@@ -334,7 +334,7 @@ class Daemon:
             [sys.executable, "-m", "loaderd", "--config", str(conf), "run",
              "--drift-interval", "1"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
             text=True, env=env)
-        self.events: list[dict] = []  # type: ignore[type-arg]
+        self.events: list[dict[str, Any]] = []
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -344,7 +344,7 @@ class Daemon:
             with contextlib.suppress(ValueError):
                 self.events.append(json.loads(line))
 
-    def find(self, event: str, text: str = "") -> dict | None:  # type: ignore[type-arg]
+    def find(self, event: str, text: str = "") -> dict[str, Any] | None:
         return next((e for e in list(self.events)
                      if e.get("event") == event and text in e.get("message", "")), None)
 
@@ -384,7 +384,7 @@ def test_running_daemon_reports_a_pin_removed_by_hand(tmp_path: Path, bpffs_root
 # --- graceful degradation ---------------------------------------------------------------------
 
 def apply_degraded(base: Path, bpffs_root: str, name: str, text: str
-                   ) -> tuple[Path, dict, dict]:  # type: ignore[type-arg]
+                   ) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """Apply one spec whose primary is refused: (config, the DEGRADED event, status --json)."""
     conf = make_conf(base, bpffs_root, {name: text})
     out = loaderd("--config", str(conf), "apply")
@@ -431,7 +431,7 @@ UNIT_FILES = [str(REPO / "units" / unit)
               for unit in ("loaderd.service", "loaderd-apply.service", "loaderd-audit.service")]
 
 
-def compliance(conf: Path) -> tuple[int, dict[str, dict]]:  # type: ignore[type-arg]
+def compliance(conf: Path) -> tuple[int, dict[str, dict[str, Any]]]:
     units = [arg for path in UNIT_FILES for arg in ("--unit-file", path)]
     out = loaderctl("--config", str(conf), "compliance", "--json", *units, check=False)
     data = json.loads(out.stdout)
@@ -547,7 +547,7 @@ programs:
 """
 
 
-def stream_while(conf: Path, run: Path, times: int, *args: str) -> list[dict]:  # type: ignore[type-arg]
+def stream_while(conf: Path, run: Path, times: int, *args: str) -> list[dict[str, Any]]:
     """`loaderctl events` for a few seconds while `run` is executed `times` times."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "loaderd.cli.loaderctl", "--config", str(conf),

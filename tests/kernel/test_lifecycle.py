@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,7 +77,7 @@ def prog_tag(pin: str) -> tuple[int, str]:
         os.close(fd)
 
 
-def last_apply(conf: Path) -> dict:  # type: ignore[type-arg]
+def last_apply(conf: Path) -> dict[str, Any]:
     state = conf.parent / "state" / "manifest.json"
     return json.loads(state.read_text())["last_apply"]  # type: ignore[no-any-return]
 

@@ -48,10 +48,6 @@ def read_u64(pin: str, key: int = 0) -> int:
     return sum(int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8))
 
 
-def manifest(tmp_path: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads((tmp_path / "state" / "manifest.json").read_text())  # type: ignore[no-any-return]
-
-
 def test_examples_load_pin_and_bpftool_finds_them(config: Path, bpffs_root: str) -> None:
     out = loaderd("--config", str(config), "apply")
     assert "compiles 4" in out.stdout
@@ -324,8 +320,8 @@ def test_kernel_memory_read_is_off_by_default_and_allowed_per_type(
     conf = write_settings(tmp_path, bpffs_root, specs_dir, "policy:\n  helpers:\n    by_type:"
                           "\n      tracepoint: [probe_read_kernel]\n")
     loaderd("--config", str(conf), "apply")
-    entry = json.loads((tmp_path / "state" / "manifest.json").read_text())["specs"]["peek"]
-    assert "probe_read_kernel" in entry["programs"]["peek"]["helpers"]
+    entry = State(str(tmp_path / "state")).manifest().specs["peek"]
+    assert "probe_read_kernel" in entry.programs["peek"].helpers
     assert os.path.exists(f"{bpffs_root}/peek/links/peek")
     subprocess.run(["/bin/true"], check=True)  # an exec: the attached program runs
     assert verify.differences(entry) == []

@@ -14,6 +14,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,7 @@ def notifications(res: Resident, until: str, timeout: float = 15.0) -> list[str]
     return said
 
 
-def prog_ids(manifest: dict) -> dict[str, int]:  # type: ignore[type-arg]
+def prog_ids(manifest: dict[str, Any]) -> dict[str, int]:
     return {n: e["programs"]["count_exec"]["id"] for n, e in manifest["specs"].items()}
 
 
