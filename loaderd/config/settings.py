@@ -17,6 +17,7 @@ from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
     DANGEROUS_HELPERS,
     DEFAULT_HELPERS,
+    CompileLimits,
     Limits,
     MapFlag,
     MapType,
@@ -127,6 +128,7 @@ def _parse(path: str, raw: bytes) -> Settings:
         pins=_pins(ctx, data.get("pins", {})),
         policy=_policy(ctx, data.get("policy", {})),
         sanitize=Rules.from_mapping(data.get("sanitize", {})),  # shape checked by the schema
+        compile=CompileLimits(**data.get("compile", {})),  # ranges checked by the schema
         path=path)
 
 
