@@ -156,6 +156,9 @@ def _syscall(nr: int, *args: object) -> int:
 _UNAVAILABLE = {
     errno.ENOSYS: "the kernel was built without Landlock (CONFIG_SECURITY_LANDLOCK)",
     errno.EOPNOTSUPP: "Landlock is built in but not enabled at boot (add landlock to lsm=)",
+    errno.EPERM: "the Landlock system calls are denied by a seccomp filter (a unit's "
+                 "SystemCallFilter= must list landlock_create_ruleset landlock_add_rule "
+                 "landlock_restrict_self)",
 }
 
 

@@ -10,12 +10,14 @@ runs after confining: the Python library directories and loaderd's own package (
 the running kernel's BTF, the possible-CPU list, and the tracefs event formats (BCC's
 TRACEPOINT_PROBE reads them). Write: only the worker's private temp directory (also its cwd:
 BCC puts the working directory on the include path). Not granted: the spec's directory (quoted
-includes are refused by the text check, and nothing in a compile reads it), the rest of /proc
-and /sys, /etc, /dev, and bpffs: no pin can be made from a compile (Landlock: BPF_OBJ_PIN is a mknod) and, since
-Landlock does not govern BPF_OBJ_GET (it opens no file: measured, a confined worker still
-opened an existing pin through `BPF_TABLE_PINNED`), a seccomp filter refuses the bpf() commands
-that reach pins or objects by path or id, and every attach command. The parent process pins
-what the worker loaded, through fds it passes back.
+includes are refused by the text check, and nothing in a compile needs it; BCC does open the
+file a `#line` directive names, to put its lines into the program's BTF: measured with
+`#line 1 "/etc/hostname"`), the rest of /proc and /sys, /etc, /dev, and bpffs. No pin can be
+made from a compile (Landlock: BPF_OBJ_PIN is a mknod) and, since Landlock does not govern
+BPF_OBJ_GET (it opens no file: measured, a confined worker still opened an existing pin through
+`BPF_TABLE_PINNED`), a seccomp filter refuses the bpf() commands that reach pins or objects by
+path or id, and every attach command. The parent process pins what the worker loaded, through
+the fds it passes back.
 """
 
 from __future__ import annotations

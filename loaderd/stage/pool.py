@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import pickle
 import selectors
 import shutil
 import signal
@@ -30,15 +29,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from loaderd import sandbox
+from loaderd import faults, sandbox
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf.btf import helper_names
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import CompileLimits, Settings, Spec
 from loaderd.stage import compile as bcc_compile
-from loaderd.stage import confine
-from loaderd.stage.worker import Built, StagedSpec, build, finish
+from loaderd.stage import confine, wire
+from loaderd.stage.worker import Built, StagedSpec, build, finish, verify_built
 
 Progress = Callable[[str], None]  # one line of progress (the daemon's STATUS=, the CLI's stderr)
 
@@ -73,15 +72,10 @@ def _close_inherited(keep: set[int]) -> None:
                 os.close(fd)
 
 
-def _send(sock: socket.socket, payload: tuple[Any, ...], fds: list[int]) -> None:
-    try:
-        data = pickle.dumps(payload)
-    except Exception as exc:
-        data, fds = pickle.dumps(("error", LoaderdError(
-            Kind.KERNEL, f"internal error: unpicklable result: {exc}"), None)), []
+def _send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     if len(data) > MAX_MESSAGE:
-        data, fds = pickle.dumps(("error", LoaderdError(
-            Kind.KERNEL, "internal error: the worker's result is too large"), None)), []
+        data, fds = wire.error(LoaderdError(
+            Kind.KERNEL, "internal error: the worker's result is too large")), []
     socket.send_fds(sock, [data], fds)
 
 
@@ -114,25 +108,27 @@ def _worker(job_spec: Spec, limits: CompileLimits, settings: Settings, sock: soc
                                f"{support.describe()}", Location(settings.path,
                                                                 field="compile.require_landlock"))
         built, _module = build(job_spec, settings.policy)
+        if faults.armed("after_compile"):  # the parent dies (kill -9) with this compiled
+            _send(sock, wire.encode("fault", point="after_compile"), [])
+            signal.pause()
         progs, maps = list(built.prog_fds), list(built.map_fds)
-        _send(sock, ("built", built.staged, progs, maps), built.fds())
+        _send(sock, wire.built(built.staged, progs, maps), built.fds())
     except LoaderdError as exc:
-        _send(sock, ("error", exc.with_file(job_spec.path), None), [])
+        _send(sock, wire.error(exc.with_file(job_spec.path)), [])
     except MemoryError:
-        _send(sock, ("oom", None, None), [])
+        _send(sock, wire.encode("oom"), [])
     except sandbox.SandboxError as exc:
-        _send(sock, ("error", LoaderdError(
-            Kind.KERNEL, f"cannot confine the compile worker: {exc}", Location(job_spec.path)),
-            None), [])
+        _send(sock, wire.error(LoaderdError(
+            Kind.KERNEL, f"cannot confine the compile worker: {exc}", Location(job_spec.path))),
+            [])
     except OSError as exc:  # not expected past the preflight; still say what and where
-        _send(sock, ("error", LoaderdError(Kind.KERNEL, f"{exc.strerror or exc}",
-                                           Location(job_spec.path), value=exc.filename), None),
-              [])
+        _send(sock, wire.error(LoaderdError(Kind.KERNEL, f"{exc.strerror or exc}",
+                                            Location(job_spec.path), value=exc.filename)), [])
     except BaseException as exc:  # a bug or a bcc surprise: contained, reported, nothing committed
         with contextlib.suppress(BaseException):
-            _send(sock, ("error", LoaderdError(
+            _send(sock, wire.error(LoaderdError(
                 Kind.KERNEL, f"internal error while staging: {type(exc).__name__}: {exc}",
-                Location(job_spec.path)), traceback.format_exc()), [])
+                Location(job_spec.path)), traceback.format_exc()[-wire.MAX_TEXT:]), [])
         code = 1
     os._exit(code)
 
@@ -253,37 +249,50 @@ class _Stager:
                 status, cpu = _reap(job, kill=False)
                 self.end(job, _died(job, status, cpu, self.limits))
                 return
+            try:
+                message = wire.decode(data)
+            except wire.WireError as exc:
+                message = {"kind": "garbled", "why": str(exc)}
+            if message["kind"] == "fault":  # a crash test: die here, the worker with us
+                faults.point(str(message.get("point")))
             status, cpu = _reap(job, kill=False)
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 self.end(job, LoaderdError(Kind.KERNEL, "internal error: the compile "
                                            "worker's result was truncated",
                                            Location(job.spec.path)))
                 return
-            self.end(job, self.finish(job, pickle.loads(data), fds, status, cpu))
+            self.end(job, self.finish(job, message, fds, status, cpu))
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def finish(self, job: _Job, message: tuple[Any, ...], fds: list[int], status: int,
+    def finish(self, job: _Job, message: dict[str, Any], fds: list[int], status: int,
                cpu: float) -> StagedSpec | LoaderdError:
-        kind, payload, *rest = message
-        if kind == "oom":  # Python's own MemoryError: the worker lived to say so
-            return _limit_error(job, f"reached its memory limit of {self.limits.memory_mb} "
-                                "MiB (compile.memory_mb)")
-        if kind == "error":
-            if rest and rest[0]:
-                audit.debug(f"{job.spec.path}: internal error while staging", rest[0])
-            assert isinstance(payload, LoaderdError)
-            return payload
-        progs, maps = rest
+        kind = message["kind"]
+        try:
+            if kind == "oom":  # Python's own MemoryError: the worker lived to say so
+                return _limit_error(job, f"reached its memory limit of {self.limits.memory_mb} "
+                                    "MiB (compile.memory_mb)")
+            if kind == "error":
+                err, debug = wire.decode_error(message)
+                if debug:
+                    audit.debug(f"{job.spec.path}: internal error while staging", debug)
+                return err.with_file(job.spec.path)
+            if kind != "built":
+                raise wire.WireError(message.get("why") or f"unexpected message {kind!r}")
+            staged, progs, maps = wire.decode_built(message, job.spec)
+        except wire.WireError as exc:
+            return LoaderdError(Kind.KERNEL, f"the compile worker sent a malformed result "
+                                f"({exc}); nothing was committed", Location(job.spec.path))
         if len(fds) != len(progs) + len(maps):
             return LoaderdError(Kind.KERNEL, "internal error: the compile worker passed "
                                 f"{len(fds)} fds for {len(progs) + len(maps)} objects",
                                 Location(job.spec.path))
-        built = Built(payload, dict(zip(progs, fds[:len(progs)], strict=True)),
+        built = Built(staged, dict(zip(progs, fds[:len(progs)], strict=True)),
                       dict(zip(maps, fds[len(progs):], strict=True)))
         try:
+            verify_built(job.spec, built)
             return finish(job.spec, built, self.settings.bpffs_root, self.txid,
                           self.settings.pins, pin=self.pin)
         except LoaderdError as exc:

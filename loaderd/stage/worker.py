@@ -32,7 +32,7 @@ from loaderd.model import (
     map_access,
     map_pin_mode,
 )
-from loaderd.stage.compile import Module
+from loaderd.stage.compile import PROG_TYPE_IDS, Module
 
 # enum bpf_map_type numbers, to check what BCC created against what the spec declared.
 MAP_TYPE_IDS: dict[MapType, int] = {
@@ -213,7 +213,6 @@ def build(spec: Spec, pol: Policy) -> tuple[Built, Module]:
     once passed to another process, to that process): close the Module when done."""
     staged = StagedSpec(spec.name, spec.path, spec.sha256)
     module = Module(spec)
-    faults.point("after_compile", worker=True)
     try:
         map_fds = check_map_facts(spec, module.tables())
         prog_fds: dict[str, int] = {}
@@ -229,6 +228,21 @@ def build(spec: Spec, pol: Policy) -> tuple[Built, Module]:
         module.close()
         raise
     return Built(staged, prog_fds, map_fds), module
+
+
+def verify_built(spec: Spec, built: Built) -> None:
+    """The parent's own look at what a worker handed back, from the kernel: maps as declared,
+    programs of the declared type with the ids the worker reported, using only those maps."""
+    check_map_facts(spec, built.map_fds)
+    map_ids = {kernel.map_info(fd).id for fd in built.map_fds.values()}
+    for i, prog in enumerate(spec.programs):
+        info = kernel.prog_info(built.prog_fds[prog.name])
+        got = built.staged.programs[prog.name]
+        if (info.id, info.type, info.tag) != (got.id, PROG_TYPE_IDS[prog.type], got.tag) \
+                or not set(info.map_ids) <= map_ids:
+            raise LoaderdError(Kind.KERNEL, f"the compile worker handed back a program that "
+                               f"is not '{prog.name}' as loaded and checked",
+                               Location(spec.path, prog.line, None, f"programs[{i}]"))
 
 
 def finish(spec: Spec, built: Built, root: str, txid: str, owner: PinOwnership, *,
