@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
+from loaderd import sandbox
 from loaderd.audit import log as audit
 from loaderd.cli.common import (
     add_command,
@@ -48,7 +49,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from loaderd.apply.applier import validate
-    from loaderd.stage.pool import stage_all
+    from loaderd.stage.pool import sandbox_status, stage_all
 
     # A dry run changes nothing, so it has nothing to audit: keep its output to the verdicts.
     audit.configure(journal=False, stream=open(os.devnull, "w"))  # noqa: SIM115
@@ -60,6 +61,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not as_root:
         print("note: not root: file ownership and modes are not checked (the daemon will)")
     if not errors and not args.no_kernel:
+        _support, degraded = sandbox_status(settings)
+        if degraded:
+            print(f"warning: {degraded}")
         staged, errors = stage_all(specs, settings, "check", pin=False, jobs=args.jobs)
         for st in staged:
             for p in st.programs.values():
@@ -94,9 +98,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                      "links": entry.get("links", {}), "drift": diffs})
     if args.json:
         print(json.dumps({"status": manifest.get("status"), "txid": manifest.get("txid"),
-                          "specs": rows}, indent=1, sort_keys=True))
+                          "specs": rows, "sandbox": {"landlock_abi": sandbox.probe().abi}},
+                         indent=1, sort_keys=True))
         return 0
     print(f"manifest: {manifest.get('status')} (txid {manifest.get('txid')})")
+    support = sandbox.probe()
+    if not support.available:
+        print(f"compile sandbox DEGRADED: {support.describe()}: compile workers run without "
+              "Landlock")
     if manifest.get("status") == "disabled":
         print("kill switch pulled: nothing is loaded until `loaderd enable` (then reload)")
     for r in rows:
