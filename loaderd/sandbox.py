@@ -29,6 +29,7 @@ import functools
 import os
 import platform
 import resource
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -218,7 +219,7 @@ def confine(rules: Iterable[Rule], support: Support | None = None) -> list[str]:
             except OSError as exc:
                 raise SandboxError(f"{rule.path}: {exc.strerror}") from None
             try:
-                is_dir = os.path.isdir(f"/proc/self/fd/{fd}")
+                is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
                 access = rule_access(abi, rule.access, is_dir=is_dir)
                 if not access:
                     continue

@@ -55,18 +55,24 @@ def python_dirs() -> list[str]:
     return [p for p in dict.fromkeys(os.path.realpath(p) for p in found) if os.path.isdir(p)]
 
 
-def rules(private_tmp: str) -> list[Rule]:
-    read = [*kernel_header_dirs(), *python_dirs(), *SYSFS, *TRACEFS_EVENTS]
-    return [Rule(p, READ) for p in read] + [Rule(private_tmp, WRITE)]
+def read_paths() -> list[str]:
+    """Everything a compile worker may read (computed once, in the parent: a few ms)."""
+    return [*kernel_header_dirs(), *python_dirs(), *SYSFS, *TRACEFS_EVENTS]
 
 
-def enter(private_tmp: str, support: Support | None = None) -> Support:
+def rules(private_tmp: str, read: list[str] | None = None) -> list[Rule]:
+    return [Rule(p, READ) for p in (read_paths() if read is None else read)] + [
+        Rule(private_tmp, WRITE)]
+
+
+def enter(private_tmp: str, support: Support | None = None, read: list[str] | None = None
+          ) -> Support:
     """Confine this process for compiling (call in the forked worker, after bcc is imported and
     before any spec text reaches clang). Returns what was enforced: abi 0 means the kernel has
     no Landlock and the worker runs unconfined (degraded; the caller reports it)."""
     support = support or sandbox.probe()
     if support.available:
-        sandbox.confine(rules(private_tmp), support)
+        sandbox.confine(rules(private_tmp, read), support)
     else:
         sandbox.no_new_privs()
     sandbox.deny_bpf_commands()  # no pin, no open of a pin, no attach: with or without Landlock

@@ -80,7 +80,7 @@ def _send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
 
 
 def _worker(job_spec: Spec, limits: CompileLimits, settings: Settings, sock: socket.socket,
-            diag: int, tmp: str, parent: int) -> NoReturn:
+            diag: int, tmp: str, parent: int, read: list[str]) -> NoReturn:
     """The forked compile worker. Never returns; every outcome is one message on `sock`."""
     code = 0
     try:
@@ -102,7 +102,7 @@ def _worker(job_spec: Spec, limits: CompileLimits, settings: Settings, sock: soc
         sandbox.set_limits(sandbox.Limits(limits.memory_mb << 20, limits.cpu_seconds))
         bcc_compile.preload()
         bcc_compile.share_diagnostics(diag)
-        support = confine.enter(tmp)
+        support = confine.enter(tmp, read=read)
         if not support.available and limits.require_landlock:
             raise LoaderdError(Kind.KERNEL, f"refusing to compile without a sandbox: "
                                f"{support.describe()}", Location(settings.path,
@@ -197,6 +197,7 @@ class _Stager:
         self.running: dict[int, _Job] = {}
         self.sel = selectors.DefaultSelector()
         self.done = 0
+        self.read = confine.read_paths()
 
     def start(self, index: int, spec: Spec) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -212,7 +213,8 @@ class _Stager:
             raise
         if pid == 0:
             parent_end.close()
-            _worker(spec, self.limits, self.settings, child_end, diag, tmp, os.getppid())
+            _worker(spec, self.limits, self.settings, child_end, diag, tmp, os.getppid(),
+                    self.read)
         child_end.close()  # EOF on parent_end then means: the worker is gone
         job = _Job(index, spec, pid, parent_end, diag, tmp,
                    time.monotonic() + self.limits.timeout_seconds)

@@ -82,7 +82,7 @@ def settings(bpffs_root: str) -> Settings:
 @pytest.fixture
 def unconfined(monkeypatch: pytest.MonkeyPatch) -> None:
     """The control: the same pool, the same worker, no Landlock and no seccomp filter."""
-    monkeypatch.setattr(confine, "enter", lambda tmp, support=None: sandbox.probe())
+    monkeypatch.setattr(confine, "enter", lambda tmp, support=None, read=None: sandbox.probe())
 
 
 def bypass(spec: Spec, c_text: str) -> Spec:
