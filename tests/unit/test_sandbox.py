@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import shutil
 import signal
 import struct
 from pathlib import Path
@@ -17,6 +18,8 @@ from loaderd import sandbox
 from loaderd.config.settings import load_settings
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import CompileLimits, ProgType, Settings
+from loaderd.observe.status import View, status
+from loaderd.reports import compliance
 from loaderd.sandbox import (
     EXECUTE,
     IOCTL_DEV,
@@ -30,7 +33,7 @@ from loaderd.sandbox import (
     WRITE_FILE,
 )
 from loaderd.stage import wire
-from loaderd.stage.pool import death_cause
+from loaderd.stage.pool import death_cause, sandbox_status
 from loaderd.stage.worker import StagedProgram, StagedSpec
 from tests.unit.test_policy import make_spec
 
@@ -304,3 +307,61 @@ def test_compile_settings_refused_with_the_field(tmp_path: Path, body: str) -> N
     with pytest.raises(LoaderdError) as err:
         load_settings(_settings_file(tmp_path, body), owner_uid=None)
     assert "compile" in str(err.value)
+
+
+# --- degraded, not silent ------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_landlock(monkeypatch: pytest.MonkeyPatch) -> None:
+    gone = sandbox.Support(0, "the kernel was built without Landlock (CONFIG_SECURITY_LANDLOCK)")
+    monkeypatch.setattr(sandbox, "probe", lambda: gone)
+
+
+def _view(tmp_path: Path, **kw: object) -> View:
+    s = Settings(bpffs_root=str(tmp_path / "pins"), state_dir=str(tmp_path / "state"),
+                 **kw)  # type: ignore[arg-type]
+    return View(s, {"status": "committed", "specs": {}})
+
+
+def test_compliance_warns_where_the_kernel_lacks_landlock(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          no_landlock: None) -> None:
+    monkeypatch.setattr(compliance, "UNIT_DIRS", (str(tmp_path),))
+    status, detail = compliance.check_compile_sandbox(_view(tmp_path))
+    assert status == compliance.WARN and "DEGRADED" in detail and "unconfined" in detail
+    strict = _view(tmp_path, compile=CompileLimits(require_landlock=True))
+    assert "refuses every compile" in compliance.check_compile_sandbox(strict)[1]
+
+
+def test_compliance_passes_with_landlock_and_checks_the_apply_unit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox, "probe", lambda: sandbox.Support(7))
+    monkeypatch.setattr(compliance, "UNIT_DIRS", (str(tmp_path),))
+    status, detail = compliance.check_compile_sandbox(_view(tmp_path))
+    assert status == compliance.PASS and "Landlock ABI 7" in detail
+    unit = tmp_path / "loaderd-apply.service"
+    unit.write_text("[Service]\nSystemCallFilter=@system-service bpf perf_event_open\n")
+    status, detail = compliance.check_compile_sandbox(_view(tmp_path))
+    assert status == compliance.WARN and str(unit) in detail
+    shipped = Path(__file__).resolve().parents[2] / "units" / "loaderd-apply.service"
+    shutil.copy(shipped, unit)  # the packaged unit allows the three syscalls
+    assert compliance.check_compile_sandbox(_view(tmp_path))[0] == compliance.PASS
+
+
+def test_status_and_check_say_degraded(tmp_path: Path, no_landlock: None) -> None:
+    report = status(_view(tmp_path))
+    assert report["sandbox"]["landlock_abi"] == 0
+    assert any("compile sandbox DEGRADED" in n for n in report["notes"])
+    _support, line = sandbox_status(Settings())
+    assert line is not None and line.startswith("DEGRADED: compile workers run without")
+    _support, strict = sandbox_status(Settings(compile=CompileLimits(require_landlock=True)))
+    assert strict is not None and "require_landlock" in strict
+
+
+def test_status_is_quiet_with_landlock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox, "probe", lambda: sandbox.Support(7))
+    report = status(_view(tmp_path))
+    assert report["sandbox"]["landlock_abi"] == 7
+    assert not any("sandbox" in n for n in report["notes"])
+    assert sandbox_status(Settings())[1] is None
