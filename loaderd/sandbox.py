@@ -213,8 +213,8 @@ def confine(rules: Iterable[Rule], support: Support | None = None) -> list[str]:
         for rule in rules:
             try:
                 fd = os.open(rule.path, os.O_PATH | os.O_CLOEXEC)
-            except FileNotFoundError:
-                skipped.append(rule.path)
+            except (FileNotFoundError, PermissionError):  # nothing can be read there anyway
+                skipped.append(rule.path)  # (e.g. /lib/modules under ProtectKernelModules=)
                 continue
             except OSError as exc:
                 raise SandboxError(f"{rule.path}: {exc.strerror}") from None

@@ -289,12 +289,3 @@ def finish(spec: Spec, built: Built, root: str, txid: str, owner: PinOwnership, 
     faults.point("after_pin")
     return staged
 
-
-def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnership,
-               *, pin: bool = True) -> StagedSpec:
-    """Both halves in this process, unconfined (tests; the pool confines `build`)."""
-    built, module = build(spec, pol)
-    try:
-        return finish(spec, built, root, txid, owner, pin=pin)
-    finally:
-        module.close()
