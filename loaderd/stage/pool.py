@@ -81,8 +81,18 @@ def _send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
 
 def _worker(job_spec: Spec, limits: CompileLimits, settings: Settings, sock: socket.socket,
             diag: int, tmp: str, parent: int, read: list[str]) -> NoReturn:
-    """The forked compile worker. Never returns; every outcome is one message on `sock`."""
-    code = 0
+    """The forked compile worker. Never returns (whatever is raised, even while reporting: the
+    parent's stack below this frame must never run here); every outcome is one message."""
+    code = 1
+    try:
+        _work(job_spec, limits, settings, sock, diag, tmp, parent, read)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _work(job_spec: Spec, limits: CompileLimits, settings: Settings, sock: socket.socket,
+          diag: int, tmp: str, parent: int, read: list[str]) -> None:
     try:
         import prctl
 
@@ -125,12 +135,9 @@ def _worker(job_spec: Spec, limits: CompileLimits, settings: Settings, sock: soc
         _send(sock, wire.error(LoaderdError(Kind.KERNEL, f"{exc.strerror or exc}",
                                             Location(job_spec.path), value=exc.filename)), [])
     except BaseException as exc:  # a bug or a bcc surprise: contained, reported, nothing committed
-        with contextlib.suppress(BaseException):
-            _send(sock, wire.error(LoaderdError(
-                Kind.KERNEL, f"internal error while staging: {type(exc).__name__}: {exc}",
-                Location(job_spec.path)), traceback.format_exc()[-wire.MAX_TEXT:]), [])
-        code = 1
-    os._exit(code)
+        _send(sock, wire.error(LoaderdError(
+            Kind.KERNEL, f"internal error while staging: {type(exc).__name__}: {exc}",
+            Location(job_spec.path)), traceback.format_exc()[-wire.MAX_TEXT:]), [])
 
 
 def death_cause(status: int, *, timed_out: bool, cpu_seconds: float, diagnostics: str,
