@@ -9,10 +9,12 @@ harm: clang's driver probing (/etc/os-release, /usr/lib/gcc, /opt, /usr/local/cu
 runs after confining: the Python library directories and loaderd's own package (lazy imports),
 the running kernel's BTF, the possible-CPU list, and the tracefs event formats (BCC's
 TRACEPOINT_PROBE reads them). Write: only the worker's private temp directory (also its cwd:
-BCC puts the working directory on the include path). Not granted: the spec's directory (quoted
-includes are refused by the text check, and nothing in a compile needs it; BCC does open the
-file a `#line` directive names, to put its lines into the program's BTF: measured with
-`#line 1 "/etc/hostname"`), the rest of /proc and /sys, /etc, /dev, and bpffs. No pin can be
+BCC puts the working directory on the include path). The pool adds the spec's own two files
+(YAML and C), as file rules: BCC opens the file a `#line` directive names to put its lines
+into the program's BTF line info (measured with `#line 1 "/etc/hostname"`), and loaderd's
+generated `#line` names the spec. Not granted: the spec's directory (quoted includes are
+refused by the text check, and nothing in a compile needs it), any other file a `#line` in the
+C text names, the rest of /proc and /sys, /etc, /dev, and bpffs. No pin can be
 made from a compile (Landlock: BPF_OBJ_PIN is a mknod) and, since Landlock does not govern
 BPF_OBJ_GET (it opens no file: measured, a confined worker still opened an existing pin through
 `BPF_TABLE_PINNED`), a seccomp filter refuses the bpf() commands that reach pins or objects by

@@ -220,8 +220,10 @@ class _Stager:
             raise
         if pid == 0:
             parent_end.close()
+            # + the spec's own files: BCC reads the file the generated #line names, for the
+            # source lines in the program's BTF (what `bpftool prog dump xlated ... linum` shows)
             _worker(spec, self.limits, self.settings, child_end, diag, tmp, os.getppid(),
-                    self.read)
+                    [*self.read, *(p for p in (spec.path, spec.source_path) if p)])
         child_end.close()  # EOF on parent_end then means: the worker is gone
         job = _Job(index, spec, pid, parent_end, diag, tmp,
                    time.monotonic() + self.limits.timeout_seconds)

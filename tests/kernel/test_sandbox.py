@@ -297,6 +297,11 @@ def test_the_shipped_examples_still_compile_and_pin(settings: Settings, tmp_path
             assert f"{s.name}/progs/{p.name}" in pinned
         for m in s.maps:
             assert f"{s.name}/maps/{m.name}" in pinned
+    # The spec's own C file stays readable: its lines are in the program's BTF line info.
+    out = subprocess.run(["bpftool", "prog", "dump", "xlated", "pinned",
+                          f"{settings.bpffs_root}/_staging/t1/exec_counter/progs/count_exec",
+                          "linum"], capture_output=True, text=True, check=True).stdout
+    assert "exec_count.lookup(&key)" in out
 
 
 def test_the_seccomp_filter_in_a_child_refuses_obj_get_and_allows_map_create(
