@@ -325,3 +325,32 @@ def test_the_seccomp_filter_in_a_child_refuses_obj_get_and_allows_map_create(
     got = os.read(r, 100).decode()
     os.waitpid(pid, 0)
     assert got == "True refused 1"  # EPERM
+
+
+# --- a kernel without Landlock (simulated: the probe says so) -------------------------------
+
+@pytest.fixture
+def without_landlock(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    gone = sandbox.Support(0, "the kernel was built without Landlock (CONFIG_SECURITY_LANDLOCK)")
+    monkeypatch.setattr(sandbox, "probe", lambda: gone)
+    events = io.StringIO()
+    audit.configure(journal=False, stream=events)
+    yield events
+
+
+def test_without_landlock_the_seccomp_filter_still_refuses_pins_and_it_is_said(
+        base: Spec, settings: Settings, without_landlock: io.StringIO) -> None:
+    err = only_error(bypass(base, _pinned_table(f"{settings.bpffs_root}/evil")), settings)
+    assert "error: Operation not permitted" in everything(err)
+    assert all_files(settings.bpffs_root) == []
+    assert '"event": "degraded"' in without_landlock.getvalue()
+    assert "compile workers run without Landlock" in without_landlock.getvalue()
+
+
+def test_require_landlock_refuses_to_compile_without_it(base: Spec, settings: Settings,
+                                                        secret: str,
+                                                        without_landlock: io.StringIO) -> None:
+    strict = dataclasses.replace(settings, compile=CompileLimits(require_landlock=True))
+    err = only_error(bypass(base, f'#include "{secret}"\n'), strict)
+    assert "refusing to compile without a sandbox" in str(err)
+    assert CANARY not in everything(err)
