@@ -18,6 +18,8 @@ P5 audit throughput: `loaderd.audit.log.emit` to the stderr JSON sink (/dev/null
    (the host's when its socket exists, else a private journald in a mount namespace: see
    bench/journal.py), vs json.dumps + write + flush of the same dicts; and the ring-buffer event
    pipeline (EventPump.journal: decode by layout, sanitize, emit) vs decode + json + write.
+P6 the compile sandbox's cost per compile (bench/sandbox_cost.py): Landlock + seccomp setup in
+   a forked worker, and one compile through the pool confined vs the same path unconfined.
 
 Usage (root, repository root): /usr/bin/python3 -m bench [--quick] [--reps R] [--json PATH]
 """
@@ -39,6 +41,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import sandbox_cost
 from bench.journal import journald_throughput
 from bench.workload import (
     FOREIGN,
@@ -57,6 +60,7 @@ from bench.workload import (
 
 P1_TARGET = 0.7  # loaderd / plain BCC for 20 specs on 2 cores
 RSS_TARGET_KB = 40 * 1024
+SANDBOX_SETUP_TARGET_S = 0.010  # "a few ms" per compile
 
 
 def log(msg: str) -> None:
@@ -379,6 +383,20 @@ def p5_rows(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def p6_rows(r: dict[str, Any]) -> list[Row]:
+    rows = []
+    for i, (figure, value, baseline, ratio) in enumerate(sandbox_cost.rows(r)):
+        if "best" not in r:
+            rows.append(Row(figure, value, baseline, "—", "—", "skip", {"note": ratio}))
+        elif i == 0:
+            ok = r["best"]["enter"] <= SANDBOX_SETUP_TARGET_S
+            rows.append(Row(figure, value, baseline, ratio, "≤ 10 ms", _verdict(ok),
+                            r["samples"]))
+        else:
+            rows.append(Row(figure, value, baseline, ratio, "—", "info"))
+    return rows
+
+
 def table(rows: list[Row]) -> str:
     head = ["figure", "value", "baseline", "ratio", "target", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -453,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
         p5["events_pipeline"] = event_throughput()
         results["p5"] = p5
         rows += p5_rows(p5)
+    with stage("P6 compile sandbox cost", notes):
+        p6 = sandbox_cost.measure(reps=3 if args.quick else 10)
+        results["p6"] = p6
+        rows += p6_rows(p6)
     load_end = env["loadavg_end"] = os.getloadavg()[0]
     wall = sum(w for _f, w in FOREIGN)
     other = env["other_load_cores"] = sum(f for f, _w in FOREIGN) / wall if wall else 0.0

@@ -7,7 +7,7 @@ siblings on one line do not import each other):
     apply | runtime | reports
     stage | observe
     config | bpf | store | audit
-    layout | policy | privileges
+    layout | policy | privileges | sandbox
     model
     sanitize
     errors | faults

@@ -48,7 +48,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from loaderd.apply.applier import validate
-    from loaderd.stage.pool import stage_all
+    from loaderd.stage.pool import sandbox_status, stage_all
 
     # A dry run changes nothing, so it has nothing to audit: keep its output to the verdicts.
     audit.configure(journal=False, stream=open(os.devnull, "w"))  # noqa: SIM115
@@ -60,6 +60,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not as_root:
         print("note: not root: file ownership and modes are not checked (the daemon will)")
     if not errors and not args.no_kernel:
+        _support, degraded = sandbox_status(settings)
+        if degraded:
+            print(f"warning: {degraded}")
         staged, errors = stage_all(specs, settings, "check", pin=False, jobs=args.jobs)
         for st in staged:
             for p in st.programs.values():

@@ -16,6 +16,7 @@ from loaderd.config.yamlsafe import Marks, Path
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
     DANGEROUS_HELPERS,
+    CompileLimits,
     Limits,
     MapFlag,
     MapType,
@@ -128,6 +129,7 @@ def _parse(path: str, raw: bytes) -> Settings:
         pins=_pins(ctx, data.get("pins", {})),
         policy=_policy(ctx, data.get("policy", {})),
         sanitize=Rules.from_mapping(data.get("sanitize", {})),  # shape checked by the schema
+        compile=CompileLimits(**data.get("compile", {})),  # ranges checked by the schema
         path=path)
 
 

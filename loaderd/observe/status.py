@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from loaderd import sandbox
 from loaderd.bpf import kernel, pins
 from loaderd.config import spec as spec_mod
 from loaderd.config.settings import load_default
@@ -297,7 +298,12 @@ def status(view: View) -> dict[str, Any]:
             ": their facts come from the manifest and drift was checked only for what could be "
             "opened" if m is not None else "") + "; run as root (or the loaderd user) for the "
             "full picture")
-    return {"manifest": head, "specs": specs, "notes": notes}
+    support = sandbox.probe()
+    if not support.available:
+        notes.append(f"compile sandbox DEGRADED: {support.describe()}: compile workers run "
+                     "without Landlock")
+    return {"manifest": head, "specs": specs, "notes": notes,
+            "sandbox": {"landlock_abi": support.abi, "reason": support.reason or None}}
 
 
 # --- applied specs (types for dumps, flags for compliance) ------------------------------------

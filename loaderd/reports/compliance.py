@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeAlias
 
-from loaderd import privileges
+from loaderd import privileges, sandbox
 from loaderd.audit import log as audit
 from loaderd.bpf import kernel
 from loaderd.config.settings import DEFAULT_CONFIG
@@ -564,6 +564,28 @@ def check_pin_modes(view: View) -> Outcome:
                     + (f", group {view.settings.pins.group}" if want_gid >= 0 else ""))
 
 
+def check_compile_sandbox(view: View) -> Outcome:
+    """Compile workers confine themselves with Landlock where the kernel has it: say when it
+    does not (this kernel, or the installed apply unit's seccomp filter denies it)."""
+    support = sandbox.probe()
+    lim = view.settings.compile
+    if not support.available:
+        what = ("compile.require_landlock refuses every compile" if lim.require_landlock else
+                "compile workers run unconfined: text checks, the seccomp bpf() filter and "
+                "resource limits only")
+        return WARN, f"DEGRADED: {support.describe()}; {what}"
+    unit = _installed("loaderd-apply.service")
+    if unit:
+        with open(unit, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if "SystemCallFilter=" in text and "landlock_restrict_self" not in text:
+            return WARN, (f"DEGRADED: {support.describe()} here, but {unit} does not allow the "
+                          "Landlock system calls: compiles under it run unconfined")
+    return PASS, (f"{support.describe()}: each compile worker reads only kernel headers and "
+                  "library code, writes only its private temp dir, cannot pin; limits "
+                  f"{lim.memory_mb} MiB, {lim.cpu_seconds} s CPU, {lim.timeout_seconds} s")
+
+
 # --- running ----------------------------------------------------------------------------------
 
 def checks(unit_files_given: Sequence[str] | None
@@ -580,6 +602,8 @@ def checks(unit_files_given: Sequence[str] | None
          lambda v: check_hardening(v, unit_files_given)),
         ("no pin or pin directory writable by other", HIGH, check_pins_world_writable),
         ("pins have the configured mode and group", MEDIUM, check_pin_modes),
+        ("compile workers are confined by the kernel (Landlock)", MEDIUM,
+         check_compile_sandbox),
     ]
 
 

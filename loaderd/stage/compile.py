@@ -60,11 +60,26 @@ def _c_string(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
+# A memfd the parent shares (set by the worker process): what clang or LLVM wrote last is still
+# there when the worker dies in the middle of a compile ("LLVM ERROR: out of memory").
+_SINK: int | None = None
+
+
+def share_diagnostics(fd: int) -> None:
+    global _SINK
+    _SINK = fd
+
+
 @contextlib.contextmanager
 def captured_fd2() -> Iterator[list[str]]:
     """Redirect C-level stderr (clang, libbcc's verifier log) into a buffer for the block."""
     out: list[str] = []
-    mem = os.memfd_create("loaderd-stderr")
+    if _SINK is None:
+        mem = os.memfd_create("loaderd-stderr")
+    else:
+        mem = os.dup(_SINK)
+        os.ftruncate(mem, 0)
+        os.lseek(mem, 0, os.SEEK_SET)
     saved = os.dup(2)
     os.dup2(mem, 2)
     try:
@@ -75,6 +90,13 @@ def captured_fd2() -> Iterator[list[str]]:
         os.lseek(mem, 0, os.SEEK_SET)
         with os.fdopen(mem, "rb") as f:
             out.append(f.read(1 << 20).decode("utf-8", "replace"))
+
+
+def preload() -> None:
+    """Import bcc and load libbcc/LLVM now: a confined worker could not open them later."""
+    import bcc  # noqa: F401
+
+    _lib()
 
 
 _LIB_SETUP = False

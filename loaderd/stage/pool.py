@@ -1,78 +1,358 @@
-"""Stage specs in parallel, each in its own short-lived forked process.
+"""Stage specs in parallel, each compiled in its own short-lived, confined, forked process.
 
-BCC chdirs the process and keeps ~130 MB of LLVM: neither may leak into the caller. The parent
-never imported bcc, so forked workers start small and fast.
+Per spec, a worker is forked (the parent never imported bcc, so it starts small and fast). The
+worker closes every inherited fd (the state lock, other workers' sockets), lowers RLIMIT_AS and
+RLIMIT_CPU, imports bcc, confines itself with Landlock (stage.confine: kernel headers and
+library code read-only, write only its private temp dir; no bpffs), and only then hands the
+spec's C text to clang. It loads the programs (bpf() is not a file access) and passes the fds of
+what it created back over a unix socket; the parent (trusted code, unconfined) pins, fills and
+freezes them (worker.finish). A wall-clock timeout is enforced here (SIGKILL). A worker that
+dies, is killed or runs out of time is reported against the spec it was compiling, with the
+cause; it is reaped before stage_all returns, so nothing it held (the lock's fd included)
+outlives the apply.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
+import gc
 import os
+import selectors
+import shutil
 import signal
+import socket
+import tempfile
+import time
 import traceback
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
+from loaderd import faults, sandbox
 from loaderd.audit import log as audit
+from loaderd.audit.log import Event
+from loaderd.bpf.btf import helper_names
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import Settings, Spec
-from loaderd.stage.worker import StagedSpec, stage_spec
+from loaderd.model import CompileLimits, Settings, Spec
+from loaderd.stage import compile as bcc_compile
+from loaderd.stage import confine, wire
+from loaderd.stage.worker import Built, StagedSpec, build, finish, verify_built
 
 Progress = Callable[[str], None]  # one line of progress (the daemon's STATUS=, the CLI's stderr)
 
+MAX_MESSAGE = 1 << 20
+MAX_FDS = 250  # SCM_MAX_FD is 253; policy limits keep a spec far below (64 + 64)
+REAP_GRACE = 5.0  # seconds a worker may take to exit after it sent its result
+_OOM_MARKS = ("out of memory", "bad_alloc", "MemoryError", "Cannot allocate memory")
 
-def _stage_worker(args: tuple[Spec, Settings, str, bool]) -> StagedSpec | LoaderdError:
-    s, settings, txid, pin = args
+
+@dataclass
+class _Job:
+    index: int
+    spec: Spec
+    pid: int
+    sock: socket.socket
+    diag: int  # memfd shared with the worker: its last diagnostics survive its death
+    tmp: str
+    deadline: float
+    timed_out: bool = False
+
+
+def _close_inherited(keep: set[int]) -> None:
+    """Close every fd the worker inherited except `keep` (and stdio): Landlock does not govern
+    already-open files, and a copy of the state lock's fd would hold the lock."""
     try:
-        return stage_spec(s, settings.policy, settings.bpffs_root, txid, settings.pins, pin=pin)
+        fds = sorted(int(n) for n in os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    if len(data) > MAX_MESSAGE:
+        data, fds = wire.error(LoaderdError(
+            Kind.KERNEL, "internal error: the worker's result is too large")), []
+    socket.send_fds(sock, [data], fds)
+
+
+def _worker(job_spec: Spec, limits: CompileLimits, settings: Settings, sock: socket.socket,
+            diag: int, tmp: str, parent: int, read: list[str]) -> NoReturn:
+    """The forked compile worker. Never returns (whatever is raised, even while reporting: the
+    parent's stack below this frame must never run here); every outcome is one message."""
+    code = 1
+    try:
+        _work(job_spec, limits, settings, sock, diag, tmp, parent, read)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _work(job_spec: Spec, limits: CompileLimits, settings: Settings, sock: socket.socket,
+          diag: int, tmp: str, parent: int, read: list[str]) -> None:
+    try:
+        import prctl
+
+        prctl.set_pdeathsig(signal.SIGKILL)  # die with the apply (it holds the state lock)
+        if os.getppid() != parent:
+            os._exit(1)
+        gc.freeze()  # the parent's objects are never collected here (their fds are closed)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        _close_inherited({sock.fileno(), diag})
+        os.chdir(tmp)  # BCC puts the working directory on clang's include path
+        os.environ["TMPDIR"] = tmp  # BCC's kheaders fallback trusts $TMPDIR (CVE-2024-2314)
+        tempfile.tempdir = tmp  # Python's own choice was made (and cached) in the parent
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        sandbox.set_limits(sandbox.Limits(limits.memory_mb << 20, limits.cpu_seconds))
+        bcc_compile.preload()
+        bcc_compile.share_diagnostics(diag)
+        support = confine.enter(tmp, read=read)
+        if not support.available and limits.require_landlock:
+            raise LoaderdError(Kind.KERNEL, f"refusing to compile without a sandbox: "
+                               f"{support.describe()}", Location(settings.path,
+                                                                field="compile.require_landlock"))
+        built, _module = build(job_spec, settings.policy)
+        if faults.armed("after_compile"):  # the parent dies (kill -9) with this compiled
+            _send(sock, wire.encode("fault", point="after_compile"), [])
+            signal.pause()
+        progs, maps = list(built.prog_fds), list(built.map_fds)
+        _send(sock, wire.built(built.staged, progs, maps), built.fds())
     except LoaderdError as exc:
-        return exc.with_file(s.path)
+        _send(sock, wire.error(exc.with_file(job_spec.path)), [])
+    except MemoryError:
+        _send(sock, wire.encode("oom"), [])
+    except sandbox.SandboxError as exc:
+        _send(sock, wire.error(LoaderdError(
+            Kind.KERNEL, f"cannot confine the compile worker: {exc}", Location(job_spec.path))),
+            [])
     except OSError as exc:  # not expected past the preflight; still say what and where
-        return LoaderdError(Kind.KERNEL, f"{exc.strerror or exc}", Location(s.path),
-                            value=exc.filename)
-    except Exception as exc:  # a bug or a bcc surprise: contained, reported, nothing committed
-        audit.debug(f"{s.path}: internal error while staging", traceback.format_exc())
-        return LoaderdError(Kind.KERNEL, f"internal error while staging: {type(exc).__name__}: "
-                            f"{exc}", Location(s.path))
+        _send(sock, wire.error(LoaderdError(Kind.KERNEL, f"{exc.strerror or exc}",
+                                            Location(job_spec.path), value=exc.filename)), [])
+    except BaseException as exc:  # a bug or a bcc surprise: contained, reported, nothing committed
+        _send(sock, wire.error(LoaderdError(
+            Kind.KERNEL, f"internal error while staging: {type(exc).__name__}: {exc}",
+            Location(job_spec.path)), traceback.format_exc()[-wire.MAX_TEXT:]), [])
 
 
-def _worker_init(parent: int) -> None:
-    """Die with the apply: a forked worker shares the apply's state lock, and idle workers of a
-    `kill -9`ed parent would otherwise hold it (and every later apply would wait for them)."""
-    import prctl
+def death_cause(status: int, *, timed_out: bool, cpu_seconds: float, diagnostics: str,
+                limits: CompileLimits) -> str:
+    """Why a worker ended without a result, in words an operator can act on."""
+    if timed_out:
+        return (f"timed out after {limits.timeout_seconds} s (wall clock, "
+                "compile.timeout_seconds) and was killed")
+    if any(m in diagnostics for m in _OOM_MARKS):
+        return f"reached its memory limit of {limits.memory_mb} MiB (compile.memory_mb)"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL
+                                     and cpu_seconds >= limits.cpu_seconds):
+            return f"used its CPU time limit of {limits.cpu_seconds} s (compile.cpu_seconds)"
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "unknown signal"
+        return f"was killed by signal {sig} ({name})" + (
+            " (the OOM killer, or an operator)" if sig == signal.SIGKILL else "")
+    return f"exited with status {os.waitstatus_to_exitcode(status)} without a result"
 
-    prctl.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        os._exit(1)
+
+def _died(job: _Job, status: int, cpu: float, limits: CompileLimits) -> LoaderdError:
+    os.lseek(job.diag, 0, os.SEEK_SET)
+    tail = os.read(job.diag, MAX_MESSAGE)[-4096:].decode("utf-8", "replace")
+    cause = death_cause(status, timed_out=job.timed_out, cpu_seconds=cpu, diagnostics=tail,
+                        limits=limits)
+    # The diagnostics are not shown: a runaway compile's output is the author's text echoed.
+    return _limit_error(job, cause)
+
+
+def _limit_error(job: _Job, cause: str) -> LoaderdError:
+    return LoaderdError(Kind.COMPILE, f"the compile worker {cause}; nothing was committed",
+                        Location(job.spec.path, field="source"),
+                        allowed="a smaller program, or higher compile: limits in loaderd.yaml")
+
+
+def _reap(job: _Job, *, kill: bool) -> tuple[int, float]:
+    """Wait for the worker (after SIGKILL if `kill`). Returns (wait status, CPU seconds)."""
+    if kill:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(job.pid, signal.SIGKILL)
+    else:
+        end = time.monotonic() + REAP_GRACE
+        while time.monotonic() < end:
+            pid, status, usage = os.wait4(job.pid, os.WNOHANG)
+            if pid:
+                return status, usage.ru_utime + usage.ru_stime
+            time.sleep(0.002)
+        os.kill(job.pid, signal.SIGKILL)
+    _, status, usage = os.wait4(job.pid, 0)
+    return status, usage.ru_utime + usage.ru_stime
+
+
+class _Stager:
+    def __init__(self, specs: list[Spec], settings: Settings, txid: str, pin: bool,
+                 jobs: int, progress: Progress | None) -> None:
+        self.specs, self.settings, self.txid, self.pin = specs, settings, txid, pin
+        self.jobs, self.progress = jobs, progress
+        self.limits = settings.compile
+        self.results: list[StagedSpec | LoaderdError | None] = [None] * len(specs)
+        self.running: dict[int, _Job] = {}
+        self.sel = selectors.DefaultSelector()
+        self.done = 0
+        self.read = confine.read_paths()
+
+    def start(self, index: int, spec: Spec) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        diag = os.memfd_create(f"loaderd-compile-{spec.name}")
+        tmp = tempfile.mkdtemp(prefix="loaderd-compile-")
+        try:
+            pid = os.fork()
+        except BaseException:
+            parent_end.close()
+            child_end.close()
+            os.close(diag)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if pid == 0:
+            parent_end.close()
+            # + the spec's own files: BCC reads the file the generated #line names, for the
+            # source lines in the program's BTF (what `bpftool prog dump xlated ... linum` shows)
+            _worker(spec, self.limits, self.settings, child_end, diag, tmp, os.getppid(),
+                    [*self.read, *(p for p in (spec.path, spec.source_path) if p)])
+        child_end.close()  # EOF on parent_end then means: the worker is gone
+        job = _Job(index, spec, pid, parent_end, diag, tmp,
+                   time.monotonic() + self.limits.timeout_seconds)
+        self.running[pid] = job
+        self.sel.register(parent_end, selectors.EVENT_READ, job)
+
+    def run(self) -> None:
+        pending = deque(enumerate(self.specs))
+        try:
+            while pending or self.running:
+                while pending and len(self.running) < self.jobs:
+                    self.start(*pending.popleft())
+                wait = min(j.deadline for j in self.running.values()) - time.monotonic()
+                for key, _ in self.sel.select(max(0.0, wait)):
+                    self.readable(key.data)
+                now = time.monotonic()
+                for job in [j for j in self.running.values() if j.deadline <= now]:
+                    job.timed_out = True
+                    status, cpu = _reap(job, kill=True)
+                    self.end(job, _died(job, status, cpu, self.limits))
+        finally:
+            for job in list(self.running.values()):  # an exception here: leave no worker
+                _reap(job, kill=True)
+                self.end(job, None)
+            self.sel.close()
+
+    def readable(self, job: _Job) -> None:
+        try:
+            data, fds, flags, _ = socket.recv_fds(job.sock, MAX_MESSAGE, MAX_FDS)
+        except OSError:
+            data, fds, flags = b"", [], 0
+        try:
+            if not data:  # EOF: the worker died without a result
+                status, cpu = _reap(job, kill=False)
+                self.end(job, _died(job, status, cpu, self.limits))
+                return
+            try:
+                message = wire.decode(data)
+            except wire.WireError as exc:
+                message = {"kind": "garbled", "why": str(exc)}
+            if message["kind"] == "fault":  # a crash test: die here, the worker with us
+                faults.point(str(message.get("point")))
+            status, cpu = _reap(job, kill=False)
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                self.end(job, LoaderdError(Kind.KERNEL, "internal error: the compile "
+                                           "worker's result was truncated",
+                                           Location(job.spec.path)))
+                return
+            self.end(job, self.finish(job, message, fds, status, cpu))
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def finish(self, job: _Job, message: dict[str, Any], fds: list[int], status: int,
+               cpu: float) -> StagedSpec | LoaderdError:
+        kind = message["kind"]
+        try:
+            if kind == "oom":  # Python's own MemoryError: the worker lived to say so
+                return _limit_error(job, f"reached its memory limit of {self.limits.memory_mb} "
+                                    "MiB (compile.memory_mb)")
+            if kind == "error":
+                err, debug = wire.decode_error(message)
+                if debug:
+                    audit.debug(f"{job.spec.path}: internal error while staging", debug)
+                return err.with_file(job.spec.path)
+            if kind != "built":
+                raise wire.WireError(message.get("why") or f"unexpected message {kind!r}")
+            staged, progs, maps = wire.decode_built(message, job.spec)
+        except wire.WireError as exc:
+            return LoaderdError(Kind.KERNEL, f"the compile worker sent a malformed result "
+                                f"({exc}); nothing was committed", Location(job.spec.path))
+        if len(fds) != len(progs) + len(maps):
+            return LoaderdError(Kind.KERNEL, "internal error: the compile worker passed "
+                                f"{len(fds)} fds for {len(progs) + len(maps)} objects",
+                                Location(job.spec.path))
+        built = Built(staged, dict(zip(progs, fds[:len(progs)], strict=True)),
+                      dict(zip(maps, fds[len(progs):], strict=True)))
+        try:
+            verify_built(job.spec, built)
+            return finish(job.spec, built, self.settings.bpffs_root, self.txid,
+                          self.settings.pins, pin=self.pin)
+        except LoaderdError as exc:
+            return exc.with_file(job.spec.path)
+        except OSError as exc:
+            return LoaderdError(Kind.KERNEL, f"{exc.strerror or exc}", Location(job.spec.path),
+                                value=exc.filename)
+
+    def end(self, job: _Job, result: StagedSpec | LoaderdError | None) -> None:
+        self.running.pop(job.pid, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(job.sock)
+        job.sock.close()
+        os.close(job.diag)
+        shutil.rmtree(job.tmp, ignore_errors=True)
+        self.results[job.index] = result
+        if result is not None:
+            self.done += 1
+            if self.progress:
+                self.progress(f"compiled {self.done}/{len(self.specs)}: {job.spec.name}")
+
+
+def sandbox_status(settings: Settings) -> tuple[sandbox.Support, str | None]:
+    """(what the kernel offers, a warning line when compiles run unconfined or not at all)."""
+    support = sandbox.probe()
+    if support.available:
+        return support, None
+    if settings.compile.require_landlock:
+        return support, (f"compile sandbox unavailable: {support.describe()}; "
+                         "compile.require_landlock refuses every compile")
+    return support, (f"DEGRADED: compile workers run without Landlock ({support.reason}); "
+                     "C text is confined by the text checks and resource limits only")
 
 
 def stage_all(specs: list[Spec], settings: Settings, txid: str, *, pin: bool = True,
               jobs: int | None = None, progress: Progress | None = None
               ) -> tuple[list[StagedSpec], list[LoaderdError]]:
-    """Compile+load each spec in its own short-lived process (BCC chdirs the process and keeps
-    ~130 MB of LLVM: neither may leak into the caller), up to one per core at a time."""
+    """Compile+load each spec in its own confined process, up to one per core at a time; pin
+    (with pin) what they loaded. Results in the order of `specs`."""
     if not specs:
         return [], []
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(specs)))
-    staged: list[StagedSpec] = []
-    errors: list[LoaderdError] = []
-    # fork: the parent never imported bcc, so workers start small and fast. A worker that dies
-    # (OOM, a crash inside LLVM) breaks the pool: reported as an error, nothing committed.
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
-                             initializer=_worker_init, initargs=(os.getpid(),)) as pool:
-        work = [(s, settings, txid, pin) for s in specs]
-        try:
-            for i, result in enumerate(pool.map(_stage_worker, work), 1):
-                if progress:
-                    progress(f"compiled {i}/{len(specs)}: {specs[i - 1].name}")
-                if isinstance(result, LoaderdError):
-                    errors.append(result)
-                else:
-                    staged.append(result)
-        except BrokenProcessPool:
-            errors.append(LoaderdError(Kind.KERNEL, "a compile worker died (killed or crashed);"
-                                       " nothing was committed", Location(settings.programs_dir)))
+    support, warning = sandbox_status(settings)
+    if warning:
+        audit.emit(Event.DEGRADED, warning, sandbox=support.describe())
+    with contextlib.suppress(OSError, ValueError):
+        helper_names()  # read the BTF once here, not in every worker
+    stager = _Stager(specs, settings, txid, pin, jobs, progress)
+    stager.run()
+    staged = [r for r in stager.results if isinstance(r, StagedSpec)]
+    errors = [r for r in stager.results if isinstance(r, LoaderdError)]
     return staged, errors
-
-

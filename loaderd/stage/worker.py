@@ -1,7 +1,10 @@
-"""Build one spec's kernel objects in the staging area (runs in a short-lived worker process).
+"""Build one spec's kernel objects in the staging area, in two halves.
 
-compile -> map facts match the spec -> helper/call facts pass policy -> verifier load (with
-fallback variants) -> pin programs and maps under staging -> fill maps -> freeze.
+`build` (in a short-lived, confined compile worker: see stage.pool and stage.confine): compile
+-> map facts match the spec -> helper/call facts pass policy -> verifier load (with fallback
+variants). Its result is facts plus the objects' fds, which the worker passes to its parent.
+`finish` (in the parent, unconfined): pin programs and maps under staging -> fill maps ->
+freeze. The compile worker can reach no pin: only trusted code writes bpffs.
 Nothing here touches the committed pins except reading a `preserve:` map's old contents.
 """
 
@@ -183,14 +186,24 @@ def _fill(m: MapSpec, fd: int, layout: pins.PinLayout, old_pin: str, spec: str) 
         kernel.map_update(fd, encode(m.key, entry.key), _value_bytes(m, entry.value, ncpus))
 
 
-def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnership,
-               *, pin: bool = True) -> StagedSpec:
-    """Build every object of `spec` under `<root>/.staging/<txid>/<spec>`; pin=False verifies
-    only (loaderd check): compile, policy, verifier, then close everything."""
-    layout = pins.PinLayout(root)
+@dataclass
+class Built:
+    """What a compile worker hands back: facts, and the fds of the objects it created (the
+    programs loaded, the maps BCC made), by name."""
+
+    staged: StagedSpec
+    prog_fds: dict[str, int]
+    map_fds: dict[str, int]
+
+    def fds(self) -> list[int]:
+        return [*self.prog_fds.values(), *self.map_fds.values()]
+
+
+def build(spec: Spec, pol: Policy) -> tuple[Built, Module]:
+    """Compile, check the facts, load every program. The fds in Built belong to the Module (or,
+    once passed to another process, to that process): close the Module when done."""
     staged = StagedSpec(spec.name, spec.path, spec.sha256)
     module = Module(spec)
-    faults.point("after_compile", worker=True)
     try:
         map_fds = check_map_facts(spec, module.tables())
         prog_fds: dict[str, int] = {}
@@ -202,40 +215,68 @@ def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnershi
             staged.programs[prog.name] = StagedProgram(prog.name, function, prog.type.value,
                                                        info.id, info.tag, helpers, degraded,
                                                        calls)
-            audit.emit(Event.PROG_LOADED, f"{spec.name}/{prog.name}: loaded '{function}' "
-                       f"(id {info.id}, tag {info.tag})", spec=spec.name, program=prog.name,
-                       prog_id=info.id, prog_tag=info.tag, prog_type=prog.type.value,
-                       helpers=helpers, spec_sha256=spec.sha256, file=spec.path)
-            if degraded:
-                audit.emit(Event.DEGRADED, f"{spec.name}/{prog.name}: fallback '{function}' "
-                           f"used: {degraded}", spec=spec.name, program=prog.name,
-                           reason=degraded)
-        if not pin:
-            return staged
-        faults.point("after_load", worker=True)
-        gid = owner.gid
-        staging = layout.staging(txid)
-        for kind in ("progs", "maps", "links"):
-            staging.ensure_dir(staging.kind_dir(spec.name, kind), 0o755)
-        for prog in spec.programs:
-            staging.pin(prog_fds[prog.name], staging.prog_path(spec.name, prog.name),
-                        owner.mode, gid)
-        for m in spec.maps:
-            fd = map_fds[m.name]
-            _fill(m, fd, layout, layout.map_path(spec.name, m.name), spec.name)
-            if m.freeze:
-                kernel.map_freeze(fd)
-                audit.emit(Event.MAP_FROZEN, f"{spec.name}/{m.name}: frozen", spec=spec.name,
-                           map=m.name, map_id=kernel.map_info(fd).id)
-            access = map_access(m.flags)
-            staging.pin(fd, staging.map_path(spec.name, m.name),
-                        map_pin_mode(owner.mode, access), gid)
-            map_id = kernel.map_info(fd).id
-            staged.maps[m.name] = StagedMap(m.name, map_id, kernel.map_is_frozen(fd), access)
-            audit.emit(Event.MAP_CREATED, f"{spec.name}/{m.name}: {m.type.value} map id "
-                       f"{map_id}, {m.max_entries} entries", spec=spec.name, map=m.name,
-                       map_id=map_id, frozen=staged.maps[m.name].frozen)
-        faults.point("after_pin", worker=True)
-        return staged
-    finally:
+    except BaseException:
         module.close()
+        raise
+    return Built(staged, prog_fds, map_fds), module
+
+
+def verify_built(spec: Spec, built: Built) -> None:
+    """The parent's own look at what a worker handed back, from the kernel: maps as declared,
+    programs of the declared type with the ids the worker reported, using only those maps."""
+    check_map_facts(spec, built.map_fds)
+    map_ids = {kernel.map_info(fd).id for fd in built.map_fds.values()}
+    for i, prog in enumerate(spec.programs):
+        info = kernel.prog_info(built.prog_fds[prog.name])
+        got = built.staged.programs[prog.name]
+        if (info.id, info.type, info.tag) != (got.id, prog.type.kind.kernel_id, got.tag) \
+                or not set(info.map_ids) <= map_ids:
+            raise LoaderdError(Kind.KERNEL, f"the compile worker handed back a program that "
+                               f"is not '{prog.name}' as loaded and checked",
+                               Location(spec.path, prog.line, None, f"programs[{i}]"))
+
+
+def finish(spec: Spec, built: Built, root: str, txid: str, owner: PinOwnership, *,
+           pin: bool = True) -> StagedSpec:
+    """Audit the loads; with pin, pin every object under `<root>/.staging/<txid>/<spec>`, fill
+    and freeze the maps. The caller keeps (and closes) the fds in `built`."""
+    staged = built.staged
+    for prog in spec.programs:
+        p = staged.programs[prog.name]
+        audit.emit(Event.PROG_LOADED, f"{spec.name}/{prog.name}: loaded '{p.function}' "
+                   f"(id {p.id}, tag {p.tag})", spec=spec.name, program=prog.name,
+                   prog_id=p.id, prog_tag=p.tag, prog_type=prog.type.value,
+                   helpers=p.helpers, spec_sha256=spec.sha256, file=spec.path)
+        if p.degraded:
+            audit.emit(Event.DEGRADED, f"{spec.name}/{prog.name}: fallback '{p.function}' "
+                       f"used: {p.degraded}", spec=spec.name, program=prog.name,
+                       reason=p.degraded)
+    if not pin:
+        return staged
+    faults.point("after_load")
+    layout = pins.PinLayout(root)
+    gid = owner.gid
+    staging = layout.staging(txid)
+    for kind in ("progs", "maps", "links"):
+        staging.ensure_dir(staging.kind_dir(spec.name, kind), 0o755)
+    for prog in spec.programs:
+        staging.pin(built.prog_fds[prog.name], staging.prog_path(spec.name, prog.name),
+                    owner.mode, gid)
+    for m in spec.maps:
+        fd = built.map_fds[m.name]
+        _fill(m, fd, layout, layout.map_path(spec.name, m.name), spec.name)
+        if m.freeze:
+            kernel.map_freeze(fd)
+            audit.emit(Event.MAP_FROZEN, f"{spec.name}/{m.name}: frozen", spec=spec.name,
+                       map=m.name, map_id=kernel.map_info(fd).id)
+        access = map_access(m.flags)
+        staging.pin(fd, staging.map_path(spec.name, m.name),
+                    map_pin_mode(owner.mode, access), gid)
+        map_id = kernel.map_info(fd).id
+        staged.maps[m.name] = StagedMap(m.name, map_id, kernel.map_is_frozen(fd), access)
+        audit.emit(Event.MAP_CREATED, f"{spec.name}/{m.name}: {m.type.value} map id "
+                   f"{map_id}, {m.max_entries} entries", spec=spec.name, map=m.name,
+                   map_id=map_id, frozen=staged.maps[m.name].frozen)
+    faults.point("after_pin")
+    return staged
+

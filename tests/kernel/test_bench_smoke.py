@@ -8,12 +8,14 @@ import os
 
 import pytest
 
+from bench import sandbox_cost
 from bench.run import (
     audit_throughput,
     cold_and_restart,
     missed_across_restart,
     p4_rows,
     p5_rows,
+    p6_rows,
     rows_for,
     rss_rows,
     table,
@@ -45,3 +47,11 @@ def test_missed_events_and_audit_throughput() -> None:
     p5 = audit_throughput(events=200, rounds=1)
     assert p5["stderr_json"] > 0 and p5["json_write"] > 0
     assert len(p4_rows(p4)) == 3 and len(p5_rows(p5)) == 2
+
+
+def test_sandbox_cost_numbers() -> None:
+    r = sandbox_cost.measure(reps=1)
+    for key in ("enter", "landlock", "seccomp", "confined", "unconfined"):
+        assert len(r["samples"][key]) == 1 and r["samples"][key][0] > 0, key
+    rows = p6_rows(r)
+    assert len(rows) == 4 and rows[0].figure.startswith("P6 sandbox setup")

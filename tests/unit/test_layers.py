@@ -16,7 +16,7 @@ RANKS: dict[str, int] = {
     "errors": 0, "faults": 0,
     "sanitize": 1,
     "model": 2,
-    "layout": 3, "policy": 3, "privileges": 3,
+    "layout": 3, "policy": 3, "privileges": 3, "sandbox": 3,
     "config": 4, "bpf": 4, "store": 4, "audit": 4,
     "stage": 5, "observe": 5,
     "apply": 6, "runtime": 6, "reports": 6,
