@@ -261,4 +261,8 @@ class Settings:
     pins: PinOwnership = PinOwnership()
     policy: Policy = Policy()
     sanitize: Rules = field(default_factory=Rules)  # daemon events, loaderctl events/dump
+    # BCC programs that read kernel structs are refused when the installed headers compile
+    # other offsets than the running kernel's BTF has; true loads them anyway (said in the
+    # journal, check and status): their struct reads return the wrong bytes.
+    accept_header_mismatch: bool = False
     path: str | None = None  # the file it came from

@@ -81,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from loaderd.bpf import offsets
     from loaderd.observe import drift as verify
     from loaderd.store.statedir import State
 
@@ -92,11 +93,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append({"spec": name, "sha256": entry["sha256"], "pin_dir": entry["pin_dir"],
                      "programs": entry["programs"], "maps": entry["maps"],
                      "links": entry.get("links", {}), "drift": diffs})
+    hstate, hsentence = offsets.describe(settings.state_dir)
+    if hstate == "mismatch":
+        hsentence += ("; such specs are " + ("loaded anyway (accept_header_mismatch: true)"
+                                             if settings.accept_header_mismatch else "refused"))
     if args.json:
         print(json.dumps({"status": manifest.get("status"), "txid": manifest.get("txid"),
-                          "specs": rows}, indent=1, sort_keys=True))
+                          "specs": rows, "headers": {"state": hstate, "detail": hsentence}},
+                         indent=1, sort_keys=True))
         return 0
     print(f"manifest: {manifest.get('status')} (txid {manifest.get('txid')})")
+    print(f"headers: {hstate}: {hsentence}")
     if manifest.get("status") == "disabled":
         print("kill switch pulled: nothing is loaded until `loaderd enable` (then reload)")
     for r in rows:

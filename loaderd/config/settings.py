@@ -127,6 +127,8 @@ def _parse(path: str, raw: bytes) -> Settings:
         pins=_pins(ctx, data.get("pins", {})),
         policy=_policy(ctx, data.get("policy", {})),
         sanitize=Rules.from_mapping(data.get("sanitize", {})),  # shape checked by the schema
+        accept_header_mismatch=data.get("accept_header_mismatch",
+                                        defaults.accept_header_mismatch),
         path=path)
 
 

@@ -27,7 +27,7 @@ from typing import Any, TypeAlias
 
 from loaderd import privileges
 from loaderd.audit import log as audit
-from loaderd.bpf import kernel
+from loaderd.bpf import kernel, offsets
 from loaderd.config.settings import DEFAULT_CONFIG
 from loaderd.errors import LoaderdError
 from loaderd.model import (
@@ -570,6 +570,23 @@ def check_pin_modes(view: View) -> Outcome:
                     + (f", group {view.settings.pins.group}" if want_gid >= 0 else ""))
 
 
+def check_headers(view: View) -> Outcome:
+    """BCC compiles struct offsets from the installed headers; the running kernel's BTF is the
+    truth (bpf.offsets measures both; the cache is what the last apply or check saw)."""
+    state, sentence = offsets.describe(view.settings.state_dir)
+    if state == "match":
+        return PASS, sentence
+    if state == "mismatch":
+        if view.settings.accept_header_mismatch:
+            return FAIL, (f"{sentence}; accept_header_mismatch: true loads them anyway: their "
+                          "struct reads are wrong (use CO-RE objects: source: {object: ...})")
+        return WARN, (f"{sentence}; such specs are refused (accept_header_mismatch is false): "
+                      "use CO-RE objects (source: {object: ...}) for struct reads")
+    if state == "unmeasured" and "(the running kernel's release)" in sentence:
+        return PASS, sentence
+    return WARN, sentence
+
+
 # --- running ----------------------------------------------------------------------------------
 
 def checks(unit_files_given: Sequence[str] | None
@@ -586,6 +603,7 @@ def checks(unit_files_given: Sequence[str] | None
          lambda v: check_hardening(v, unit_files_given)),
         ("no pin or pin directory writable by other", HIGH, check_pins_world_writable),
         ("pins have the configured mode and group", MEDIUM, check_pin_modes),
+        ("kernel headers compile the running kernel's struct offsets", MEDIUM, check_headers),
     ]
 
 
