@@ -33,6 +33,13 @@ PROG_TYPE_IDS: dict[ProgType, int] = {
     ProgType.RAW_TRACEPOINT: 17,
 }
 
+# enum bpf_map_type numbers, to check what BCC or libbpf created against the spec's declaration.
+MAP_TYPE_IDS: dict[MapType, int] = {
+    MapType.HASH: 1, MapType.ARRAY: 2, MapType.PERF_EVENT_ARRAY: 4, MapType.PERCPU_HASH: 5,
+    MapType.PERCPU_ARRAY: 6, MapType.LRU_HASH: 9, MapType.LRU_PERCPU_HASH: 10,
+    MapType.RINGBUF: 27,
+}
+
 # Table type strings understood by BCC's BPF_F_TABLE macro.
 _BCC_TABLE: dict[MapType, str] = {
     MapType.HASH: "hash", MapType.ARRAY: "array", MapType.PERCPU_HASH: "percpu_hash",
@@ -185,7 +192,7 @@ class Module:
             text = log[0].strip()
             raise LoaderdError(
                 Kind.VERIFIER if "processed " in text else Kind.KERNEL,
-                f"kernel refused program '{function}': {_first_reason(text) or err}",
+                f"kernel refused program '{function}': {first_reason(text) or err}",
                 Location(self.spec.path, field=field),
                 detail=redact_addresses(text[-8000:]) or None) from None
         return int(fn.fd)
@@ -203,7 +210,7 @@ def redact_addresses(text: str) -> str:
     return _KADDR.sub("0x<kaddr>", text)
 
 
-def _first_reason(log: str) -> str:
+def first_reason(log: str) -> str:
     """The verifier's verdict: the last line before 'processed N insns' that is not an
     instruction, a register-state dump or a source comment."""
     body = log.split("\nprocessed ")[0].splitlines()

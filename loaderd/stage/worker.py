@@ -8,6 +8,7 @@ Nothing here touches the committed pins except reading a `preserve:` map's old c
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loaderd import faults, policy
@@ -24,19 +25,15 @@ from loaderd.model import (
     MapType,
     PinOwnership,
     Policy,
+    ProgramSpec,
     Spec,
     kernel_map_flags,
     map_access,
     map_pin_mode,
 )
-from loaderd.stage.compile import Module
+from loaderd.stage.compile import MAP_TYPE_IDS, Module
+from loaderd.stage.objload import ObjectBuild
 
-# enum bpf_map_type numbers, to check what BCC created against what the spec declared.
-MAP_TYPE_IDS: dict[MapType, int] = {
-    MapType.HASH: 1, MapType.ARRAY: 2, MapType.PERF_EVENT_ARRAY: 4, MapType.PERCPU_HASH: 5,
-    MapType.PERCPU_ARRAY: 6, MapType.LRU_HASH: 9, MapType.LRU_PERCPU_HASH: 10,
-    MapType.RINGBUF: 27,
-}
 _PERCPU = {MapType.PERCPU_ARRAY, MapType.PERCPU_HASH, MapType.LRU_PERCPU_HASH}
 
 
@@ -69,6 +66,7 @@ class StagedSpec:
     sha256: str
     programs: dict[str, StagedProgram] = field(default_factory=dict)
     maps: dict[str, StagedMap] = field(default_factory=dict)
+    object_sha256: str | None = None  # source.object: the ELF that was loaded
 
 
 def encode(ctype: CType, value: int | bytes) -> bytes:
@@ -192,33 +190,67 @@ def _fill(m: MapSpec, fd: int, layout: pins.PinLayout, old_pin: str, spec: str) 
         kernel.map_update(fd, encode(m.key, entry.key), _value_bytes(m, entry.value, ncpus))
 
 
-def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnership,
-               *, pin: bool = True) -> StagedSpec:
-    """Build every object of `spec` under `<root>/.staging/<txid>/<spec>`; pin=False verifies
-    only (loaderd check): compile, policy, verifier, then close everything."""
-    layout = pins.PinLayout(root)
-    staged = StagedSpec(spec.name, spec.path, spec.sha256)
+def _loaded(spec: Spec, staged: StagedSpec, prog: ProgramSpec, fd: int, function: str,
+            helpers: list[str], calls: dict[str, int], degraded: str | None) -> None:
+    info = kernel.prog_info(fd)
+    staged.programs[prog.name] = StagedProgram(prog.name, function, prog.type.value, info.id,
+                                               info.tag, helpers, degraded, calls)
+    audit.emit(Event.PROG_LOADED, f"{spec.name}/{prog.name}: loaded '{function}' "
+               f"(id {info.id}, tag {info.tag})", spec=spec.name, program=prog.name,
+               prog_id=info.id, prog_tag=info.tag, prog_type=prog.type.value,
+               helpers=helpers, spec_sha256=spec.sha256, file=spec.path)
+    if degraded:
+        audit.emit(Event.DEGRADED, f"{spec.name}/{prog.name}: fallback '{function}' "
+                   f"used: {degraded}", spec=spec.name, program=prog.name, reason=degraded)
+
+
+def _build_bcc(spec: Spec, pol: Policy, staged: StagedSpec
+               ) -> tuple[dict[str, int], dict[str, int], Callable[[], None]]:
+    """Compile with BCC, check facts and policy, load: (program fds, map fds, close)."""
     module = Module(spec)
-    faults.point("after_compile", worker=True)
     try:
+        faults.point("after_compile", worker=True)
         map_fds = check_map_facts(spec, module.tables())
         prog_fds: dict[str, int] = {}
         for i, prog in enumerate(spec.programs):
             fd, function, (helpers, calls), degraded = _load_program(
                 spec, i, module, pol, set(map_fds.values()))
-            info = kernel.prog_info(fd)
             prog_fds[prog.name] = fd
-            staged.programs[prog.name] = StagedProgram(prog.name, function, prog.type.value,
-                                                       info.id, info.tag, helpers, degraded,
-                                                       calls)
-            audit.emit(Event.PROG_LOADED, f"{spec.name}/{prog.name}: loaded '{function}' "
-                       f"(id {info.id}, tag {info.tag})", spec=spec.name, program=prog.name,
-                       prog_id=info.id, prog_tag=info.tag, prog_type=prog.type.value,
-                       helpers=helpers, spec_sha256=spec.sha256, file=spec.path)
-            if degraded:
-                audit.emit(Event.DEGRADED, f"{spec.name}/{prog.name}: fallback '{function}' "
-                           f"used: {degraded}", spec=spec.name, program=prog.name,
-                           reason=degraded)
+            _loaded(spec, staged, prog, fd, function, helpers, calls, degraded)
+    except BaseException:
+        module.close()
+        raise
+    return prog_fds, map_fds, module.close
+
+
+def _build_object(spec: Spec, pol: Policy, staged: StagedSpec
+                  ) -> tuple[dict[str, int], dict[str, int], Callable[[], None]]:
+    """Check and load a precompiled CO-RE object through libbpf: (program fds, map fds,
+    close)."""
+    built = ObjectBuild(spec, pol)
+    try:
+        faults.point("after_compile", worker=True)
+        map_fds = check_map_facts(spec, built.tables)
+        for prog in spec.programs:
+            helpers, calls = built.calls[prog.name]
+            _loaded(spec, staged, prog, built.prog_fds[prog.name], prog.name, helpers, calls,
+                    None)
+    except BaseException:
+        built.close()
+        raise
+    return built.prog_fds, map_fds, built.close
+
+
+def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnership,
+               *, pin: bool = True) -> StagedSpec:
+    """Build every object of `spec` under `<root>/.staging/<txid>/<spec>`; pin=False verifies
+    only (loaderd check): compile (or open the object), policy, verifier, then close
+    everything."""
+    layout = pins.PinLayout(root)
+    staged = StagedSpec(spec.name, spec.path, spec.sha256, object_sha256=spec.object_sha256)
+    build = _build_object if spec.is_object else _build_bcc
+    prog_fds, map_fds, close = build(spec, pol, staged)
+    try:
         if not pin:
             return staged
         faults.point("after_load", worker=True)
@@ -247,4 +279,4 @@ def stage_spec(spec: Spec, pol: Policy, root: str, txid: str, owner: PinOwnershi
         faults.point("after_pin", worker=True)
         return staged
     finally:
-        module.close()
+        close()
