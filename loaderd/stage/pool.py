@@ -84,8 +84,9 @@ def header_verdicts(readers: list[Spec], facts: offsets.HeaderFacts, names: froz
         if err is None:
             continue
         if settings.accept_header_mismatch:
-            audit.emit(Event.DEGRADED, f"{s.name}: loaded although {err.message} "
-                       "(accept_header_mismatch: true)", spec=s.name, file=s.path,
+            audit.emit(Event.DEGRADED, f"{s.name}: staged anyway (accept_header_mismatch: "
+                       f"true), its struct reads are wrong: it {err.message}", spec=s.name,
+                       file=s.path,
                        reason="header mismatch accepted")
             continue
         errors.append(err)
