@@ -6,9 +6,11 @@ set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "setup-host: run as root" >&2; exit 1; }
 export DEBIAN_FRONTEND=noninteractive
 
+# libbpf1: precompiled CO-RE objects (source: {object: ...}) load through libbpf.so.1.
 RUNTIME_PKGS="python3-bpfcc python3-systemd python3-prctl python3-yaml python3-structlog \
-python3-jsonschema bpftool iproute2"
-TEST_PKGS="python3-pytest python3-hypothesis python3-venv"
+python3-jsonschema bpftool iproute2 libbpf1"
+# clang/llvm/libbpf-dev: the tests build CO-RE objects (clang -target bpf, llvm-strip).
+TEST_PKGS="python3-pytest python3-hypothesis python3-venv clang llvm libbpf-dev"
 missing=""
 for p in $RUNTIME_PKGS ${LOADERD_SETUP_TEST:+$TEST_PKGS}; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -45,3 +45,17 @@ def test_missed_events_and_audit_throughput() -> None:
     p5 = audit_throughput(events=200, rounds=1)
     assert p5["stderr_json"] > 0 and p5["json_write"] > 0
     assert len(p4_rows(p4)) == 3 and len(p5_rows(p5)) == 2
+
+
+def test_objects_cold_and_restart_n1() -> None:
+    from bench.workload import find_clang
+
+    clang = find_clang()
+    if clang is None:
+        pytest.skip("no clang: the precompiled objects cannot be built here")
+    r = cold_and_restart(1, reps=1, jobs1=False, daemon=False, clang=clang)
+    s = r["samples"]
+    assert len(s["object_apply"]) == 1 and s["object_apply"][0] > 0
+    assert s["object_restart_loads"] == [0]
+    assert any(row.figure.startswith("P6 cold apply of N=1 CO-RE objects") for row in rows_for(r))
+    assert not os.path.exists(r["objects_bpffs_root"])
