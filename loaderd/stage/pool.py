@@ -53,8 +53,8 @@ def _worker_init(parent: int) -> None:
 
 def _struct_readers(specs: list[Spec]) -> tuple[frozenset[str], list[Spec]]:
     """The running kernel's struct names and the specs whose C text names one of them."""
-    if not any(struct_uses(s.source) for s in specs):
-        return frozenset(), []  # no `struct` at all: no BTF parse either
+    if not any(set(struct_uses(s.source)) - offsets.STABLE_STRUCTS for s in specs):
+        return frozenset(), []  # only ABI structs (__sk_buff, xdp_md, ...): no BTF parse
     try:
         names = offsets.kernel_struct_names()
     except OSError as exc:  # no BTF: nothing to compare against (said, not fatal)
