@@ -238,8 +238,8 @@ def save_cached(state_dir: str, facts: HeaderFacts) -> bool:
 
 
 def describe(state_dir: str) -> tuple[str, str]:
-    """("match" | "mismatch" | "unmeasured" | "unknown", one sentence) for status and
-    compliance: the cached measurement, else what the headers' version says."""
+    """("match" | "mismatch" | "version-mismatch" | "unmeasured" | "unknown", one sentence)
+    for status and compliance: the cached measurement, else what the headers' version says."""
     facts = load_cached(state_dir)
     if facts is not None:
         if facts.error is not None:
@@ -250,6 +250,10 @@ def describe(state_dir: str) -> tuple[str, str]:
     version = headers_version(build)
     if version is None:
         return "unknown", f"no kernel headers at {build} (BCC programs cannot compile)"
-    same = "the running kernel's release" if version == rel else f"not {rel}"
-    return "unmeasured", (f"kernel headers {build} were generated for {version} ({same}); their "
-                          "struct offsets are measured against BTF at the next apply or check")
+    later = ("their struct offsets are measured against BTF when a BCC spec reads kernel "
+             "structs (scripts/setup-host.sh measures them too)")
+    if version != rel:
+        return "version-mismatch", (f"kernel headers {build} were generated for {version}, "
+                                    f"not the running {rel}: BCC struct reads are suspect; "
+                                    f"{later}")
+    return "unmeasured", f"kernel headers {build} were generated for {rel}; {later}"

@@ -211,3 +211,21 @@ def test_compliance_says_mismatch_and_fails_it_when_accepted(tmp_path: Path) -> 
     assert check(accept_header_mismatch=True)[0] == compliance.FAIL
     offsets.save_cached(str(tmp_path), dataclasses.replace(f, compiled=dict(f.kernel)))
     assert check()[0] == compliance.PASS
+
+
+def test_without_a_measurement_the_headers_release_is_compared(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    build = tmp_path / "build"
+    (build / "include/generated").mkdir(parents=True)
+    (build / "include/generated/utsrelease.h").write_text('#define UTS_RELEASE "6.1.0-57-amd64"\n')
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", str(build))
+    state, sentence = offsets.describe(str(tmp_path))
+    assert state == "version-mismatch" and "generated for 6.1.0-57-amd64, not the running" \
+        in sentence
+    assert compliance.check_headers(View(Settings(state_dir=str(tmp_path)), None))[0] == \
+        compliance.WARN
+    monkeypatch.setattr(offsets, "release", lambda: "6.1.0-57-amd64")
+    assert offsets.describe(str(tmp_path))[0] == "unmeasured"
+    assert compliance.check_headers(View(Settings(state_dir=str(tmp_path)), None))[0] == \
+        compliance.PASS
