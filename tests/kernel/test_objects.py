@@ -42,6 +42,34 @@ int record_exec(void *ctx)
 
 char LICENSE[] SEC("license") = "GPL";
 """
+KFUNC_C = """\
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+extern void bpf_rcu_read_lock(void) __ksym;
+extern void bpf_rcu_read_unlock(void) __ksym;
+SEC("tracepoint/sched/sched_process_exec")
+int record_exec(void *ctx) { bpf_rcu_read_lock(); bpf_rcu_read_unlock(); return 0; }
+char LICENSE[] SEC("license") = "GPL";
+"""
+UNCHECKED_C = """\
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+} hits SEC(".maps");
+SEC("tracepoint/sched/sched_process_exec")
+int record_exec(void *ctx)
+{
+	__u32 k = 0;
+	__u64 *v = bpf_map_lookup_elem(&hits, &k);
+	*v += 1;  /* no NULL check: the verifier refuses it */
+	return 0;
+}
+char LICENSE[] SEC("license") = "GPL";
+"""
 BCC_TWIN = """loaderd: 1
 description: the same exec tracer as configs/objects/execsnoop.bpf.c, in BCC C
 source:
@@ -86,9 +114,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if why:
         pytest.skip(f"cannot build BPF objects here: {why}")
     out = tmp_path_factory.mktemp("objs")
-    (out / "forbidden.bpf.c").write_text(FORBIDDEN_C)
+    sources = {"forbidden": FORBIDDEN_C, "kfunc": KFUNC_C, "unchecked": UNCHECKED_C}
+    for name, text in sources.items():
+        (out / f"{name}.bpf.c").write_text(text)
     subprocess.run([str(OBJECTS / "build.sh"), str(out), str(OBJECTS / "execsnoop.bpf.c"),
-                    str(out / "forbidden.bpf.c")], check=True, capture_output=True)
+                    *(str(out / f"{n}.bpf.c") for n in sources)], check=True,
+                   capture_output=True)
     yield out
 
 
@@ -208,3 +239,22 @@ def test_maps_that_do_not_match_the_spec_are_refused(tmp_path: Path, bpffs_root:
     add_object(conf, built, "execsnoop", yaml=text)
     out = loaderd("--config", str(conf), "check", check=False)
     assert "the object defines map 'execs' that the spec does not declare" in out.stderr
+
+
+def test_kfuncs_by_policy_and_the_verifiers_reason(tmp_path: Path, bpffs_root: str,
+                                                  built: Path) -> None:
+    conf = make_conf(tmp_path, bpffs_root, {}, POLICY)
+    prog = ('programs:\n  - {name: record_exec, type: tracepoint, '
+            'attach: {tracepoint: "sched:sched_process_exec"}}\n')
+    add_object(conf, built, "kf", "kfunc.bpf.o",
+               f"loaderd: 1\nsource: {{object: kfunc.bpf.o}}\n{prog}")
+    add_object(conf, built, "unchecked", "unchecked.bpf.o",
+               "loaderd: 1\nsource: {object: unchecked.bpf.o}\nmaps:\n  - {name: hits, type: "
+               f"hash, key: u32, value: u64, max_entries: 1}}\n{prog}")
+    out = loaderd("--config", str(conf), "check", check=False)
+    assert out.returncode == 1
+    assert "kf.yaml:4: programs[0]: program 'record_exec' (tracepoint) makes 2 kfunc call(s)" \
+        in out.stderr
+    assert "unchecked.yaml:2: source.object: kernel refused the object: R0 invalid mem " \
+        "access 'map_value_or_null'" in out.stderr
+    assert "0xffff" not in out.stderr  # kernel addresses redacted from the verifier log
