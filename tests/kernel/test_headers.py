@@ -94,6 +94,8 @@ def test_struct_read_refused_then_accepted_reads_garbage(tmp_path: Path,
     assert "headers: mismatch" in status.stdout and "refused" in status.stdout
 
     conf.write_text(conf.read_text() + "accept_header_mismatch: true\n")
+    accepted = loaderd("--config", str(conf), "check")
+    assert "warning: accept_header_mismatch: true: kernel headers" in accepted.stdout
     out = loaderd("--config", str(conf), "apply")
     said = [json.loads(ln) for ln in out.stderr.splitlines() if ln.startswith("{")]
     assert any(e["event"] == "degraded" and "accept_header_mismatch" in e["message"]
