@@ -9,6 +9,9 @@ P1 cold start of N specs (N = 1, 5, 20): `loaderd apply` wall time (jobs = cores
 P2 restart with unchanged specs: `loaderd apply` / `loaderd run` -> READY again, vs their cold
    start; `last_apply.compiles` from the manifest must be 0; vs `bpftool prog loadall` of the
    same counters precompiled with clang (skipped, and said so, when there is no clang).
+P7 cold apply of the same N counters as precompiled objects (source: {object: ...}, libbpf,
+   no BCC in the workers) vs the N BCC specs' cold apply and vs bpftool loadall of the same
+   objects (both measured in the same repetition; needs clang).
 P3 memory of the resident `loaderd run` (VmRSS, VmHWM) after READY with the largest N, vs the
    BCC script after it compiled the same specs; libbcc/libLLVM/libclang must not be mapped.
 P4 events missed across a daemon restart: an exec generator runs while `loaderd run` gets
@@ -84,10 +87,13 @@ def cold_and_restart(n: int, reps: int = 1, *, jobs1: bool = True, daemon: bool 
     def add(key: str, value: float) -> None:
         s.setdefault(key, []).append(value)
 
-    with Workspace(f"n{n}") as ws:
+    with Workspace(f"n{n}") as ws, Workspace(f"o{n}") as ows:
         out["bpffs_root"] = ws.root
+        out["objects_bpffs_root"] = ows.root
         ws.write_counters(n)
         objs = build_objects(ws, n, clang) if clang else []
+        if objs:
+            ows.write_object_counters(objs)
         for rep in range(reps):
             log(f"N={n} rep {rep + 1}/{reps}")
             t, report = run_baseline(ws)
@@ -118,6 +124,12 @@ def cold_and_restart(n: int, reps: int = 1, *, jobs1: bool = True, daemon: bool 
                 ws.disable()
             if objs:
                 add("loadall", loadall(objs, f"{ws.root}_loadall"))
+                add("object_apply", ows.apply())
+                _expect(ows.last_compiles() == n,
+                        f"cold object apply loaded {ows.last_compiles()} != {n}")
+                add("object_restart", ows.apply())
+                add("object_restart_loads", ows.last_compiles())
+                ows.disable()
     return out
 
 
@@ -327,6 +339,18 @@ def rows_for(r: dict[str, Any]) -> list[Row]:
         rows.append(Row(f"P2 restart apply vs bpftool loadall, N={n}", _s(ra),
                         _s(la) + " (loadall)", f"{ra / la:.2f}x", "—", "info",
                         {"loadall": s["loadall"]}))
+    if "object_apply" in s:
+        oa, la = best(s["object_apply"]), best(s["loadall"])
+        rows.append(Row(f"P7 cold apply of N={n} CO-RE objects vs N BCC specs", _s(oa),
+                        _s(a) + " (BCC cold apply)", f"{oa / a:.2f}x", "—", "info",
+                        {"objects": s["object_apply"]}))
+        rows.append(Row(f"P7 cold apply of N={n} CO-RE objects vs bpftool loadall", _s(oa),
+                        _s(la) + " (loadall, no attach)", f"{oa / la:.2f}x", "—", "info"))
+        loads = int(max(s["object_restart_loads"]))
+        rows.append(Row(f"P7 restart apply of N={n} objects (unchanged)",
+                        _s(best(s["object_restart"])), _s(oa) + " (cold)",
+                        f"{best(s['object_restart']) / oa:.2f}x", "loads = 0",
+                        _verdict(loads == 0), {"loads": loads}))
     return rows
 
 

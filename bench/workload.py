@@ -42,6 +42,16 @@ programs:
   - {{name: count_exec, type: tracepoint, attach: {{tracepoint: "sched:sched_process_exec"}}}}
 """
 
+# The same counter as a spec of a precompiled object (bench/workload.LIBBPF_COUNTER, clang-built).
+OBJECT_COUNTER = """loaderd: 1
+description: bench counter, precompiled object
+source: {{object: {obj}}}
+maps:
+  - {{name: hits, type: array, key: u32, value: u64, max_entries: 1}}
+programs:
+  - {{name: count_exec, type: tracepoint, attach: {{tracepoint: "sched:sched_process_exec"}}}}
+"""
+
 # Counts only execs of one binary name (the generator's), so other processes on the host do
 # not blur the missed-events figure.
 COMM_COUNTER = """loaderd: 1
@@ -169,6 +179,20 @@ class Workspace:
         names = [f"bench_{i:02d}" for i in range(n)]
         for i, name in enumerate(names):
             (self.specs / f"{name}.yaml").write_text(COUNTER.format(i=i, step=1000 + i))
+        return names
+
+    def write_object_counters(self, objs: list[Path]) -> list[str]:
+        """The same N counters as specs of precompiled objects (source: {object: ...}), each
+        object copied next to its spec (root-owned, 0644: the trust checks)."""
+        for f in self.specs.iterdir():
+            f.unlink()
+        names = []
+        for obj in objs:
+            name = obj.name.split(".")[0]
+            shutil.copy(obj, self.specs / obj.name)
+            os.chmod(self.specs / obj.name, 0o644)
+            (self.specs / f"{name}.yaml").write_text(OBJECT_COUNTER.format(obj=obj.name))
+            names.append(name)
         return names
 
     def write_comm_counter(self, comm: str, name: str = "bench_exec") -> None:

@@ -406,7 +406,14 @@ class Spec:
     # so a file edited while an apply commits can never be saved as the applied version.
     yaml_bytes: bytes = field(default=b"", compare=False, repr=False)
     source_bytes: bytes = field(default=b"", compare=False, repr=False)
-    source_ref: str | None = None  # `source.file` as written (relative to the spec's dir)
+    source_ref: str | None = None  # `source.file`/`.object` as written (relative to the spec)
+    # `source.object`: a precompiled BPF ELF (CO-RE) in source_bytes, loaded through libbpf
+    # instead of compiled by BCC (source is then ""); its sha256 goes into the record.
+    object_sha256: str | None = None
+
+    @property
+    def is_object(self) -> bool:
+        return self.object_sha256 is not None
 
     def line_of(self, *path: str | int) -> int | None:
         """Line of the field at `path`, or of its nearest written ancestor."""
@@ -425,6 +432,7 @@ class Limits:
     max_map_memory: int = 64 * 1024 * 1024  # bytes, key+value * entries, across all specs
     max_spec_bytes: int = 256 * 1024  # YAML file size
     max_source_bytes: int = 512 * 1024  # C source size
+    max_object_bytes: int = 4 * 1024 * 1024  # precompiled BPF object size
     max_event_rate: int = 1000  # events/s journaled from an event map
 
 
@@ -497,4 +505,8 @@ class Settings:
     policy: Policy = Policy()
     sanitize: Rules = field(default_factory=Rules)  # daemon events, loaderctl events/dump
     compile: CompileLimits = CompileLimits()
+    # BCC programs that read kernel structs are refused when the installed headers compile
+    # other offsets than the running kernel's BTF has; true loads them anyway (said in the
+    # journal, check and status): their struct reads return the wrong bytes.
+    accept_header_mismatch: bool = False
     path: str | None = None  # the file it came from

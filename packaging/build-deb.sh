@@ -59,6 +59,9 @@ doc=/usr/share/doc/loaderd
 for f in "$top"/configs/programs.d/*; do
     [ -f "$f" ] && inst 0644 "$f" "$doc/examples/programs.d/$(basename "$f")"
 done
+for f in "$top"/configs/objects/*; do   # CO-RE example: source, spec and build script
+    [ -f "$f" ] && inst 0644 "$f" "$doc/examples/objects/$(basename "$f")"
+done
 [ -f "$top/README.md" ] && inst 0644 "$top/README.md" "$doc/README.md"
 for f in "$top"/docs/*.md; do
     [ -f "$f" ] && inst 0644 "$f" "$doc/$(basename "$f")"

@@ -6,9 +6,11 @@ set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "setup-host: run as root" >&2; exit 1; }
 export DEBIAN_FRONTEND=noninteractive
 
+# libbpf1: precompiled CO-RE objects (source: {object: ...}) load through libbpf.so.1.
 RUNTIME_PKGS="python3-bpfcc python3-systemd python3-prctl python3-yaml python3-structlog \
-python3-jsonschema bpftool iproute2"
-TEST_PKGS="python3-pytest python3-hypothesis python3-venv"
+python3-jsonschema bpftool iproute2 libbpf1"
+# clang/llvm/libbpf-dev: the tests build CO-RE objects (clang -target bpf, llvm-strip).
+TEST_PKGS="python3-pytest python3-hypothesis python3-venv clang llvm libbpf-dev"
 missing=""
 for p in $RUNTIME_PKGS ${LOADERD_SETUP_TEST:+$TEST_PKGS}; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -39,6 +41,23 @@ if [ ! -e "/lib/modules/$rel/build/include/generated" ]; then
   fi
 fi
 
+# Linked headers of another release compile, but not at the running kernel's struct offsets:
+# say so (measured against BTF when loaderd is next to this script) instead of pretending.
+hdr_rel=$(sed -n 's/.*UTS_RELEASE "\(.*\)".*/\1/p' \
+  "/lib/modules/$rel/build/include/generated/utsrelease.h" 2>/dev/null || true)
+if [ "$hdr_rel" != "$rel" ]; then
+  echo "setup-host: WARNING: the kernel headers are ${hdr_rel:-unknown}'s, not $rel's" >&2
+  repo=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)
+  if [ -e /sys/kernel/btf/vmlinux ] && [ -d "$repo/loaderd" ]; then
+    measured=$(cd / && PYTHONPATH=$repo /usr/bin/python3 -c \
+      'from loaderd.stage import headers; print(headers.measure().summary())' 2>/dev/null) \
+      && echo "setup-host: WARNING: $measured" >&2
+  fi
+  echo "setup-host: WARNING: BCC specs that read kernel structs (task->tgid, sk->...) are" \
+       "refused by loaderd unless accept_header_mismatch: true; tracepoint args-> reads are" \
+       "fine; for struct reads use precompiled CO-RE objects (source: {object: ...})" >&2
+fi
+
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
-echo "setup-host: ok (bcc $(dpkg-query -W -f='${Version}' python3-bpfcc), headers for $rel, bpffs and tracefs mounted)"
+echo "setup-host: ok (bcc $(dpkg-query -W -f='${Version}' python3-bpfcc), headers ${hdr_rel:-missing} for kernel $rel$([ "$hdr_rel" = "$rel" ] || echo ' (MISMATCH: see the warning above)'), bpffs and tracefs mounted)"

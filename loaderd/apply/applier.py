@@ -296,7 +296,8 @@ class Applier:
             maps={n: MapRecord(m.name, m.id, m.frozen, m.access) for n, m in st.maps.items()},
             links=links, sources=tuple(f for f in (s.source_path,) if f), txid=txid,
             deferred_links=tuple(deferred),
-            events={m.name: m.events for m in s.maps if m.events})
+            events={m.name: m.events for m in s.maps if m.events},
+            object_sha256=st.object_sha256)
 
     # --- operator actions -----------------------------------------------------------------
     def enable(self) -> bool:

@@ -162,6 +162,11 @@ def _lib() -> ctypes.CDLL:
     return _libbpf
 
 
+def libbpf() -> ctypes.CDLL:
+    """The shared libbpf.so.1 handle (bpfobject declares its own prototypes on it)."""
+    return _lib()
+
+
 def _call(name: str, *args: Any) -> int:
     ctypes.set_errno(0)
     return int(getattr(_lib(), name)(*args))

@@ -69,6 +69,12 @@ def cmd_check(args: argparse.Namespace) -> int:
                 extra = f" (degraded: {p.degraded})" if p.degraded else ""
                 print(f"ok: {st.name}/{p.name}: verifier accepted '{p.function}', helpers "
                       f"{', '.join(p.helpers) or 'none'}{extra}")
+    if settings.accept_header_mismatch and not args.no_kernel:
+        from loaderd.bpf import offsets
+
+        hstate, hsentence = offsets.describe(settings.state_dir)
+        if hstate in ("mismatch", "version-mismatch"):
+            print(f"warning: accept_header_mismatch: true: {hsentence}")
     for e in errors:
         print_error(e)
     print(f"{len(specs)} specs, {len(errors)} errors")

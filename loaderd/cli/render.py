@@ -47,6 +47,8 @@ def render_status(report: dict[str, Any]) -> str:
                  f"written {_ts(head.get('written_at'))}), {len(report['specs'])} specs"]
     else:
         lines = [f"manifest: {head.get('note')}"]
+    if "headers" in report:
+        lines.append(f"headers: {report['headers']['state']}: {report['headers']['detail']}")
     if head.get("status") == "disabled":
         lines.append("kill switch pulled: nothing is loaded until `loaderd enable` (then "
                      "`systemctl reload loaderd`)")

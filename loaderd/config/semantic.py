@@ -185,3 +185,13 @@ def fallbacks(c: Collector, maps: tuple[MapSpec, ...], programs: tuple[ProgramSp
                       "name another function of the source")
             elif name not in defined:
                 c.add(Kind.SEMANTIC, at, f"fallback '{name}' is not a function in the source")
+
+
+def object_rules(c: Collector, programs: tuple[ProgramSpec, ...]) -> None:
+    """A precompiled object's programs load together in one bpf_object__load: there is no
+    per-function retry to fall back with."""
+    for i, p in enumerate(programs):
+        if p.fallback:
+            c.add(Kind.SEMANTIC, ("programs", i, "fallback"), "fallback is for C sources "
+                  "(BCC compiles and retries each function); an object's programs load "
+                  "together: build the variant you need")

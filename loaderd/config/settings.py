@@ -130,6 +130,8 @@ def _parse(path: str, raw: bytes) -> Settings:
         policy=_policy(ctx, data.get("policy", {})),
         sanitize=Rules.from_mapping(data.get("sanitize", {})),  # shape checked by the schema
         compile=CompileLimits(**data.get("compile", {})),  # ranges checked by the schema
+        accept_header_mismatch=data.get("accept_header_mismatch",
+                                        defaults.accept_header_mismatch),
         path=path)
 
 

@@ -123,3 +123,26 @@ def check_source(text: str, *, file: str | None, first_line: int = 1,
         if len(errors) >= MAX_ERRORS:
             break
     return errors
+
+
+_STRUCT_USE = re.compile(r"\bstruct\s+([A-Za-z_]\w*)")
+_STRUCT_DEF = re.compile(r"\bstruct\s+([A-Za-z_]\w*)\s*\{")
+_CURRENT_TASK = re.compile(r"\bbpf_get_current_task(?:_btf)?\s*\(")
+
+
+def struct_uses(text: str) -> dict[str, int]:
+    """Structs the C text names (`struct NAME`, comments ignored) and does not define itself,
+    with the line (in `text`) of the first use; `bpf_get_current_task()` counts as a use of
+    task_struct. Which of them are kernel structs is for the caller (the running kernel's BTF)
+    to say: BCC's tracepoint `args` are no `struct` the text names."""
+    code, starts = _splice(text)
+    code = _blank_comments(code)
+    defined = {m.group(1) for m in _STRUCT_DEF.finditer(code)}
+    found: dict[str, int] = {}
+    for m in _STRUCT_USE.finditer(code):
+        if m.group(1) not in defined:
+            found.setdefault(m.group(1), 1 + bisect.bisect_right(starts, m.start()))
+    task = _CURRENT_TASK.search(code)
+    if task is not None and "task_struct" not in found:
+        found["task_struct"] = 1 + bisect.bisect_right(starts, task.start())
+    return found

@@ -88,12 +88,13 @@ def _read_source(f: Collector, data: dict[str, Any], limits: Limits, owner_uid: 
                   allowed=f"<= {limits.max_source_bytes} bytes")
             return None
         return raw, None, first
-    at = ("source", "file")
+    kind = "object" if "object" in src else "file"
+    at = ("source", kind)
+    limit = limits.max_object_bytes if kind == "object" else limits.max_source_bytes
     base = os.path.dirname(os.path.abspath(f.path))
     try:
-        real = trust.check_relative(src["file"], base)
-        raw = trust.read_file(real, owner_uid=owner_uid, root_dir=base,
-                              max_bytes=limits.max_source_bytes)
+        real = trust.check_relative(src[kind], base)
+        raw = trust.read_file(real, owner_uid=owner_uid, root_dir=base, max_bytes=limit)
     except LoaderdError as exc:
         # Point at the spec's `source.file:` line; keep which file/dir failed in the message.
         if exc.location.file is not None and exc.location.field is None:
@@ -101,9 +102,13 @@ def _read_source(f: Collector, data: dict[str, Any], limits: Limits, owner_uid: 
         exc.location = f.loc(at)
         f.errors.append(exc)
         return None
-    if len(raw) > limits.max_source_bytes:
-        f.add(Kind.LIMIT, at, "source file is too large", value=src["file"],
-              allowed=f"<= {limits.max_source_bytes} bytes")
+    if len(raw) > limit:
+        f.add(Kind.LIMIT, at, f"source {kind} is too large", value=src[kind],
+              allowed=f"<= {limit} bytes")
+        return None
+    if kind == "object" and not raw.startswith(b"\x7fELF"):
+        f.add(Kind.SEMANTIC, at, "source.object is not an ELF object", value=src[kind],
+              allowed="a BPF object built with clang -target bpf -g -O2")
         return None
     return raw, real, 1
 
@@ -142,9 +147,12 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
     maps = tuple(_build_map(f, i, m) for i, m in enumerate(data.get("maps", [])))
     programs = tuple(_build_program(f, i, p) for i, p in enumerate(data["programs"]))
     got = _read_source(f, data, limits, owner_uid)
-    text = _decode_source(f, got[0], got[1]) if got else None
+    is_object = "object" in data["source"]
+    text = ("" if is_object else _decode_source(f, got[0], got[1])) if got else None
     semantic.names(f, maps, programs)
-    if got and text is not None:
+    if is_object:
+        semantic.object_rules(f, programs)
+    elif got and text is not None:
         semantic.fallbacks(f, maps, programs, text)
         field = None if got[1] else "source.inline"
         f.errors += srccheck.check_source(text, file=got[1] or path, first_line=got[2],
@@ -156,7 +164,8 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
                 programs=programs, sha256=digest, description=data.get("description", ""),
                 marks=dict(marks.keys), yaml_bytes=yaml_bytes,
                 source_bytes=got[0] if got[1] else b"",
-                source_ref=data["source"].get("file")), []
+                source_ref=data["source"].get("file", data["source"].get("object")),
+                object_sha256=hashlib.sha256(got[0]).hexdigest() if is_object else None), []
 
 
 def load_spec(path: str, *, limits: Limits, owner_uid: int | None = 0) -> Spec:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loaderd import sandbox
-from loaderd.bpf import kernel, pins
+from loaderd.bpf import kernel, offsets, pins
 from loaderd.config import spec as spec_mod
 from loaderd.config.settings import load_default
 from loaderd.errors import LoaderdError
@@ -302,7 +302,13 @@ def status(view: View) -> dict[str, Any]:
     if not support.available:
         notes.append(f"compile sandbox DEGRADED: {support.describe()}: compile workers run "
                      "without Landlock")
+    hstate, hsentence = offsets.describe(view.settings.state_dir)
+    if hstate == "mismatch":
+        hsentence += ("; such specs are " + ("loaded anyway (accept_header_mismatch: true)"
+                                             if view.settings.accept_header_mismatch
+                                             else "refused"))
     return {"manifest": head, "specs": specs, "notes": notes,
+            "headers": {"state": hstate, "detail": hsentence},
             "sandbox": {"landlock_abi": support.abi, "reason": support.reason or None}}
 
 

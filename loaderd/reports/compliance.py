@@ -27,7 +27,7 @@ from typing import Any, TypeAlias
 
 from loaderd import privileges, sandbox
 from loaderd.audit import log as audit
-from loaderd.bpf import kernel
+from loaderd.bpf import kernel, offsets
 from loaderd.config.settings import DEFAULT_CONFIG
 from loaderd.errors import LoaderdError
 from loaderd.model import (
@@ -586,6 +586,23 @@ def check_compile_sandbox(view: View) -> Outcome:
                   f"{lim.memory_mb} MiB, {lim.cpu_seconds} s CPU, {lim.timeout_seconds} s")
 
 
+def check_headers(view: View) -> Outcome:
+    """BCC compiles struct offsets from the installed headers; the running kernel's BTF is the
+    truth (bpf.offsets measures both; the cache is what the last apply or check saw)."""
+    state, sentence = offsets.describe(view.settings.state_dir)
+    if state == "match":
+        return PASS, sentence
+    if state == "mismatch":
+        if view.settings.accept_header_mismatch:
+            return FAIL, (f"{sentence}; accept_header_mismatch: true loads them anyway: their "
+                          "struct reads are wrong (use CO-RE objects: source: {object: ...})")
+        return WARN, (f"{sentence}; such specs are refused (accept_header_mismatch is false): "
+                      "use CO-RE objects (source: {object: ...}) for struct reads")
+    if state == "unmeasured":  # the headers' release is the running kernel's
+        return PASS, sentence
+    return WARN, sentence
+
+
 # --- running ----------------------------------------------------------------------------------
 
 def checks(unit_files_given: Sequence[str] | None
@@ -604,6 +621,7 @@ def checks(unit_files_given: Sequence[str] | None
         ("pins have the configured mode and group", MEDIUM, check_pin_modes),
         ("compile workers are confined by the kernel (Landlock)", MEDIUM,
          check_compile_sandbox),
+        ("kernel headers compile the running kernel's struct offsets", MEDIUM, check_headers),
     ]
 
 

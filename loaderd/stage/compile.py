@@ -125,41 +125,44 @@ def _strip_diagnostics(text: str) -> str:
     return "\n".join(lines[:60])
 
 
+def bcc_compile(text: str, where: Location) -> Any:
+    """BPF(text) with nothing auto-attached, no RLIMIT_MEMLOCK change, a private TMPDIR and
+    clang's diagnostics in the error (located at `where`)."""
+    from bcc import BPF
+
+    class _NoAutoAttach(BPF):  # type: ignore[misc]
+        def _trace_autoload(self) -> None:  # nothing attaches unless a spec says so
+            return None
+
+    # BCC's kheaders fallback trusts an existing $TMPDIR/kheaders-<rel> (CVE-2024-2314):
+    # give it a private, fresh TMPDIR so nothing planted there can be picked up.
+    private_tmp = tempfile.mkdtemp(prefix="loaderd-bcc-")
+    old_tmp = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = private_tmp
+    try:
+        with captured_fd2() as diag:
+            try:
+                return _NoAutoAttach(text=text.encode(), allow_rlimit=False)
+            except Exception as exc:  # bcc raises bare Exception
+                err = exc
+        raise LoaderdError(Kind.COMPILE, "C source does not compile", where,
+                           detail=_strip_diagnostics(diag[0]) or str(err)) from None
+    finally:
+        if old_tmp is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old_tmp
+        with contextlib.suppress(OSError):
+            os.rmdir(private_tmp)
+
+
 class Module:
     """One compiled spec. Maps exist in the kernel as soon as this is constructed."""
 
     def __init__(self, spec: Spec) -> None:
-        from bcc import BPF
-
-        class _NoAutoAttach(BPF):  # type: ignore[misc]
-            def _trace_autoload(self) -> None:  # nothing attaches unless a spec says so
-                return None
-
         self.spec = spec
-        # BCC's kheaders fallback trusts an existing $TMPDIR/kheaders-<rel> (CVE-2024-2314):
-        # give it a private, fresh TMPDIR so nothing planted there can be picked up.
-        private_tmp = tempfile.mkdtemp(prefix="loaderd-bcc-")
-        old_tmp = os.environ.get("TMPDIR")
-        os.environ["TMPDIR"] = private_tmp
-        try:
-            with captured_fd2() as diag:
-                try:
-                    self.bpf = _NoAutoAttach(text=render(spec).encode(), allow_rlimit=False)
-                    err = None
-                except Exception as exc:  # bcc raises bare Exception
-                    err = exc
-            if err is not None:
-                raise LoaderdError(
-                    Kind.COMPILE, "C source does not compile",
-                    Location(spec.source_path or spec.path, field="source"),
-                    detail=_strip_diagnostics(diag[0]) or str(err)) from None
-        finally:
-            if old_tmp is None:
-                os.environ.pop("TMPDIR", None)
-            else:
-                os.environ["TMPDIR"] = old_tmp
-            with contextlib.suppress(OSError):
-                os.rmdir(private_tmp)
+        self.bpf = bcc_compile(render(spec), Location(spec.source_path or spec.path,
+                                                      field="source"))
 
     def functions(self) -> list[str]:
         lib = _lib()
@@ -189,7 +192,7 @@ class Module:
             text = log[0].strip()
             raise LoaderdError(
                 Kind.VERIFIER if "processed " in text else Kind.KERNEL,
-                f"kernel refused program '{function}': {_first_reason(text) or err}",
+                f"kernel refused program '{function}': {first_reason(text) or err}",
                 Location(self.spec.path, field=field),
                 detail=redact_addresses(text[-8000:]) or None) from None
         return int(fn.fd)
@@ -207,7 +210,7 @@ def redact_addresses(text: str) -> str:
     return _KADDR.sub("0x<kaddr>", text)
 
 
-def _first_reason(log: str) -> str:
+def first_reason(log: str) -> str:
     """The verifier's verdict: the last line before 'processed N insns' that is not an
     instruction, a register-state dump or a source comment."""
     body = log.split("\nprocessed ")[0].splitlines()

@@ -3,12 +3,14 @@
 Measured (strace -f -e trace=%file of a forked worker compiling the shipped examples, bcc 0.26,
 kernel 6.18): BCC's clang reads only the kernel headers (`/lib/modules/<release>/{build,source}`
 and what they resolve to); its own headers are compiled in (`/virtual/...`). Denied without
-harm: clang's driver probing (/etc/os-release, /usr/lib/gcc, /opt, /usr/local/cuda) and
-/proc/kallsyms (BCC's kernel-symbol lookup, unused by loaderd specs; granting it would let C text
-`#include` kernel addresses into an error). Granted beyond that, read-only, for code the worker
-runs after confining: the Python library directories and loaderd's own package (lazy imports),
-the running kernel's BTF, the possible-CPU list, and the tracefs event formats (BCC's
-TRACEPOINT_PROBE reads them). Write: only the worker's private temp directory (also its cwd:
+harm: clang's driver probing (/etc/os-release, /usr/lib/gcc, /opt, /usr/local/cuda). Granted
+beyond that, read-only, for code the worker runs after confining: the Python library
+directories and loaderd's own package (lazy imports), the running kernel's BTF, the possible-CPU
+list, the tracefs event formats (BCC's TRACEPOINT_PROBE reads them) and /proc/kallsyms: BCC
+looks `bpf_probe_read_kernel` up there and, denied, silently compiles every kernel read as the
+legacy `bpf_probe_read` (measured: the policy then saw another helper than the C text calls).
+Kernel addresses could reach an error only through a `#line` or an absolute quoted include,
+which the text check refuses. Write: only the worker's private temp directory (also its cwd:
 BCC puts the working directory on the include path). The pool adds the spec's own two files
 (YAML and C), as file rules: BCC opens the file a `#line` directive names to put its lines
 into the program's BTF line info (measured with `#line 1 "/etc/hostname"`), and loaderd's
@@ -33,7 +35,7 @@ from loaderd import sandbox
 from loaderd.sandbox import READ, WRITE, Rule, Support
 
 TRACEFS_EVENTS = ("/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/events")
-SYSFS = ("/sys/kernel/btf", "/sys/devices/system/cpu")
+SYSFS = ("/sys/kernel/btf", "/sys/devices/system/cpu", "/proc/kallsyms")
 
 
 def kernel_header_dirs(release: str | None = None) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import multiprocessing
 import os
 import selectors
 import shutil
@@ -26,17 +27,20 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from loaderd import faults, sandbox
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
+from loaderd.bpf import bpfobject, offsets
 from loaderd.bpf.btf import helper_names
+from loaderd.config.source import struct_uses
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import CompileLimits, Settings, Spec
 from loaderd.stage import compile as bcc_compile
-from loaderd.stage import confine, wire
+from loaderd.stage import confine, headers, wire
 from loaderd.stage.worker import Built, StagedSpec, build, finish, verify_built
 
 Progress = Callable[[str], None]  # one line of progress (the daemon's STATUS=, the CLI's stderr)
@@ -110,14 +114,17 @@ def _work(job_spec: Spec, limits: CompileLimits, settings: Settings, sock: socke
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         sandbox.set_limits(sandbox.Limits(limits.memory_mb << 20, limits.cpu_seconds))
-        bcc_compile.preload()
+        if job_spec.is_object:  # libbpf only: no bcc, no LLVM (~150 MB less)
+            bpfobject.preload()
+        else:
+            bcc_compile.preload()
         bcc_compile.share_diagnostics(diag)
         support = confine.enter(tmp, read=read)
         if not support.available and limits.require_landlock:
             raise LoaderdError(Kind.KERNEL, f"refusing to compile without a sandbox: "
                                f"{support.describe()}", Location(settings.path,
                                                                 field="compile.require_landlock"))
-        built, _module = build(job_spec, settings.policy)
+        built, _close = build(job_spec, settings.policy)  # the fds live until we exit
         if faults.armed("after_compile"):  # the parent dies (kill -9) with this compiled
             _send(sock, wire.encode("fault", point="after_compile"), [])
             signal.pause()
@@ -338,13 +345,73 @@ def sandbox_status(settings: Settings) -> tuple[sandbox.Support, str | None]:
                      "C text is confined by the text checks and resource limits only")
 
 
+def _struct_readers(specs: list[Spec]) -> tuple[frozenset[str], list[Spec]]:
+    """The running kernel's struct names and the specs whose C text names one of them."""
+    if not any(set(struct_uses(s.source)) - offsets.STABLE_STRUCTS for s in specs
+               if not s.is_object):
+        return frozenset(), []  # only ABI structs (__sk_buff, xdp_md, ...): no BTF parse
+    try:
+        names = offsets.kernel_struct_names()
+    except OSError as exc:  # no BTF: nothing to compare against (said, not fatal)
+        audit.emit(Event.DEGRADED, f"cannot read the running kernel's BTF ({exc.strerror}): "
+                   "struct offsets of BCC programs are not checked", reason="no BTF")
+        return frozenset(), []
+    return names, [s for s in specs if headers.kernel_structs(s, names)]
+
+
+def _measure_in_child() -> offsets.HeaderFacts:
+    """The headers' offsets, measured by BCC in a forked child (this process never imports
+    bcc: the resident and the apply stay small)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as one:
+        return one.submit(headers.measure).result()
+
+
+def header_facts(settings: Settings, measure: Callable[[], offsets.HeaderFacts]
+                 ) -> offsets.HeaderFacts:
+    """The cached measurement for this host, else `measure()` (then cached)."""
+    facts = offsets.load_cached(settings.state_dir)
+    if facts is None:
+        facts = measure()
+        offsets.save_cached(settings.state_dir, facts)
+    return facts
+
+
+def header_verdicts(readers: list[Spec], facts: offsets.HeaderFacts, names: frozenset[str],
+                    settings: Settings) -> list[LoaderdError]:
+    """Refusals of the specs that read kernel structs at wrong offsets (none when the settings
+    accept the risk: each such spec is then journaled as degraded)."""
+    errors: list[LoaderdError] = []
+    for s in readers:
+        err = headers.check(s, facts, names)
+        if err is None:
+            continue
+        if settings.accept_header_mismatch:
+            audit.emit(Event.DEGRADED, f"{s.name}: staged anyway (accept_header_mismatch: "
+                       f"true), its struct reads are wrong: it {err.message}", spec=s.name,
+                       file=s.path, reason="header mismatch accepted")
+            continue
+        errors.append(err)
+    return errors
+
+
 def stage_all(specs: list[Spec], settings: Settings, txid: str, *, pin: bool = True,
               jobs: int | None = None, progress: Progress | None = None
               ) -> tuple[list[StagedSpec], list[LoaderdError]]:
     """Compile+load each spec in its own confined process, up to one per core at a time; pin
-    (with pin) what they loaded. Results in the order of `specs`."""
+    (with pin) what they loaded. Results in the order of `specs`. BCC specs that read kernel
+    structs are checked against the running kernel's BTF first and refused, never compiled,
+    where the headers' offsets are wrong."""
     if not specs:
         return [], []
+    refused: list[LoaderdError] = []
+    names, readers = _struct_readers(specs)
+    if readers:
+        refused = header_verdicts(readers, header_facts(settings, _measure_in_child), names,
+                                  settings)
+        gone = {e.location.file for e in refused}
+        specs = [s for s in specs if s.path not in gone]
+        if not specs:
+            return [], refused
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(specs)))
     support, warning = sandbox_status(settings)
     if warning:
@@ -355,4 +422,4 @@ def stage_all(specs: list[Spec], settings: Settings, txid: str, *, pin: bool = T
     stager.run()
     staged = [r for r in stager.results if isinstance(r, StagedSpec)]
     errors = [r for r in stager.results if isinstance(r, LoaderdError)]
-    return staged, errors
+    return staged, refused + errors

@@ -11,6 +11,7 @@ Nothing here touches the committed pins except reading a `preserve:` map's old c
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loaderd import faults, policy
@@ -33,6 +34,7 @@ from loaderd.model import (
     percpu_slot,
 )
 from loaderd.stage.compile import Module
+from loaderd.stage.objload import ObjectBuild
 
 
 @dataclass
@@ -64,6 +66,7 @@ class StagedSpec:
     sha256: str
     programs: dict[str, StagedProgram] = field(default_factory=dict)
     maps: dict[str, StagedMap] = field(default_factory=dict)
+    object_sha256: str | None = None  # source.object: the ELF that was loaded
 
 
 def encode(ctype: CType, value: int | bytes) -> bytes:
@@ -199,10 +202,16 @@ class Built:
         return [*self.prog_fds.values(), *self.map_fds.values()]
 
 
-def build(spec: Spec, pol: Policy) -> tuple[Built, Module]:
-    """Compile, check the facts, load every program. The fds in Built belong to the Module (or,
-    once passed to another process, to that process): close the Module when done."""
-    staged = StagedSpec(spec.name, spec.path, spec.sha256)
+def build(spec: Spec, pol: Policy) -> tuple[Built, Callable[[], None]]:
+    """Compile (BCC) or open (a CO-RE object through libbpf), check the facts, load every
+    program. The fds in Built belong to the returned closer (or, once passed to another
+    process, to that process): call it when done."""
+    staged = StagedSpec(spec.name, spec.path, spec.sha256, object_sha256=spec.object_sha256)
+    return (_build_object if spec.is_object else _build_bcc)(spec, pol, staged)
+
+
+def _build_bcc(spec: Spec, pol: Policy, staged: StagedSpec
+               ) -> tuple[Built, Callable[[], None]]:
     module = Module(spec)
     try:
         map_fds = check_map_facts(spec, module.tables())
@@ -210,15 +219,34 @@ def build(spec: Spec, pol: Policy) -> tuple[Built, Module]:
         for i, prog in enumerate(spec.programs):
             fd, function, (helpers, calls), degraded = _load_program(
                 spec, i, module, pol, set(map_fds.values()))
-            info = kernel.prog_info(fd)
             prog_fds[prog.name] = fd
-            staged.programs[prog.name] = StagedProgram(prog.name, function, prog.type.value,
-                                                       info.id, info.tag, helpers, degraded,
-                                                       calls)
+            _record(staged, prog.name, prog.type.value, fd, function, helpers, calls, degraded)
     except BaseException:
         module.close()
         raise
-    return Built(staged, prog_fds, map_fds), module
+    return Built(staged, prog_fds, map_fds), module.close
+
+
+def _build_object(spec: Spec, pol: Policy, staged: StagedSpec
+                  ) -> tuple[Built, Callable[[], None]]:
+    obj = ObjectBuild(spec, pol)
+    try:
+        map_fds = check_map_facts(spec, obj.tables)
+        for prog in spec.programs:
+            helpers, calls = obj.calls[prog.name]
+            _record(staged, prog.name, prog.type.value, obj.prog_fds[prog.name], prog.name,
+                    helpers, calls, None)
+    except BaseException:
+        obj.close()
+        raise
+    return Built(staged, obj.prog_fds, map_fds), obj.close
+
+
+def _record(staged: StagedSpec, name: str, ptype: str, fd: int, function: str,
+            helpers: list[str], calls: dict[str, int], degraded: str | None) -> None:
+    info = kernel.prog_info(fd)
+    staged.programs[name] = StagedProgram(name, function, ptype, info.id, info.tag, helpers,
+                                          degraded, calls)
 
 
 def verify_built(spec: Spec, built: Built) -> None:

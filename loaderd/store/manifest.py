@@ -84,6 +84,7 @@ class SpecRecord:
     txid: str | None = None
     deferred_links: tuple[str, ...] = ()
     events: Mapping[str, str] = field(default_factory=dict)  # ring map -> record layout
+    object_sha256: str | None = None  # source.object: the loaded ELF's sha256
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,9 @@ def _spec(name: str, d: dict[str, Any], where: str, pin_root: str | None) -> Spe
                   lambda v, w: _str(v, w, pattern=TXID)),
         deferred_links=deferred,
         events={_str(k, f"{where}.events", pattern=SAFE_NAME):
-                _str(v, f"{where}.events.{k}", limit=1024) for k, v in events.items()})
+                _str(v, f"{where}.events.{k}", limit=1024) for k, v in events.items()},
+        object_sha256=_opt(d.get("object_sha256"), f"{where}.object_sha256",
+                           lambda v, w: _str(v, w, pattern=re.compile(r"[0-9a-f]{64}"))))
 
 
 def parse(data: bytes, path: str, pin_root: str | None = None) -> Manifest:
@@ -350,7 +353,8 @@ def spec_dict(s: SpecRecord) -> dict[str, Any]:
                       **({"ifindex": lk.ifindex} if lk.ifindex else {})}
                   for k, lk in s.links.items()},
         "sources": list(s.sources), "txid": s.txid, "deferred_links": list(s.deferred_links),
-        "events": dict(s.events)}
+        "events": dict(s.events),
+        **({"object_sha256": s.object_sha256} if s.object_sha256 else {})}
 
 
 def to_dict(m: Manifest) -> dict[str, Any]:

@@ -55,3 +55,17 @@ def test_sandbox_cost_numbers() -> None:
         assert len(r["samples"][key]) == 1 and r["samples"][key][0] > 0, key
     rows = p6_rows(r)
     assert len(rows) == 4 and rows[0].figure.startswith("P6 sandbox setup")
+
+
+def test_objects_cold_and_restart_n1() -> None:
+    from bench.workload import find_clang
+
+    clang = find_clang()
+    if clang is None:
+        pytest.skip("no clang: the precompiled objects cannot be built here")
+    r = cold_and_restart(1, reps=1, jobs1=False, daemon=False, clang=clang)
+    s = r["samples"]
+    assert len(s["object_apply"]) == 1 and s["object_apply"][0] > 0
+    assert s["object_restart_loads"] == [0]
+    assert any(row.figure.startswith("P7 cold apply of N=1 CO-RE objects") for row in rows_for(r))
+    assert not os.path.exists(r["objects_bpffs_root"])
