@@ -162,8 +162,13 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
     if got and text is not None:
         semantic.fallbacks(f, maps, programs, text)
         field = None if got[1] else "source.inline"
-        f.errors += srccheck.check_source(text, file=got[1] or path, first_line=got[2],
-                                          field=field)
+        found = srccheck.check_source(text, file=got[1] or path, first_line=got[2],
+                                      field=field)
+        if field and ("source", "inline") not in f.marks.literal:
+            # A quoted or folded scalar's C lines are not the YAML's: point at the scalar.
+            for e in found:
+                e.location = dataclasses.replace(e.location, line=got[2], column=None)
+        f.errors += found
     if f.errors or got is None or text is None:
         return None, f.errors
     digest = hashlib.sha256(yaml_bytes + b"\0" + got[0]).hexdigest()

@@ -8,6 +8,7 @@ the *opened* fd is fstat-ed again, so the bytes returned are the bytes that were
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 from loaderd.errors import Kind, LoaderdError, Location
@@ -19,6 +20,24 @@ def _err(path: str, message: str, *, value: object = None, allowed: str | None =
          field: str | None = None) -> LoaderdError:
     return LoaderdError(Kind.TRUST, message, Location(path, field=field), value=value,
                         allowed=allowed)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(path: str) -> str:
+    """`path` with control characters escaped (\\x0a), safe on one line of output."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path)
+
+
+def check_path_text(path: str) -> None:
+    """A newline or other control character in a trusted path breaks every line-based
+    consumer of it (clang's `#line`, journal fields, error lines): refuse it."""
+    m = _CONTROL.search(path)
+    if m is not None:
+        raise _err(printable(path), f"the path contains a control character "
+                   f"(\\x{ord(m.group()):02x}); rename the file or directory",
+                   allowed="printable characters")
 
 
 def _inside(path: str, root: str) -> bool:
@@ -53,6 +72,7 @@ def check_file(path: str, *, owner_uid: int | None, root_dir: str) -> str:
     """Refuse `path` unless it is a regular file inside `root_dir` (also after following a
     symlink), it and every directory up to and including `root_dir` are trusted, and no
     directory above that can be changed by anyone else. Returns the resolved path to open."""
+    check_path_text(os.path.abspath(path))
     root = os.path.realpath(root_dir)
     link = os.path.abspath(path)
     if not _inside(link, os.path.abspath(root_dir)) and not _inside(link, root):
@@ -65,6 +85,7 @@ def check_file(path: str, *, owner_uid: int | None, root_dir: str) -> str:
     if not _inside(real, root):
         what = "symlink points" if os.path.islink(link) else "path resolves"
         raise _err(path, f"{what} outside {root}", value=real)
+    check_path_text(real)
     if not stat.S_ISREG(st.st_mode):
         raise _err(path, "not a regular file", allowed="regular files")
     _check_stat(real, st, owner_uid, "file")

@@ -305,6 +305,9 @@ def test_schema_enums_match_the_model() -> None:
     "int external_count; int sectional;\n",
     "#pragma unroll\n",
     "BPF_HASH(h, u32, u64, 16);\n",
+    "#include <linux/sched.h>\r\nint a;\r\n",  # CRLF line endings
+    "// a comment \\\r\n#include \"x.h\"\n",  # spliced into the comment, for clang too
+    "int a;\f\vint b;\n",
 ])
 def test_source_checks_allow(code: str) -> None:
     assert srccheck.check_source(code, file="f.c") == []
@@ -324,6 +327,14 @@ def test_source_checks_allow(code: str) -> None:
     ('int x = 1; char *r = R"x()x";\n', 1),
     ("int s __attribute__((__section__(\"m\")));\n", 1),
     ("int s BCC_SEC(\"m\");\n", 1),
+    ("int a;\r#include \"x.h\"\n", 1),
+    ("int a;\n// comment\rBPF_TABLE_PINNED(x);\n", 2),
+    ("int a;\n\f#include \"x.h\"\n", 2),
+    ("\v#include </etc/shadow>\n", 1),
+    ("#\f\vinclude \"x.h\"\n", 1),
+    ("int a;\n#\\ \t\ninclude \"x.h\"\n", 2),
+    ("BPF_TABLE_PIN\\ \r\nNED(x);\n", 1),
+    ("int a;\r\n#include \"x.h\"\r\n", 2),
 ])
 def test_source_checks_refuse(code: str, line: int) -> None:
     errors = srccheck.check_source(code, file="f.c", first_line=1)
@@ -333,6 +344,73 @@ def test_source_checks_refuse(code: str, line: int) -> None:
 def test_source_checks_stop_after_max_errors() -> None:
     errors = srccheck.check_source("extern int x;\n" * 100, file="f.c")
     assert len(errors) == srccheck.MAX_ERRORS
+
+
+def test_lone_cr_is_located_and_reported_alone() -> None:
+    errors = srccheck.check_source("int a;\nint b;\rextern int c;\n", file="f.c", first_line=3)
+    assert [(e.location.line, e.location.column) for e in errors] == [(4, 7)]
+    assert "lone carriage return" in str(errors[0]) and "\r" not in str(errors[0])
+
+
+# Each hides a directive from a check that only knows LF and [ \t]; clang (the same major
+# version BCC links) must really take it as a directive, and the check must refuse it.
+HIDDEN_DIRECTIVES = [
+    b"int a;\r#include \"/nonexistent/loaderd-probe.h\"\n",
+    b"// comment\r#include \"/nonexistent/loaderd-probe.h\"\n",
+    b"char *s = \"x\r#include \"/nonexistent/loaderd-probe.h\"\n",
+    b"int a;\n\f#include \"/nonexistent/loaderd-probe.h\"\n",
+    b"int a;\n\v#include \"/nonexistent/loaderd-probe.h\"\n",
+    b"#\f\vinclude \"/nonexistent/loaderd-probe.h\"\n",
+    b"# \\ \ninclude \"/nonexistent/loaderd-probe.h\"\n",
+    b"/* c */ # include \"/nonexistent/loaderd-probe.h\"\r\n",
+]
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/clang"), reason="needs clang")
+@pytest.mark.parametrize("code", HIDDEN_DIRECTIVES)
+def test_check_sees_the_directives_clang_sees(code: bytes) -> None:
+    import subprocess
+
+    out = subprocess.run(["/usr/bin/clang", "-E", "-x", "c", "-"], input=code,
+                         capture_output=True, timeout=60, check=False)
+    assert b"loaderd-probe.h' file not found" in out.stderr  # clang takes it as #include
+    assert srccheck.check_source(code.decode(), file="f.c")
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/clang"), reason="needs clang")
+def test_crlf_backslash_continues_a_line_comment_for_clang() -> None:
+    import subprocess
+
+    code = b"// a \\\r\n#include \"/nonexistent/loaderd-probe.h\"\nint x;\n"
+    out = subprocess.run(["/usr/bin/clang", "-E", "-x", "c", "-"], input=code,
+                         capture_output=True, timeout=60, check=False)
+    assert out.returncode == 0 and srccheck.check_source(code.decode(), file="f.c") == []
+
+
+def test_control_character_in_the_directory_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "a\nb"
+    folder.mkdir(mode=0o755)
+    path = write(folder, "demo.yaml", SPEC)
+    write(folder, "demo.bpf.c", C_SOURCE)
+    err = refused(path)
+    assert err.kind is Kind.TRUST and "control character" in str(err)
+    assert "\n" not in str(err) and "a\\x0ab" in str(err)
+
+
+def test_control_character_in_the_source_path_is_refused(folder: Path) -> None:
+    sub = folder / "x\ny"
+    sub.mkdir(mode=0o755)
+    write(sub, "demo.bpf.c", C_SOURCE)
+    os.symlink("x\ny/demo.bpf.c", folder / "demo.bpf.c")
+    err = refused(write(folder, "demo.yaml", SPEC))
+    assert err.kind is Kind.TRUST and "control character" in str(err) and "\n" not in str(err)
+    assert err.location.field == "source.file" and err.location.line == 5
+
+
+def test_line_directive_keeps_a_path_on_one_line() -> None:
+    from loaderd.stage.compile import _c_string
+
+    assert _c_string('/a\nb"\\c') == '/a\\012b\\"\\\\c'
 
 
 def test_function_names() -> None:
