@@ -56,6 +56,15 @@ def _check_stat(path: str, st: os.stat_result, owner_uid: int | None, kind: str)
                    f"(mode {stat.S_IMODE(st.st_mode):04o}); run chmod go-w", allowed=allowed)
 
 
+def _check_links(path: str, st: os.stat_result) -> None:
+    """A second name for the same inode lets whoever made it show this file's bytes under a
+    trusted name (a hard link to a root-only file passes every owner and mode check), so a
+    config file has exactly one. Checked even when ownership is not (non-root `check`)."""
+    if st.st_nlink != 1:
+        raise _err(path, f"file has {st.st_nlink} hard links; copy it instead of linking it "
+                   "(its content is not read)", allowed="one link (st_nlink == 1)")
+
+
 def _check_ancestor(path: str, st: os.stat_result, owner_uid: int | None) -> None:
     """A directory above `root_dir`, as sshd's StrictModes walks them: whoever may write it
     could rename the path below it away and put their own in its place. A root-owned sticky
@@ -88,6 +97,7 @@ def check_file(path: str, *, owner_uid: int | None, root_dir: str) -> str:
     check_path_text(real)
     if not stat.S_ISREG(st.st_mode):
         raise _err(path, "not a regular file", allowed="regular files")
+    _check_links(real, st)
     _check_stat(real, st, owner_uid, "file")
     directory = os.path.dirname(real)
     while True:
@@ -138,6 +148,7 @@ def read_file(path: str, *, owner_uid: int | None, root_dir: str, max_bytes: int
             raise _err(path, "file changed while it was being checked")
         if not stat.S_ISREG(st.st_mode):
             raise _err(path, "not a regular file", allowed="regular files")
+        _check_links(real, st)
         _check_stat(real, st, owner_uid, "file")
         chunks: list[bytes] = []
         left = max_bytes + 1

@@ -101,6 +101,14 @@ def test_file_must_be_root_owned(tmp_path: Path) -> None:
     assert load_settings(path, owner_uid=None).path == path
 
 
+def test_hard_linked_file_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "loaderd: 1\n")
+    os.link(path, tmp_path / "other-name.yaml")
+    for owner in (0, None):
+        err = refused(path, owner_uid=owner)
+        assert err.kind is Kind.TRUST and "2 hard links" in err.message
+
+
 def test_group_writable_file_is_refused(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs a root-owned file")

@@ -164,6 +164,19 @@ def test_source_file_errors_point_into_the_c_file(folder: Path) -> None:
     assert err.location.file == str(folder / "demo.bpf.c") and err.location.line == 5
 
 
+def test_hard_linked_source_is_refused_and_never_echoed(folder: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "shadow"
+    secret.write_text("extern root:TOPSECRET:19000::::::\n")
+    os.chmod(secret, 0o600)
+    os.link(secret, folder / "demo.bpf.c")
+    spec, errors = specmod.parse_spec(str(write(folder, "x.yaml", SPEC)), limits=Limits(),
+                                      owner_uid=0)
+    assert spec is None and len(errors) == 1
+    assert errors[0].kind is Kind.TRUST and "hard links" in str(errors[0])
+    assert errors[0].location.field == "source.file" and errors[0].location.line == 5
+    assert all("TOPSECRET" not in f"{e} {e.detail}" for e in errors)
+
+
 def test_all_errors_of_a_file_are_collected(folder: Path) -> None:
     text = SPEC.replace("value: 42", "value: -1").replace("value: -5", "value: 200")
     write(folder, "demo.bpf.c", "int count(void *c) { return 0; }\nextern int x;\n")

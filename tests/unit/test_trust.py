@@ -222,3 +222,26 @@ def test_check_relative_refuses_symlink_escapes(root: Path) -> None:
     with pytest.raises(LoaderdError) as info:
         trust.check_relative("sub/etc/hostname", str(root))
     assert "symlink points outside" in info.value.message
+
+
+@pytest.mark.parametrize("owner_uid", [0, None])
+def test_hard_linked_file_is_refused_without_its_content(root: Path, tmp_path: Path,
+                                                         owner_uid: int | None) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("TOPSECRET\n")
+    os.chmod(secret, 0o600)
+    os.link(secret, root / "linked.yaml")
+    for check in (trust.check_file, trust.read_file):
+        with pytest.raises(LoaderdError) as info:
+            kw = {"max_bytes": 100} if check is trust.read_file else {}
+            check(str(root / "linked.yaml"), owner_uid=owner_uid, root_dir=str(root), **kw)
+        err = info.value
+        assert err.kind is Kind.TRUST and "2 hard links" in str(err)
+        assert "TOPSECRET" not in str(err) and err.location.file == str(root / "linked.yaml")
+
+
+def test_second_name_inside_the_directory_is_refused_too(root: Path) -> None:
+    os.link(root / "spec.yaml", root / "sub" / "copy.yaml")
+    assert "2 hard links" in refused(root / "spec.yaml", root).message
+    os.unlink(root / "sub" / "copy.yaml")
+    trust.check_file(str(root / "spec.yaml"), owner_uid=0, root_dir=str(root))
