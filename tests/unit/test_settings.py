@@ -118,7 +118,10 @@ def test_group_writable_file_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text, kind, field", [
     ("", Kind.SCHEMA, None),
     ("loaderd: 1\nprograms_dir: relative\n", Kind.SCHEMA, "programs_dir"),
-    ("loaderd: 1\npins: {mode: 0640}\n", Kind.SEMANTIC, "pins.mode"),
+    ("loaderd: 1\npins: {mode: 0640}\n", Kind.YAML, "pins.mode"),
+    ("loaderd: 1\npins: {mode: 0o640}\n", Kind.SEMANTIC, "pins.mode"),
+    ("loaderd: 1.0\n", Kind.SCHEMA, "loaderd"),
+    ("loaderd: '1'\n", Kind.SCHEMA, "loaderd"),
     ("loaderd: 1\npins: {mode: '0602'}\n", Kind.SEMANTIC, "pins.mode"),
     ("loaderd: 1\nconfig_owner: no_such_user_xyz\n", Kind.SEMANTIC, "config_owner"),
     ("loaderd: 1\npolicy: {helpers: {by_type: {xdp: [sys_bpf]}}}\n", Kind.SEMANTIC,
