@@ -22,6 +22,7 @@ from loaderd.cli.common import (
     print_error,
     run,
 )
+from loaderd.errors import count
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -68,7 +69,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                       f"{', '.join(p.helpers) or 'none'}{extra}")
     for e in errors:
         print_error(e)
-    print(f"{len(specs)} specs, {len(errors)} errors")
+    print(f"{len(specs)} specs, {count(errors)} errors")
     return 0 if not errors else 1
 
 

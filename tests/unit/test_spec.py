@@ -177,6 +177,48 @@ def test_hard_linked_source_is_refused_and_never_echoed(folder: Path, tmp_path: 
     assert all("TOPSECRET" not in f"{e} {e.detail}" for e in errors)
 
 
+FLOOD = ("loaderd: 1\nsource: {inline: \"int f(void *c) { return 0; }\"}\n"
+         "programs: [{name: f, type: socket_filter}]\nmaps:\n" + "- 1\n" * 20000)
+
+
+def test_an_error_flood_is_capped_per_file_and_counted(folder: Path) -> None:
+    from loaderd.errors import MAX_PER_FILE, count
+
+    assert 60_000 < len(FLOOD) < 90_000
+    spec, errors = specmod.parse_spec(str(write(folder, "flood.yaml", FLOOD)), limits=Limits(),
+                                      owner_uid=None)
+    assert spec is None and len(errors) == MAX_PER_FILE + 1
+    assert errors[-1].more == 20001 - MAX_PER_FILE and count(errors) == 20001
+    assert str(errors[-1]).endswith("and 19981 more errors in this file (fix the ones above "
+                                    "first)")
+    assert errors[-1].location.file == str(folder / "flood.yaml")
+
+
+def test_cap_per_file_keeps_each_files_first_errors_in_order() -> None:
+    from loaderd.errors import Location, cap_per_file, count
+
+    errs = [LoaderdError(Kind.SCHEMA, f"e{i}", Location(f, i)) for f in ("a", "b")
+            for i in range(5)] + [LoaderdError(Kind.SCHEMA, "c", Location("c"))]
+    capped = cap_per_file(errs, limit=2)
+    assert [(e.location.file, e.message, e.more) for e in capped] == [
+        ("a", "e0", 0), ("a", "e1", 0), ("a", "and 3 more errors in this file (fix the ones "
+                                         "above first)", 3),
+        ("b", "e0", 0), ("b", "e1", 0), ("b", capped[5].message, 3), ("c", "c", 0)]
+    assert count(capped) == count(errs) == 11
+    assert cap_per_file(capped, limit=2) == capped  # capping twice changes nothing
+    assert "1 more error in" in cap_per_file(errs[:3], limit=2)[-1].message
+
+
+def test_check_prints_at_most_21_lines_for_a_flood(folder: Path) -> None:
+    from tests.conftest import loaderd
+
+    write(folder, "flood.yaml", FLOOD)
+    out = loaderd("check", "--no-kernel", "--dir", str(folder), check=False)
+    lines = out.stderr.splitlines()
+    assert out.returncode == 1 and len(lines) == 21, out.stderr[-2000:]
+    assert "and 19981 more errors" in lines[-1] and "0 specs, 20001 errors" in out.stdout
+
+
 def test_all_errors_of_a_file_are_collected(folder: Path) -> None:
     text = SPEC.replace("value: 42", "value: -1").replace("value: -5", "value: 200")
     write(folder, "demo.bpf.c", "int count(void *c) { return 0; }\nextern int x;\n")
