@@ -1,14 +1,17 @@
-"""Read `enum bpf_func_id` from the running kernel's BTF.
+"""Read `enum bpf_func_id` and the raw tracepoint names from the running kernel's BTF.
 
 The helper id -> name table must come from the kernel we load into, not from a table shipped
-with a library (bcc 0.26's disassembler table is stale). Only the enum is needed, so this is a
-minimal BTF type-section walker, not a general parser.
+with a library (bcc 0.26's disassembler table is stale). Only the enum and the
+`btf_trace_<name>` typedefs are needed, so this is a minimal BTF type-section walker, not a
+general parser.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import struct
+from collections.abc import Iterator
 
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 BTF_MAGIC = 0xEB9F
@@ -46,15 +49,17 @@ def _cstr(strings: bytes, off: int) -> str:
     return strings[off:end].decode("ascii", "replace")
 
 
-def enum_values(data: bytes, enum_name: str) -> dict[str, int]:
-    """Members of the named (32-bit) enum in a raw BTF blob."""
+def _sections(data: bytes) -> tuple[bytes, bytes]:
     magic, _ver, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
     if magic != BTF_MAGIC:
         raise BTFError("not a BTF blob (bad magic)")
     type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
-    types = data[hdr_len + type_off: hdr_len + type_off + type_len]
-    strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
-    want = enum_name.encode() + b"\0"
+    return (data[hdr_len + type_off: hdr_len + type_off + type_len],
+            data[hdr_len + str_off: hdr_len + str_off + str_len])
+
+
+def _types(types: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(kind, vlen, name_off, offset of the members) of each type record."""
     pos = 0
     while pos < len(types):
         name_off, info, _size = struct.unpack_from("<III", types, pos)
@@ -62,15 +67,54 @@ def enum_values(data: bytes, enum_name: str) -> dict[str, int]:
         if kind not in _TRAILER:
             raise BTFError(f"unknown BTF kind {kind} at offset {pos}")
         fixed, per = _TRAILER[kind]
-        body = pos + 12
+        yield kind, vlen, name_off, pos + 12
+        pos += 12 + fixed + per * vlen
+
+
+def enum_values(data: bytes, enum_name: str) -> dict[str, int]:
+    """Members of the named (32-bit) enum in a raw BTF blob."""
+    types, strings = _sections(data)
+    want = enum_name.encode() + b"\0"
+    for kind, vlen, name_off, body in _types(types):
         if kind == 6 and strings.startswith(want, name_off):
             return {
                 _cstr(strings, struct.unpack_from("<I", types, body + 8 * i)[0]):
                     struct.unpack_from("<i", types, body + 8 * i + 4)[0]
                 for i in range(vlen)
             }
-        pos = body + fixed + per * vlen
     raise BTFError(f"enum {enum_name} not found in BTF")
+
+
+def typedef_names(data: bytes, prefix: str) -> set[str]:
+    """Names of the typedefs starting with `prefix`, prefix removed. Module BTF (split BTF)
+    carries its own string section for its own types, which is all this reads."""
+    types, strings = _sections(data)
+    want = prefix.encode()
+    return {_cstr(strings, name_off)[len(prefix):] for kind, _vlen, name_off, _body
+            in _types(types) if kind == 8 and strings.startswith(want, name_off)}
+
+
+@functools.cache
+def raw_tracepoints(btf_dir: str = os.path.dirname(VMLINUX_BTF)) -> frozenset[str] | None:
+    """Every name BPF_RAW_TRACEPOINT_OPEN accepts: the kernel generates a `btf_trace_<name>`
+    typedef next to each tracepoint's BPF probe (built-in ones in vmlinux, a module's in its
+    own BTF), including tracepoints that have no tracefs event (DECLARE_TRACE), and none for
+    tracefs-only events (syscalls' sys_enter_*). None: no kernel BTF to decide with."""
+    names: set[str] = set()
+    try:
+        files = sorted(os.listdir(btf_dir))
+    except OSError:
+        return None
+    if "vmlinux" not in files:
+        return None
+    for name in files:
+        try:
+            with open(os.path.join(btf_dir, name), "rb") as f:
+                names |= typedef_names(f.read(), "btf_trace_")
+        except (OSError, BTFError, struct.error):
+            if name == "vmlinux":
+                return None
+    return frozenset(names)
 
 
 @functools.cache

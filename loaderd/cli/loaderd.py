@@ -49,6 +49,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from loaderd.apply.applier import validate
+    from loaderd.bpf import attach
     from loaderd.stage.pool import stage_all
 
     # A dry run changes nothing, so it has nothing to audit: keep its output to the verdicts.
@@ -60,6 +61,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     specs, errors = validate(settings, args.dir, check_owner=as_root)
     if not as_root:
         print("note: not root: file ownership and modes are not checked (the daemon will)")
+    if not errors and not args.no_kernel:
+        # The targets `apply` would attach to, looked up the same way (nothing attached).
+        for s in specs:
+            errs, notes = attach.check_targets(s)
+            errors += errs
+            for note in notes:
+                print(f"note: {note}")
     if not errors and not args.no_kernel:
         staged, errors = stage_all(specs, settings, "check", pin=False, jobs=args.jobs)
         for st in staged:

@@ -8,6 +8,7 @@ when the .yaml is a symlink):
   limits   Limits overrides        settings  loaderd.yaml content (policy cases)
   calls    check_calls arguments   setup     {chmod: {name: "0664"}, chown: {name: uid},
                                               hardlink: {new name: existing name}}
+  targets  true: also look the attach targets up as `check` does (tracefs, BTF, interfaces)
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ def run_case(path: Path, header: dict[str, Any], tmp: Path) -> None:
         return
     policy.check_spec(spec, pol)
     policy.check_set([spec], pol)
+    if header.get("targets"):
+        from loaderd.bpf import attach
+
+        errors, _notes = attach.check_targets(spec)
+        if errors:
+            raise errors[0]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="trust cases chown files: needs root")
