@@ -19,6 +19,15 @@ _ARRAYS = (MapType.ARRAY, MapType.PERCPU_ARRAY)
 _FIXED = (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY)  # no key/value/flags/initial
 _PREALLOC_OPTIONAL = (MapType.HASH, MapType.PERCPU_HASH)  # kernel: others refuse NO_PREALLOC
 _EXCLUSIVE = ((MapFlag.RDONLY, MapFlag.WRONLY), (MapFlag.RDONLY_PROG, MapFlag.WRONLY_PROG))
+# BPF_MAP_FREEZE leaves these usable (main's model.MAP_KINDS carries it as MapKind.freezable).
+_FREEZABLE = frozenset({MapType.ARRAY, MapType.PERCPU_ARRAY, MapType.HASH, MapType.PERCPU_HASH,
+                        MapType.LRU_HASH, MapType.LRU_PERCPU_HASH})
+_UNFREEZABLE_WHY = {
+    MapType.RINGBUF: "its consumer could never advance: a frozen map refuses the writable "
+                     "mmap of the consumer position",
+    MapType.PERF_EVENT_ARRAY: "userspace could never install the per-CPU perf event fds "
+                              "it is read through",
+}
 
 
 class Collector:
@@ -89,6 +98,11 @@ def _flag_rules(c: Collector, i: int, m: MapSpec) -> None:
     if MapFlag.RDONLY in m.flags and m.preserve:
         c.add(Kind.SEMANTIC, ("maps", i, "preserve"), "an RDONLY map cannot be preserved: "
               "userspace cannot write the copied contents into it")
+    if m.freeze and m.type not in _FREEZABLE:
+        why = _UNFREEZABLE_WHY.get(m.type, "freezing leaves it unusable")
+        c.add(Kind.SEMANTIC, ("maps", i, "freeze"), f"a {m.type} map cannot be frozen: {why}",
+              allowed="freeze: true on array and hash maps ("
+              + ", ".join(sorted(t.value for t in _FREEZABLE)) + ")")
     if MapFlag.RDONLY in m.flags and m.freeze:
         c.add(Kind.SEMANTIC, ("maps", i, "freeze"), "an RDONLY map cannot be frozen (freezing "
               "needs a writable fd) and is already read-only for userspace; for read-only "

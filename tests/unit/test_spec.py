@@ -474,3 +474,20 @@ def test_function_names() -> None:
     assert {"helper", "main_prog"} <= srccheck.function_names(code)
     assert "commented" not in srccheck.function_names(code)
     assert "declared" not in srccheck.function_names(code)
+
+
+@pytest.mark.parametrize("mtype", list(MapType))
+def test_freeze_only_where_the_map_stays_usable(folder: Path, mtype: MapType) -> None:
+    fixed = mtype in (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY)
+    kv = "" if fixed else "    key: u32\n    value: u64\n"
+    size = 4096 if mtype is MapType.RINGBUF else 4
+    text = inline_spec("int count(void *ctx) { return 0; }\n",
+                       f"maps:\n  - name: m\n    type: {mtype.value}\n{kv}"
+                       f"    max_entries: {size}\n    freeze: true\n")
+    spec, errors = specmod.parse_spec(str(write(folder, "x.yaml", text)), limits=Limits(),
+                                      owner_uid=None)
+    if fixed:
+        assert [(e.kind, e.location.field) for e in errors] == [(Kind.SEMANTIC, "maps[0].freeze")]
+        assert f"a {mtype.value} map cannot be frozen" in str(errors[0])
+    else:
+        assert errors == [] and spec is not None and spec.maps[0].freeze
