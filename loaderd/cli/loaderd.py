@@ -1,7 +1,8 @@
 """`loaderd` command line: run, apply, check, status, disable, enable, rollback.
 
 Errors print as `error: file:line:col: field: message` (one per line, verifier/compiler detail
-indented below); tracebacks only with --debug. Exit codes: 0 ok, 1 refused or failed, 2 usage.
+indented below); tracebacks only with --debug. Exit codes: 0 ok, 1 refused or failed, 2 usage,
+141 ok but the output was cut short by a closed pipe (`| head`); a refusal stays 1.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from loaderd.cli.common import (
     cmd_disable,
     cmd_enable,
     cmd_rollback,
+    guard_stdio,
     load_settings,
     print_error,
     run,
@@ -154,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    guard_stdio()
     args = parser().parse_args(argv)
     audit.configure()
     return run(args)

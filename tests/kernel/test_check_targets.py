@@ -100,3 +100,15 @@ def test_btf_raw_tracepoint_names_are_what_the_kernel_opens() -> None:
             assert (fd >= 0) is want, (name, fd)
     finally:
         os.close(prog)
+
+
+def test_check_through_a_closed_pipe_keeps_its_verdict(tmp_path: Path, bpffs_root: str) -> None:
+    """`loaderd check | head -1` on a refused set: 1, not the 0 a BrokenPipeError gave."""
+    from tests.unit.test_cli import _closed_pipe_run
+
+    conf = make_conf(tmp_path, bpffs_root, {"bad": MISSING["tracepoint"][0]})
+    assert _closed_pipe_run(["--config", str(conf), "check"], close_stderr=True) == 1
+    (tmp_path / "g").mkdir()
+    good = make_conf(tmp_path / "g", bpffs_root, {
+        "tp": spec("tracepoint", '{tracepoint: "sched:sched_process_exec"}')})
+    assert _closed_pipe_run(["--config", str(good), "check"], close_stderr=False) == 141
