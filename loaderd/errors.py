@@ -57,6 +57,7 @@ class LoaderdError(Exception):
     value: Any = None
     allowed: str | None = None
     detail: str | None = None  # long text for users (e.g. the verifier log), never a traceback
+    more: int = 0  # > 0: this stands for that many further errors in the file (cap_per_file)
 
     def __post_init__(self) -> None:
         super().__init__(str(self))
@@ -72,7 +73,7 @@ class LoaderdError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # Errors cross process boundaries (compile workers): pickle the fields, not args.
         return (LoaderdError, (self.kind, self.message, self.location, self.value, self.allowed,
-                               self.detail))
+                               self.detail, self.more))
 
     def with_file(self, file: str) -> LoaderdError:
         """Fill in the file when the raiser did not know it."""
@@ -80,3 +81,34 @@ class LoaderdError(Exception):
             self.location = Location(file, self.location.line, self.location.column,
                                      self.location.field)
         return self
+
+
+MAX_PER_FILE = 20  # errors shown (and journaled) per file; the rest are counted
+
+
+def cap_per_file(errors: list[LoaderdError], limit: int = MAX_PER_FILE) -> list[LoaderdError]:
+    """The first `limit` errors of each file (by location.file), in order, each file's rest
+    folded into one "and N more" error after its last shown one: a file with 20,000 bad
+    items is 21 lines, not 20,000, and the count is kept (`count`)."""
+    shown: dict[str | None, list[LoaderdError]] = {}
+    more: dict[str | None, int] = {}
+    for e in errors:
+        group = shown.setdefault(e.location.file, [])
+        if len(group) < limit:
+            group.append(e)
+        else:
+            more[e.location.file] = more.get(e.location.file, 0) + count([e])
+    out: list[LoaderdError] = []
+    for file, group in shown.items():
+        out += group
+        if more.get(file):
+            n = more[file]
+            out.append(LoaderdError(group[0].kind, f"and {n} more error{'s' * (n != 1)} in "
+                                    "this file (fix the ones above first)", Location(file),
+                                    more=n))
+    return out
+
+
+def count(errors: list[LoaderdError]) -> int:
+    """How many errors `errors` stands for ("and N more" counts N)."""
+    return sum(e.more or 1 for e in errors)

@@ -24,7 +24,7 @@ from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import attach, pins
 from loaderd.config import spec
-from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.errors import Kind, LoaderdError, Location, count
 from loaderd.model import ProgType, Settings, Spec, map_pin_mode
 from loaderd.observe import drift
 from loaderd.stage.pool import Progress, stage_all
@@ -241,12 +241,20 @@ class Applier:
             time.time(), result.compiles, tuple(result.built), tuple(result.adopted))))
 
     def _refused(self, result: ApplyResult, errors: list[LoaderdError]) -> ApplyResult:
+        """One SPEC_REFUSED per file (its first error, the count, the shown ones as detail):
+        a file with 20,000 bad items is one journal entry, not 20,000."""
         result.errors = errors
+        by_file: dict[str | None, list[LoaderdError]] = {}
         for e in errors:
-            audit.emit(Event.SPEC_REFUSED, str(e), file=e.location.file, kind=e.kind.value,
-                       field=e.location.field, line=e.location.line, detail=e.detail)
-        audit.emit(Event.APPLY_FAILED, f"apply refused: {len(errors)} error(s); the previous "
-                   "set stays applied unchanged", errors=len(errors))
+            by_file.setdefault(e.location.file, []).append(e)
+        for file, group in by_file.items():
+            first, n = group[0], count(group)
+            detail = first.detail if n == 1 else "\n".join(str(e) for e in group)
+            audit.emit(Event.SPEC_REFUSED, str(first) + (f" (and {n - 1} more)" if n > 1 else ""),
+                       file=file, kind=first.kind.value, field=first.location.field,
+                       line=first.location.line, detail=detail, errors=n)
+        audit.emit(Event.APPLY_FAILED, f"apply refused: {count(errors)} error(s); the previous "
+                   "set stays applied unchanged", errors=count(errors))
         return result
 
     def _discard(self, txid: str) -> None:

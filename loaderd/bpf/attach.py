@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 
-from loaderd.bpf import kernel
-from loaderd.errors import LoaderdError
+from loaderd.bpf import btf, kernel
+from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
     LinkTarget,
     NoAttach,
     ProgramSpec,
     RawTracepointAttach,
+    Spec,
     TracepointAttach,
     XdpAttach,
 )
@@ -51,6 +52,49 @@ def create_link(program: ProgramSpec, prog_fd: int) -> int | None:
         return kernel.link_create(prog_fd, kernel.ifindex(a.interface), kernel.ATTACH_XDP,
                                   kernel.xdp_mode_flags(a.mode))
     raise AssertionError(f"unhandled attach {a!r}")
+
+
+def resolve(program: ProgramSpec) -> str | None:
+    """Look the program's target up as `create_link` does, attaching nothing: the tracepoint's
+    id in tracefs, the raw tracepoint among those the kernel's BTF lists (what
+    BPF_RAW_TRACEPOINT_OPEN looks the name up in), the interface's index and the XDP mode.
+    Raises what the attach would (Kind.ATTACH); returns a note when it could not tell."""
+    a = program.attach
+    if isinstance(a, TracepointAttach):
+        kernel.tracepoint_id(a.category, a.event)
+    elif isinstance(a, RawTracepointAttach):
+        known = btf.raw_tracepoints()
+        if known is None:
+            return f"raw tracepoint {a.name} not checked: no kernel BTF"
+        if a.name not in known:
+            raise LoaderdError(Kind.ATTACH, "no such raw tracepoint", value=a.name,
+                               allowed="a tracepoint name of the running kernel (a "
+                               "btf_trace_<name> type in /sys/kernel/btf; e.g. sched_switch)")
+    elif isinstance(a, XdpAttach):
+        kernel.ifindex(a.interface)
+        kernel.xdp_mode_flags(a.mode)
+    return None
+
+
+def check_targets(spec: Spec) -> tuple[list[LoaderdError], list[str]]:
+    """`resolve` for every program of `spec`: (errors located at the spec's attach lines,
+    notes)."""
+    errors: list[LoaderdError] = []
+    notes: list[str] = []
+    for i, prog in enumerate(spec.programs):
+        field = f"programs[{i}].attach"
+        try:
+            note = resolve(prog)
+        except LoaderdError as exc:
+            where = f" ({exc.location.file})" if exc.location.file else ""
+            errors.append(LoaderdError(
+                exc.kind, f"{prog.name}: attach target: {exc.message}{where}",
+                Location(spec.path, spec.line_of("programs", i, "attach"), None, field),
+                value=exc.value, allowed=exc.allowed))
+            continue
+        if note:
+            notes.append(f"{spec.name}/{prog.name}: {note}")
+    return errors, notes
 
 
 def relink_xdp(tgt: XdpAttach, prog_fd: int) -> int:
@@ -97,5 +141,5 @@ def update_link(link_pin: str, new_prog_fd: int) -> int:
         os.close(fd)
 
 
-__all__ = ["LoaderdError", "create_link", "relink_xdp", "target",
+__all__ = ["LoaderdError", "check_targets", "create_link", "relink_xdp", "resolve", "target",
            "target_difference", "update_link"]

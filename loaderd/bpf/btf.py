@@ -1,19 +1,20 @@
-"""Facts from the running kernel's BTF (/sys/kernel/btf/vmlinux): `enum bpf_func_id` and the
-member offsets of structs.
+"""Facts from the running kernel's BTF (/sys/kernel/btf/vmlinux): `enum bpf_func_id`, the
+raw tracepoint names and the member offsets of structs.
 
 The helper id -> name table must come from the kernel we load into, not from a table shipped
 with a library (bcc 0.26's disassembler table is stale). Struct member offsets are the truth
 that headers-compiled (BCC) programs are checked against: installed headers that are not the
 running kernel's compile other offsets, and struct reads then return garbage. A minimal BTF
 walker: header, type section, string section; STRUCT/UNION members (bit offsets, bitfields,
-anonymous nested members) and ENUMs, nothing else is interpreted.
+anonymous nested members), ENUMs and the `btf_trace_<name>` typedefs, nothing else.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
@@ -67,10 +68,9 @@ def _sections(data: bytes) -> tuple[bytes, bytes]:
     return types, strings
 
 
-def enum_values(data: bytes, enum_name: str) -> dict[str, int]:
-    """Members of the named (32-bit) enum in a raw BTF blob."""
-    types, strings = _sections(data)
-    want = enum_name.encode() + b"\0"
+
+def _types(types: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(kind, vlen, name_off, offset of the members) of each type record."""
     pos = 0
     while pos < len(types):
         name_off, info, _size = struct.unpack_from("<III", types, pos)
@@ -78,15 +78,54 @@ def enum_values(data: bytes, enum_name: str) -> dict[str, int]:
         if kind not in _TRAILER:
             raise BTFError(f"unknown BTF kind {kind} at offset {pos}")
         fixed, per = _TRAILER[kind]
-        body = pos + 12
+        yield kind, vlen, name_off, pos + 12
+        pos += 12 + fixed + per * vlen
+
+
+def enum_values(data: bytes, enum_name: str) -> dict[str, int]:
+    """Members of the named (32-bit) enum in a raw BTF blob."""
+    types, strings = _sections(data)
+    want = enum_name.encode() + b"\0"
+    for kind, vlen, name_off, body in _types(types):
         if kind == 6 and strings.startswith(want, name_off):
             return {
                 _cstr(strings, struct.unpack_from("<I", types, body + 8 * i)[0]):
                     struct.unpack_from("<i", types, body + 8 * i + 4)[0]
                 for i in range(vlen)
             }
-        pos = body + fixed + per * vlen
     raise BTFError(f"enum {enum_name} not found in BTF")
+
+
+def typedef_names(data: bytes, prefix: str) -> set[str]:
+    """Names of the typedefs starting with `prefix`, prefix removed. Module BTF (split BTF)
+    carries its own string section for its own types, which is all this reads."""
+    types, strings = _sections(data)
+    want = prefix.encode()
+    return {_cstr(strings, name_off)[len(prefix):] for kind, _vlen, name_off, _body
+            in _types(types) if kind == 8 and strings.startswith(want, name_off)}
+
+
+@functools.cache
+def raw_tracepoints(btf_dir: str = os.path.dirname(VMLINUX_BTF)) -> frozenset[str] | None:
+    """Every name BPF_RAW_TRACEPOINT_OPEN accepts: the kernel generates a `btf_trace_<name>`
+    typedef next to each tracepoint's BPF probe (built-in ones in vmlinux, a module's in its
+    own BTF), including tracepoints that have no tracefs event (DECLARE_TRACE), and none for
+    tracefs-only events (syscalls' sys_enter_*). None: no kernel BTF to decide with."""
+    names: set[str] = set()
+    try:
+        files = sorted(os.listdir(btf_dir))
+    except OSError:
+        return None
+    if "vmlinux" not in files:
+        return None
+    for name in files:
+        try:
+            with open(os.path.join(btf_dir, name), "rb") as f:
+                names |= typedef_names(f.read(), "btf_trace_")
+        except (OSError, BTFError, struct.error):
+            if name == "vmlinux":
+                return None
+    return frozenset(names)
 
 
 @functools.cache
@@ -117,18 +156,11 @@ class Types:
         self.types, self.strings = _sections(data)
         self.pos: list[int] = [-1]  # type id 0 is void
         self.structs: dict[str, list[int]] = {}
-        types, pos = self.types, 0
-        while pos < len(types):
-            name_off, info, _size = struct.unpack_from("<III", types, pos)
-            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-            if kind not in _TRAILER:
-                raise BTFError(f"unknown BTF kind {kind} at offset {pos}")
+        for kind, _vlen, name_off, body in _types(self.types):
             if kind in (STRUCT, UNION) and name_off:
                 self.structs.setdefault(_cstr(self.strings, name_off), []).append(
                     len(self.pos))
-            self.pos.append(pos)
-            fixed, per = _TRAILER[kind]
-            pos += 12 + fixed + per * vlen
+            self.pos.append(body - 12)
 
     def _head(self, type_id: int) -> tuple[int, int, int, int]:
         """(kind, vlen, kind_flag, size_or_type) of a type id."""

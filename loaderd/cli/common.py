@@ -5,6 +5,7 @@ actions both expose (kill switch, rollback)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -15,6 +16,56 @@ from loaderd.config.settings import DEFAULT_CONFIG, load_default
 from loaderd.errors import LoaderdError
 
 load_settings = load_default
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer killed by a closed pipe
+
+
+class PipeGuard:
+    """A text stream that survives its reader going away (`loaderd check | head -1`): the
+    first BrokenPipeError points the fd at /dev/null and later output is dropped, so the
+    command still finishes its work (an apply is never cut short by a closed pipe) and still
+    returns its own verdict; `run` then turns a success into SIGPIPE_EXIT, never into 0."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.broken = False
+
+    def _break(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.inner.fileno())
+            os.close(null)
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return int(self.inner.write(text))
+            except BrokenPipeError:
+                self._break()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.inner.flush()
+            except BrokenPipeError:
+                self._break()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...
+        return getattr(self.inner, name)
+
+
+def guard_stdio() -> None:
+    """Wrap stdout and stderr in PipeGuards (before anything, the audit sink included, binds
+    to them)."""
+    if not isinstance(sys.stdout, PipeGuard):
+        sys.stdout = PipeGuard(sys.stdout)
+    if not isinstance(sys.stderr, PipeGuard):
+        sys.stderr = PipeGuard(sys.stderr)
+
+
+def _pipe_broke() -> bool:
+    return any(isinstance(s, PipeGuard) and s.broken for s in (sys.stdout, sys.stderr))
 
 
 def add_global_flags(p: argparse.ArgumentParser) -> None:
@@ -44,14 +95,16 @@ def print_error(e: LoaderdError) -> None:
 def run(args: argparse.Namespace) -> int:
     """Call the subcommand; map every failure to an exit code and a short message."""
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        # Its output did not all reach the reader: never a silent success.
+        return SIGPIPE_EXIT if code == 0 and _pipe_broke() else code
     except LoaderdError as e:
         print_error(e)
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `loaderctl list | head`
-        return 0
+    except BrokenPipeError:  # a stream PipeGuard does not cover: the verdict is unknown
+        return SIGPIPE_EXIT
     except Exception as e:  # never a traceback for users unless asked
         from loaderd.audit import log as audit
 

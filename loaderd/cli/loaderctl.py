@@ -6,7 +6,8 @@ so a reader whose pin mode grants read alone sees those from the manifest, and s
 the manifest itself is unreadable (it is 0640 loaderd:loaderd-readers), the pins are walked.
 
 JSON uses bpftool's field names for kernel facts, plus loaderd's own (spec, sha256, pin,
-freeze, degraded, drift, facts). Exit codes: 0 ok, 1 failed or a finding, 2 usage.
+freeze, degraded, drift, facts). Exit codes: 0 ok, 1 failed or a finding, 2 usage,
+141 ok but the output was cut short by a closed pipe.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from loaderd.cli.common import (
     cmd_enable,
     cmd_rollback,
     cmd_status,
+    guard_stdio,
     run,
 )
 from loaderd.cli.render import listing, render_dump, render_list
@@ -156,6 +158,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    guard_stdio()
     args = parser().parse_args(argv)
     audit.configure()
     return run(args)

@@ -1,7 +1,8 @@
 """`loaderd` command line: run, apply, check, status, disable, enable, rollback.
 
 Errors print as `error: file:line:col: field: message` (one per line, verifier/compiler detail
-indented below); tracebacks only with --debug. Exit codes: 0 ok, 1 refused or failed, 2 usage.
+indented below); tracebacks only with --debug. Exit codes: 0 ok, 1 refused or failed, 2 usage,
+141 ok but the output was cut short by a closed pipe (`| head`); a refusal stays 1.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from loaderd.cli.common import (
     cmd_enable,
     cmd_rollback,
     cmd_status,
+    guard_stdio,
     load_settings,
     print_error,
     run,
 )
+from loaderd.errors import count
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -48,6 +51,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from loaderd.apply.applier import validate
+    from loaderd.bpf import attach, offsets
     from loaderd.stage.pool import sandbox_status, stage_all
 
     # A dry run changes nothing, so it has nothing to audit: keep its output to the verdicts.
@@ -60,6 +64,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not as_root:
         print("note: not root: file ownership and modes are not checked (the daemon will)")
     if not errors and not args.no_kernel:
+        # The targets `apply` would attach to, looked up the same way (nothing attached).
+        for s in specs:
+            errs, notes = attach.check_targets(s)
+            errors += errs
+            for note in notes:
+                print(f"note: {note}")
+    if not errors and not args.no_kernel:
         _support, degraded = sandbox_status(settings)
         if degraded:
             print(f"warning: {degraded}")
@@ -70,14 +81,12 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"ok: {st.name}/{p.name}: verifier accepted '{p.function}', helpers "
                       f"{', '.join(p.helpers) or 'none'}{extra}")
     if settings.accept_header_mismatch and not args.no_kernel:
-        from loaderd.bpf import offsets
-
         hstate, hsentence = offsets.describe(settings.state_dir)
         if hstate in ("mismatch", "version-mismatch"):
             print(f"warning: accept_header_mismatch: true: {hsentence}")
     for e in errors:
         print_error(e)
-    print(f"{len(specs)} specs, {len(errors)} errors")
+    print(f"{len(specs)} specs, {count(errors)} errors")
     return 0 if not errors else 1
 
 
@@ -123,6 +132,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    guard_stdio()
     args = parser().parse_args(argv)
     audit.configure()
     return run(args)

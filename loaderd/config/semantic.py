@@ -17,6 +17,14 @@ from loaderd.model import CType, MapEntry, MapFlag, MapSpec, MapType, ProgramSpe
 
 PAGE_SIZE = resource.getpagesize()
 _EXCLUSIVE = ((MapFlag.RDONLY, MapFlag.WRONLY), (MapFlag.RDONLY_PROG, MapFlag.WRONLY_PROG))
+# BPF_MAP_FREEZE leaves these usable: the fact is MapKind.freezable (model.MAP_KINDS).
+_FREEZABLE = frozenset(t for t in MapType if t.kind.freezable)
+_UNFREEZABLE_WHY = {
+    MapType.RINGBUF: "its consumer could never advance: a frozen map refuses the writable "
+                     "mmap of the consumer position",
+    MapType.PERF_EVENT_ARRAY: "userspace could never install the per-CPU perf event fds "
+                              "it is read through",
+}
 
 
 class Collector:
@@ -87,6 +95,11 @@ def _flag_rules(c: Collector, i: int, m: MapSpec) -> None:
     if MapFlag.RDONLY in m.flags and m.preserve:
         c.add(Kind.SEMANTIC, ("maps", i, "preserve"), "an RDONLY map cannot be preserved: "
               "userspace cannot write the copied contents into it")
+    if m.freeze and m.type not in _FREEZABLE:
+        why = _UNFREEZABLE_WHY.get(m.type, "freezing leaves it unusable")
+        c.add(Kind.SEMANTIC, ("maps", i, "freeze"), f"a {m.type} map cannot be frozen: {why}",
+              allowed="freeze: true on array and hash maps ("
+              + ", ".join(sorted(t.value for t in _FREEZABLE)) + ")")
     if MapFlag.RDONLY in m.flags and m.freeze:
         c.add(Kind.SEMANTIC, ("maps", i, "freeze"), "an RDONLY map cannot be frozen (freezing "
               "needs a writable fd) and is already read-only for userspace; for read-only "

@@ -1,7 +1,9 @@
 """Daemon settings (`/etc/loaderd/loaderd.yaml`) into a typed `Settings`.
 
 Same path as specs: file trust (root-owned, like sshd_config) -> safe YAML -> JSON Schema ->
-rules a schema cannot express (user names, octal modes, dangerous helpers).
+rules a schema cannot express (user names, octal modes, dangerous helpers) -> the trust walk
+of programs_dir and state_dir (config.trust.walk_dir: every directory on the way, through
+symlinks, root's; state_dir itself root's or the service user's).
 """
 
 from __future__ import annotations
@@ -29,17 +31,24 @@ from loaderd.sanitize import Rules
 
 SCHEMA = "settings.schema.json"
 MAX_BYTES = 64 * 1024
+SERVICE_USER = "loaderd"  # sysusers.d: the account the units run as (`service_user:`)
+# state_dir may not be one of these (loaderd writes its manifest, lock and generations
+# there, and root hands the directory's contents to the service user) nor lie below the trees.
+_SYSTEM_DIRS = frozenset({"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64",
+                          "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv",
+                          "/sys", "/tmp", "/usr", "/var", "/var/lib", "/var/log", "/var/tmp"})
+_SYSTEM_TREES = ("/boot", "/dev", "/etc", "/proc", "/sys", "/usr")
 
 
 class _Ctx:
     def __init__(self, path: str, marks: Marks) -> None:
         self.path, self.marks = path, marks
 
-    def error(self, at: Path, message: str, *, value: Any = None,
-              allowed: str | None = None) -> LoaderdError:
+    def error(self, at: Path, message: str, *, value: Any = None, allowed: str | None = None,
+              kind: Kind = Kind.SEMANTIC) -> LoaderdError:
         mark = self.marks.keys.get(at) or self.marks.at(at)
         line, col = mark if mark else (None, None)
-        return LoaderdError(Kind.SEMANTIC, message,
+        return LoaderdError(kind, message,
                             Location(self.path, line, col, yamlsafe.field_name(at) or None),
                             value=schemacheck.short(value), allowed=allowed)
 
@@ -56,6 +65,54 @@ def _paths(ctx: _Ctx, data: dict[str, Any]) -> None:
         if key in data and os.path.normpath(data[key]) != data[key]:
             raise ctx.error((key,), "path must be normalized (no '.', '..', '//' or trailing "
                             "'/')", value=data[key])
+
+
+def _service_uids(ctx: _Ctx, data: dict[str, Any]) -> frozenset[int]:
+    """Who may own state_dir: root, the service user and (not root) whoever runs this."""
+    uids = {0} if os.geteuid() == 0 else {0, os.geteuid()}
+    name = data.get("service_user", SERVICE_USER)
+    try:
+        uids.add(pwd.getpwnam(name).pw_uid)
+    except KeyError:
+        if "service_user" in data:
+            raise ctx.error(("service_user",), "no such user", value=name) from None
+    return frozenset(uids)
+
+
+def _inside(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _walk(ctx: _Ctx, key: str, path: str, uids: frozenset[int],
+          last_uids: frozenset[int]) -> str:
+    try:
+        return trust.walk_dir(path, uids=uids, last_uids=last_uids, allow_missing=True,
+                              last_symlink_ok=key != "state_dir")
+    except LoaderdError as exc:  # the settings line, and which directory on the way
+        raise ctx.error((key,), f"{exc.location.file}: {exc.message}", value=exc.value,
+                        allowed=exc.allowed, kind=Kind.TRUST) from None
+
+
+def _trusted_dirs(ctx: _Ctx, data: dict[str, Any], settings: Settings) -> None:
+    """No trusted path passes through a directory others can write (config.trust.walk_dir);
+    state_dir is the service user's at most, and holds nothing of the system's or of the
+    specs (whoever writes state_dir must not be able to write a spec)."""
+    owner = frozenset({0, settings.config_owner_uid})
+    programs = _walk(ctx, "programs_dir", settings.programs_dir, owner, owner)
+    state = _walk(ctx, "state_dir", settings.state_dir, frozenset({0}),
+                  _service_uids(ctx, data))
+    for shown in {settings.state_dir, state}:
+        if shown in _SYSTEM_DIRS or any(_inside(shown, t) for t in _SYSTEM_TREES):
+            raise ctx.error(("state_dir",), "state_dir is a system directory: loaderd writes "
+                            "its manifest there and hands it to the service user", value=shown,
+                            allowed="a directory of its own, e.g. /var/lib/loaderd",
+                            kind=Kind.TRUST)
+    for a, b in ((programs, state), (state, programs)):
+        if _inside(a, b):
+            raise ctx.error(("state_dir",), "state_dir and programs_dir must not contain "
+                            "each other (the service user writes state_dir, and must not "
+                            "write specs)", value=state, allowed="separate directories",
+                            kind=Kind.TRUST)
 
 
 def _pins(ctx: _Ctx, raw: dict[str, Any]) -> PinOwnership:
@@ -106,7 +163,7 @@ def _policy(ctx: _Ctx, raw: dict[str, Any]) -> Policy:
         allow_kfuncs=calls.get("kfunc", base.allow_kfuncs), limits=limits)
 
 
-def _parse(path: str, raw: bytes) -> Settings:
+def _parse(path: str, raw: bytes, *, check_dirs: bool) -> Settings:
     data, marks = yamlsafe.load(raw, file=path, max_bytes=MAX_BYTES)
     ctx = _Ctx(path, marks)
     mode = data.get("pins", {}).get("mode") if isinstance(data, dict) and isinstance(
@@ -120,7 +177,7 @@ def _parse(path: str, raw: bytes) -> Settings:
         raise errors[0]
     _paths(ctx, data)
     defaults = Settings()
-    return Settings(
+    settings = Settings(
         programs_dir=data.get("programs_dir", defaults.programs_dir),
         bpffs_root=data.get("bpffs_root", defaults.bpffs_root),
         state_dir=data.get("state_dir", defaults.state_dir),
@@ -133,17 +190,23 @@ def _parse(path: str, raw: bytes) -> Settings:
         accept_header_mismatch=data.get("accept_header_mismatch",
                                         defaults.accept_header_mismatch),
         path=path)
+    if check_dirs:
+        _trusted_dirs(ctx, data, settings)
+    return settings
 
 
 def load_settings(path: str | None = None, *, owner_uid: int | None = 0) -> Settings:
     """Settings from `path`; None means no file: the built-in defaults. The file must be
     owned by root (owner_uid; None skips ownership checks for non-root `loaderd check`)."""
     if path is None:
-        return Settings()
+        settings = Settings()
+        if owner_uid is not None:
+            _trusted_dirs(_Ctx("built-in settings", Marks()), {}, settings)
+        return settings
     root = os.path.dirname(os.path.abspath(path))
     try:
         raw = trust.read_file(path, owner_uid=owner_uid, root_dir=root, max_bytes=MAX_BYTES)
-        return _parse(path, raw)
+        return _parse(path, raw, check_dirs=owner_uid is not None)
     except LoaderdError as exc:
         raise exc.with_file(path) from None
 

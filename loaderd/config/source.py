@@ -6,6 +6,11 @@ Maps come from the spec's `maps:` (loaderd generates their declarations), so the
 none of these. The text is checked after line splicing and comment removal (as the C
 preprocessor sees it); anything that could rebuild a refused name behind our back (token
 pasting, digraphs, trigraphs, raw strings) is refused too.
+
+Lines are what clang (14, measured) takes them to be: a lone CR ends a line for clang, even
+inside a `//` comment or a string literal, so it is refused (LF and CRLF are the line endings);
+form feed and vertical tab are horizontal blanks before and after `#`, and a backslash followed
+by blanks and a newline splices lines (clang accepts the blanks with a warning).
 """
 
 from __future__ import annotations
@@ -43,18 +48,29 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     )
 )
 _DIRECTIVE = re.compile(r"^[ \t]*#[ \t]*(include_next|include|import|embed)\b(.*)$", re.M)
+# `#line N "file"` and the GNU linemarker `# N "file"`: BCC reads the named file into the
+# program's BTF line info (bpftool prog dump ... linum shows it); loaderd writes its own.
+_LINE_DIRECTIVE = re.compile(r"^[ \t]*#[ \t]*(?:line\b|[0-9])", re.M)
 _INCLUDE = re.compile(r"[ \t]*<([A-Za-z0-9_.+/-]+)>[ \t]*")
 _LEXEME = re.compile(r'"(?:\\.|[^"\\\n])*"?|\'(?:\\.|[^\'\\\n])*\'?|//[^\n]*|/\*.*?(?:\*/|\Z)',
                      re.S)
 
 
+_LONE_CR = re.compile(r"\r(?!\n)")
+
+
+def _blanks(text: str) -> str:
+    """clang's blanks as spaces, offsets kept: the CR of CRLF, form feed, vertical tab."""
+    return text.replace("\r\n", " \n").replace("\f", " ").replace("\v", " ")
+
+
 def _splice(text: str) -> tuple[str, list[int]]:
-    """Join backslash-newline continuations; return the text and, for each original line
-    after the first, the offset in the joined text where it starts."""
+    """Join backslash(-blanks)-newline continuations of `_blanks` text; return the text and,
+    for each original line after the first, the offset in the joined text where it starts."""
     out: list[str] = []
     starts: list[int] = []
     size = pos = 0
-    for m in re.finditer(r"\\\r?\n|\n", text):
+    for m in re.finditer(r"\\[ \t]*\n|\n", text):
         out.append(text[pos:m.start()])
         size += m.start() - pos
         if m.group() == "\n":
@@ -95,14 +111,33 @@ _FUNCTION = re.compile(r"\b([A-Za-z_]\w*)\s*\((?:[^()]|\([^()]*\))*\)\s*\{")
 
 def function_names(text: str) -> set[str]:
     """Names that look defined as functions (`name(...) {`) in C `text`, comments ignored."""
-    return {m.group(1) for m in _FUNCTION.finditer(_blank_comments(_splice(text)[0]))}
+    code = _blank_comments(_splice(_blanks(text))[0])
+    return {m.group(1) for m in _FUNCTION.finditer(code)}
+
+
+def _lone_crs(text: str, file: str | None, first_line: int,
+              field: str | None) -> list[LoaderdError]:
+    errors: list[LoaderdError] = []
+    for m in _LONE_CR.finditer(text):
+        before = text[:m.start()]
+        line, col = before.count("\n"), m.start() - before.rfind("\n")
+        errors.append(LoaderdError(
+            Kind.POLICY, "a lone carriage return (CR) ends a line for the C compiler but not "
+            "for this check; end lines with LF (or CRLF)",
+            Location(file, first_line + line, col, field)))
+        if len(errors) >= MAX_ERRORS:
+            break
+    return errors
 
 
 def check_source(text: str, *, file: str | None, first_line: int = 1,
                  field: str | None = None) -> list[LoaderdError]:
     """All refused constructs in C `text`, located at `file`:`first_line` + line - 1."""
     allowed = ", ".join(f"<{r}/...>" for r in INCLUDE_ROOTS)
-    code, starts = _splice(text)
+    crs = _lone_crs(text, file, first_line, field)
+    if crs:  # every later line number would disagree with clang's: fix these first
+        return crs
+    code, starts = _splice(_blanks(text))
     code = _blank_comments(code)
     found: list[tuple[int, str, str | None]] = []
     for rx, message in _RULES:
@@ -111,6 +146,8 @@ def check_source(text: str, *, file: str | None, first_line: int = 1,
         problem = _include_problem(m.group(1), m.group(2))
         if problem:
             found.append((m.start(), problem, allowed))
+    found.extend((m.start(), "#line directives are not allowed: BCC reads the file one names "
+                  "into the program's line info", None) for m in _LINE_DIRECTIVE.finditer(code))
     errors: list[LoaderdError] = []
     seen: set[tuple[int, str]] = set()
     for offset, message, allow in sorted(found):

@@ -2,7 +2,8 @@
 
 Order (each step only sees input the previous one accepted): file trust -> safe YAML ->
 JSON Schema -> source file trust -> semantic rules -> C source text checks.
-Every problem found in one file is collected; `load_spec` raises the first.
+Every problem found in one file is collected (at most errors.MAX_PER_FILE shown, the rest
+counted in one "and N more"); `load_spec` raises the first.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from loaderd.config import schema as schemacheck
 from loaderd.config import semantic, trust, yamlsafe
 from loaderd.config import source as srccheck
 from loaderd.config.semantic import Collector
-from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.errors import Kind, LoaderdError, Location, cap_per_file
 from loaderd.model import (
     NAME_RE,
     SCALAR_TYPES,
@@ -141,7 +142,7 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
         return None, [exc.with_file(path)]
     errors = schemacheck.validate(data, SCHEMA, marks=marks, file=path)
     if errors:
-        return None, errors
+        return None, cap_per_file(errors)
     f = Collector(path, marks)
     name = _spec_name(f, data)
     maps = tuple(_build_map(f, i, m) for i, m in enumerate(data.get("maps", [])))
@@ -155,10 +156,15 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
     elif got and text is not None:
         semantic.fallbacks(f, maps, programs, text)
         field = None if got[1] else "source.inline"
-        f.errors += srccheck.check_source(text, file=got[1] or path, first_line=got[2],
-                                          field=field)
+        found = srccheck.check_source(text, file=got[1] or path, first_line=got[2],
+                                      field=field)
+        if field and ("source", "inline") not in f.marks.literal:
+            # A quoted or folded scalar's C lines are not the YAML's: point at the scalar.
+            for e in found:
+                e.location = dataclasses.replace(e.location, line=got[2], column=None)
+        f.errors += found
     if f.errors or got is None or text is None:
-        return None, f.errors
+        return None, cap_per_file(f.errors)
     digest = hashlib.sha256(yaml_bytes + b"\0" + got[0]).hexdigest()
     return Spec(name=name, path=path, source=text, source_path=got[1], maps=maps,
                 programs=programs, sha256=digest, description=data.get("description", ""),

@@ -2,12 +2,18 @@
 
 Built on PyYAML's event stream (libyaml when present) rather than its composer, so that
 explicit tags, anchors/aliases, depth and document count are refused *before* any object is
-built (the composer recurses and would expand aliases). Scalars are still resolved and
-constructed by PyYAML's SafeLoader resolver/constructor.
+built (the composer recurses and would expand aliases).
+
+Plain scalars resolve by the YAML 1.2 core schema only (null, true/false, decimal, 0o, 0x,
+1.2 floats; anything else is a string). A plain scalar that a YAML 1.1 reader (PyYAML,
+Ansible, many linters) would read as something else is refused with the spelling both agree
+on: `010` (octal 8 in 1.1), `1:30` (base 60), `on`/`yes`/`n` (booleans), `1_000`, `0b11`,
+`-0x1`. Timestamps and `=` stay strings, as in 1.2.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,12 +28,83 @@ Mark = tuple[int, int]  # (line, column), both 1-based
 MAX_DEPTH = 32
 
 _Loader: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-# Scalar tags we build as-is; any other implicit tag (timestamp, value, ...) stays a string
-# so `description: 2024-01-01` is text, not a datetime a schema can only call "not a string".
+# YAML 1.1 tags whose values a 1.1 reader builds; others (timestamp, value) read as strings.
 _PLAIN_TAGS = frozenset(
-    f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null")
+    f"tag:yaml.org,2002:{t}" for t in ("int", "float", "bool", "null")
 )
-_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+# The YAML 1.2 core schema (https://yaml.org/spec/1.2.2/#1032-tag-resolution).
+_NULL12 = frozenset({"", "~", "null", "Null", "NULL"})
+_BOOL12 = {"true": True, "True": True, "TRUE": True,
+           "false": False, "False": False, "FALSE": False}
+_INT12 = re.compile(r"[-+]?[0-9]+")
+_BASED12 = re.compile(r"0o[0-7]+|0x[0-9a-fA-F]+")
+_FLOAT12 = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?")
+_INF12 = re.compile(r"([-+]?)\.(?:inf|Inf|INF)")
+_NAN12 = re.compile(r"\.(?:nan|NaN|NAN)")
+# YAML 1.1 booleans (its spec's list; PyYAML knows all but y/n).
+_BOOL11 = re.compile(r"y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF")
+
+
+def core_value(text: str) -> Any:
+    """A plain scalar by the YAML 1.2 core schema. ValueError: an int too long for int()."""
+    if text in _NULL12:
+        return None
+    if text in _BOOL12:
+        return _BOOL12[text]
+    if _INT12.fullmatch(text):
+        return int(text)
+    if _BASED12.fullmatch(text):
+        return int(text, 0)
+    if _FLOAT12.fullmatch(text):
+        return float(text)
+    inf = _INF12.fullmatch(text)
+    if inf:
+        return float(f"{inf.group(1)}inf")
+    if _NAN12.fullmatch(text):
+        return float("nan")
+    return text
+
+
+def _same(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    return bool(a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)))
+
+
+def yaml11_conflict(text: str, v12: Any, loader: Any) -> str | None:
+    """Why a YAML 1.1 reader would take plain `text` for something other than `v12`, with
+    the spelling to use instead; None when both read the same."""
+    shown = repr(text[:32])
+    if _BOOL11.fullmatch(text):
+        return (f"{shown} is a boolean in YAML 1.1 and a string in YAML 1.2: write true or "
+                "false, or quote it")
+    lead = re.fullmatch(r"([-+]?)0([0-9]+)", text)
+    if lead:
+        sign, digits = lead.groups()
+        octal = f" {sign}0o{digits} (octal) or" if set(digits) <= set("01234567") else ""
+        return (f"{shown} has a leading zero (octal in YAML 1.1, decimal in YAML 1.2): "
+                f"write{octal} {sign}{int(digits)} (decimal), or quote it")
+    tag = loader.resolve(yaml.ScalarNode, text, (True, False))
+    if tag not in _PLAIN_TAGS:
+        return None
+    try:
+        v11 = loader.construct_object(yaml.ScalarNode(tag, text))
+    except (ValueError, OverflowError):
+        v11 = None
+    if _same(v11, v12):
+        return None
+    if ":" in text:
+        return (f"{shown} is a base-60 number in YAML 1.1 ({v11!r}) and a string in YAML "
+                "1.2: quote it")
+    if "_" in text:
+        return (f"{shown} is a number in YAML 1.1 ({v11!r}) and a string in YAML 1.2: "
+                f"write it without '_' ({v11!r}), or quote it")
+    if re.match(r"[-+]?0b", text):
+        return (f"{shown} is binary in YAML 1.1 only: write {v11!r} or {hex(int(v11))}, "
+                "or quote it")
+    return (f"{shown} is {v11!r} in YAML 1.1 but {v12!r} in YAML 1.2: write it so that both "
+            "agree, or quote it")
 
 
 @dataclass
@@ -146,19 +223,20 @@ class _Builder:
     def scalar(self, event: Any) -> None:
         mark = _mark(event)
         path = self.child_path(mark, True)
-        tag = self.loader.resolve(yaml.ScalarNode, event.value, event.implicit)
-        if tag == _MERGE_TAG and path is None:
-            raise _error("merge keys (<<) are not allowed", self.file, mark,
-                         self.stack[-1].path)
         value: Any = event.value
-        if tag in _PLAIN_TAGS:
-            node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark,
-                                   event.style)
+        if event.implicit[0]:  # plain: resolved; quoted and block scalars are strings
+            if value == "<<" and path is None:
+                raise _error("merge keys (<<) are not allowed", self.file, mark,
+                             self.stack[-1].path)
             try:
-                value = self.loader.construct_object(node)
+                value = core_value(event.value)
             except (ValueError, OverflowError):  # e.g. int() over the 4300-digit limit
                 raise _error("invalid scalar (number too long or out of range)", self.file,
                              mark, path or (), value=event.value[:32]) from None
+            conflict = yaml11_conflict(event.value, value, self.loader)
+            if conflict:
+                where = path if path is not None else self.stack[-1].path
+                raise _error(conflict, self.file, mark, where)
         if path is None:
             self.add_key(value, mark)
             return

@@ -57,7 +57,10 @@ def render(spec: Spec) -> str:
 
 
 def _c_string(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+    """A C string literal's body: a newline in a path must not end the `#line` directive
+    (config.trust refuses such paths; this holds whatever reaches here)."""
+    text = text.replace("\\", "\\\\").replace('"', '\\"')
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\{ord(m.group()):03o}", text)
 
 
 # A memfd the parent shares (set by the worker process): what clang or LLVM wrote last is still

@@ -158,3 +158,33 @@ def test_read_only_pin_root_is_one_clear_error_before_any_compile(
     assert "ReadWritePaths=" in errors[0] and "internal error" not in proc.stderr
     assert "compiles 0" in proc.stdout, proc.stdout
     assert_untouched(settings, before)
+
+
+def test_an_error_flood_is_one_refusal_event_with_its_count(
+        applied: tuple[Settings, Path]) -> None:
+    """20,000 bad list items in one 80 KB file: at most 21 errors (20 and "and N more") and
+    one SPEC_REFUSED event for the file, carrying the count; nothing changes."""
+    import json
+
+    from tests.unit.test_spec import FLOOD
+
+    settings, specs_dir = applied
+    before = snapshot(settings)
+    (specs_dir / "zz_flood.yaml").write_text(FLOOD)
+    buf = io.StringIO()
+    audit.configure(journal=False, stream=buf)
+    try:
+        result = Applier(settings).apply()
+    finally:
+        os.unlink(specs_dir / "zz_flood.yaml")
+    assert not result.ok and len(result.errors) == 21
+    events = [json.loads(line) for line in buf.getvalue().splitlines()]
+    refused = [e for e in events if e["event"] == "spec_refused"]
+    assert len(refused) == 1 and refused[0]["errors"] == 20001, refused
+    assert refused[0]["file"] == str(specs_dir / "zz_flood.yaml")
+    assert refused[0]["message"].endswith("(and 20000 more)")
+    assert len(refused[0]["detail"].splitlines()) == 21
+    failed = [e for e in events if e["event"] == "apply_failed"]
+    assert len(failed) == 1 and failed[0]["errors"] == 20001
+    assert len(events) < 10, [e["event"] for e in events]
+    assert_untouched(settings, before)

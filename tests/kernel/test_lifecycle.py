@@ -278,6 +278,8 @@ def test_root_acting_for_the_service_user_keeps_everything_theirs(
     state = counter_conf.parent / "state"
     state.mkdir(mode=0o751)
     os.chown(state, nobody, -1)
+    with open(counter_conf, "a") as f:  # root hands state only to the declared service user
+        f.write("service_user: nobody\n")
     loaderd("--config", str(counter_conf), "apply")
     spec = counter_conf.parent / "specs" / "counter.yaml"
     spec.write_text(COUNTER.format(step=5))

@@ -30,3 +30,77 @@ def test_disable_has_its_enable(make: object) -> None:
 
 def test_check_takes_jobs() -> None:
     assert cli.parser().parse_args(["check", "--jobs", "3"]).jobs == 3
+
+
+# --- exit codes when the reader goes away (`loaderd check | head -1`) -----------------------
+
+def _closed_pipe_run(argv: list[str], *, close_stderr: bool) -> int:
+    """Run the real CLI with stdout (and stderr) on a pipe whose reader is already gone."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", "loaderd", *argv], stdout=write,
+                              stderr=write if close_stderr else subprocess.DEVNULL,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120,
+                              check=False).returncode
+    finally:
+        os.close(write)
+
+
+@pytest.fixture
+def spec_dirs(tmp_path: pytest.TempPathFactory) -> tuple[str, str]:
+    import os
+    import shutil
+    from pathlib import Path
+
+    from tests.conftest import EXAMPLES
+    from tests.unit.test_spec import FLOOD
+
+    base = Path(str(tmp_path))
+    os.chmod(base, 0o755)
+    shutil.copytree(EXAMPLES, base / "ok")
+    (base / "bad").mkdir(mode=0o755)
+    (base / "bad" / "flood.yaml").write_text(FLOOD)  # 20,001 errors: plenty to write
+    return str(base / "ok"), str(base / "bad")
+
+
+@pytest.mark.parametrize("close_stderr", [False, True])
+def test_a_refusal_is_never_turned_into_0_by_a_closed_pipe(spec_dirs: tuple[str, str],
+                                                           close_stderr: bool) -> None:
+    ok, bad = spec_dirs
+    assert _closed_pipe_run(["check", "--no-kernel", "--dir", bad],
+                            close_stderr=close_stderr) == 1
+    # A success whose output was lost is not a clean 0 either (a shell's SIGPIPE status).
+    assert _closed_pipe_run(["check", "--no-kernel", "--dir", ok],
+                            close_stderr=close_stderr) == 141
+
+
+def test_pipe_guard_drops_output_after_the_reader_left() -> None:
+    from loaderd.cli.common import PipeGuard
+
+    class Gone:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def write(self, text: str) -> int:
+            self.calls += 1
+            raise BrokenPipeError
+
+        def flush(self) -> None:
+            raise BrokenPipeError
+
+        def fileno(self) -> int:
+            raise ValueError("no fd")  # _break must not fail on it
+
+    inner = Gone()
+    guard = PipeGuard(inner)
+    assert guard.write("x\n") == 2 and guard.broken
+    guard.write("more\n")
+    guard.flush()
+    assert inner.calls == 1

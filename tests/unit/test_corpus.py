@@ -6,7 +6,9 @@ when the .yaml is a symlink):
   expect   {kind, field, line, msg (substring), file (basename, optional)}
   target   "settings" to load the file as /etc/loaderd/loaderd.yaml instead of a spec
   limits   Limits overrides        settings  loaderd.yaml content (policy cases)
-  calls    check_calls arguments   setup     {chmod: {name: "0664"}, chown: {name: uid}}
+  calls    check_calls arguments   setup     {chmod: {name: "0664"}, chown: {name: uid},
+                                              hardlink: {new name: existing name}}
+  targets  true: also look the attach targets up as `check` does (tracefs, BTF, interfaces)
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def apply_setup(folder: Path, setup: dict[str, Any]) -> None:
         os.chmod(folder / name, int(mode, 8))
     for name, uid in setup.get("chown", {}).items():
         os.chown(folder / name, uid, -1)
+    for new, existing in setup.get("hardlink", {}).items():
+        os.link(folder / existing, folder / new)
 
 
 def settings_for(header: dict[str, Any], where: Path) -> Settings:
@@ -96,6 +100,12 @@ def run_case(path: Path, header: dict[str, Any], tmp: Path) -> None:
         return
     policy.check_spec(spec, pol)
     policy.check_set([spec], pol)
+    if header.get("targets"):
+        from loaderd.bpf import attach
+
+        errors, _notes = attach.check_targets(spec)
+        if errors:
+            raise errors[0]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="trust cases chown files: needs root")

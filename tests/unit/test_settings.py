@@ -101,6 +101,14 @@ def test_file_must_be_root_owned(tmp_path: Path) -> None:
     assert load_settings(path, owner_uid=None).path == path
 
 
+def test_hard_linked_file_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "loaderd: 1\n")
+    os.link(path, tmp_path / "other-name.yaml")
+    for owner in (0, None):
+        err = refused(path, owner_uid=owner)
+        assert err.kind is Kind.TRUST and "2 hard links" in err.message
+
+
 def test_group_writable_file_is_refused(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs a root-owned file")
@@ -110,7 +118,10 @@ def test_group_writable_file_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text, kind, field", [
     ("", Kind.SCHEMA, None),
     ("loaderd: 1\nprograms_dir: relative\n", Kind.SCHEMA, "programs_dir"),
-    ("loaderd: 1\npins: {mode: 0640}\n", Kind.SEMANTIC, "pins.mode"),
+    ("loaderd: 1\npins: {mode: 0640}\n", Kind.YAML, "pins.mode"),
+    ("loaderd: 1\npins: {mode: 0o640}\n", Kind.SEMANTIC, "pins.mode"),
+    ("loaderd: 1.0\n", Kind.SCHEMA, "loaderd"),
+    ("loaderd: '1'\n", Kind.SCHEMA, "loaderd"),
     ("loaderd: 1\npins: {mode: '0602'}\n", Kind.SEMANTIC, "pins.mode"),
     ("loaderd: 1\nconfig_owner: no_such_user_xyz\n", Kind.SEMANTIC, "config_owner"),
     ("loaderd: 1\npolicy: {helpers: {by_type: {xdp: [sys_bpf]}}}\n", Kind.SEMANTIC,
@@ -185,3 +196,101 @@ def test_shipped_settings_allow_no_gated_helper() -> None:
     for ptype in ProgType:
         assert not pol.helpers_for(ptype) & {"probe_read_kernel", "probe_read_kernel_str",
                                               "tail_call"}
+
+
+# --- the trust walk of state_dir and programs_dir ------------------------------------------
+
+NOBODY = 65534
+
+
+def dirs_conf(tmp_path: Path, state: Path | str, programs: Path | str | None = None,
+              extra: str = "") -> str:
+    programs = programs or tmp_path / "programs.d"
+    return write(tmp_path, f"loaderd: 1\nprograms_dir: {programs}\nstate_dir: {state}\n{extra}")
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("chowns directories: needs root")
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "programs.d").mkdir(mode=0o755)
+    return tmp_path
+
+
+def walk_refused(path: str, msg: str, field: str = "state_dir") -> LoaderdError:
+    err = refused(path)
+    assert (err.kind, err.location.field) == (Kind.TRUST, field), err
+    assert msg in str(err) and "\n" not in str(err), err
+    assert err.location.line == (3 if field == "state_dir" else 2)
+    return err
+
+
+def test_state_dir_of_root_or_missing_under_a_trusted_parent_is_accepted(base: Path) -> None:
+    (base / "state").mkdir(mode=0o751)
+    assert load_settings(dirs_conf(base, base / "state")).state_dir == str(base / "state")
+    load_settings(dirs_conf(base, base / "not-yet" / "state"))  # apply makes it
+
+
+def test_state_dir_of_another_user_is_refused_unless_it_is_the_service_user(
+        base: Path) -> None:
+    state = base / "state"
+    state.mkdir(mode=0o751)
+    os.chown(state, NOBODY, -1)
+    walk_refused(dirs_conf(base, state), f"{base}/state: directory is owned by uid {NOBODY}")
+    load_settings(dirs_conf(base, state, extra="service_user: nobody\n"))
+    err = refused(dirs_conf(base, state, extra="service_user: no_such_user_xyz\n"))
+    assert (err.kind, err.location.field) == (Kind.SEMANTIC, "service_user")
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770])
+def test_writable_state_dir_is_refused(base: Path, mode: int) -> None:
+    state = base / "state"
+    state.mkdir()
+    os.chmod(state, mode)
+    walk_refused(dirs_conf(base, state), "state: directory is writable by group or other")
+
+
+def test_symlinked_state_dir_is_refused(base: Path) -> None:
+    (base / "real").mkdir(mode=0o751)
+    os.symlink(base / "real", base / "state")
+    walk_refused(dirs_conf(base, base / "state"), "state: directory is a symlink")
+
+
+def test_state_dir_under_a_writable_or_foreign_directory_is_refused(base: Path) -> None:
+    ww = base / "ww"
+    ww.mkdir()
+    os.chmod(ww, 0o777)
+    walk_refused(dirs_conf(base, ww / "state"), "parent directory is writable")
+    theirs = base / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, NOBODY, -1)
+    walk_refused(dirs_conf(base, theirs / "state", extra="service_user: nobody\n"),
+                 f"parent directory is owned by uid {NOBODY}")
+
+
+@pytest.mark.parametrize("state", ["/etc", "/etc/loaderd/state", "/usr/lib/loaderd", "/var/lib",
+                                   "/run"])
+def test_system_directories_are_not_a_state_dir(base: Path, state: str) -> None:
+    walk_refused(dirs_conf(base, state), "state_dir is a system directory")
+
+
+def test_programs_dir_through_a_symlink_in_a_world_writable_directory(base: Path) -> None:
+    ww = base / "ww"
+    ww.mkdir()
+    os.chmod(ww, 0o777)
+    os.symlink(base / "programs.d", ww / "programs.d")
+    walk_refused(dirs_conf(base, base / "state", ww / "programs.d"),
+                 "parent directory is writable by group or other", field="programs_dir")
+    os.symlink(base / "programs.d", base / "link")  # root's link in root's directory: fine
+    load_settings(dirs_conf(base, base / "state", base / "link"))
+
+
+def test_programs_dir_and_state_dir_must_not_nest(base: Path) -> None:
+    walk_refused(dirs_conf(base, base / "programs.d" / "state"), "must not contain each other")
+    walk_refused(dirs_conf(base, base / "state", base / "state" / "specs"),
+                 "must not contain each other")
+
+
+def test_dirs_are_not_walked_for_a_non_root_check(base: Path) -> None:
+    load_settings(dirs_conf(base, "/etc"), owner_uid=None)

@@ -164,6 +164,61 @@ def test_source_file_errors_point_into_the_c_file(folder: Path) -> None:
     assert err.location.file == str(folder / "demo.bpf.c") and err.location.line == 5
 
 
+def test_hard_linked_source_is_refused_and_never_echoed(folder: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "shadow"
+    secret.write_text("extern root:TOPSECRET:19000::::::\n")
+    os.chmod(secret, 0o600)
+    os.link(secret, folder / "demo.bpf.c")
+    spec, errors = specmod.parse_spec(str(write(folder, "x.yaml", SPEC)), limits=Limits(),
+                                      owner_uid=0)
+    assert spec is None and len(errors) == 1
+    assert errors[0].kind is Kind.TRUST and "hard links" in str(errors[0])
+    assert errors[0].location.field == "source.file" and errors[0].location.line == 5
+    assert all("TOPSECRET" not in f"{e} {e.detail}" for e in errors)
+
+
+FLOOD = ("loaderd: 1\nsource: {inline: \"int f(void *c) { return 0; }\"}\n"
+         "programs: [{name: f, type: socket_filter}]\nmaps:\n" + "- 1\n" * 20000)
+
+
+def test_an_error_flood_is_capped_per_file_and_counted(folder: Path) -> None:
+    from loaderd.errors import MAX_PER_FILE, count
+
+    assert 60_000 < len(FLOOD) < 90_000
+    spec, errors = specmod.parse_spec(str(write(folder, "flood.yaml", FLOOD)), limits=Limits(),
+                                      owner_uid=None)
+    assert spec is None and len(errors) == MAX_PER_FILE + 1
+    assert errors[-1].more == 20001 - MAX_PER_FILE and count(errors) == 20001
+    assert str(errors[-1]).endswith("and 19981 more errors in this file (fix the ones above "
+                                    "first)")
+    assert errors[-1].location.file == str(folder / "flood.yaml")
+
+
+def test_cap_per_file_keeps_each_files_first_errors_in_order() -> None:
+    from loaderd.errors import Location, cap_per_file, count
+
+    errs = [LoaderdError(Kind.SCHEMA, f"e{i}", Location(f, i)) for f in ("a", "b")
+            for i in range(5)] + [LoaderdError(Kind.SCHEMA, "c", Location("c"))]
+    capped = cap_per_file(errs, limit=2)
+    assert [(e.location.file, e.message, e.more) for e in capped] == [
+        ("a", "e0", 0), ("a", "e1", 0), ("a", "and 3 more errors in this file (fix the ones "
+                                         "above first)", 3),
+        ("b", "e0", 0), ("b", "e1", 0), ("b", capped[5].message, 3), ("c", "c", 0)]
+    assert count(capped) == count(errs) == 11
+    assert cap_per_file(capped, limit=2) == capped  # capping twice changes nothing
+    assert "1 more error in" in cap_per_file(errs[:3], limit=2)[-1].message
+
+
+def test_check_prints_at_most_21_lines_for_a_flood(folder: Path) -> None:
+    from tests.conftest import loaderd
+
+    write(folder, "flood.yaml", FLOOD)
+    out = loaderd("check", "--no-kernel", "--dir", str(folder), check=False)
+    lines = out.stderr.splitlines()
+    assert out.returncode == 1 and len(lines) == 21, out.stderr[-2000:]
+    assert "and 19981 more errors" in lines[-1] and "0 specs, 20001 errors" in out.stdout
+
+
 def test_all_errors_of_a_file_are_collected(folder: Path) -> None:
     text = SPEC.replace("value: 42", "value: -1").replace("value: -5", "value: 200")
     write(folder, "demo.bpf.c", "int count(void *c) { return 0; }\nextern int x;\n")
@@ -297,6 +352,9 @@ def test_every_object_in_the_schemas_is_closed() -> None:
     "int external_count; int sectional;\n",
     "#pragma unroll\n",
     "BPF_HASH(h, u32, u64, 16);\n",
+    "#include <linux/sched.h>\r\nint a;\r\n",  # CRLF line endings
+    "// a comment \\\r\n#include \"x.h\"\n",  # spliced into the comment, for clang too
+    "int a;\f\vint b;\n",
 ])
 def test_source_checks_allow(code: str) -> None:
     assert srccheck.check_source(code, file="f.c") == []
@@ -316,6 +374,14 @@ def test_source_checks_allow(code: str) -> None:
     ('int x = 1; char *r = R"x()x";\n', 1),
     ("int s __attribute__((__section__(\"m\")));\n", 1),
     ("int s BCC_SEC(\"m\");\n", 1),
+    ("int a;\r#include \"x.h\"\n", 1),
+    ("int a;\n// comment\rBPF_TABLE_PINNED(x);\n", 2),
+    ("int a;\n\f#include \"x.h\"\n", 2),
+    ("\v#include </etc/shadow>\n", 1),
+    ("#\f\vinclude \"x.h\"\n", 1),
+    ("int a;\n#\\ \t\ninclude \"x.h\"\n", 2),
+    ("BPF_TABLE_PIN\\ \r\nNED(x);\n", 1),
+    ("int a;\r\n#include \"x.h\"\r\n", 2),
 ])
 def test_source_checks_refuse(code: str, line: int) -> None:
     errors = srccheck.check_source(code, file="f.c", first_line=1)
@@ -327,9 +393,93 @@ def test_source_checks_stop_after_max_errors() -> None:
     assert len(errors) == srccheck.MAX_ERRORS
 
 
+def test_lone_cr_is_located_and_reported_alone() -> None:
+    errors = srccheck.check_source("int a;\nint b;\rextern int c;\n", file="f.c", first_line=3)
+    assert [(e.location.line, e.location.column) for e in errors] == [(4, 7)]
+    assert "lone carriage return" in str(errors[0]) and "\r" not in str(errors[0])
+
+
+# Each hides a directive from a check that only knows LF and [ \t]; clang (the same major
+# version BCC links) must really take it as a directive, and the check must refuse it.
+HIDDEN_DIRECTIVES = [
+    b"int a;\r#include \"/nonexistent/loaderd-probe.h\"\n",
+    b"// comment\r#include \"/nonexistent/loaderd-probe.h\"\n",
+    b"char *s = \"x\r#include \"/nonexistent/loaderd-probe.h\"\n",
+    b"int a;\n\f#include \"/nonexistent/loaderd-probe.h\"\n",
+    b"int a;\n\v#include \"/nonexistent/loaderd-probe.h\"\n",
+    b"#\f\vinclude \"/nonexistent/loaderd-probe.h\"\n",
+    b"# \\ \ninclude \"/nonexistent/loaderd-probe.h\"\n",
+    b"/* c */ # include \"/nonexistent/loaderd-probe.h\"\r\n",
+]
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/clang"), reason="needs clang")
+@pytest.mark.parametrize("code", HIDDEN_DIRECTIVES)
+def test_check_sees_the_directives_clang_sees(code: bytes) -> None:
+    import subprocess
+
+    out = subprocess.run(["/usr/bin/clang", "-E", "-x", "c", "-"], input=code,
+                         capture_output=True, timeout=60, check=False)
+    assert b"loaderd-probe.h' file not found" in out.stderr  # clang takes it as #include
+    assert srccheck.check_source(code.decode(), file="f.c")
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/clang"), reason="needs clang")
+def test_crlf_backslash_continues_a_line_comment_for_clang() -> None:
+    import subprocess
+
+    code = b"// a \\\r\n#include \"/nonexistent/loaderd-probe.h\"\nint x;\n"
+    out = subprocess.run(["/usr/bin/clang", "-E", "-x", "c", "-"], input=code,
+                         capture_output=True, timeout=60, check=False)
+    assert out.returncode == 0 and srccheck.check_source(code.decode(), file="f.c") == []
+
+
+def test_control_character_in_the_directory_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "a\nb"
+    folder.mkdir(mode=0o755)
+    path = write(folder, "demo.yaml", SPEC)
+    write(folder, "demo.bpf.c", C_SOURCE)
+    err = refused(path)
+    assert err.kind is Kind.TRUST and "control character" in str(err)
+    assert "\n" not in str(err) and "a\\x0ab" in str(err)
+
+
+def test_control_character_in_the_source_path_is_refused(folder: Path) -> None:
+    sub = folder / "x\ny"
+    sub.mkdir(mode=0o755)
+    write(sub, "demo.bpf.c", C_SOURCE)
+    os.symlink("x\ny/demo.bpf.c", folder / "demo.bpf.c")
+    err = refused(write(folder, "demo.yaml", SPEC))
+    assert err.kind is Kind.TRUST and "control character" in str(err) and "\n" not in str(err)
+    assert err.location.field == "source.file" and err.location.line == 5
+
+
+def test_line_directive_keeps_a_path_on_one_line() -> None:
+    from loaderd.stage.compile import _c_string
+
+    assert _c_string('/a\nb"\\c') == '/a\\012b\\"\\\\c'
+
+
 def test_function_names() -> None:
     code = "static int helper(int a) { return a; }\nint main_prog(void *ctx)\n{\n}\n" \
            "// int commented(void) {}\nint declared(void);\n"
     assert {"helper", "main_prog"} <= srccheck.function_names(code)
     assert "commented" not in srccheck.function_names(code)
     assert "declared" not in srccheck.function_names(code)
+
+
+@pytest.mark.parametrize("mtype", list(MapType))
+def test_freeze_only_where_the_map_stays_usable(folder: Path, mtype: MapType) -> None:
+    fixed = mtype in (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY)
+    kv = "" if fixed else "    key: u32\n    value: u64\n"
+    size = 4096 if mtype is MapType.RINGBUF else 4
+    text = inline_spec("int count(void *ctx) { return 0; }\n",
+                       f"maps:\n  - name: m\n    type: {mtype.value}\n{kv}"
+                       f"    max_entries: {size}\n    freeze: true\n")
+    spec, errors = specmod.parse_spec(str(write(folder, "x.yaml", text)), limits=Limits(),
+                                      owner_uid=None)
+    if fixed:
+        assert [(e.kind, e.location.field) for e in errors] == [(Kind.SEMANTIC, "maps[0].freeze")]
+        assert f"a {mtype.value} map cannot be frozen" in str(errors[0])
+    else:
+        assert errors == [] and spec is not None and spec.maps[0].freeze

@@ -222,3 +222,120 @@ def test_check_relative_refuses_symlink_escapes(root: Path) -> None:
     with pytest.raises(LoaderdError) as info:
         trust.check_relative("sub/etc/hostname", str(root))
     assert "symlink points outside" in info.value.message
+
+
+@pytest.mark.parametrize("owner_uid", [0, None])
+def test_hard_linked_file_is_refused_without_its_content(root: Path, tmp_path: Path,
+                                                         owner_uid: int | None) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("TOPSECRET\n")
+    os.chmod(secret, 0o600)
+    os.link(secret, root / "linked.yaml")
+    for check in (trust.check_file, trust.read_file):
+        with pytest.raises(LoaderdError) as info:
+            kw = {"max_bytes": 100} if check is trust.read_file else {}
+            check(str(root / "linked.yaml"), owner_uid=owner_uid, root_dir=str(root), **kw)
+        err = info.value
+        assert err.kind is Kind.TRUST and "2 hard links" in str(err)
+        assert "TOPSECRET" not in str(err) and err.location.file == str(root / "linked.yaml")
+
+
+def test_second_name_inside_the_directory_is_refused_too(root: Path) -> None:
+    os.link(root / "spec.yaml", root / "sub" / "copy.yaml")
+    assert "2 hard links" in refused(root / "spec.yaml", root).message
+    os.unlink(root / "sub" / "copy.yaml")
+    trust.check_file(str(root / "spec.yaml"), owner_uid=0, root_dir=str(root))
+
+
+# --- walk_dir: the directories on the way to a trusted directory, through symlinks ---------
+
+ROOTS = frozenset({0})
+
+
+def walk_refused(path: Path, **kw: object) -> LoaderdError:
+    with pytest.raises(LoaderdError) as info:
+        trust.walk_dir(str(path), uids=ROOTS, **kw)  # type: ignore[arg-type]
+    assert info.value.kind is Kind.TRUST and "\n" not in str(info.value)
+    return info.value
+
+
+def test_walk_resolves_a_trusted_path(root: Path) -> None:
+    os.symlink(root / "sub", root / "via")
+    assert trust.walk_dir(str(root / "via"), uids=ROOTS) == os.path.realpath(root / "sub")
+    assert trust.walk_dir(str(root / "new" / "deeper"), uids=ROOTS, allow_missing=True) \
+        == str(root / "new" / "deeper")
+
+
+def test_walk_refuses_a_symlink_inside_a_world_writable_directory(root: Path) -> None:
+    """programs_dir = /ww/link -> a perfectly trusted directory: whoever writes /ww can point
+    the link elsewhere at any time, so the trusted target does not make the path trusted."""
+    ww = root / "ww"
+    ww.mkdir()
+    os.chmod(ww, 0o777)
+    os.symlink(root / "sub", ww / "link")
+    err = walk_refused(ww / "link")
+    assert err.location.file == str(ww) and "writable by group or other" in err.message
+    with pytest.raises(LoaderdError):  # a spec file reached that way (`check --dir`)
+        trust.check_file(str(ww / "link" / "x.c"), owner_uid=0, root_dir=str(ww / "link"))
+
+
+def test_walk_refuses_another_users_symlink_in_a_sticky_directory(root: Path) -> None:
+    sticky = root / "tmp"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    os.symlink(root / "sub", sticky / "theirs")
+    os.lchown(sticky / "theirs", OTHER, OTHER)
+    err = walk_refused(sticky / "theirs")
+    assert f"symlink on the way to {sticky / 'theirs'} is owned by uid {OTHER}" in err.message
+    os.symlink(root / "sub", sticky / "roots")  # root's own link there: others cannot replace it
+    assert trust.walk_dir(str(sticky / "roots"), uids=ROOTS) == str(root / "sub")
+    (sticky / "dir").mkdir(mode=0o755)
+    os.chown(sticky / "dir", OTHER, -1)
+    assert "owned by uid 4242" in walk_refused(sticky / "dir").message
+    assert "writable by group or other" in walk_refused(sticky).message  # never the last one
+
+
+def test_walk_refuses_a_symlink_target_through_an_untrusted_directory(root: Path,
+                                                                      tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    (other / "in").mkdir(parents=True)
+    os.chmod(other, 0o755)
+    os.chown(other, OTHER, -1)
+    os.symlink(other / "in", root / "link")
+    err = walk_refused(root / "link")
+    assert err.location.file == str(other) and "parent directory is owned by uid" in err.message
+
+
+def test_walk_last_directory_owners_and_symlink(root: Path) -> None:
+    os.chown(root / "sub", OTHER, -1)
+    assert "directory is owned by uid 4242" in walk_refused(root / "sub").message
+    trust.walk_dir(str(root / "sub"), uids=ROOTS, last_uids=frozenset({0, OTHER}))
+    os.symlink("sub", root / "link")
+    err = walk_refused(root / "link", last_uids=frozenset({0, OTHER}), kind="state_dir",
+                       last_symlink_ok=False)
+    assert "state_dir is a symlink" in err.message
+    os.chmod(root / "sub", 0o1777)
+    assert "writable" in walk_refused(root / "sub", last_uids=frozenset({0, OTHER})).message
+
+
+def test_walk_missing_path_under_an_untrusted_parent(root: Path) -> None:
+    os.chmod(root / "sub", 0o777)
+    assert "writable" in walk_refused(root / "sub" / "state", allow_missing=True).message
+    assert "No such file" in walk_refused(root / "nope").message
+
+
+def test_walk_symlink_loop_ends(root: Path) -> None:
+    os.symlink("b", root / "a")
+    os.symlink("a", root / "b")
+    assert "too many levels of symlinks" in walk_refused(root / "a").message
+
+
+def test_walk_missing_path_under_a_sticky_directory_is_refused(root: Path) -> None:
+    """Someone else could make it first (apply then uses their directory)."""
+    sticky = root / "tmp"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    err = walk_refused(sticky / "state", allow_missing=True)
+    assert "parent directory is writable" in err.message and err.location.file == str(sticky)
+    (sticky / "state").mkdir(mode=0o755)  # made by root: fine
+    trust.walk_dir(str(sticky / "state"), uids=ROOTS, allow_missing=True)

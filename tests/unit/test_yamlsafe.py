@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,8 +42,8 @@ def test_prefers_libyaml_when_built_with_it() -> None:
 
 
 def test_marks_for_keys_items_and_values() -> None:
-    data, marks = load("a: 1\nlist:\n  - x\n  - {k: v, n: [1, 2]}\ntext: |\n  one\n  two\n")
-    assert data == {"a": 1, "list": ["x", {"k": "v", "n": [1, 2]}], "text": "one\ntwo\n"}
+    data, marks = load("a: 1\nlist:\n  - x\n  - {k: v, m: [1, 2]}\ntext: |\n  one\n  two\n")
+    assert data == {"a": 1, "list": ["x", {"k": "v", "m": [1, 2]}], "text": "one\ntwo\n"}
     assert marks.keys[("a",)] == (1, 1)
     assert marks.values[("a",)] == (1, 4)
     assert marks.keys[("list",)] == (2, 1)
@@ -50,7 +51,7 @@ def test_marks_for_keys_items_and_values() -> None:
     assert marks.keys[("list", 0)] == (3, 5)
     assert marks.keys[("list", 1)] == (4, 5)
     assert marks.keys[("list", 1, "k")] == (4, 6)
-    assert marks.keys[("list", 1, "n", 1)] == (4, 19)
+    assert marks.keys[("list", 1, "m", 1)] == (4, 19)
     assert marks.values[()] == (1, 1)
     assert marks.literal == {("text",)}
 
@@ -74,10 +75,45 @@ def test_field_name_quotes_hostile_keys() -> None:
     assert "\x1b" not in str(err) and "\n" not in str(err)
 
 
-def test_scalars_resolve_like_safe_load_except_timestamps() -> None:
-    data, _ = load("i: 0x10\nb: yes\nn: ~\nf: 1.5\nq: '7'\nd: 2024-01-01\ne: =\n")
-    assert data == {"i": 16, "b": True, "n": None, "f": 1.5, "q": "7", "d": "2024-01-01",
-                    "e": "="}
+def test_scalars_resolve_by_the_yaml_1_2_core_schema() -> None:
+    data, _ = load("i: 0x10\no: 0o17\nb: true\nB: FALSE\nk: ~\nnu: Null\nf: 1.5\ne: 1e3\n"
+                   "g: -.5\nh: 2.\ninf: -.Inf\nq: '7'\nd: 2024-01-01\nv: =\nz: 0\ns: +3\n"
+                   "u: 'on'\nw: \"010\"\nt: Yes please\nx:\n")
+    assert data == {"i": 16, "o": 15, "b": True, "B": False, "k": None, "nu": None, "f": 1.5,
+                    "e": 1000.0, "g": -0.5, "h": 2.0, "inf": float("-inf"), "q": "7",
+                    "d": "2024-01-01", "v": "=", "z": 0, "s": 3, "u": "on", "w": "010",
+                    "t": "Yes please", "x": None}
+    assert math.isnan(load("nan: .NaN\n")[0]["nan"])
+
+
+@pytest.mark.parametrize("text, hint", [
+    ("010", "leading zero (octal in YAML 1.1, decimal in YAML 1.2): write 0o10 (octal) or 10 "
+            "(decimal), or quote it"),
+    ("-007", "write -0o07 (octal) or -7 (decimal)"),
+    ("09", "write 9 (decimal), or quote it"),
+    ("1:30", "base-60 number in YAML 1.1 (90) and a string in YAML 1.2: quote it"),
+    ("190:20:30.15", "base-60 number in YAML 1.1"),
+    ("on", "boolean in YAML 1.1 and a string in YAML 1.2: write true or false, or quote it"),
+    ("Off", "boolean in YAML 1.1"), ("YES", "boolean in YAML 1.1"), ("n", "boolean"),
+    ("y", "boolean"),
+    ("1_000", "write it without '_' (1000), or quote it"),
+    ("1_0.5", "without '_' (10.5)"),
+    ("0b11", "binary in YAML 1.1 only: write 3 or 0x3, or quote it"),
+    ("-0x1", "is -1 in YAML 1.1 but '-0x1' in YAML 1.2"),
+    ("+0x10", "is 16 in YAML 1.1"),
+])
+def test_yaml_1_1_only_spellings_are_refused_with_the_1_2_spelling(text: str,
+                                                                   hint: str) -> None:
+    err = refused(f"a: 1\nlist:\n  - {text}\n")
+    assert hint in err.message and (err.location.line, err.location.column) == (3, 5)
+    assert err.location.field == "list[0]"
+    err = refused(f"{text}: 1\n")  # as a key too
+    assert hint in err.message and err.location.line == 1
+
+
+def test_quoted_spellings_are_strings() -> None:
+    data, _ = load("a: '010'\nb: \"1:30\"\nc: 'on'\nd: '1_000'\n")
+    assert data == {"a": "010", "b": "1:30", "c": "on", "d": "1_000"}
 
 
 def test_empty_input_is_none() -> None:
@@ -100,8 +136,8 @@ def test_explicit_tags_are_refused(text: str) -> None:
 
 
 def test_tag_error_names_the_field() -> None:
-    err = refused("x: 1\nmaps:\n  - {n: !!int '3'}\n")
-    assert (err.location.line, err.location.column, err.location.field) == (3, 9, "maps[0].n")
+    err = refused("x: 1\nmaps:\n  - {m: !!int '3'}\n")
+    assert (err.location.line, err.location.column, err.location.field) == (3, 9, "maps[0].m")
 
 
 @pytest.mark.parametrize("text", [
@@ -136,7 +172,7 @@ def test_merge_keys_are_refused() -> None:
     assert "merge keys" in refused("a:\n  <<: {b: 1}\n").message
 
 
-@pytest.mark.parametrize("text", ["1: a\n", "yes: a\n", "~: a\n", "1.5: a\n"])
+@pytest.mark.parametrize("text", ["1: a\n", "true: a\n", "~: a\n", "1.5: a\n", "0o7: a\n"])
 def test_non_string_keys_are_refused(text: str) -> None:
     assert "keys must be strings" in refused(text).message
 

@@ -1,0 +1,6 @@
+int a;
+#include "/etc/shadow"
+int count(void *ctx)
+{
+    return 0;
+}

@@ -1,0 +1,3 @@
+/* spaced, behind a comment */
+ /**/ #  line 7 "/etc/shadow"
+int count(void *ctx) { return 0; }

@@ -1,0 +1,6 @@
+int z;
+char *s = "x#include <../../etc/shadow>";
+int count(void *ctx)
+{
+    return 0;
+}

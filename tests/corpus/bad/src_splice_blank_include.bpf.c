@@ -1,0 +1,7 @@
+int a;
+# \ 
+include "/etc/shadow"
+int count(void *ctx)
+{
+    return 0;
+}

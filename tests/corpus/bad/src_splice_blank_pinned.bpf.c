@@ -1,0 +1,6 @@
+BPF_TABLE_PIN\	 
+NED("hash", u32, u64, p, 1, "/sys/fs/bpf/p");
+int count(void *ctx)
+{
+    return 0;
+}

@@ -1,0 +1,4 @@
+int count(void *ctx)
+{
+    return 0;
+}
