@@ -95,6 +95,14 @@ def generation_files(specs: list[Spec]) -> dict[str, bytes]:
     return files
 
 
+class _Refused(Exception):
+    """The apply stops here, unchanged; the errors are audited and returned."""
+
+    def __init__(self, errors: list[LoaderdError]) -> None:
+        super().__init__(f"{len(errors)} error(s)")
+        self.errors = errors
+
+
 class Applier:
     def __init__(self, settings: Settings, notify: Progress | None = None) -> None:
         self.settings = settings
@@ -125,12 +133,45 @@ class Applier:
         (a rollback reads the generation loaderd itself wrote, as its own user)."""
         result = ApplyResult()
         try:
+            current = self._current()
+            specs = self._accepted(specs_dir, trusted_owner)
+            decided = self._plan(specs, current)
+            result.adopted = decided.adopt
+            if decided.errors:
+                raise _Refused(decided.errors)
+            spec_of = {s.name: s for s in specs}
+            self._conform_adopted(current, [spec_of[n] for n in result.adopted])
+            result.removed = decided.remove
+            to_build = [spec_of[n] for n in decided.build]
+            if not to_build and not result.removed:
+                if result.adopted:
+                    audit.emit(Event.ADOPTED, f"adopted {len(result.adopted)} unchanged specs;"
+                               " nothing to compile", specs=result.adopted, compiles=0)
+                self._record_last(current, result)
+                return result
+            txid = result.txid = new_txid()
+            records = self._build(txid, to_build, current, result.adopted, jobs)
+        except _Refused as refusal:
+            return self._refused(result, refusal.errors)
+        result.built = sorted(s.name for s in to_build)
+        faults.point("after_attach")
+        self._commit(txid, records, specs, result)
+        return result
+
+    def _current(self) -> Manifest:
+        """The applied set, after finishing any interrupted commit; refused while the kill
+        switch is pulled or the pin root is unusable (audited like any refusal)."""
+        try:
             if not self.layout.exists(self.layout.root):  # tmpfiles.d owns its mode and group
                 self.layout.ensure_dir(self.layout.root, 0o755)
             current = self.recover()
             killswitch.check_enabled(self.state, current)
-        except LoaderdError as exc:  # e.g. a read-only or unreachable pin root: audited too
-            return self._refused(result, [exc])
+        except LoaderdError as exc:
+            raise _Refused([exc]) from None
+        return current
+
+    def _accepted(self, specs_dir: str | None, trusted_owner: int | None) -> list[Spec]:
+        """Every spec, validated and within the capabilities we hold, or the refusal."""
         settings = self.settings if trusted_owner is None else dataclasses.replace(
             self.settings, config_owner_uid=trusted_owner)
         specs, errors = validate(settings, specs_dir)
@@ -140,55 +181,52 @@ class Applier:
             except LoaderdError as exc:
                 errors.append(exc)
         if errors:
-            return self._refused(result, errors)
+            raise _Refused(errors)
         for s in specs:
             audit.emit(Event.SPEC_ACCEPTED, f"{s.name}: spec accepted ({len(s.programs)} "
                        f"programs, {len(s.maps)} maps)", spec=s.name, spec_sha256=s.sha256,
                        file=s.path)
+        return specs
 
-        decided = self._plan(specs, current)
-        result.adopted = decided.adopt
-        if decided.errors:
-            return self._refused(result, decided.errors)
-        # Only now that the apply goes ahead: a refused apply changes nothing, modes included.
-        spec_of = {s.name: s for s in specs}
-        for name in result.adopted:
+    def _conform_adopted(self, current: Manifest, adopted: list[Spec]) -> None:
+        """Only now that the apply goes ahead: a refused apply changes nothing, modes
+        included."""
+        errors = []
+        for s in adopted:
             try:
-                self._conform(current.specs[name])
+                self._conform(current.specs[s.name])
             except LoaderdError as exc:
-                result.errors.append(exc.with_file(spec_of[name].path))
-        if result.errors:
-            return self._refused(result, result.errors)
-        result.removed = decided.remove
-        to_build = [spec_of[n] for n in decided.build]
-        if not to_build and not result.removed:
-            if result.adopted:
-                audit.emit(Event.ADOPTED, f"adopted {len(result.adopted)} unchanged specs; "
-                           "nothing to compile", specs=result.adopted, compiles=0)
-            self._record_last(current, result)
-            return result
+                errors.append(exc.with_file(s.path))
+        if errors:
+            raise _Refused(errors)
 
-        txid = result.txid = new_txid()
+    def _build(self, txid: str, to_build: list[Spec], current: Manifest, adopted: list[str],
+               jobs: int | None) -> dict[str, SpecRecord]:
+        """Stage and attach `to_build` under the txid's staging directory; the records of the
+        new set (adopted ones as they are). On a refusal the staging directory is gone."""
         try:  # one clear error about the pin root, before any compile, not one per worker
             self.layout.ensure_dir(self.layout.staging_dir(txid))
         except LoaderdError as exc:
-            return self._refused(result, [exc])
+            raise _Refused([exc]) from None
         self.notify(f"compiling {len(to_build)} specs")
         staged, errors = stage_all(to_build, self.settings, txid, jobs=jobs,
                                    progress=self.notify)
         if errors:
             self._discard(txid)
-            return self._refused(result, errors)
-        records = {n: current.specs[n] for n in result.adopted}
-        try:
-            for st in staged:
+            raise _Refused(errors)
+        spec_of = {s.name: s for s in to_build}
+        records = {n: current.specs[n] for n in adopted}
+        for st in staged:
+            try:
                 records[st.name] = self._attach_staged(txid, spec_of[st.name], st,
                                                        current.specs.get(st.name))
-        except LoaderdError as exc:
-            self._discard(txid)
-            return self._refused(result, [exc.with_file(spec_of[st.name].path)])
-        result.built = sorted(s.name for s in to_build)
-        faults.point("after_attach")
+            except LoaderdError as exc:
+                self._discard(txid)
+                raise _Refused([exc.with_file(spec_of[st.name].path)]) from None
+        return records
+
+    def _commit(self, txid: str, records: dict[str, SpecRecord], specs: list[Spec],
+                result: ApplyResult) -> None:
         # The commit point: from here recovery rolls forward.
         pending = self.state.save(Manifest(status=Status.PENDING, txid=txid, specs=records,
                                            removed=tuple(result.removed)))
@@ -205,7 +243,6 @@ class Applier:
                    f"{result.adopted}, removed {result.removed}", txid=txid,
                    compiles=result.compiles, built=result.built, adopted=result.adopted,
                    removed=result.removed)
-        return result
 
     def _plan(self, specs: list[Spec], current: Manifest) -> plan.Plan:
         """Gather the kernel facts plan() needs, plan, and journal the drift it found."""
