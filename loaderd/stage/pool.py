@@ -418,6 +418,10 @@ def stage_all(specs: list[Spec], settings: Settings, txid: str, *, pin: bool = T
         audit.emit(Event.DEGRADED, warning, sandbox=support.describe())
     with contextlib.suppress(OSError, ValueError):
         helper_names()  # read the BTF once here, not in every worker
+    if any(not s.is_object for s in specs):
+        # Once here, not once per forked worker (~60 ms each, measured): the apply is a
+        # short-lived process; the resident never stages, so it still never maps bcc/LLVM.
+        bcc_compile.preload()
     stager = _Stager(specs, settings, txid, pin, jobs, progress)
     stager.run()
     staged = [r for r in stager.results if isinstance(r, StagedSpec)]
