@@ -194,7 +194,10 @@ def load_cached(state_dir: str, key: str | None = None) -> HeaderFacts | None:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CACHE_BYTES:
+        # Only our own (or root's) measurement: a root apply must not take a verdict that the
+        # unprivileged resident, which can write the state dir, left there.
+        if (not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CACHE_BYTES
+                or st.st_uid not in (0, os.geteuid()) or st.st_nlink != 1):
             return None
         raw = os.read(fd, MAX_CACHE_BYTES + 1)
     finally:

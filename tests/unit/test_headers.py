@@ -231,3 +231,16 @@ def test_without_a_measurement_the_headers_release_is_compared(tmp_path: Path,
     assert offsets.describe(str(tmp_path))[0] == "unmeasured"
     assert compliance.check_headers(View(Settings(state_dir=str(tmp_path)), None))[0] == \
         compliance.PASS
+
+
+def test_a_cache_someone_else_wrote_is_not_believed(tmp_path: Path) -> None:
+    """The resident's user can write the state dir: a root apply must not take its "match"."""
+    if os.geteuid() != 0:
+        pytest.skip("chowns a file: needs root")
+    f = dataclasses.replace(facts(task_struct__tgid=2420), key=offsets.cache_key())
+    assert offsets.save_cached(str(tmp_path), f)
+    os.chown(tmp_path / offsets.CACHE, 65534, 65534)
+    assert offsets.load_cached(str(tmp_path)) is None  # re-measured instead
+    os.chown(tmp_path / offsets.CACHE, 0, 0)
+    os.link(tmp_path / offsets.CACHE, tmp_path / "other")
+    assert offsets.load_cached(str(tmp_path)) is None  # a hard link: not ours alone
