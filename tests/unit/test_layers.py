@@ -122,3 +122,11 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     bad.write_text("def f():\n    from loaderd.apply import applier\n")
     found = _imports(bad, "loaderd.bpf.x")
     assert "loaderd.apply.applier" in found or "loaderd.apply" in found
+
+
+def test_test_file_names_are_unique() -> None:
+    """pytest imports test files by basename (no __init__.py under tests/): two files of one
+    name in unit/ and kernel/ break collection of the whole suite, as CI runs it."""
+    tests = ROOT.parent / "tests"
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
