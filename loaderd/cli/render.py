@@ -55,8 +55,9 @@ def render_status(report: dict[str, Any]) -> str:
     elif head.get("refused"):
         r = head["refused"]
         more = f" (and {r['errors'] - 1} more)" if r["errors"] > 1 else ""
+        kept = "the set below stays" if report["specs"] else "nothing is applied"
         lines.append(f"last apply REFUSED at {_ts(r['at'])}: {r['reason']}{more}; what "
-                     "programs_dir says is not what is applied (the set below stays)")
+                     f"programs_dir says is not what is applied ({kept})")
     elif head.get("status") == "pending":
         lines.append("a commit was interrupted (pending): the next `loaderd apply` (or "
                      "`systemctl reload loaderd`) rolls it forward")

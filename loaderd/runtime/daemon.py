@@ -152,7 +152,8 @@ class Daemon:
                     "then reload")
         text = f"{n} spec{'' if n == 1 else 's'} applied" + (" (reloaded)" if self.reloaded else "")
         if self.refusal is not None:
-            text += f"; {self.refusal.sentence()}; the set before it stays applied"
+            text += f"; {self.refusal.sentence()}; " + (
+                "the set before it stays applied" if n else "nothing was applied before it")
         elif self.apply_rc != 0:
             text += "; last apply FAILED, old set kept (see journal)"
         if self.known_drift:

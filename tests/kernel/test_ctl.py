@@ -364,6 +364,17 @@ def test_status_exit_codes_for_monitoring(
         assert out.returncode == 5 and "internal error" not in out.stderr, out
         assert f"{bpffs_root} cannot be listed by uid " in out.stdout, out
 
+    # A member who reads the manifest but may not open programs and links (read-write only):
+    # compliance SKIPs the drift check it cannot make (it FAILed on EACCES), status says ok.
+    os.chmod(world_dir / "state", 0o755)
+    os.chmod(world_dir / "state" / "manifest.json", 0o644)
+    ctl = [SYSTEM_PYTHON, "-m", "loaderd.cli.loaderctl", "--config", str(conf)]
+    out = as_user(member, shared_code, *ctl, "compliance", "--json")
+    drift = next(r for r in json.loads(out.stdout)["results"]
+                 if r["check"].startswith("pinned objects match the manifest"))
+    assert drift["status"] == "SKIP" and "cannot be opened by uid" in drift["detail"], drift
+    assert as_user(member, shared_code, *ctl, "status").returncode == 0
+
     loaderd("--config", str(conf), "disable")
     assert rc() == 4
     loaderd("--config", str(conf), "enable")
