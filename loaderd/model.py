@@ -407,6 +407,10 @@ class Spec:
     yaml_bytes: bytes = field(default=b"", compare=False, repr=False)
     source_bytes: bytes = field(default=b"", compare=False, repr=False)
     source_ref: str | None = None  # `source.file`/`.object` as written (relative to the spec)
+    # The line of `source` in the file clang's diagnostics should name (source_path, or the
+    # spec for a literal `inline: |` block, whose C starts below the key): the `#line` render()
+    # writes, so a compile error points at the line the author edits.
+    source_line: int = field(default=1, compare=False)
     # `source.object`: a precompiled BPF ELF (CO-RE) in source_bytes, loaded through libbpf
     # instead of compiled by BCC (source is then ""); its sha256 goes into the record.
     object_sha256: str | None = None

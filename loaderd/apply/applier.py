@@ -274,6 +274,7 @@ class Applier:
                        changed=changed)
 
     def _record_last(self, m: Manifest, result: ApplyResult) -> None:
+        self.state.clear_refusal()  # /etc and what is applied agree again
         self.state.save(dataclasses.replace(m, last_apply=LastApply(
             time.time(), result.compiles, tuple(result.built), tuple(result.adopted))))
 
@@ -292,6 +293,7 @@ class Applier:
                        line=first.location.line, detail=detail, errors=n)
         audit.emit(Event.APPLY_FAILED, f"apply refused: {count(errors)} error(s); the previous "
                    "set stays applied unchanged", errors=count(errors))
+        self.state.save_refusal(count(errors), str(errors[0]))
         return result
 
     def _discard(self, txid: str) -> None:

@@ -85,8 +85,23 @@ def add_command(sub: Any, name: str, func: Callable[[argparse.Namespace], int],
     return sp
 
 
-def print_error(e: LoaderdError) -> None:
-    print(f"error: {e}", file=sys.stderr)
+def stderr_is_journal() -> bool:
+    """systemd connected stderr to the journal (JOURNAL_STREAM names its device:inode)."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def print_error(e: LoaderdError, journal_priority: int | None = None) -> None:
+    """journal_priority: for an error no audit event records (a settings or state problem
+    before anything starts), the headline goes to the journal at that priority (the `<N>`
+    prefix systemd's SyslogLevelPrefix= reads), so `journalctl -p err` shows it."""
+    prefix = f"<{journal_priority}>" if journal_priority is not None and stderr_is_journal() \
+        else ""
+    print(f"{prefix}error: {e}", file=sys.stderr)
     if e.detail:
         for line in e.detail.splitlines():
             print(f"    {line}", file=sys.stderr)
@@ -99,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         # Its output did not all reach the reader: never a silent success.
         return SIGPIPE_EXIT if code == 0 and _pipe_broke() else code
     except LoaderdError as e:
-        print_error(e)
+        print_error(e, journal_priority=3)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -116,16 +131,40 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+# `status` exit codes, for monitoring (the same for root, the service user and readers).
+STATUS_OK = 0  # every spec as applied (a reader's partial view included: it says so)
+STATUS_DRIFT = 1  # drift, or a commit left pending
+STATUS_REFUSED = 3  # the last apply was refused: programs_dir is not what is applied
+STATUS_NOT_APPLIED = 4  # nothing applied yet, or the kill switch is pulled
+STATUS_NO_PERMISSION = 5  # this user may read neither the manifest nor the pins
+STATUS_CODES = (f"exit codes: {STATUS_OK} ok, {STATUS_DRIFT} drift or a pending commit, "
+                f"{STATUS_REFUSED} last apply refused (programs_dir differs from what is "
+                f"applied), {STATUS_NOT_APPLIED} nothing applied or kill switch pulled, "
+                f"{STATUS_NO_PERMISSION} no permission to see it")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """One status for both CLIs (same report, text and JSON, for root, the service user and
-    the readers' group). Exit 0: every spec as applied (or nothing applied); 1: drift, or a
-    commit left pending."""
+    the readers' group); the exit code is status_code()."""
     from loaderd.cli.render import render_status
     from loaderd.observe.status import load_view, status, to_json
 
     report = status(load_view(args.config))
     print(to_json(report) if args.json else render_status(report))
-    return 1 if status_failed(report) else 0
+    return status_code(report)
+
+
+def status_code(report: dict[str, Any]) -> int:
+    head = report["manifest"]
+    if status_failed(report):
+        return STATUS_DRIFT
+    if head.get("no_permission"):
+        return STATUS_NO_PERMISSION
+    if head.get("refused"):
+        return STATUS_REFUSED
+    if head.get("absent") or head.get("status") == "disabled":
+        return STATUS_NOT_APPLIED
+    return STATUS_OK
 
 
 def status_failed(report: dict[str, Any]) -> bool:

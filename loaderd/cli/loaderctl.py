@@ -7,7 +7,8 @@ the manifest itself is unreadable (it is 0640 loaderd:loaderd-readers), the pins
 
 JSON uses bpftool's field names for kernel facts, plus loaderd's own (spec, sha256, pin,
 freeze, degraded, drift, facts). Exit codes: 0 ok, 1 failed or a finding, 2 usage,
-141 ok but the output was cut short by a closed pipe.
+141 ok but the output was cut short by a closed pipe; `status` as `loaderd status`
+(cli.common.STATUS_CODES).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from loaderd.audit import log as audit
 from loaderd.cli.common import (
+    STATUS_CODES,
     add_command,
     add_global_flags,
     cmd_disable,
@@ -113,7 +115,8 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
 
-    add("status", cmd_status, "what is applied, per spec, with kernel facts and drift")
+    add("status", cmd_status, "what is applied, per spec, with kernel facts and drift; "
+        + STATUS_CODES)
     add("list", cmd_list, "every program, map and link loaderd owns (bpftool-style rows)")
     sp = add("dump", cmd_dump, "a map's entries through a read-only fd, typed and sanitized")
     sp.add_argument("target", metavar="SPEC/MAP")

@@ -2,7 +2,9 @@
 
 Errors print as `error: file:line:col: field: message` (one per line, verifier/compiler detail
 indented below); tracebacks only with --debug. Exit codes: 0 ok, 1 refused or failed, 2 usage,
-141 ok but the output was cut short by a closed pipe (`| head`); a refusal stays 1.
+141 ok but the output was cut short by a closed pipe (`| head`); a refusal stays 1. `status`:
+0 ok, 1 drift or a pending commit, 3 last apply refused, 4 nothing applied or kill switch
+pulled, 5 no permission (cli.common.STATUS_CODES).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from loaderd.audit import log as audit
 from loaderd.cli.common import (
+    STATUS_CODES,
     add_command,
     add_global_flags,
     cmd_disable,
@@ -106,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
         "run": (cmd_run, "foreground daemon: apply, drop capabilities, READY=1, watch"),
         "apply": (cmd_apply, "apply all specs atomically (loaderd-apply.service runs it)"),
         "check": (cmd_check, "validate, compile and verify specs; pin and attach nothing"),
-        "status": (cmd_status, "what is applied, and any drift"),
+        "status": (cmd_status, f"what is applied, and any drift; {STATUS_CODES}"),
         "disable": (cmd_disable, "kill switch: detach and unpin everything loaderd owns; "
                     "nothing loads again until `enable`"),
         "enable": (cmd_enable, "release the kill switch (then apply or reload)"),

@@ -43,7 +43,7 @@ def _link_line(lk: dict[str, Any]) -> str:
 def render_status(report: dict[str, Any]) -> str:
     head = report["manifest"]
     if head["readable"]:
-        lines = [f"manifest {head['path']}: {head.get('status')} (txid {head.get('txid')}, "
+        lines = [f"manifest {head['path']}: {head.get('status')} (txid {head.get('txid') or '-'}, "
                  f"written {_ts(head.get('written_at'))}), {len(report['specs'])} specs"]
     else:
         lines = [f"manifest: {head.get('note')}"]
@@ -52,6 +52,12 @@ def render_status(report: dict[str, Any]) -> str:
     if head.get("status") == "disabled":
         lines.append("kill switch pulled: nothing is loaded until `loaderd enable` (then "
                      "`systemctl reload loaderd`)")
+    elif head.get("refused"):
+        r = head["refused"]
+        more = f" (and {r['errors'] - 1} more)" if r["errors"] > 1 else ""
+        kept = "the set below stays" if report["specs"] else "nothing is applied"
+        lines.append(f"last apply REFUSED at {_ts(r['at'])}: {r['reason']}{more}; what "
+                     f"programs_dir says is not what is applied ({kept})")
     elif head.get("status") == "pending":
         lines.append("a commit was interrupted (pending): the next `loaderd apply` (or "
                      "`systemctl reload loaderd`) rolls it forward")

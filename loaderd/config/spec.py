@@ -171,7 +171,9 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
                 marks=dict(marks.keys), yaml_bytes=yaml_bytes,
                 source_bytes=got[0] if got[1] else b"",
                 source_ref=data["source"].get("file", data["source"].get("object")),
-                object_sha256=hashlib.sha256(got[0]).hexdigest() if is_object else None), []
+                object_sha256=hashlib.sha256(got[0]).hexdigest() if is_object else None,
+                source_line=got[2] if got[1] or ("source", "inline") in f.marks.literal
+                else 1), []
 
 
 def load_spec(path: str, *, limits: Limits, owner_uid: int | None = 0) -> Spec:

@@ -43,6 +43,8 @@ class View:
     manifest: Manifest | None  # None: unreadable or absent
     manifest_note: str | None = None
     notes: list[str] = field(default_factory=list)
+    no_permission: bool = False  # the manifest exists but this user may not read it
+    absent: bool = False  # no manifest: nothing was ever applied here
 
     @property
     def manifest_path(self) -> str:
@@ -72,7 +74,9 @@ def read_manifest(settings: Settings) -> tuple[Manifest | None, str | None]:
 def load_view(config: str | None) -> View:
     settings = load_default(config)
     manifest, note = read_manifest(settings)
-    return View(settings, manifest, note)
+    denied = manifest is None and note is not None and " is not readable by uid " in note
+    absent = manifest is None and note is not None and note.startswith("no manifest at ")
+    return View(settings, manifest, note, no_permission=denied, absent=absent)
 
 
 # --- kernel facts, bpftool's field names ------------------------------------------------------
@@ -266,33 +270,52 @@ def spec_report(spec: Recorded) -> dict[str, Any]:
             "unchecked": unchecked, "programs": progs, "maps": maps, "links": links}
 
 
-def _walked(root: str) -> Iterator[Recorded]:
-    """The specs the bpffs layout shows (names only)."""
-    with contextlib.suppress(FileNotFoundError):
-        for spec in sorted(os.listdir(root)):
-            if not pins.NAME_RE.fullmatch(spec):
-                continue  # _staging and anything not a spec name
-            base = os.path.join(root, spec)
-            names: list[tuple[str, ...]] = []
-            for kind in ("progs", "maps", "links"):
-                try:
-                    found = os.listdir(os.path.join(base, kind))
-                except OSError:
-                    found = []
-                names.append(tuple(n for n in found if pins.NAME_RE.fullmatch(n)))
-            yield Recorded(spec, base, None, *names)
+def _walked(root: str, denied: list[str]) -> Iterator[Recorded]:
+    """The specs the bpffs layout shows (names only); `denied` gets the root when this user
+    may not list it (outside the readers' group)."""
+    try:
+        listed = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        denied.append(root)
+        return
+    for spec in listed:
+        if not pins.NAME_RE.fullmatch(spec):
+            continue  # _staging and anything not a spec name
+        base = os.path.join(root, spec)
+        names: list[tuple[str, ...]] = []
+        for kind in ("progs", "maps", "links"):
+            try:
+                found = os.listdir(os.path.join(base, kind))
+            except OSError:
+                found = []
+            names.append(tuple(n for n in found if pins.NAME_RE.fullmatch(n)))
+        yield Recorded(spec, base, None, *names)
 
 
 def status(view: View) -> dict[str, Any]:
     m = view.manifest
     head: dict[str, Any] = {"path": view.manifest_path, "readable": m is not None}
+    denied: list[str] = []
     if m is not None:
         head.update(status=m.status.value, txid=m.txid, written_at=m.written_at)
         specs = [spec_report(Recorded.of(r)) for _, r in sorted(m.specs.items())]
     else:
         head["note"] = view.manifest_note
-        specs = [spec_report(w) for w in _walked(view.settings.bpffs_root)]
+        specs = [spec_report(w) for w in _walked(view.settings.bpffs_root, denied)]
+    # Nothing to see for this user: neither the manifest nor the pins (partial views are not).
+    head["no_permission"] = False
+    head["absent"] = view.absent
     notes = list(view.notes)
+    if m is None and denied:
+        head["no_permission"] = view.no_permission
+        notes.append(f"{denied[0]} cannot be listed by uid {os.getuid()}: status needs "
+                     "membership of the pin readers' group (pins.group), root or the loaderd "
+                     "user")
+    refusal = state.read_refusal(os.path.join(view.settings.state_dir, state.REFUSED))
+    head["refused"] = None if refusal is None else {
+        "at": refusal.at, "errors": refusal.errors, "reason": refusal.reason}
     if any(s["unchecked"] for s in specs):
         notes.append("some pins could not be opened by this user" + (
             ": their facts come from the manifest and drift was checked only for what could be "

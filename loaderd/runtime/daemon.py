@@ -28,7 +28,7 @@ from loaderd.model import Settings
 from loaderd.observe import drift
 from loaderd.runtime.eventpump import EventPump
 from loaderd.store.manifest import EMPTY, Manifest, Status
-from loaderd.store.statedir import State
+from loaderd.store.statedir import Refusal, State
 
 DRIFT_INTERVAL = 30.0
 PROGRESS = "progress: "  # prefix of the apply child's progress lines on stdout
@@ -77,6 +77,11 @@ class Daemon:
         self.pump: EventPump | None = None
         self._wake = -1
         self._manifest_ident: tuple[int, int] | None = None
+        self._refused_ident: tuple[int, int] | None = None
+        self.refusal: Refusal | None = None
+        self.apply_rc = 0  # the apply child's exit code (run without --no-apply)
+        self._shown = ""  # the STATUS= last sent
+        self.reloaded = False  # the set shown is the one a `systemctl reload` re-read
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -109,6 +114,7 @@ class Daemon:
         if self.apply:
             status("applying specs")
             rc = run_apply_child(self.config)
+        self.apply_rc = rc
         self._load_manifest()
         if rc != 0 and not self.manifest.specs:
             status("apply failed and nothing was applied before; see journal")
@@ -125,17 +131,42 @@ class Daemon:
                    cap_bounding=f"{caps.bounding:x}", cap_ambient=f"{caps.ambient:x}",
                    no_new_privs=caps.no_new_privs)
         n = len(self.manifest.specs)
-        summary = f"{n} specs applied" + ("" if rc == 0 else "; last apply FAILED, old set kept")
-        if self.manifest.status is Status.DISABLED:  # what `systemctl status` should say
-            summary = "kill switch pulled: nothing applied until `loaderd enable`, then reload"
         # Say what is true now, not what the manifest claims: after a reboot with a refused
         # apply (loaderd-apply.service failed, Wants= let us start) its pins may be gone.
-        drifted = self.check_drift()
-        if drifted:
-            summary += f"; DRIFT in {len(drifted)}: {', '.join(sorted(drifted))} (see journal)"
+        self.check_drift()
+        summary = self.summary()
+        self._shown = summary
         notify(f"READY=1\nSTATUS={summary}")
         audit.emit(Event.DAEMON, f"ready: {summary}", specs=n, pid=os.getpid())
         return self.loop()
+
+    def summary(self) -> str:
+        """One line for `systemctl status loaderd`: what is applied, whether the last apply
+        was refused (why and since when: /etc is then not what is applied), the kill switch,
+        drift."""
+        n = len(self.manifest.specs)
+        if self.manifest.status is Status.DISABLED:
+            at = self.manifest.written_at
+            when = f" at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}" if at else ""
+            return (f"kill switch pulled{when}: nothing applied until `loaderd enable`, "
+                    "then reload")
+        text = f"{n} spec{'' if n == 1 else 's'} applied" + (" (reloaded)" if self.reloaded else "")
+        if self.refusal is not None:
+            text += f"; {self.refusal.sentence()}; " + (
+                "the set before it stays applied" if n else "nothing was applied before it")
+        elif self.apply_rc != 0:
+            text += "; last apply FAILED, old set kept (see journal)"
+        if self.known_drift:
+            names = sorted(self.known_drift)
+            text += f"; DRIFT in {len(names)}: {', '.join(names)} (see journal)"
+        return text
+
+    def _show(self, extra: str = "") -> None:
+        """STATUS= when it changed (or with another notification)."""
+        summary = self.summary()
+        if extra or summary != self._shown:
+            self._shown = summary
+            notify(f"{extra}STATUS={summary}")
 
     def loop(self) -> int:
         if self._wake < 0:
@@ -157,15 +188,26 @@ class Daemon:
                        "STATUS=reloading: re-reading the manifest")
                 self._load_manifest()
                 self.known_drift.clear()
+                self.apply_rc = 0  # a refused reload leaves its record (self.refusal)
+                self.reloaded = True
                 n = len(self.manifest.specs)
                 self.pump.sync(self.manifest)
-                notify(f"READY=1\nSTATUS={n} specs applied (reloaded)")
-                audit.emit(Event.RELOAD, f"manifest re-read after reload: {n} specs", specs=n)
+                self._show("READY=1\n")
+                audit.emit(Event.RELOAD, f"manifest re-read after reload: {self.summary()}",
+                           specs=n)
+            elif self._state_changed():  # `loaderd disable`/`enable`/`apply` by hand: no SIGHUP
+                self._load_manifest()
+                self.known_drift.clear()
+                self.reloaded = False
+                self.pump.sync(self.manifest)
+                self.check_drift()
+                self._show()
+                audit.emit(Event.DAEMON, f"state changed on disk: {self.summary()}",
+                           specs=len(self.manifest.specs))
             if time.monotonic() >= next_drift:
-                self.check_drift()  # re-reads first a manifest an apply changed (no SIGHUP)
-                if self.reread:
-                    continue
+                self.check_drift()
                 next_drift = time.monotonic() + self.drift_interval
+                self._show()
             self._wait(tick)  # wakes on events, signals or the tick
             self.pump.pump()
         self.pump.close()
@@ -177,6 +219,8 @@ class Daemon:
         """Read the manifest and remember which file it was, so that the drift tick does not
         take our own re-read for someone else's change (one RELOAD event per reload)."""
         self._manifest_changed()  # stat first: a commit landing in between is re-read later
+        self._refused_changed()
+        self.refusal = self.state.refusal()
         try:
             self.manifest = self.state.manifest()
         except LoaderdError as exc:  # untrusted state: keep watching what we knew, say why
@@ -184,15 +228,35 @@ class Daemon:
                        f"{len(self.manifest.specs)} specs read before",
                        file=exc.location.file, field=exc.location.field)
 
-    def _manifest_changed(self) -> bool:
+    def _manifest_changed(self, update: bool = True) -> bool:
         try:
             st = os.stat(self.state.manifest_path)
         except FileNotFoundError:
             return False
         ident = (st.st_ino, st.st_mtime_ns)
         changed = self._manifest_ident is not None and ident != self._manifest_ident
-        self._manifest_ident = ident
+        if update:
+            self._manifest_ident = ident
         return changed
+
+    def _refused_changed(self) -> bool:
+        try:
+            st = os.stat(self.state.refused_path)
+            ident: tuple[int, int] | None = (st.st_ino, st.st_mtime_ns)
+        except OSError:
+            ident = None
+        changed = ident != self._refused_ident
+        self._refused_ident = ident
+        return changed
+
+    def _state_changed(self) -> bool:
+        """The manifest or the refusal record changed since we read them (not while an apply
+        holds the lock: it is re-read once that apply is done)."""
+        with self.state.quiet() as quiet:
+            if not quiet:
+                return False
+            manifest = self._manifest_changed()
+            return self._refused_changed() or manifest
 
     def check_drift(self) -> dict[str, list[str]]:
         """Journal each new difference between the manifest and the kernel once. Not while an
@@ -200,10 +264,7 @@ class Daemon:
         (the next check sees the committed truth). A commit left pending by a crashed apply is
         checked: that is a difference worth a critical event."""
         with self.state.quiet() as quiet:
-            if not quiet:
-                return self.known_drift
-            if self._manifest_changed():  # committed since we read it: re-read first
-                self.reread = True
+            if not quiet or self._manifest_changed(update=False):  # re-read it first
                 return self.known_drift
             found: dict[str, list[str]] = {}
             for name, record in self.manifest.specs.items():

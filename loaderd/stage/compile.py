@@ -53,7 +53,7 @@ def render(spec: Spec) -> str:
     prelude = "".join(map_declaration(m) for m in spec.maps)
     origin = spec.source_path or spec.path
     # #line keeps clang's diagnostics pointing at the author's file and line numbers.
-    return f"{prelude}#line 1 \"{_c_string(origin)}\"\n{spec.source}"
+    return f"{prelude}#line {spec.source_line} \"{_c_string(origin)}\"\n{spec.source}"
 
 
 def _c_string(text: str) -> str:
@@ -128,7 +128,39 @@ def _strip_diagnostics(text: str) -> str:
     return "\n".join(lines[:60])
 
 
-def bcc_compile(text: str, where: Location) -> Any:
+_DIAG_RE = re.compile(
+    r"^(?P<file>[^:\n]+):(?P<line>\d+):(?P<col>\d+): (?:fatal )?error: (?P<msg>.+)$", re.M)
+
+
+def compile_error(diagnostics: str, where: Location, indent: int = 0) -> LoaderdError:
+    """The refusal for clang's output: located at clang's first error when it names the spec's
+    own file (#line maps the C text back to it), so the one line journaled at priority err
+    and shown by `systemctl status` says file:line:col and why, not just "does not compile".
+    `indent`: the columns YAML strips from an `inline: |` block's lines. The whole diagnostic
+    stays in the detail."""
+    m = _DIAG_RE.search(diagnostics)
+    if m is None:
+        return LoaderdError(Kind.COMPILE, "C source does not compile", where,
+                            detail=diagnostics or None)
+    loc = where
+    if where.file is not None and m["file"] == where.file:
+        loc = Location(where.file, int(m["line"]), int(m["col"]) + indent, where.field)
+    return LoaderdError(Kind.COMPILE, f"C source does not compile: {m['msg'].strip()}", loc,
+                        detail=diagnostics)
+
+
+def inline_indent(spec: Spec) -> int:
+    """The indentation of an `inline: |` block (clang counts columns in the dedented text)."""
+    if spec.source_path is not None or spec.source_line < 2:
+        return 0
+    lines = spec.yaml_bytes.split(b"\n")
+    if spec.source_line > len(lines):
+        return 0
+    line = lines[spec.source_line - 1]
+    return len(line) - len(line.lstrip(b" "))
+
+
+def bcc_compile(text: str, where: Location, indent: int = 0) -> Any:
     """BPF(text) with nothing auto-attached, no RLIMIT_MEMLOCK change, a private TMPDIR and
     clang's diagnostics in the error (located at `where`)."""
     from bcc import BPF
@@ -148,8 +180,7 @@ def bcc_compile(text: str, where: Location) -> Any:
                 return _NoAutoAttach(text=text.encode(), allow_rlimit=False)
             except Exception as exc:  # bcc raises bare Exception
                 err = exc
-        raise LoaderdError(Kind.COMPILE, "C source does not compile", where,
-                           detail=_strip_diagnostics(diag[0]) or str(err)) from None
+        raise compile_error(_strip_diagnostics(diag[0]) or str(err), where, indent) from None
     finally:
         if old_tmp is None:
             os.environ.pop("TMPDIR", None)
@@ -165,7 +196,7 @@ class Module:
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
         self.bpf = bcc_compile(render(spec), Location(spec.source_path or spec.path,
-                                                      field="source"))
+                                                      field="source"), inline_indent(spec))
 
     def functions(self) -> list[str]:
         lib = _lib()

@@ -26,6 +26,11 @@ from loaderd.store.manifest import Manifest
 MANIFEST = "manifest.json"
 LOCK = "lock"  # flock()ed by whoever changes pins or the manifest (apply, rollback, disable)
 GENERATIONS = "generations"
+# The last refused apply (what /etc says is not what is applied): written by a refused apply,
+# removed by the next one that goes through. The resident puts it in STATUS=, status reports it.
+REFUSED = "refused.json"
+REFUSED_MAX_BYTES = 4096
+REASON_MAX = 300
 KEEP_GENERATIONS = 5
 
 
@@ -59,6 +64,48 @@ def service_uid(state_dir: str) -> int:
     except FileNotFoundError:
         return -1
     return uid if uid != 0 else -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    at: float  # time.time() of the refusal
+    errors: int
+    reason: str  # the first error, one line, at most REASON_MAX characters
+
+    def when(self) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.at))
+
+    def sentence(self) -> str:
+        more = f" (and {self.errors - 1} more)" if self.errors > 1 else ""
+        return f"last apply REFUSED at {self.when()}: {self.reason}{more}"
+
+
+def one_line(text: str, limit: int = REASON_MAX) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def read_refusal(path: str) -> Refusal | None:
+    """The refusal record (untrusted input: a plain file, bounded, typed); None when absent or
+    not a record loaderd wrote (a status line is no place for a parse error)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > REFUSED_MAX_BYTES:
+            return None
+        d = json.loads(os.read(fd, REFUSED_MAX_BYTES + 1))
+        at, errors, reason = d["at"], d["errors"], d["reason"]
+        if not (isinstance(at, (int, float)) and isinstance(errors, int)
+                and isinstance(reason, str)):
+            return None
+        return Refusal(float(at), errors, one_line(reason))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    finally:
+        os.close(fd)
 
 
 class State:
@@ -99,6 +146,25 @@ class State:
                       json.dumps(records.to_dict(m), indent=1, sort_keys=True).encode(),
                       self.gid, self.uid)
         return m
+
+    @property
+    def refused_path(self) -> str:
+        return os.path.join(self.dir, REFUSED)
+
+    def refusal(self) -> Refusal | None:
+        return read_refusal(self.refused_path)
+
+    def save_refusal(self, errors: int, reason: str) -> None:
+        """Best effort: the refusal is journaled whatever happens here."""
+        record = {"at": time.time(), "errors": errors, "reason": one_line(reason)}
+        with contextlib.suppress(OSError, LoaderdError):
+            self._ensure_dirs()
+            _write_atomic(self.refused_path, json.dumps(record, sort_keys=True).encode(),
+                          self.gid, self.uid)
+
+    def clear_refusal(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.refused_path)
 
     # One writer at a time: an operator's `loaderd apply` during `systemctl reload` would
     # otherwise delete the other's staging pins (recovery clears staging) or its manifest.

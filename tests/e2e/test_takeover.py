@@ -116,9 +116,11 @@ def test_kill_switch_holds_across_a_restart_until_enabled(
     sysd.systemctl("restart", "loaderd.service", timeout=300)
     assert sysd.show("loaderd-apply.service", "Result")["Result"] == "exit-code"
     props = sysd.show("loaderd.service", "ActiveState", "StatusText")
-    assert props["ActiveState"] == "active" and props["StatusText"].startswith(
-        "kill switch pulled: nothing applied until `loaderd enable`"), props
-    assert "kill switch pulled" in sysd.run("loaderd", "status", "--config", conf).stdout
+    assert props["ActiveState"] == "active" and re.match(
+        r"kill switch pulled at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: nothing applied until "
+        r"`loaderd enable`", props["StatusText"]), props
+    shown = sysd.run("loaderd", "status", "--config", conf, check=False)
+    assert shown.returncode == 4 and "kill switch pulled" in shown.stdout, shown  # not applied
     assert sysd.run("ls", "-A", ROOT).stdout == ""  # the root stays (tmpfiles.d's), empty
     said = sysd.journalctl("-u", "loaderd-apply.service", "-n", "20").stdout
     assert "runs `loaderd enable`" in said, said

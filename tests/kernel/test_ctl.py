@@ -323,6 +323,66 @@ def test_group_reader_can_status_and_dump_but_not_write(
     assert {m["facts"] for m in report["specs"][0]["maps"]} == {"manifest"}
 
 
+def test_status_exit_codes_for_monitoring(
+        world_dir: Path, bpffs_root: str, reader_accounts: tuple[str, str, str],
+        shared_code: str) -> None:
+    """`status` exit codes (cli.common.STATUS_CODES), the same from both CLIs: 0 ok (a
+    reader's partial view too), 1 drift, 3 last apply refused (programs_dir is not what is
+    applied), 4 nothing applied / kill switch, 5 no permission - never an internal error."""
+    group, member, outsider = reader_accounts
+    conf = make_conf(world_dir, bpffs_root, {"filter": FILTER},
+                     f'pins: {{mode: "0640", group: {group}}}\n')
+    cli = ("--config", str(conf), "status")
+
+    def rc(*pre: str) -> int:
+        return int(loaderd(*pre, *cli, check=False).returncode)
+
+    assert rc() == 4  # no manifest: nothing applied yet
+    loaderd("--config", str(conf), "apply")
+    assert rc() == 0
+    bad = world_dir / "specs" / "zz_bad.yaml"
+    bad.write_text("loaderd: 1\nsource:\n  file: missing.bpf.c\nprograms:\n"
+                   "  - {name: f, type: socket_filter, attach: none}\n")
+    refused = loaderd("--config", str(conf), "apply", check=False)
+    assert refused.returncode == 1, refused
+    shown = loaderd(*cli, check=False)
+    assert shown.returncode == 3, shown
+    assert "last apply REFUSED at " in shown.stdout and "zz_bad.yaml" in shown.stdout, shown
+    bad.unlink()
+    loaderd("--config", str(conf), "apply")
+    assert rc() == 0  # a good apply clears it
+
+    # Readers: the pin root as the package makes it (0750 root:<readers>), manifest private.
+    os.chmod(bpffs_root, 0o750)
+    os.chown(bpffs_root, 0, grp.getgrnam(group).gr_gid)
+    os.chmod(world_dir / "state" / "manifest.json", 0o600)
+    for argv in ([SYSTEM_PYTHON, "-m", "loaderd.cli.loaderctl"],
+                 [SYSTEM_PYTHON, "-m", "loaderd"]):
+        out = as_user(member, shared_code, *argv, *cli)
+        assert out.returncode == 0, out  # partial view, no drift seen
+        out = as_user(outsider, shared_code, *argv, *cli)
+        assert out.returncode == 5 and "internal error" not in out.stderr, out
+        assert f"{bpffs_root} cannot be listed by uid " in out.stdout, out
+
+    # A member who reads the manifest but may not open programs and links (read-write only):
+    # compliance SKIPs the drift check it cannot make (it FAILed on EACCES), status says ok.
+    os.chmod(world_dir / "state", 0o755)
+    os.chmod(world_dir / "state" / "manifest.json", 0o644)
+    ctl = [SYSTEM_PYTHON, "-m", "loaderd.cli.loaderctl", "--config", str(conf)]
+    out = as_user(member, shared_code, *ctl, "compliance", "--json")
+    drift = next(r for r in json.loads(out.stdout)["results"]
+                 if r["check"].startswith("pinned objects match the manifest"))
+    assert drift["status"] == "SKIP" and "cannot be opened by uid" in drift["detail"], drift
+    assert as_user(member, shared_code, *ctl, "status").returncode == 0
+
+    loaderd("--config", str(conf), "disable")
+    assert rc() == 4
+    loaderd("--config", str(conf), "enable")
+    loaderd("--config", str(conf), "apply")
+    os.unlink(f"{bpffs_root}/filter/maps/stats")
+    assert rc() == 1
+
+
 # --- drift seen by the running daemon ---------------------------------------------------------
 
 class Daemon:

@@ -91,8 +91,10 @@ def test_struct_read_refused_then_accepted_reads_garbage(tmp_path: Path,
     refused = loaderd("--config", str(conf), "apply", check=False)
     assert refused.returncode == 1 and "task_struct.tgid" in refused.stderr
     assert not os.path.exists(f"{bpffs_root}/tgid")  # refused before anything was loaded
-    status = loaderd("--config", str(conf), "status")
+    status = loaderd("--config", str(conf), "status", check=False)
+    assert status.returncode == 3, status  # the last apply was refused
     assert "headers: mismatch" in status.stdout and "refused" in status.stdout
+    assert "last apply REFUSED at " in status.stdout and "task_struct.tgid" in status.stdout
 
     conf.write_text(conf.read_text() + "accept_header_mismatch: true\n")
     accepted = loaderd("--config", str(conf), "check")

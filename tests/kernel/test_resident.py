@@ -139,3 +139,61 @@ def test_watchdog_pings_and_stopping_notification(tmp_path: Path, bpffs_root: st
     assert res.proc.returncode == 0
     assert sum("WATCHDOG=1" in m.split("\n") for m in said) >= 2, said
     assert "STOPPING=1" in res.messages[-1].split("\n"), res.messages[-3:]
+
+
+def _status_until(res: Resident, pred: Any, timeout: float = 20.0) -> str:
+    """The first STATUS= from now on for which pred(text) holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        res.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        for line in res.sock.recv(4096).decode().split("\n"):  # TimeoutError past deadline
+            if line.startswith("STATUS=") and pred(line[len("STATUS="):]):
+                return line[len("STATUS="):]
+
+
+def test_no_apply_resident_says_a_refused_apply_and_the_kill_switch(tmp_path: Path,
+                                                                    bpffs_root: str) -> None:
+    """What `systemctl status loaderd` shows (STATUS=): a refused apply (why, where, since when)
+    at start and after a SIGHUP; the kill switch pulled by hand (no SIGHUP, no `reload` event:
+    none happened) within a tick; a good apply clears the refusal."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    os.chmod(tmp_path, 0o755)
+    (specs / "count_0.yaml").write_text(COUNTER.format(i=0, step=1))
+    conf = write_settings(tmp_path, bpffs_root, specs)
+    loaderd("--config", str(conf), "apply")
+    bad = specs / "zz_bad.yaml"
+    bad.write_text("loaderd: 1\nsource:\n  file: zz_bad.bpf.c\nprograms:\n"
+                   "  - {name: f, type: tracepoint,\n"
+                   '     attach: {tracepoint: "sched:sched_process_exec"}}\n')
+    refused = loaderd("--config", str(conf), "apply", check=False)
+    assert refused.returncode == 1
+    res = Resident(conf, tmp_path, no_apply=True, drift_interval=0.5)
+    try:
+        res.wait_ready(60)
+        ready = next(m for m in res.messages if "READY=1" in m.split("\n"))
+        text = ready.split("STATUS=", 1)[1].split("\n")[0]
+        assert text.startswith("1 spec applied; last apply REFUSED at "), text
+        assert f"{bad}:3:3: source.file: " in text and "cannot open" in text, text
+        assert text.endswith("; the set before it stays applied"), text
+
+        # A broken C file: the reason is clang's, located (what the reload's SIGHUP shows).
+        (specs / "zz_bad.bpf.c").write_text("int f(void *ctx) { return 1 +; }\n")
+        os.chmod(specs / "zz_bad.bpf.c", 0o644)
+        assert loaderd("--config", str(conf), "apply", check=False).returncode == 1
+        res.proc.send_signal(signal.SIGHUP)
+        text = _status_until(res, lambda t: "expected expression" in t)
+        assert f"{specs / 'zz_bad.bpf.c'}:1:30: source: C source does not compile: " in text
+
+        # The kill switch by hand: no SIGHUP; the resident notices the manifest change.
+        loaderd("--config", str(conf), "disable")
+        text = _status_until(res, lambda t: t.startswith("kill switch pulled at "))
+        assert "nothing applied until `loaderd enable`" in text
+        loaderd("--config", str(conf), "enable")
+        bad.unlink()
+        loaderd("--config", str(conf), "apply")
+        text = _status_until(res, lambda t: t == "1 spec applied")
+        time.sleep(1.5)  # ticks: still one reload event (the SIGHUP), none for disable/enable
+        assert len(events(res.log_path, "reload")) == 1
+    finally:
+        res.stop()

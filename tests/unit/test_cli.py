@@ -104,3 +104,33 @@ def test_pipe_guard_drops_output_after_the_reader_left() -> None:
     guard.write("more\n")
     guard.flush()
     assert inner.calls == 1
+
+
+# --- priorities of what systemd journals from stderr ------------------------------------------
+
+@pytest.mark.parametrize("journal", [True, False])
+def test_an_unaudited_error_is_journaled_at_err(tmp_path: object, journal: bool) -> None:
+    """A settings error (nothing else journals it) goes to stderr with systemd's `<3>` level
+    prefix when stderr is the journal stream (JOURNAL_STREAM names it), so `journalctl -p err`
+    shows it; anywhere else the line is plain."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    d = Path(str(tmp_path))
+    conf = d / "loaderd.yaml"
+    conf.write_text("loaderd: 1\nno_such_key: 1\n")
+    err = d / "stderr"
+    with open(err, "w") as f:
+        st = os.fstat(f.fileno())
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+        if journal:
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+        proc = subprocess.run([sys.executable, "-m", "loaderd", "--config", str(conf),
+                               "status"], stdout=subprocess.DEVNULL, stderr=f, env=env,
+                              timeout=60)
+    first = err.read_text().splitlines()[0]
+    assert proc.returncode != 0
+    assert first.startswith(("<3>error: " if journal else "error: ") + f"{conf}:2:1"), first
