@@ -160,9 +160,11 @@ def status_code(report: dict[str, Any]) -> int:
         return STATUS_DRIFT
     if head.get("no_permission"):
         return STATUS_NO_PERMISSION
+    if head.get("status") == "disabled":  # the switch explains any refusal after it
+        return STATUS_NOT_APPLIED
     if head.get("refused"):
         return STATUS_REFUSED
-    if head.get("absent") or head.get("status") == "disabled":
+    if head.get("absent"):
         return STATUS_NOT_APPLIED
     return STATUS_OK
 
