@@ -166,6 +166,7 @@ class Applier:
                 self.layout.ensure_dir(self.layout.root, 0o755)
             current = self.recover()
             killswitch.check_enabled(self.state, current)
+            self.state.generations()  # a symlinked generations dir: refused before any change
         except LoaderdError as exc:
             raise _Refused([exc]) from None
         return current
@@ -237,7 +238,11 @@ class Applier:
                        "stays pending and the next apply rolls it forward", txid=txid,
                        file=exc.location.file)
             raise
-        self.state.save_generation(txid, generation_files(specs))
+        try:
+            self.state.save_generation(txid, generation_files(specs))
+        except LoaderdError as exc:  # swapped since the check above: committed, not kept
+            audit.emit(Event.DEGRADED, f"generation {txid} not saved (no rollback to it): {exc}",
+                       txid=txid, reason="generation not saved")
         self._record_last(committed, result)
         audit.emit(Event.APPLIED, f"applied {len(specs)} specs: built {result.built}, adopted "
                    f"{result.adopted}, removed {result.removed}", txid=txid,

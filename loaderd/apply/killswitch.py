@@ -1,8 +1,9 @@
 """The kill switch: detach and unpin everything loaderd owns, and keep it that way.
 
-Once pulled, nothing loads until an operator releases it: a unit restart, a reboot with the
-unit enabled or a reload must not load everything again behind their back. The caller holds
-the state lock.
+Only what loaderd made is removed (its specs' directories and staging; other entries under
+the pin root are left and said). Once pulled, nothing loads until an operator releases it: a
+unit restart, a reboot with the unit enabled or a reload must not load everything again
+behind their back. The caller holds the state lock.
 """
 
 from __future__ import annotations
@@ -57,21 +58,51 @@ def detach(layout: pins.PinLayout, link_pin: str) -> None:
         os.close(fd)
 
 
+def _loaderds(layout: pins.PinLayout, recorded: set[str]) -> tuple[list[str], list[str]]:
+    """(entries under the pin root loaderd made, the others). Loaderd's: the staging tree,
+    the manifest's specs, and any spec-named directory holding only progs/maps/links (the
+    layout a spec gets; found so a malformed manifest cannot keep the switch from working).
+    Anything else is not loaderd's to remove (measured: a bpffs_root set to a directory other
+    tools pin in lost every one of their pins to `disable`)."""
+    ours: list[str] = []
+    others: list[str] = []
+    for name in layout.children(layout.root):
+        path = os.path.join(layout.root, name)
+        if name == pins.STAGING or name in recorded:
+            ours.append(name)
+            continue
+        try:
+            layout_like = pins.NAME_RE.fullmatch(name) is not None and set(
+                layout.children(path)) <= set(pins.KINDS)
+        except LoaderdError:  # not a directory
+            layout_like = False
+        (ours if layout_like else others).append(name)
+    return ours, others
+
+
 def disable(state: State, layout: pins.PinLayout) -> list[str]:
-    """Pull the switch, then remove every pin and link under the pin root; the spec names."""
+    """Pull the switch, then remove every pin and link loaderd made under the pin root; the
+    spec names."""
     try:
-        removed = sorted(state.manifest().specs)
+        recorded = set(state.manifest().specs)
     except LoaderdError:  # a malformed manifest must not keep the switch from working
-        removed = sorted(n for n in layout.children(layout.root) if pins.NAME_RE.fullmatch(n))
+        recorded = set()
+    ours, others = _loaderds(layout, recorded)
+    removed = sorted(n for n in ours if n != pins.STAGING)
     # The switch is pulled before anything is removed: a disable killed half-way must not
     # look like drift that the next start "repairs" by loading everything again.
     state.save(DISABLED)
     # Detach first: unpinning alone leaves a link attached while anyone still holds an fd.
-    for pin in layout.list_tree(layout.root):
-        if "/links/" in f"/{pin}":
-            detach(layout, os.path.join(layout.root, pin))
-    for name in layout.children(layout.root):  # the root is tmpfiles.d's
+    for name in ours:
+        for pin in layout.list_tree(os.path.join(layout.root, name)):
+            if "/links/" in f"/{name}/{pin}":
+                detach(layout, os.path.join(layout.root, name, pin))
+    for name in ours:  # the root is tmpfiles.d's
         layout.remove_tree(os.path.join(layout.root, name))
-    audit.emit(Event.KILL_SWITCH, f"kill switch: removed every pin and link under "
+    audit.emit(Event.KILL_SWITCH, f"kill switch: removed every pin and link loaderd made under "
                f"{layout.root} ({len(removed)} specs)", specs=removed)
+    if others:
+        audit.emit(Event.DEGRADED, f"kill switch: left {len(others)} entries under "
+                   f"{layout.root} that loaderd did not make: {', '.join(others[:20])}",
+                   reason="foreign pins under the pin root", entries=others)
     return removed

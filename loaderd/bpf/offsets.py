@@ -199,6 +199,12 @@ def load_cached(state_dir: str, key: str | None = None) -> HeaderFacts | None:
         if (not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CACHE_BYTES
                 or st.st_uid not in (0, os.geteuid()) or st.st_nlink != 1):
             return None
+        # Written by root or by this user, never by another (measured: the service user's
+        # forged "compiled == kernel" made root's apply accept a BCC spec reading task_struct
+        # at 6.1 offsets on 6.18, and status say "match"). Under systemd the apply and the
+        # resident share the loaderd uid: there the cache stays as trusted as the state dir.
+        if st.st_uid not in (0, os.geteuid()) or st.st_nlink != 1:
+            return None
         raw = os.read(fd, MAX_CACHE_BYTES + 1)
     finally:
         os.close(fd)

@@ -170,8 +170,9 @@ def status_code(report: dict[str, Any]) -> int:
 
 
 def status_failed(report: dict[str, Any]) -> bool:
-    return (report["manifest"].get("status") == "pending"
-            or any(s["drift"] for s in report["specs"]))
+    head = report["manifest"]
+    return bool(head.get("status") == "pending" or head.get("manifest_refused")
+                or any(s["drift"] for s in report["specs"]))
 
 
 def cmd_disable(args: argparse.Namespace) -> int:

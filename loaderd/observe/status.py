@@ -42,6 +42,9 @@ class View:
     settings: Settings
     manifest: Manifest | None  # None: unreadable or absent
     manifest_note: str | None = None
+    # the manifest is there but refused (malformed, not a regular file, ...): state unknown,
+    # status fails (a tampered manifest must not read as "nothing to report")
+    manifest_refused: bool = False
     notes: list[str] = field(default_factory=list)
     no_permission: bool = False  # the manifest exists but this user may not read it
     absent: bool = False  # no manifest: nothing was ever applied here
@@ -54,29 +57,30 @@ class View:
         return None if self.manifest is None else self.manifest.specs.get(spec)
 
 
-def read_manifest(settings: Settings) -> tuple[Manifest | None, str | None]:
-    """The manifest, or None and why (read directly: State() would try to create dirs)."""
+def read_manifest(settings: Settings) -> tuple[Manifest | None, str | None, bool]:
+    """The manifest, or None, why and whether it was refused (True) rather than absent or not
+    readable by this user (read directly: State() would try to create dirs)."""
     path = os.path.join(settings.state_dir, state.MANIFEST)
     try:
         found = manifest.read(path, settings.bpffs_root)
         if found is None:
-            return None, f"no manifest at {path}: nothing applied yet"
-        return found, None
+            return None, f"no manifest at {path}: nothing applied yet", False
+        return found, None, False
     except LoaderdError as exc:
-        return None, str(exc)
+        return None, str(exc), True
     except PermissionError:
         return None, (f"manifest {path} is not readable by uid {os.getuid()}: showing what the "
-                      "pins tell (kernel facts of maps; programs and links by name only)")
+                      "pins tell (kernel facts of maps; programs and links by name only)"), False
     except (OSError, ValueError) as exc:
-        return None, f"manifest {path} unreadable: {exc}"
+        return None, f"manifest {path} unreadable: {exc}", True
 
 
 def load_view(config: str | None) -> View:
     settings = load_default(config)
-    manifest, note = read_manifest(settings)
+    manifest, note, refused = read_manifest(settings)
     denied = manifest is None and note is not None and " is not readable by uid " in note
     absent = manifest is None and note is not None and note.startswith("no manifest at ")
-    return View(settings, manifest, note, no_permission=denied, absent=absent)
+    return View(settings, manifest, note, refused, no_permission=denied, absent=absent)
 
 
 # --- kernel facts, bpftool's field names ------------------------------------------------------
@@ -303,6 +307,7 @@ def status(view: View) -> dict[str, Any]:
         specs = [spec_report(Recorded.of(r)) for _, r in sorted(m.specs.items())]
     else:
         head["note"] = view.manifest_note
+        head["manifest_refused"] = view.manifest_refused
         specs = [spec_report(w) for w in _walked(view.settings.bpffs_root, denied)]
     # Nothing to see for this user: neither the manifest nor the pins (partial views are not).
     head["no_permission"] = False

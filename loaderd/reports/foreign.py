@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -133,12 +134,42 @@ def _baseline_path(state_dir: str) -> str:
     return os.path.join(state_dir, BASELINE)
 
 
-def _load_baseline(state_dir: str) -> dict[str, set[str]]:
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        with open(_baseline_path(state_dir), encoding="utf-8") as f:
-            data = json.load(f)
-        return {k: set(data.get(k, [])) for k in ("foreign_programs", "burst_programs")}
-    return {"foreign_programs": set(), "burst_programs": set()}
+MAX_BASELINE_BYTES = 4 * 1024 * 1024
+
+
+def _load_baseline(state_dir: str, notes: list[str] | None = None) -> dict[str, set[str]]:
+    """What earlier runs saw. The state dir is the service user's: opened without following a
+    symlink or blocking on a FIFO (measured: a FIFO hung the audit for good), a regular file
+    of bounded size; anything else counts as no baseline (every finding is new: fail loud)."""
+    empty: dict[str, set[str]] = {"foreign_programs": set(), "burst_programs": set()}
+    path = _baseline_path(state_dir)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return empty
+    except OSError as exc:
+        return _no_baseline(empty, notes, path, exc.strerror or str(exc))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BASELINE_BYTES:
+            return _no_baseline(empty, notes, path, "not a regular file of at most "
+                                f"{MAX_BASELINE_BYTES} bytes")
+        raw = os.read(fd, MAX_BASELINE_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw)
+        return {k: {str(v) for v in data.get(k, [])} for k in empty}
+    except (ValueError, AttributeError, TypeError, RecursionError) as exc:
+        return _no_baseline(empty, notes, path, f"malformed ({type(exc).__name__})")
+
+
+def _no_baseline(empty: dict[str, set[str]], notes: list[str] | None, path: str,
+                 why: str) -> dict[str, set[str]]:
+    if notes is not None:
+        notes.append(f"baseline {path} refused ({why}): every foreign program and burst is "
+                     "reported as new; it is replaced by this run's")
+    return empty
 
 
 def _save_baseline(state_dir: str, seen: dict[str, set[str]]) -> str | None:
@@ -200,7 +231,7 @@ def run(view: View, *, burst: int, window: float, baseline: bool = True) -> dict
     notes = list(view.notes)
     if view.manifest is None:
         notes.append(view.manifest_note or "no manifest: only pinned objects count as loaderd's")
-    seen = (_load_baseline(view.settings.state_dir) if baseline
+    seen = (_load_baseline(view.settings.state_dir, notes) if baseline
             else {"foreign_programs": set(), "burst_programs": set()})
     new = []
     for p in report["foreign_programs"]:

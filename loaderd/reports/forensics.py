@@ -11,10 +11,12 @@ or empty; files are 0600 in a 0700 directory, because the bundle describes secur
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import time
 from typing import Any
@@ -28,6 +30,7 @@ from loaderd.reports.compliance import UNITS, message_id_matches
 from loaderd.store import statedir as state
 
 SUMS = "SHA256SUMS"
+MAX_SPEC_COPY = 16 * 1024 * 1024
 
 
 class Bundle:
@@ -54,9 +57,19 @@ class Bundle:
         self.write(rel, ctl.to_json(data) + "\n")
 
     def copy(self, src: str, rel: str) -> None:
+        """A regular file, never through a final symlink, never blocking on a FIFO (the state
+        dir's files can be swapped by the service user while the bundle is collected)."""
         try:
-            with open(src, "rb") as f:
-                self.write(rel, f.read())
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SPEC_COPY:
+                    raise OSError(errno.EINVAL, "not a regular file of at most "
+                                  f"{MAX_SPEC_COPY} bytes")
+                data = os.read(fd, MAX_SPEC_COPY + 1)
+            finally:
+                os.close(fd)
+            self.write(rel, data)
         except OSError as exc:
             self.notes.append(f"{src}: not copied: {exc.strerror}")
 
@@ -106,14 +119,43 @@ def _maps(b: Bundle, view: ctl.View, report: dict[str, Any]) -> None:
                 b.json(rel, {**m, "dump_error": str(exc)})
 
 
+def _read_within(src: str, roots: tuple[str, ...]) -> bytes:
+    """`src`'s bytes if the file opened is a regular file under one of `roots` (checked on the
+    opened fd: no symlink or swap on the way can lead elsewhere), else OSError."""
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        st = os.fstat(fd)
+        if not any(real.startswith(r + "/") for r in roots):
+            raise OSError(errno.EPERM, "outside the programs dir and the generations")
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SPEC_COPY:
+            raise OSError(errno.EINVAL, f"not a regular file of at most {MAX_SPEC_COPY} bytes")
+        return os.read(fd, MAX_SPEC_COPY + 1)
+    finally:
+        os.close(fd)
+
+
 def _specs(b: Bundle, view: ctl.View) -> None:
+    """The applied spec files. The manifest names them, and the service user can write it:
+    only files in the programs dir or loaderd's generations are copied (measured: a manifest
+    `sources: [/root/...]` put a root-only file into root's bundle)."""
+    settings = view.settings
+    roots = (os.path.realpath(settings.programs_dir),
+             os.path.join(os.path.realpath(settings.state_dir), state.GENERATIONS))
     recorded = view.manifest.specs if view.manifest else {}
     for name, entry in sorted(recorded.items()):
-        gen = os.path.join(view.settings.state_dir, state.GENERATIONS, entry.txid or "")
+        gen = os.path.join(settings.state_dir, state.GENERATIONS, entry.txid or "")
         for src in (entry.file, *entry.sources):
             copy = os.path.join(gen, os.path.basename(src))
-            b.copy(copy if entry.txid and os.path.isfile(copy) else src,
-                   f"specs/{name}/{os.path.basename(src)}")
+            for path in ([copy] if entry.txid else []) + [src]:
+                try:
+                    data = _read_within(path, roots)
+                except OSError as exc:
+                    if path == src:
+                        b.notes.append(f"{src}: not copied: {exc.strerror}")
+                    continue
+                b.write(f"specs/{name}/{os.path.basename(src)}", data)
+                break
 
 
 def _journal(b: Bundle, since: str) -> None:

@@ -47,6 +47,12 @@ def check_programs(spec: Spec, obj: BPFObjectFile) -> dict[str, int]:
     """Spec program -> index into obj.programs(); everything else is not loaded."""
     progs = obj.programs()
     index = {p.name: i for i, p in enumerate(progs)}
+    if len(index) != len(progs):  # a crafted symbol table: one name would go unchecked, loaded
+        name = next(p.name for i, p in enumerate(progs) if index[p.name] != i)
+        sections = ", ".join(p.section for p in progs if p.name == name)
+        raise LoaderdError(Kind.SEMANTIC, f"the object has more than one program named "
+                           f"'{name}' (sections {sections}): program names must be unique",
+                           _where(spec))
     for i, prog in enumerate(spec.programs):
         if prog.name not in index:
             raise LoaderdError(Kind.SEMANTIC, f"program '{prog.name}' is not in the object",
@@ -108,6 +114,10 @@ def check_maps(spec: Spec, maps: list[ObjMap]) -> None:
             raise LoaderdError(Kind.SEMANTIC, f"the object defines map '{m.name}' that the "
                                "spec does not declare; declare it under maps:", where)
     have = {m.name: m for m in maps}
+    if len(have) != len(maps):  # a crafted symbol table: libbpf would create both
+        name = next(n for n in have if sum(m.name == n for m in maps) > 1)
+        raise LoaderdError(Kind.SEMANTIC, f"the object defines more than one map named "
+                           f"'{name}': map names must be unique", _where(spec))
     for name, (i, d) in declared.items():
         loc = Location(spec.path, d.line, None, f"maps[{i}]")
         if name not in have:

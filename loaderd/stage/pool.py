@@ -18,6 +18,7 @@ import contextlib
 import gc
 import multiprocessing
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -166,7 +167,23 @@ def death_cause(status: int, *, timed_out: bool, cpu_seconds: float, diagnostics
             name = "unknown signal"
         return f"was killed by signal {sig} ({name})" + (
             " (the OOM killer, or an operator)" if sig == signal.SIGKILL else "")
-    return f"exited with status {os.waitstatus_to_exitcode(status)} without a result"
+    code = os.waitstatus_to_exitcode(status)
+    fatal = fatal_error(diagnostics)
+    if fatal:  # LLVM exits(1) on an error in code generation or inline assembly
+        return f"exited with status {code}: the compiler stopped on a fatal error: {fatal}"
+    return f"exited with status {code} without a result"
+
+
+_FATAL = re.compile(r"^(?:LLVM ERROR: |error: )(.+)$", re.M)
+
+
+def fatal_error(diagnostics: str) -> str:
+    """The first line LLVM printed as a fatal error, printable and at most 200 characters (what
+    a confined compile can echo: its own C text and paths; the file contents stay unread)."""
+    m = _FATAL.search(diagnostics)
+    if m is None:
+        return ""
+    return re.sub(r"[^\x20-\x7e]", "?", m.group(1))[:200]
 
 
 def _died(job: _Job, status: int, cpu: float, limits: CompileLimits) -> LoaderdError:
@@ -174,14 +191,19 @@ def _died(job: _Job, status: int, cpu: float, limits: CompileLimits) -> LoaderdE
     tail = os.read(job.diag, MAX_MESSAGE)[-4096:].decode("utf-8", "replace")
     cause = death_cause(status, timed_out=job.timed_out, cpu_seconds=cpu, diagnostics=tail,
                         limits=limits)
-    # The diagnostics are not shown: a runaway compile's output is the author's text echoed.
+    # Only the fatal error's first line is shown: a runaway compile's output is the author's
+    # text echoed.
     return _limit_error(job, cause)
 
 
 def _limit_error(job: _Job, cause: str) -> LoaderdError:
+    # A limit (memory, CPU, wall clock, or the OOM killer's SIGKILL) is the settings' to
+    # raise; a fatal error or a crash (SIGILL/SIGSEGV: `#pragma clang __debug crash`) is not.
+    limit = any(w in cause for w in ("limit", "timed out", "OOM killer"))
     return LoaderdError(Kind.COMPILE, f"the compile worker {cause}; nothing was committed",
                         Location(job.spec.path, field="source"),
-                        allowed="a smaller program, or higher compile: limits in loaderd.yaml")
+                        allowed="a smaller program, or higher compile: limits in loaderd.yaml"
+                        if limit else "C text the compiler accepts")
 
 
 def _reap(job: _Job, *, kill: bool) -> tuple[int, float]:

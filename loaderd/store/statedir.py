@@ -234,24 +234,103 @@ class State:
     def generation_dir(self, txid: str) -> str:
         return os.path.join(self.dir, GENERATIONS, txid)
 
+    def _generations_fd(self, *, create: bool) -> int | None:
+        """An fd of <state_dir>/generations, a real directory (never through a symlink: the
+        service user can replace it, and pruning through one removed every directory of the
+        target, measured with `generations -> /root/victimdir`); None if absent and not
+        `create`. Everything below it is reached relative to this fd, never by path."""
+        if create:
+            self._ensure_dirs()
+        path = os.path.join(self.dir, GENERATIONS)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        except OSError as exc:
+            raise LoaderdError(Kind.STATE, f"the generations directory is not a directory "
+                               f"({exc.strerror}): a symlink is refused", Location(path),
+                               allowed="remove it; loaderd recreates it") from None
+        st = os.fstat(fd)
+        if st.st_uid not in (0, os.geteuid(), self.uid) or st.st_mode & 0o022:
+            os.close(fd)
+            raise LoaderdError(Kind.STATE, "the generations directory is not loaderd's (owner "
+                               f"uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})",
+                               Location(path), allowed="remove it; loaderd recreates it")
+        return fd
+
     def save_generation(self, txid: str, files: dict[str, bytes]) -> None:
         """files: relative name -> the exact bytes that were applied."""
-        self._ensure_dirs()
-        dest = self.generation_dir(txid)
-        for rel, data in files.items():
-            path = os.path.join(dest, rel)
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            _write_atomic(path, data, uid=self.uid)
-        if self.uid >= 0:
-            for root, dirs, names in os.walk(dest):
-                for n in [root, *(os.path.join(root, x) for x in dirs + names)]:
-                    os.chown(n, self.uid, -1, follow_symlinks=False)
-        gens = self.generations()
-        for old in gens[:-KEEP_GENERATIONS]:
-            shutil.rmtree(self.generation_dir(old), ignore_errors=True)
+        gfd = self._generations_fd(create=True)
+        assert gfd is not None
+        made: list[int] = []
+        try:
+            made.append(_mkdir_at(gfd, txid))
+            for rel, data in files.items():
+                *dirs, name = rel.split("/")
+                dfd = os.dup(made[0])
+                try:
+                    for part in dirs:
+                        sub = _mkdir_at(dfd, part)
+                        made.append(os.dup(sub))
+                        os.close(dfd)
+                        dfd = sub
+                    _write_at(dfd, name, data, self.uid)
+                finally:
+                    os.close(dfd)
+            if self.uid >= 0:
+                for fd in made:
+                    os.fchown(fd, self.uid, -1)
+            for old in _txids(gfd)[:-KEEP_GENERATIONS]:
+                # fd-based: a symlink swapped in for a generation is refused, not followed
+                shutil.rmtree(old, dir_fd=gfd, ignore_errors=True)
+        finally:
+            for fd in [*made, gfd]:
+                os.close(fd)
 
     def generations(self) -> list[str]:
-        root = os.path.join(self.dir, GENERATIONS)
-        with contextlib.suppress(FileNotFoundError):
-            return sorted(os.listdir(root))  # txids sort by time
-        return []
+        """Generation txids, oldest first: real directories with loaderd's txid names only."""
+        gfd = self._generations_fd(create=False)
+        if gfd is None:
+            return []
+        try:
+            return _txids(gfd)
+        finally:
+            os.close(gfd)
+
+
+def _txids(gfd: int) -> list[str]:
+    out = []
+    for name in os.listdir(gfd):
+        if records.TXID.fullmatch(name):
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.stat(name, dir_fd=gfd, follow_symlinks=False).st_mode):
+                    out.append(name)
+    return sorted(out)  # txids sort by time
+
+
+def _mkdir_at(dfd: int, name: str) -> int:
+    """An fd of directory `name` in `dfd` (made 0700 if missing), never through a symlink."""
+    if name in ("", ".", "..") or "/" in name:
+        raise ValueError(f"not a plain name: {name!r}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o700, dir_fd=dfd)
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   dir_fd=dfd)
+
+
+def _write_at(dfd: int, name: str, data: bytes, uid: int) -> None:
+    """`name` in `dfd` atomically, mode 0600 (temp file, fsync, rename), no symlink followed."""
+    tmp = f"{name}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dfd)
+    try:
+        os.fchmod(fd, 0o600)
+        if uid >= 0:
+            os.fchown(fd, uid, -1)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)

@@ -583,6 +583,31 @@ def test_forensics_bundle_is_complete_and_checksummed(applied: Path, tmp_path: P
     assert again.returncode == 1 and "not empty" in again.stderr
 
 
+def test_forensics_copies_no_file_a_tampered_manifest_names(applied: Path,
+                                                             tmp_path: Path) -> None:
+    # The manifest is the service user's to write: its `file`/`sources` are paths root's
+    # forensics opened and copied into the bundle (measured: a 0600 /root file in it).
+    secret = Path(f"/root/loaderd-forensics-{uuid.uuid4().hex[:8]}")
+    secret.write_text("FORENSICS_CANARY\n")
+    secret.chmod(0o600)
+    try:
+        manifest = tmp_path / "state" / "manifest.json"
+        data = json.loads(manifest.read_text())
+        data["specs"]["filter"]["sources"] = [str(secret)]
+        data["specs"]["counter"]["file"] = str(secret)
+        manifest.write_text(json.dumps(data))
+        out_dir = tmp_path / "bundle"
+        loaderctl("--config", str(applied), "forensics", str(out_dir))
+        copied = [p for p in out_dir.rglob("*") if p.is_file()
+                  and b"FORENSICS_CANARY" in p.read_bytes()]
+        assert copied == []
+        readme = (out_dir / "README.json").read_text()
+        assert f"{secret}: not copied: outside the programs dir and the generations" in readme
+        assert (out_dir / "specs/filter/filter.yaml").read_text() == FILTER
+    finally:
+        secret.unlink()
+
+
 # --- event pipeline ---------------------------------------------------------------------------
 
 EVENTS = """loaderd: 1

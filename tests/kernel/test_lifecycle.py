@@ -269,6 +269,22 @@ def test_kill_switch_removes_every_pin_and_link(config: Path, bpffs_root: str) -
     assert os.path.exists(f"{bpffs_root}/exec_counter/links/count_exec")
 
 
+def test_kill_switch_leaves_pins_loaderd_did_not_make(config: Path, bpffs_root: str,
+                                                     tmp_path: Path) -> None:
+    # A wrong bpffs_root (a directory other tools pin in, or the bpffs mount itself) lost
+    # every foreign pin to `disable` (measured: "unpinned 0 specs" and all of them gone).
+    loaderd("--config", str(config), "apply")
+    os.makedirs(f"{bpffs_root}/cilium")
+    for pin in (f"{bpffs_root}/cilium/ct", f"{bpffs_root}/vmap"):
+        subprocess.run(["bpftool", "map", "create", pin, "type", "array", "key", "4", "value",
+                        "4", "entries", "1", "name", "foreign"], check=True)
+    (tmp_path / "state" / "manifest.json").write_text("{")  # malformed: the switch still works
+    out = loaderd("--config", str(config), "disable")
+    assert sorted(os.listdir(bpffs_root)) == ["cilium", "vmap"]
+    assert os.listdir(f"{bpffs_root}/cilium") == ["ct"]
+    assert "left 2 entries under" in out.stderr and "did not make: cilium, vmap" in out.stderr
+
+
 def test_root_acting_for_the_service_user_keeps_everything_theirs(
         counter_conf: Path, bpffs_root: str) -> None:
     """An operator's `loaderd rollback`/`apply` as root while the units run as `loaderd`: pins,

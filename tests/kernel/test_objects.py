@@ -52,6 +52,57 @@ SEC("tracepoint/sched/sched_process_exec")
 int record_exec(void *ctx) { bpf_rcu_read_lock(); bpf_rcu_read_unlock(); return 0; }
 char LICENSE[] SEC("license") = "GPL";
 """
+KSYM_C = """\
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+} leak SEC(".maps");
+extern const void commit_creds __ksym;
+SEC("socket")
+int f(struct __sk_buff *skb)
+{
+	__u32 k = 0;
+	__u64 v = (__u64)&commit_creds;  /* a kernel text address, into a map */
+	bpf_map_update_elem(&leak, &k, &v, 0);
+	return 0;
+}
+char LICENSE[] SEC("license") = "GPL";
+"""
+# Renamed after the build (evil_ -> good_, symbol table and BTF alike): two programs and two maps
+# with one name each. Measured before the refusal: libbpf loaded both programs (the xdp one
+# reached the verifier, never checked) and created both maps (the 117 MB hash the program uses).
+TWINS_C = """\
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, char[4096]);
+	__uint(max_entries, 30000);
+} evil_map SEC(".maps");
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+} good_map SEC(".maps");
+SEC("xdp")
+int evil_prog(struct xdp_md *c) { return *(int *)((char *)c + 1000); }
+SEC("socket")
+int good_prog(struct __sk_buff *skb)
+{
+	__u32 k = 0;
+	char *v = bpf_map_lookup_elem(&evil_map, &k);
+	if (v)
+		v[0] = 1;
+	return 0;
+}
+char LICENSE[] SEC("license") = "GPL";
+"""
 UNCHECKED_C = """\
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -115,7 +166,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if why:
         pytest.skip(f"cannot build BPF objects here: {why}")
     out = tmp_path_factory.mktemp("objs")
-    sources = {"forbidden": FORBIDDEN_C, "kfunc": KFUNC_C, "unchecked": UNCHECKED_C}
+    sources = {"forbidden": FORBIDDEN_C, "kfunc": KFUNC_C, "ksym": KSYM_C, "twins": TWINS_C,
+               "unchecked": UNCHECKED_C}
     for name, text in sources.items():
         (out / f"{name}.bpf.c").write_text(text)
     subprocess.run([str(OBJECTS / "build.sh"), str(out), str(OBJECTS / "execsnoop.bpf.c"),
@@ -259,3 +311,59 @@ def test_kfuncs_by_policy_and_the_verifiers_reason(tmp_path: Path, bpffs_root: s
     assert "unchecked.yaml:2: source.object: kernel refused the object: R0 invalid mem " \
         "access 'map_value_or_null'" in out.stderr
     assert "0xffff" not in out.stderr  # kernel addresses redacted from the verifier log
+
+
+LEAK_MAP = "maps:\n  - {name: leak, type: array, key: u32, value: u64, max_entries: 1}\n"
+SOCKET_PROG = "programs:\n  - {name: f, type: socket_filter, attach: none}\n"
+
+
+def _btf_id(kind: str, name: str) -> int:
+    dump = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"],
+                          capture_output=True, text=True, check=True).stdout
+    for line in dump.splitlines():
+        if line.startswith("[") and f"] {kind} '{name}' " in line:
+            return int(line[1:line.index("]")])
+    raise AssertionError(f"no {kind} {name} in the kernel BTF")
+
+
+def test_kernel_symbol_addresses_are_refused_before_load(tmp_path: Path, bpffs_root: str,
+                                                        built: Path) -> None:
+    """A program that only calls map_update_elem may still not take a kernel symbol's address
+    (ld_imm64 BPF_PSEUDO_BTF_ID, which the verifier accepts for root): neither from an object's
+    `__ksym` extern nor from BCC C (bpf_pseudo_fd, or raw `.byte`s: measured, both loaded)."""
+    conf = make_conf(tmp_path, bpffs_root, {}, "")
+    add_object(conf, built, "ksym", "ksym.bpf.o",
+               f"loaderd: 1\nsource: {{object: ksym.bpf.o}}\n{LEAK_MAP}{SOCKET_PROG}")
+    # BCC's own intrinsic emits any ld_imm64 kind: no asm needed (the text check refuses asm)
+    leak = f"bpf_pseudo_fd(3, {_btf_id('FUNC', 'commit_creds')})"
+    body = f"int f(struct __sk_buff *skb) {{ u32 k = 0; u64 v = {leak}; leak.update(&k, &v); " \
+        "return 0; }"
+    (conf.parent / "specs" / "bytes.yaml").write_text(
+        f"loaderd: 1\nsource:\n  inline: |\n    {body}\n{LEAK_MAP}{SOCKET_PROG}")
+    out = loaderd("--config", str(conf), "check", check=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "ksym.yaml:6: programs[0]: cannot decode the instructions of 'f': section socket: " \
+        "insn 2 loads the address of extern symbol 'commit_creds'" in out.stderr, out.stderr
+    assert "bytes.yaml:8: programs[0]: cannot decode bytecode of 'f': insn 2 loads the address" \
+        " of a kernel symbol (ld_imm64 BPF_PSEUDO_BTF_ID)" in out.stderr, out.stderr
+    assert "verifier accepted" not in out.stdout
+
+
+def test_two_programs_or_maps_of_one_name_are_refused(tmp_path: Path, bpffs_root: str,
+                                                      built: Path) -> None:
+    conf = make_conf(tmp_path, bpffs_root, {}, "")
+    data = (built / "twins.bpf.o").read_bytes()
+    spec = ("loaderd: 1\nsource: {object: NAME.bpf.o}\nmaps:\n  - {name: good_map, type: array,"
+            " key: u32, value: u64, max_entries: 1}\nprograms:\n  - {name: good_prog, type: "
+            "socket_filter, attach: none}\n")
+    for name, old in (("progs", b"evil_prog\0"), ("maps", b"evil_map\0")):
+        (built / f"{name}.bpf.o").write_bytes(data.replace(old, old.replace(b"evil", b"good")))
+        add_object(conf, built, name, f"{name}.bpf.o", spec.replace("NAME", name))
+    out = loaderd("--config", str(conf), "check", check=False)
+    assert out.returncode == 1
+    assert "progs.yaml:2: source.object: the object has more than one program named " \
+        "'good_prog' (sections xdp, socket): program names must be unique" in out.stderr, \
+        out.stderr
+    assert "maps.yaml:2: source.object: the object defines more than one map named " \
+        "'good_map': map names must be unique" in out.stderr, out.stderr
+    assert "verifier" not in out.stderr and "handed back" not in out.stderr

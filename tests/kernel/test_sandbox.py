@@ -147,6 +147,28 @@ def test_line_directive_control_unconfined_leaks_into_btf(base: Spec, settings: 
     assert CANARY in _line_info(settings, bypass(base, f'#line 1 "{secret}"\n'))
 
 
+def _incbin(path: str) -> str:
+    # Top-level asm: the bytes land in .text, which BCC never loads; reading them is the point.
+    return f'__asm__(".incbin \\"{path}\\"");\n'
+
+
+def test_asm_incbin_of_a_root_only_file_cannot_be_read(base: Spec, settings: Settings,
+                                                       secret: str) -> None:
+    # The assembler opens the file, not clang's preprocessor: LLVM exits(1), and the worker's
+    # death names the compiler's fatal error, not a resource limit.
+    err = only_error(bypass(base, _incbin(secret)), settings)
+    assert f"the compiler stopped on a fatal error: <inline asm>:1:9: Could not find incbin " \
+        f"file '{secret}'" in str(err), str(err)
+    assert err.allowed == "C text the compiler accepts"
+    assert CANARY not in everything(err)
+
+
+def test_asm_incbin_control_unconfined_reads_the_file(base: Spec, settings: Settings,
+                                                      secret: str, unconfined: None) -> None:
+    staged, errors = pool.stage_all([bypass(base, _incbin(secret))], settings, "t1", pin=False)
+    assert errors == [] and len(staged) == 1  # found and assembled in
+
+
 # --- pins -----------------------------------------------------------------------------------
 
 def _pinned_table(path: str) -> str:
@@ -252,6 +274,7 @@ def test_a_runaway_compile_ends_at_its_limit_and_frees_the_lock(
         "runaway.yaml")]
     assert len(runaway) == 1 and cause in str(runaway[0]), errors
     assert "nothing was committed" in str(runaway[0])
+    assert "compile: limits" in (runaway[0].allowed or "")
     assert not any(e.location.file == settings.programs_dir for e in errors)
     _assert_lock_free_and_no_worker(settings)
     assert not os.path.exists(f"{bpffs_root}/good")  # all or nothing
@@ -279,6 +302,7 @@ def test_a_worker_killed_by_a_signal_is_named_against_its_spec(
     (err,) = out[0][1]
     assert err.location.file == spec.path
     assert "killed by signal 11 (SIGSEGV)" in str(err)
+    assert err.allowed == "C text the compiler accepts"  # a crash: no limit to raise
 
 
 # --- the normal case ------------------------------------------------------------------------

@@ -57,3 +57,21 @@ def test_helper_names_come_from_the_running_kernel_btf() -> None:
 def test_btf_parser_rejects_non_btf() -> None:
     with pytest.raises(BTFError):
         enum_values(b"\0" * 64, "bpf_func_id")
+
+
+def test_a_kernel_symbol_address_is_refused() -> None:
+    # ld_imm64 BPF_PSEUDO_BTF_ID (src 3): `.byte` in BCC inline asm loaded commit_creds'
+    # address into a socket filter that called only map_update_elem (6.18, measured).
+    with pytest.raises(BytecodeError, match="kernel symbol"):
+        decode(insn(0x18, 0, 3, imm=70767) + insn(0) + insn(0x95))
+
+
+@pytest.mark.parametrize("src", [5, 6, 7, 15])
+def test_unknown_ld_imm64_kinds_are_refused(src: int) -> None:
+    with pytest.raises(BytecodeError, match=f"unknown src_reg {src}"):
+        decode(insn(0x18, 0, src, imm=1) + insn(0) + insn(0x95))
+
+
+def test_a_callback_address_is_a_subprogram_not_a_refusal() -> None:
+    facts = decode(insn(0x18, 2, 4, imm=2) + insn(0) + insn(0x95) + insn(0x95))
+    assert facts.insn_count == 4 and facts.map_fds == frozenset()

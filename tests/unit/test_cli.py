@@ -134,3 +134,30 @@ def test_an_unaudited_error_is_journaled_at_err(tmp_path: object, journal: bool)
     first = err.read_text().splitlines()[0]
     assert proc.returncode != 0
     assert first.startswith(("<3>error: " if journal else "error: ") + f"{conf}:2:1"), first
+
+
+@pytest.mark.parametrize("make_bad", ["fifo", "garbage", "absent"])
+def test_status_fails_on_a_refused_manifest_not_on_an_absent_one(tmp_path: object,
+                                                                 make_bad: str) -> None:
+    # The service user can write the state dir: a manifest it broke is "state unknown", which
+    # a monitor must see as a failure (was exit 0: "drift unknown (no manifest)").
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    from loaderd.cli.common import status_failed
+    from loaderd.model import Settings
+    from loaderd.observe.status import View, read_manifest, status
+
+    state = Path(str(tmp_path)) / "state"
+    state.mkdir()
+    path = state / "manifest.json"
+    if make_bad == "fifo":
+        os.mkfifo(path)
+    elif make_bad == "garbage":
+        path.write_text("[" * 100000)
+    settings = dataclasses.replace(Settings(), state_dir=str(state),
+                                   bpffs_root=str(Path(str(tmp_path)) / "no-pins"))
+    report = status(View(settings, *read_manifest(settings)))
+    assert report["manifest"]["manifest_refused"] is (make_bad != "absent")
+    assert status_failed(report) is (make_bad != "absent")

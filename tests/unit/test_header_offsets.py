@@ -199,6 +199,20 @@ def test_cache_round_trip_key_and_malformed(tmp_path: Path) -> None:
     assert offsets.load_cached(str(tmp_path)) is None
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chowns the cache: needs root")
+def test_a_cache_another_user_wrote_is_not_trusted(tmp_path: Path) -> None:
+    # The service user may write the state dir: its "headers match" must not pass root's check.
+    f = dataclasses.replace(facts(task_struct__tgid=2420), key=offsets.cache_key())
+    assert offsets.save_cached(str(tmp_path), f)
+    path = tmp_path / offsets.CACHE
+    os.chown(path, 65534, -1)
+    assert offsets.load_cached(str(tmp_path)) is None
+    os.chown(path, 0, -1)
+    assert offsets.load_cached(str(tmp_path)) == f
+    os.link(path, tmp_path / "second")
+    assert offsets.load_cached(str(tmp_path)) is None
+
+
 def test_compliance_says_mismatch_and_fails_it_when_accepted(tmp_path: Path) -> None:
     f = dataclasses.replace(facts(task_struct__tgid=2420), key=offsets.cache_key())
     offsets.save_cached(str(tmp_path), f)

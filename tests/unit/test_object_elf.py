@@ -71,6 +71,16 @@ def test_program_facts_include_subprograms_and_kfuncs() -> None:
         obj.facts("sub")  # local: not a program
 
 
+def test_an_extern_variable_address_is_refused() -> None:
+    # `extern const void commit_creds __ksym; (u64)&commit_creds`: libbpf makes the ld_imm64 a
+    # BPF_PSEUDO_BTF_ID at load (a kernel address in a socket filter's map, measured on 6.18).
+    prog = insn(0x18) + insn(0) + insn(0x95)
+    obj = elf.parse(build_elf(prog, TEXT, [(0, 3)]))
+    with pytest.raises(elf.ELFError, match="insn 0 loads the address of extern symbol "
+                       "'bpf_kfunc'"):
+        obj.facts("prog")
+
+
 @pytest.mark.parametrize("mangle, why", [
     (lambda b: b[:40], "not an ELF"),
     (lambda b: b[:4] + b"\x01" + b[5:], "64-bit"),
@@ -80,6 +90,16 @@ def test_broken_elf_is_refused(mangle: object, why: str) -> None:
     data = build_elf(PROG, TEXT, [])
     with pytest.raises(elf.ELFError, match=why):
         elf.parse(mangle(data))  # type: ignore[operator]
+
+
+def test_names_are_bounded() -> None:
+    # 70,000 symbols naming one 2 MiB string: 2 GiB of names before the bound (measured).
+    data = b"A" * (2 << 20) + b"\0"
+    with pytest.raises(elf.ELFError, match="a name longer than 1024 bytes"):
+        elf._cstr(data, 0)
+    assert elf._cstr(data, len(data) - 1025) == "A" * 1024
+    with pytest.raises(elf.ELFError, match="unterminated"):
+        elf._cstr(b"AAAA", 0)
 
 
 def test_an_x86_object_is_refused() -> None:

@@ -221,7 +221,12 @@ def test_death_causes_name_the_limit_or_the_signal() -> None:
     segv = cause(_signaled(signal.SIGSEGV))
     assert "signal 11 (SIGSEGV)" in segv
     assert "OOM killer" in cause(_signaled(signal.SIGKILL))
-    assert "exited with status 3" in cause(3 << 8)
+    assert "exited with status 3 without a result" in cause(3 << 8)
+    fatal = cause(1 << 8, diagnostics="noise\nerror: <inline asm>:1:9: Could not find incbin "
+                  "file '/root/s'\n.incbin \"/root/s\"\n")
+    assert fatal.endswith("stopped on a fatal error: <inline asm>:1:9: Could not find incbin "
+                          "file '/root/s'"), fatal
+    assert "LLVM says: x?y" in cause(1 << 8, diagnostics="LLVM ERROR: LLVM says: x\x1by\n")
 
 
 # --- wire format: the worker's message is untrusted ----------------------------------------

@@ -11,6 +11,7 @@ import pytest
 
 from loaderd.apply.applier import generation_files
 from loaderd.config.spec import load_dir
+from loaderd.errors import LoaderdError
 from loaderd.model import Settings
 from loaderd.store.manifest import Manifest, Status
 from loaderd.store.statedir import State
@@ -109,3 +110,66 @@ def test_readers_create_nothing(tmp_path: Path) -> None:
     state = State(str(tmp_path / "state"))
     assert state.manifest().status is Status.EMPTY and state.generations() == []
     assert not (tmp_path / "state").exists()  # only a writer makes the directory
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim"
+    for i in range(8):
+        (victim / f"d{i}").mkdir(parents=True)
+        (victim / f"d{i}" / "f").write_text("important\n")
+    return victim
+
+
+def test_a_symlinked_generations_dir_is_refused_and_its_target_untouched(
+        tmp_path: Path) -> None:
+    # The service user owns the state dir: `generations -> /etc` made root's apply write the
+    # copies there and prune (rmtree) every directory of /etc but the last 5 (measured).
+    state = State(str(tmp_path / "state"))
+    state.save_generation("20260101t000000-000000000-000000", {"a.yaml": b"x"})
+    victim = _victim(tmp_path)
+    gens = Path(state.dir) / "generations"
+    gens.rename(tmp_path / "old")
+    gens.symlink_to(victim)
+    with pytest.raises(LoaderdError, match="a symlink is refused"):
+        state.generations()
+    with pytest.raises(LoaderdError, match="a symlink is refused"):
+        state.save_generation("20260101t000001-000000000-000000", {"a.yaml": b"x"})
+    assert sorted(p.name for p in victim.iterdir()) == [f"d{i}" for i in range(8)]
+
+
+def test_generation_entries_that_are_symlinks_are_neither_listed_nor_pruned(
+        tmp_path: Path) -> None:
+    state = State(str(tmp_path / "state"))
+    state.save_generation("20260101t000000-000000000-000000", {"a.yaml": b"x"})
+    victim = _victim(tmp_path)
+    gens = Path(state.dir) / "generations"
+    for i in range(3):  # oldest names: the first to be pruned
+        (gens / f"20250101t00000{i}-000000000-000000").symlink_to(victim)
+    (gens / "not-a-txid").mkdir()
+    for i in range(1, 8):
+        state.save_generation(f"20260101t00000{i}-000000000-000000", {"sub/a.c": b"y"})
+    assert state.generations() == [f"20260101t00000{i}-000000000-000000" for i in range(3, 8)]
+    assert sorted(p.name for p in victim.iterdir()) == [f"d{i}" for i in range(8)]
+    assert (gens / "not-a-txid").is_dir()
+    assert (gens / "20260101t000007-000000000-000000" / "sub" / "a.c").read_bytes() == b"y"
+
+
+def test_the_audit_baseline_is_untrusted_state(tmp_path: Path) -> None:
+    # Was open() + json.load: a FIFO hung `loaderctl audit-system` for good (measured).
+    from loaderd.reports import foreign
+
+    path = tmp_path / foreign.BASELINE
+    good = '{"foreign_programs": ["tracing:x:00"], "burst_programs": []}'
+    path.write_text(good)
+    assert foreign._load_baseline(str(tmp_path))["foreign_programs"] == {"tracing:x:00"}
+    path.unlink()
+    assert foreign._load_baseline(str(tmp_path)) == {"foreign_programs": set(),
+                                                     "burst_programs": set()}
+    for make in (lambda: os.mkfifo(path), lambda: path.symlink_to("/dev/zero"),
+                 lambda: path.write_text("[" * 100000), lambda: path.write_text("[1]"),
+                 lambda: path.write_bytes(b" " * (foreign.MAX_BASELINE_BYTES + 1))):
+        make()
+        notes: list[str] = []
+        assert foreign._load_baseline(str(tmp_path), notes)["foreign_programs"] == set()
+        assert len(notes) == 1 and "refused" in notes[0], notes
+        path.unlink()
