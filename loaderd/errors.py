@@ -112,3 +112,13 @@ def cap_per_file(errors: list[LoaderdError], limit: int = MAX_PER_FILE) -> list[
 def count(errors: list[LoaderdError]) -> int:
     """How many errors `errors` stands for ("and N more" counts N)."""
     return sum(e.more or 1 for e in errors)
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """"1 spec", "2 specs": every count a message shows (journal, STATUS=, CLI output)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+def names(items: list[str] | tuple[str, ...]) -> str:
+    """A list for a message: "a, b" or "none" (never a Python repr like ['a'])."""
+    return ", ".join(items) if items else "none"

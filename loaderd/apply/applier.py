@@ -24,7 +24,7 @@ from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import attach, pins
 from loaderd.config import spec
-from loaderd.errors import Kind, LoaderdError, Location, count
+from loaderd.errors import Kind, LoaderdError, Location, count, names, plural
 from loaderd.model import ProgType, Settings, Spec, map_pin_mode
 from loaderd.observe import drift
 from loaderd.stage.pool import Progress, stage_all
@@ -39,7 +39,7 @@ from loaderd.store.manifest import (
     SpecRecord,
     Status,
 )
-from loaderd.store.statedir import State
+from loaderd.store.statedir import Hold, State, tree_digest
 
 
 @dataclass
@@ -124,8 +124,39 @@ class Applier:
 
     # --- apply ----------------------------------------------------------------------------
     def apply(self, specs_dir: str | None = None, *, jobs: int | None = None) -> ApplyResult:
+        """Apply programs_dir (or `specs_dir`), or the generation a rollback holds while
+        programs_dir has not changed since."""
         with self.state.exclusive(waiting=self.notify):
-            return self._apply(specs_dir, jobs=jobs)
+            hold = self._held(specs_dir)
+            if hold is None:
+                return self._apply(specs_dir, jobs=jobs)
+            gen = self.state.generation_dir(hold.generation)
+            return self._apply(gen, jobs=jobs, trusted_owner=os.stat(gen).st_uid)
+
+    def _held(self, specs_dir: str | None) -> Hold | None:
+        """The rollback hold, if it still holds; released (and said) when programs_dir changed
+        since the rollback, another directory was asked for, or its generation is gone."""
+        hold = self.state.hold()
+        if hold is None:
+            return None
+        programs = self.settings.programs_dir
+        if specs_dir is not None and os.path.realpath(specs_dir) != os.path.realpath(programs):
+            why = f"an apply of {specs_dir} was asked for"
+        elif tree_digest(programs) != hold.programs_sha256:
+            why = f"{programs} changed since"
+        elif hold.generation not in self.state.generations():
+            why = f"generation {hold.generation} is no longer kept"
+        else:
+            audit.emit(Event.ROLLBACK, f"rollback held: applying generation {hold.generation} "
+                       f"(rolled back at {hold.when()}), not {programs} (unchanged since); "
+                       "release with `loaderd rollback --release`", generation=hold.generation,
+                       held=True)
+            return hold
+        self.state.clear_hold()
+        audit.emit(Event.ROLLBACK, f"rollback to generation {hold.generation} (since "
+                   f"{hold.when()}) released: {why}; applying {specs_dir or programs}",
+                   generation=hold.generation, released=True)
+        return None
 
     def _apply(self, specs_dir: str | None = None, *, jobs: int | None = None,
                trusted_owner: int | None = None) -> ApplyResult:
@@ -145,10 +176,18 @@ class Applier:
             to_build = [spec_of[n] for n in decided.build]
             if not to_build and not result.removed:
                 if result.adopted:
-                    audit.emit(Event.ADOPTED, f"adopted {len(result.adopted)} unchanged specs;"
-                               " nothing to compile", specs=result.adopted, compiles=0)
-                self._record_last(current, result)
+                    audit.emit(Event.ADOPTED, f"{plural(len(result.adopted), 'spec')} "
+                               "unchanged, adopted as applied; nothing to compile",
+                               specs=result.adopted, compiles=0)
+                # Nothing changed: the manifest is not rewritten (its last_apply is the last
+                # apply that changed the set); only a refusal record it outdates goes.
+                self.state.clear_refusal()
                 return result
+            for s in to_build:  # the specs this apply acts on; unchanged ones are adopted
+                audit.emit(Event.SPEC_ACCEPTED, f"{s.name}: spec accepted "
+                           f"({plural(len(s.programs), 'program')}, "
+                           f"{plural(len(s.maps), 'map')})", spec=s.name,
+                           spec_sha256=s.sha256, file=s.path)
             txid = result.txid = new_txid()
             records = self._build(txid, to_build, current, result.adopted, jobs)
         except _Refused as refusal:
@@ -183,10 +222,6 @@ class Applier:
                 errors.append(exc)
         if errors:
             raise _Refused(errors)
-        for s in specs:
-            audit.emit(Event.SPEC_ACCEPTED, f"{s.name}: spec accepted ({len(s.programs)} "
-                       f"programs, {len(s.maps)} maps)", spec=s.name, spec_sha256=s.sha256,
-                       file=s.path)
         return specs
 
     def _conform_adopted(self, current: Manifest, adopted: list[Spec]) -> None:
@@ -209,7 +244,7 @@ class Applier:
             self.layout.ensure_dir(self.layout.staging_dir(txid))
         except LoaderdError as exc:
             raise _Refused([exc]) from None
-        self.notify(f"compiling {len(to_build)} specs")
+        self.notify(f"compiling {plural(len(to_build), 'spec')}")
         staged, errors = stage_all(to_build, self.settings, txid, jobs=jobs,
                                    progress=self.notify)
         if errors:
@@ -244,8 +279,9 @@ class Applier:
             audit.emit(Event.DEGRADED, f"generation {txid} not saved (no rollback to it): {exc}",
                        txid=txid, reason="generation not saved")
         self._record_last(committed, result)
-        audit.emit(Event.APPLIED, f"applied {len(specs)} specs: built {result.built}, adopted "
-                   f"{result.adopted}, removed {result.removed}", txid=txid,
+        audit.emit(Event.APPLIED, f"applied {plural(len(specs), 'spec')} (txid {txid}): "
+                   f"built {names(result.built)}; adopted {names(result.adopted)}; removed "
+                   f"{names(result.removed)}", txid=txid,
                    compiles=result.compiles, built=result.built, adopted=result.adopted,
                    removed=result.removed)
 
@@ -296,8 +332,13 @@ class Applier:
             audit.emit(Event.SPEC_REFUSED, str(first) + (f" (and {n - 1} more)" if n > 1 else ""),
                        file=file, kind=first.kind.value, field=first.location.field,
                        line=first.location.line, detail=detail, errors=n)
-        audit.emit(Event.APPLY_FAILED, f"apply refused: {count(errors)} error(s); the previous "
-                   "set stays applied unchanged", errors=count(errors))
+        try:
+            before = bool(self.state.manifest().specs)
+        except LoaderdError:
+            before = True  # unknown: do not claim nothing was applied
+        audit.emit(Event.APPLY_FAILED, f"apply refused: {plural(count(errors), 'error')}; " + (
+            "the set applied before stays applied unchanged" if before
+            else "nothing was applied before it, nothing is applied"), errors=count(errors))
         self.state.save_refusal(count(errors), str(errors[0]))
         return result
 
@@ -363,21 +404,55 @@ class Applier:
             return killswitch.disable(self.state, self.layout)
 
     def rollback(self) -> ApplyResult:
-        """Re-apply the generation before the current one."""
-        with self.state.exclusive(waiting=self.notify):
-            return self._rollback()
+        """Roll back here, in this process: request_rollback() then apply() (which applies
+        the held generation). Under systemd the CLI asks loaderd-apply.service instead."""
+        self.request_rollback()
+        result = self.apply()
+        if not result.ok:
+            self.drop_hold("its apply was refused")
+        return result
 
-    def _rollback(self) -> ApplyResult:
-        m = self.state.manifest()
-        killswitch.check_enabled(self.state, m)
-        current = m.txid
-        gens = [g for g in self.state.generations() if g != current]
-        if current is not None and current in self.state.generations():
-            gens = [g for g in gens if g < current]
-        if not gens:
-            raise LoaderdError(Kind.STATE, "no earlier generation to roll back to",
-                               Location(self.state.dir))
-        target = gens[-1]
-        audit.emit(Event.ROLLBACK, f"rolling back to generation {target}", generation=target)
-        gen = self.state.generation_dir(target)
-        return self._apply(gen, trusted_owner=os.stat(gen).st_uid)
+    def request_rollback(self) -> str:
+        """Hold the generation before the current one: every later apply (reload, restart)
+        applies it instead of programs_dir, until programs_dir changes or release(). Applies
+        nothing itself; the target txid."""
+        with self.state.exclusive(waiting=self.notify):
+            m = self.state.manifest()
+            killswitch.check_enabled(self.state, m)
+            current = m.txid
+            held = self.state.hold()
+            if held is not None:  # a rollback of a rollback: before the held generation
+                current = held.generation
+            gens = [g for g in self.state.generations() if g != current]
+            if current is not None and current in self.state.generations():
+                gens = [g for g in gens if g < current]
+            if not gens:
+                raise LoaderdError(Kind.STATE, "no earlier generation to roll back to",
+                                   Location(self.state.dir))
+            target = gens[-1]
+            programs = self.settings.programs_dir
+            self.state.save_hold(Hold(target, time.time(), tree_digest(programs)))
+            audit.emit(Event.ROLLBACK, f"rollback to generation {target} requested: it stays "
+                       f"applied across reloads and restarts until {programs} changes or "
+                       "`loaderd rollback --release`", generation=target, operator=True)
+            return target
+
+    def release(self) -> Hold | None:
+        """Release the rollback hold (the next apply applies programs_dir); the hold, if any."""
+        with self.state.exclusive(waiting=self.notify):
+            hold = self.state.hold()
+            if hold is not None:
+                self.state.clear_hold()
+                audit.emit(Event.ROLLBACK, f"rollback to generation {hold.generation} (since "
+                           f"{hold.when()}) released by the operator: the next apply applies "
+                           f"{self.settings.programs_dir}", generation=hold.generation,
+                           released=True, operator=True)
+            return hold
+
+    def drop_hold(self, why: str) -> None:
+        with self.state.exclusive(waiting=self.notify):
+            hold = self.state.hold()
+            if hold is not None and self.state.clear_hold():
+                audit.emit(Event.ROLLBACK, f"rollback to generation {hold.generation} not "
+                           f"held: {why}; the set before it stays applied",
+                           generation=hold.generation, released=True)

@@ -15,7 +15,7 @@ import time
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import kernel, pins
-from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.errors import Kind, LoaderdError, Location, plural
 from loaderd.store.manifest import EMPTY, Manifest, Status
 from loaderd.store.statedir import State
 
@@ -100,9 +100,10 @@ def disable(state: State, layout: pins.PinLayout) -> list[str]:
     for name in ours:  # the root is tmpfiles.d's
         layout.remove_tree(os.path.join(layout.root, name))
     audit.emit(Event.KILL_SWITCH, f"kill switch: removed every pin and link loaderd made under "
-               f"{layout.root} ({len(removed)} specs)", specs=removed)
+               f"{layout.root} ({plural(len(removed), 'spec')})", specs=removed)
     if others:
-        audit.emit(Event.DEGRADED, f"kill switch: left {len(others)} entries under "
+        audit.emit(Event.DEGRADED, "kill switch: left "
+                   f"{plural(len(others), 'entry', 'entries')} under "
                    f"{layout.root} that loaderd did not make: {', '.join(others[:20])}",
                    reason="foreign pins under the pin root", entries=others)
     return removed

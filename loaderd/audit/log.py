@@ -214,6 +214,13 @@ def configure(*, journal: bool | None = None, stream: IO[str] | None = None) -> 
         _logger = _build(use_journal, _fallback)
 
 
+def journaled() -> bool:
+    """Events go to journald (the sink configure() chose)."""
+    if _logger is None:
+        configure()
+    return _journal
+
+
 def debug(message: str, detail: str) -> None:
     """Internal detail (a traceback) for whoever debugs loaderd: a PRIORITY=7 journal entry,
     never part of an error shown to users. Without a journal there is no debug log: the

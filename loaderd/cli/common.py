@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 from loaderd.config.settings import DEFAULT_CONFIG, load_default
-from loaderd.errors import LoaderdError
+from loaderd.errors import LoaderdError, count, names, plural
 
 load_settings = load_default
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer killed by a closed pipe
@@ -85,14 +86,22 @@ def add_command(sub: Any, name: str, func: Callable[[argparse.Namespace], int],
     return sp
 
 
-def stderr_is_journal() -> bool:
-    """systemd connected stderr to the journal (JOURNAL_STREAM names its device:inode)."""
+def _is_journal(stream: Any) -> bool:
+    """systemd connected `stream` to the journal (JOURNAL_STREAM names its device:inode)."""
     dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
     try:
-        st = os.fstat(sys.stderr.fileno())
+        st = os.fstat(stream.fileno())
         return (st.st_dev, st.st_ino) == (int(dev), int(ino))
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def stderr_is_journal() -> bool:
+    return _is_journal(sys.stderr)
+
+
+def stdout_is_journal() -> bool:
+    return _is_journal(sys.stdout)
 
 
 def print_error(e: LoaderdError, journal_priority: int | None = None) -> None:
@@ -179,7 +188,8 @@ def cmd_disable(args: argparse.Namespace) -> int:
     from loaderd.apply.applier import Applier
 
     removed = Applier(load_settings(args.config)).disable()
-    print(f"kill switch: detached and unpinned {len(removed)} specs: {', '.join(removed)}")
+    print(f"kill switch: detached and unpinned {plural(len(removed), 'spec')}"
+          + (f": {', '.join(removed)}" if removed else ""))
     return 0
 
 
@@ -192,11 +202,85 @@ def cmd_enable(args: argparse.Namespace) -> int:
     return 0
 
 
+def apply_summary(result: Any) -> str:
+    """One line for an apply's outcome (an ApplyResult); a refusal compiled nothing it kept."""
+    if not result.ok:
+        return (f"REFUSED: {plural(count(result.errors), 'error')}; nothing changed (the set "
+                "applied before, if any, stays applied)")
+    return (f"built {names(result.built)}; adopted {names(result.adopted)}; removed "
+            f"{names(result.removed)}; compiles {result.compiles}")
+
+
+def add_rollback_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--release", action="store_true",
+                    help="end a held rollback: the next apply applies programs_dir again "
+                    "(applied now, through loaderd-apply.service under systemd)")
+
+
+APPLY_UNIT = "loaderd-apply.service"
+RESIDENT_UNIT = "loaderd.service"
+
+
+def _systemctl(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["systemctl", *argv], capture_output=True, text=True, check=False,
+                          stdin=subprocess.DEVNULL)
+
+
+def apply_unit_argv(config: str | None) -> list[str] | None:
+    """How to have the hardened apply unit apply, when it is what applies these settings:
+    systemd runs the system (/run/systemd/system, sd_booted(3)), loaderd-apply.service is
+    installed (LoadState=loaded), and the settings are the unit's own (it applies
+    DEFAULT_CONFIG). A running resident is reloaded (apply + SIGHUP, so its STATUS= follows);
+    else the apply unit is started. None: apply in this process."""
+    path = config or DEFAULT_CONFIG
+    if not os.path.isdir("/run/systemd/system") or not os.path.exists(path) \
+            or os.path.realpath(path) != os.path.realpath(DEFAULT_CONFIG):
+        return None
+    try:
+        loaded = _systemctl("show", "--property=LoadState", "--value", APPLY_UNIT)
+    except OSError:  # no systemctl
+        return None
+    if loaded.returncode != 0 or loaded.stdout.strip() != "loaded":
+        return None
+    if _systemctl("is-active", "--quiet", RESIDENT_UNIT).returncode == 0:
+        return ["systemctl", "reload", RESIDENT_UNIT]
+    return ["systemctl", "start", APPLY_UNIT]
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
+    """Hold the previous generation (or release the hold), then apply: through the hardened
+    loaderd-apply.service when systemd runs it (no BCC as root here, nothing root-owned left
+    in the state dir or the pin root), else in this process."""
     from loaderd.apply.applier import Applier
 
-    result = Applier(load_settings(args.config)).rollback()
+    settings = load_settings(args.config)
+    applier = Applier(settings)
+    if args.release:
+        hold = applier.release()
+        if hold is None:
+            print("no rollback is held: nothing to release")
+            return 0
+        print(f"rollback to generation {hold.generation} released: applying "
+              f"{settings.programs_dir}")
+    else:
+        target = applier.request_rollback()
+        print(f"rollback to generation {target}: held across reloads and restarts until "
+              f"{settings.programs_dir} changes or `loaderd rollback --release`")
+    argv = apply_unit_argv(args.config)
+    if argv is not None:
+        print(f"applying through {APPLY_UNIT}: {' '.join(argv)}", flush=True)
+        rc = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL).returncode
+        if rc != 0:
+            if not args.release:
+                applier.drop_hold(f"{APPLY_UNIT} refused it")
+            print(f"error: {APPLY_UNIT} failed (exit {rc}): journalctl -u {APPLY_UNIT} "
+                  "says why", file=sys.stderr)
+            return 1
+        return 0
+    result = applier.apply()
+    if not result.ok and not args.release:
+        applier.drop_hold("its apply was refused")
     for e in result.errors:
         print_error(e)
-    print(f"rollback: built {result.built}; adopted {result.adopted}")
+    print(apply_summary(result))
     return 0 if result.ok else 1

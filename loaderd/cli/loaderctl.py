@@ -23,6 +23,7 @@ from loaderd.cli.common import (
     STATUS_CODES,
     add_command,
     add_global_flags,
+    add_rollback_flags,
     cmd_disable,
     cmd_enable,
     cmd_rollback,
@@ -156,7 +157,9 @@ def parser() -> argparse.ArgumentParser:
     add("disable", cmd_disable, "kill switch: detach and unpin everything loaderd owns",
         json_flag=False)
     add("enable", cmd_enable, "release the kill switch (then apply or reload)", json_flag=False)
-    add("rollback", cmd_rollback, "re-apply the previous generation of specs", json_flag=False)
+    add_rollback_flags(add("rollback", cmd_rollback, "re-apply the previous generation of specs "
+                           "and hold it across reloads and restarts until programs_dir "
+                           "changes or --release", json_flag=False))
     return p
 
 

@@ -13,11 +13,14 @@ import argparse
 import os
 from collections.abc import Callable, Sequence
 
+from loaderd import privileges
 from loaderd.audit import log as audit
 from loaderd.cli.common import (
     STATUS_CODES,
     add_command,
     add_global_flags,
+    add_rollback_flags,
+    apply_summary,
     cmd_disable,
     cmd_enable,
     cmd_rollback,
@@ -26,8 +29,9 @@ from loaderd.cli.common import (
     load_settings,
     print_error,
     run,
+    stdout_is_journal,
 )
-from loaderd.errors import count
+from loaderd.errors import Kind, LoaderdError, Location, count, plural
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -43,13 +47,28 @@ def cmd_apply(args: argparse.Namespace) -> int:
             notify(f"STATUS={m}")
     applier = Applier(settings, notify=progress)
     result = applier.apply(args.dir, jobs=args.jobs)
-    for e in result.errors:
-        print_error(e)
-    if not args.child:
-        print(f"built {result.built or '-'}; adopted {result.adopted or '-'}; "
-              f"removed {result.removed or '-'}; compiles {result.compiles}"
-              + ("" if result.ok else "; REFUSED: previous set left unchanged"))
+    # Under systemd (loaderd-apply.service) stdout and stderr are the journal, where the audit
+    # events already say all of it: printing it too journaled each result and error twice
+    # (the error once at priority 3, once at 6).
+    if not (audit.journaled() and stdout_is_journal()):
+        for e in result.errors:
+            print_error(e)
+        if not args.child:
+            print(apply_summary(result))
     return 0 if result.ok else 1
+
+
+def _lacks_cap_bpf() -> LoaderdError | None:
+    """Compiling and verifying loads into the kernel: without CAP_BPF (CAP_SYS_ADMIN before
+    5.8) BCC's first map creation fails with EPERM, which reads as a compiler problem. Said
+    from the process's own capabilities before any compile."""
+    caps = privileges.read_state()
+    if caps.has("CAP_BPF") or caps.has("CAP_SYS_ADMIN"):
+        return None
+    return LoaderdError(Kind.CAPABILITY, "compiling and verifying needs CAP_BPF, which this "
+                        f"process does not have (CapEff {caps.effective:016x})",
+                        Location("/proc/self/status"), allowed="run it as root (or with "
+                        "CAP_BPF), or `loaderd check --no-kernel` for schema and policy only")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -66,6 +85,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     specs, errors = validate(settings, args.dir, check_owner=as_root)
     if not as_root:
         print("note: not root: file ownership and modes are not checked (the daemon will)")
+    if not errors and not args.no_kernel:
+        missing = _lacks_cap_bpf()
+        if missing is not None:
+            errors.append(missing)
     if not errors and not args.no_kernel:
         # The targets `apply` would attach to, looked up the same way (nothing attached).
         for s in specs:
@@ -89,7 +112,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"warning: accept_header_mismatch: true: {hsentence}")
     for e in errors:
         print_error(e)
-    print(f"{len(specs)} specs, {count(errors)} errors")
+    print(f"{plural(len(specs), 'spec')}, {plural(count(errors), 'error')}")
     return 0 if not errors else 1
 
 
@@ -113,7 +136,8 @@ def parser() -> argparse.ArgumentParser:
         "disable": (cmd_disable, "kill switch: detach and unpin everything loaderd owns; "
                     "nothing loads again until `enable`"),
         "enable": (cmd_enable, "release the kill switch (then apply or reload)"),
-        "rollback": (cmd_rollback, "re-apply the previous generation of specs"),
+        "rollback": (cmd_rollback, "re-apply the previous generation of specs and hold it "
+                     "across reloads and restarts until programs_dir changes or --release"),
     }
     for name, (func, help_text) in commands.items():
         sp = add_command(sub, name, func, help_text)
@@ -125,6 +149,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "check":
             sp.add_argument("--no-kernel", action="store_true",
                             help="schema and policy only (no compile, no CAP_BPF needed)")
+        if name == "rollback":
+            add_rollback_flags(sp)
         if name == "status":
             sp.add_argument("--json", action="store_true", help="the report as JSON")
         if name == "run":

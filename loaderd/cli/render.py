@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from loaderd.errors import plural
+
 
 def _ts(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
@@ -44,7 +46,7 @@ def render_status(report: dict[str, Any]) -> str:
     head = report["manifest"]
     if head["readable"]:
         lines = [f"manifest {head['path']}: {head.get('status')} (txid {head.get('txid') or '-'}, "
-                 f"written {_ts(head.get('written_at'))}), {len(report['specs'])} specs"]
+                 f"written {_ts(head.get('written_at'))}), {plural(len(report['specs']), 'spec')}"]
     else:
         lines = [f"manifest: {head.get('note')}"]
     if "headers" in report:
@@ -58,7 +60,9 @@ def render_status(report: dict[str, Any]) -> str:
         kept = "the set below stays" if report["specs"] else "nothing is applied"
         lines.append(f"last apply REFUSED at {_ts(r['at'])}: {r['reason']}{more}; what "
                      f"programs_dir says is not what is applied ({kept})")
-    elif head.get("status") == "pending":
+    if head.get("rollback") and head.get("status") != "disabled":
+        lines.append(head["rollback"]["sentence"])
+    if head.get("status") == "pending":
         lines.append("a commit was interrupted (pending): the next `loaderd apply` (or "
                      "`systemctl reload loaderd`) rolls it forward")
     for s in report["specs"]:

@@ -321,6 +321,12 @@ def status(view: View) -> dict[str, Any]:
     refusal = state.read_refusal(os.path.join(view.settings.state_dir, state.REFUSED))
     head["refused"] = None if refusal is None else {
         "at": refusal.at, "errors": refusal.errors, "reason": refusal.reason}
+    hold = state.read_hold(os.path.join(view.settings.state_dir, state.HOLD))
+    head["rollback"] = None
+    if hold is not None:  # a held rollback: what is applied is a generation, not programs_dir
+        moved = state.tree_digest(view.settings.programs_dir) != hold.programs_sha256
+        head["rollback"] = {"generation": hold.generation, "at": hold.at,
+                            "programs_dir_changed": moved, "sentence": hold.sentence(moved)}
     if any(s["unchecked"] for s in specs):
         notes.append("some pins could not be opened by this user" + (
             ": their facts come from the manifest and drift was checked only for what could be "

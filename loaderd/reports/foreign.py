@@ -25,7 +25,7 @@ from typing import Any
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import kernel
-from loaderd.errors import Kind, LoaderdError
+from loaderd.errors import Kind, LoaderdError, plural
 from loaderd.observe.status import View, map_facts, prog_facts
 from loaderd.store.manifest import Manifest
 
@@ -253,7 +253,8 @@ def run(view: View, *, burst: int, window: float, baseline: bool = True) -> dict
         in_bursts |= members
         b["new"] = bool(members - seen["burst_programs"])  # alert once per burst
         if b["new"]:
-            audit.emit(FOREIGN_EVENT, f"burst of BPF program loads: {b['count']} programs "
+            audit.emit(FOREIGN_EVENT, "burst of BPF program loads: "
+                       f"{plural(b['count'], 'program')} "
                        f"loaded within {b['last'] - b['first']:.1f}s (threshold: more than "
                        f"{burst} in {window:g}s)", audit="load_burst", count=b["count"],
                        prog_ids=b["prog_ids"], window=window, threshold=burst)
@@ -268,10 +269,11 @@ def run(view: View, *, burst: int, window: float, baseline: bool = True) -> dict
     report.update(bursts=found, new_foreign_programs=[p["id"] for p in new],
                   threshold={"burst": burst, "window": window}, notes=notes,
                   findings=bool(new or new_bursts))
-    audit.emit(Event.DAEMON, f"system audit: {report['programs']} programs, {report['maps']} "
-               f"maps; foreign: {len(report['foreign_programs'])} programs ({len(new)} new), "
-               f"{len(report['foreign_maps'])} maps; {len(found)} load bursts "
-               f"({len(new_bursts)} new)", audit="system",
+    audit.emit(Event.DAEMON, f"system audit: {plural(report['programs'], 'program')}, "
+               f"{plural(report['maps'], 'map')}; foreign: "
+               f"{plural(len(report['foreign_programs']), 'program')} ({len(new)} new), "
+               f"{plural(len(report['foreign_maps']), 'map')}; "
+               f"{plural(len(found), 'load burst')} ({len(new_bursts)} new)", audit="system",
                foreign=len(report["foreign_programs"]), new=len(new), bursts=len(found))
     return report
 

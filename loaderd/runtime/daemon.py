@@ -23,12 +23,12 @@ from types import FrameType
 from loaderd import privileges
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
-from loaderd.errors import LoaderdError
+from loaderd.errors import LoaderdError, plural
 from loaderd.model import Settings
 from loaderd.observe import drift
 from loaderd.runtime.eventpump import EventPump
 from loaderd.store.manifest import EMPTY, Manifest, Status
-from loaderd.store.statedir import Refusal, State
+from loaderd.store.statedir import Refusal, State, tree_digest
 
 DRIFT_INTERVAL = 30.0
 PROGRESS = "progress: "  # prefix of the apply child's progress lines on stdout
@@ -78,6 +78,7 @@ class Daemon:
         self._wake = -1
         self._manifest_ident: tuple[int, int] | None = None
         self._refused_ident: tuple[int, int] | None = None
+        self._hold_ident: tuple[int, int] | None = None
         self.refusal: Refusal | None = None
         self.apply_rc = 0  # the apply child's exit code (run without --no-apply)
         self._shown = ""  # the STATUS= last sent
@@ -150,12 +151,16 @@ class Daemon:
             when = f" at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}" if at else ""
             return (f"kill switch pulled{when}: nothing applied until `loaderd enable`, "
                     "then reload")
-        text = f"{n} spec{'' if n == 1 else 's'} applied" + (" (reloaded)" if self.reloaded else "")
+        text = f"{plural(n, 'spec')} applied" + (" (reloaded)" if self.reloaded else "")
         if self.refusal is not None:
             text += f"; {self.refusal.sentence()}; " + (
                 "the set before it stays applied" if n else "nothing was applied before it")
         elif self.apply_rc != 0:
             text += "; last apply FAILED, old set kept (see journal)"
+        hold = self.state.hold()
+        if hold is not None:
+            text += "; " + hold.sentence(tree_digest(self.settings.programs_dir)
+                                         != hold.programs_sha256)
         if self.known_drift:
             names = sorted(self.known_drift)
             text += f"; DRIFT in {len(names)}: {', '.join(names)} (see journal)"
@@ -220,12 +225,13 @@ class Daemon:
         take our own re-read for someone else's change (one RELOAD event per reload)."""
         self._manifest_changed()  # stat first: a commit landing in between is re-read later
         self._refused_changed()
+        self._hold_changed()
         self.refusal = self.state.refusal()
         try:
             self.manifest = self.state.manifest()
         except LoaderdError as exc:  # untrusted state: keep watching what we knew, say why
             audit.emit(Event.DAEMON, f"manifest not re-read: {exc}; still watching the "
-                       f"{len(self.manifest.specs)} specs read before",
+                       f"{plural(len(self.manifest.specs), 'spec')} read before",
                        file=exc.location.file, field=exc.location.field)
 
     def _manifest_changed(self, update: bool = True) -> bool:
@@ -237,6 +243,17 @@ class Daemon:
         changed = self._manifest_ident is not None and ident != self._manifest_ident
         if update:
             self._manifest_ident = ident
+        return changed
+
+    def _hold_changed(self) -> bool:
+        """The rollback hold was requested or released (no SIGHUP comes with a release)."""
+        try:
+            st = os.stat(self.state.hold_path)
+            ident: tuple[int, int] | None = (st.st_ino, st.st_mtime_ns)
+        except OSError:
+            ident = None
+        changed = ident != self._hold_ident
+        self._hold_ident = ident
         return changed
 
     def _refused_changed(self) -> bool:
@@ -256,7 +273,8 @@ class Daemon:
             if not quiet:
                 return False
             manifest = self._manifest_changed()
-            return self._refused_changed() or manifest
+            hold = self._hold_changed()
+            return self._refused_changed() or manifest or hold
 
     def check_drift(self) -> dict[str, list[str]]:
         """Journal each new difference between the manifest and the kernel once. Not while an

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +31,9 @@ GENERATIONS = "generations"
 # removed by the next one that goes through. The resident puts it in STATUS=, status reports it.
 REFUSED = "refused.json"
 REFUSED_MAX_BYTES = 4096
+# A rollback that holds: which generation, since when, and the content hash of programs_dir at
+# that moment. Applies re-apply that generation (not /etc) until /etc changes or it is released.
+HOLD = "rollback.json"
 REASON_MAX = 300
 KEEP_GENERATIONS = 5
 
@@ -78,6 +82,76 @@ class Refusal:
     def sentence(self) -> str:
         more = f" (and {self.errors - 1} more)" if self.errors > 1 else ""
         return f"last apply REFUSED at {self.when()}: {self.reason}{more}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hold:
+    generation: str  # the txid whose files are applied instead of programs_dir
+    at: float  # time.time() of the rollback
+    programs_sha256: str  # tree_digest(programs_dir) when it was rolled back
+
+    def when(self) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.at))
+
+    def sentence(self, etc_changed: bool | None) -> str:
+        """For status and STATUS=: which generation, since when, whether /etc moved on since,
+        and how to get out of it."""
+        etc = {None: "", True: "; programs_dir changed since: the next apply releases it",
+               False: "; programs_dir differs (unchanged since)"}[etc_changed]
+        return (f"rolled back to generation {self.generation} since {self.when()}{etc}; "
+                "release with `loaderd rollback --release`")
+
+
+def tree_digest(root: str) -> str:
+    """sha256 over every entry under `root` (relative name, kind, bytes; symlinks by their
+    text, never followed): what "the operator changed /etc" means for a rollback hold. An
+    unreadable or missing directory has its own digest (so it counts as a change)."""
+    h = hashlib.sha256()
+    try:
+        for dirpath, dirs, files in os.walk(root, onerror=None, followlinks=False):
+            dirs.sort()
+            rel = os.path.relpath(dirpath, root)
+            h.update(f"d\0{rel}\0".encode())
+            for name in sorted(files):
+                path = os.path.join(dirpath, name)
+                h.update(f"f\0{os.path.join(rel, name)}\0".encode())
+                with contextlib.suppress(OSError):
+                    if os.path.islink(path):
+                        h.update(b"l\0" + os.readlink(path).encode())
+                        continue
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                    try:
+                        if stat.S_ISREG(os.fstat(fd).st_mode):
+                            while chunk := os.read(fd, 1 << 16):
+                                h.update(chunk)
+                    finally:
+                        os.close(fd)
+    except OSError as exc:
+        h.update(f"error\0{exc.errno}".encode())
+    return h.hexdigest()
+
+
+def read_hold(path: str) -> Hold | None:
+    """The hold record (untrusted input, like the refusal record); None when absent or not a
+    record loaderd wrote."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > REFUSED_MAX_BYTES:
+            return None
+        d = json.loads(os.read(fd, REFUSED_MAX_BYTES + 1))
+        gen, at, digest = d["generation"], d["at"], d["programs_sha256"]
+        if not (isinstance(gen, str) and records.TXID.fullmatch(gen)
+                and isinstance(at, (int, float)) and isinstance(digest, str)):
+            return None
+        return Hold(gen, float(at), digest)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def one_line(text: str, limit: int = REASON_MAX) -> str:
@@ -165,6 +239,26 @@ class State:
     def clear_refusal(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.refused_path)
+
+    @property
+    def hold_path(self) -> str:
+        return os.path.join(self.dir, HOLD)
+
+    def hold(self) -> Hold | None:
+        return read_hold(self.hold_path)
+
+    def save_hold(self, hold: Hold) -> None:
+        """Owned by the service user whoever writes it (the apply unit reads it as that user)."""
+        self._ensure_dirs()
+        _write_atomic(self.hold_path, json.dumps(dataclasses.asdict(hold), sort_keys=True
+                                                 ).encode(), self.gid, self.uid)
+
+    def clear_hold(self) -> bool:
+        try:
+            os.unlink(self.hold_path)
+            return True
+        except FileNotFoundError:
+            return False
 
     # One writer at a time: an operator's `loaderd apply` during `systemctl reload` would
     # otherwise delete the other's staging pins (recovery clears staging) or its manifest.

@@ -47,7 +47,7 @@ def test_check_refuses_a_missing_target_located_and_attaches_nothing(
     assert len(errors) == 1, out.stderr
     assert f"{tmp_path}/specs/bad.yaml:8: programs[0].attach: " in errors[0], errors
     assert message in errors[0], errors
-    assert "1 specs, 1 errors" in out.stdout
+    assert "1 spec, 1 error" in out.stdout
     assert not os.path.exists(bpffs_root)  # nothing pinned, nothing attached
     # and apply refuses the same spec
     applied = loaderd("--config", str(conf), "apply", check=False)

@@ -98,7 +98,7 @@ def test_restart_with_unchanged_specs_compiles_nothing_and_keeps_counting(
     assert mid >= 3
     out = loaderd("--config", str(counter_conf), "apply")
     assert "compiles 0" in out.stdout
-    assert last_apply(counter_conf)["compiles"] == 0
+    assert last_apply(counter_conf)["compiles"] == 1  # adopt-only applies do not rewrite it
     assert prog_tag(prog) == ident  # same program object: adopted, not reloaded
     execs()
     assert read_u64(pin) >= mid + 3  # no reset across the restart
@@ -176,7 +176,7 @@ def test_recreated_interface_is_drift_and_a_change_gets_a_new_link(
     assert any("detached from" in x or "is now ifindex" in x for x in diffs), diffs
     (d / "xdp.yaml").write_text(XDP.format(step=7, iface=dummy_iface))
     out = loaderd("--config", str(conf), "apply")
-    assert "built ['xdp']" in out.stdout
+    assert "built xdp;" in out.stdout
     manifest = state.manifest()
     assert manifest.status is Status.COMMITTED
     assert verify.differences(manifest.specs["xdp"]) == []
@@ -358,8 +358,8 @@ def test_concurrent_applies_take_turns(counter_conf: Path, bpffs_root: str) -> N
     assert [p.returncode for p in procs] == [0, 0], outs
     summaries = sorted(out.strip().splitlines()[-1] for out, _ in outs)
     # One built the change, the other found it applied and adopted it (no second compile).
-    assert summaries == ["built -; adopted ['counter']; removed -; compiles 0",
-                         "built ['counter']; adopted -; removed -; compiles 1"], outs
+    assert summaries == ["built none; adopted counter; removed none; compiles 0",
+                         "built counter; adopted none; removed none; compiles 1"], outs
     manifest = State(load_settings(str(counter_conf)).state_dir).manifest()
     assert manifest.status is Status.COMMITTED
     assert verify.differences(manifest.specs["counter"]) == []

@@ -238,12 +238,12 @@ def test_restart_adopts_the_object_with_zero_loads(tmp_path: Path, bpffs_root: s
     conf = make_conf(tmp_path, bpffs_root, {}, POLICY)
     obj = add_object(conf, built, "execsnoop")
     first = loaderd("--config", str(conf), "apply")
-    assert "built ['execsnoop']" in first.stdout
+    assert "built execsnoop;" in first.stdout
     record = json.loads((tmp_path / "state" / "manifest.json").read_text())["specs"]["execsnoop"]
     assert record["object_sha256"] == hashlib.sha256(obj.read_bytes()).hexdigest()
     prog_id = record["programs"]["record_exec"]["id"]
     again = loaderd("--config", str(conf), "apply")
-    assert "adopted ['execsnoop']" in again.stdout and "compiles 0" in again.stdout
+    assert "adopted execsnoop;" in again.stdout and "compiles 0" in again.stdout
     assert not [e for e in events(again.stderr) if e["event"] == "prog_loaded"]
     after = json.loads((tmp_path / "state" / "manifest.json").read_text())["specs"]["execsnoop"]
     assert after["programs"]["record_exec"]["id"] == prog_id
@@ -255,7 +255,7 @@ def test_restart_adopts_the_object_with_zero_loads(tmp_path: Path, bpffs_root: s
     status = loaderd("--config", str(conf), "status", check=False)
     assert "execsnoop: DRIFT" in status.stdout
     rebuilt = loaderd("--config", str(conf), "apply")
-    assert "built ['execsnoop']" in rebuilt.stdout
+    assert "built execsnoop;" in rebuilt.stdout
     loaderd("--config", str(conf), "disable")
     assert not os.path.exists(f"{bpffs_root}/execsnoop")
 
