@@ -78,6 +78,14 @@ FIELD_NAMES: dict[str, str] = {
 }
 
 SYSLOG_IDENTIFIER = "loaderd"
+# An operator's action (`loaderd disable`, `enable`, `rollback`, an apply by hand) runs as root
+# outside any unit. `journalctl -u U` matches, besides the unit's own processes, entries with
+# `_UID=0` and `OBJECT_SYSTEMD_UNIT=U` (systemd's add_matches_for_unit(), journalctl 252:
+# journald sets _UID itself, so only root can be seen this way): naming loaderd.service there
+# puts those actions in README's `journalctl -u loaderd -u loaderd-apply` view.
+OPERATOR_UNIT = "loaderd.service"
+_OPERATOR_UNIT = (OPERATOR_UNIT if os.geteuid() == 0 and not os.environ.get("INVOCATION_ID")
+                  else None)
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 # Keys of the stderr JSON record that belong to the event itself; a caller field with one of
@@ -168,6 +176,8 @@ def _to_journal(_logger: Any, _name: str, event_dict: MutableMapping[str, Any],
     }
     if "login_uid" in event_dict:
         fields["LOADERD_LOGIN_UID"] = str(event_dict.pop("login_uid"))
+    if _OPERATOR_UNIT is not None:
+        fields["OBJECT_SYSTEMD_UNIT"] = _OPERATOR_UNIT
     for key, value in event_dict.items():
         if value is not None:
             fields.setdefault(journal_field(key), _text(value))

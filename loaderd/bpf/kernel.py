@@ -143,6 +143,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_prog_get_fd_by_id": (ctypes.c_int, [ctypes.c_uint32]),
     "bpf_map_get_fd_by_id": (ctypes.c_int, [ctypes.c_uint32]),
     "bpf_link_get_fd_by_id": (ctypes.c_int, [ctypes.c_uint32]),
+    "bpf_prog_query": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, _c_u32_p,
+                                      _c_u32_p, _c_u32_p]),
 }
 
 
@@ -706,3 +708,23 @@ def map_fd_by_id(map_id: int) -> int:
     return _fd_by_id("bpf_map_get_fd_by_id", "map", map_id)
 
 
+
+
+# enum bpf_attach_type: the cgroup hooks systemd attaches its own programs to.
+ATTACH_TYPES: dict[str, int] = {
+    "cgroup_inet_ingress": 0, "cgroup_inet_egress": 1, "cgroup_device": 6,
+    "cgroup_inet4_bind": 8, "cgroup_inet6_bind": 9,
+}
+_QUERY_MAX = 64  # BPF_F_ALLOW_MULTI allows 64 programs per hook and cgroup
+
+
+def prog_query(target_fd: int, attach_type: int) -> list[int]:
+    """Ids of the programs attached to `target_fd` (a cgroup directory) at `attach_type`
+    (BPF_PROG_QUERY: CAP_NET_ADMIN or CAP_SYS_ADMIN)."""
+    ids = (ctypes.c_uint32 * _QUERY_MAX)()
+    cnt = ctypes.c_uint32(_QUERY_MAX)
+    flags = ctypes.c_uint32(0)
+    _check(_call("bpf_prog_query", target_fd, attach_type, 0, ctypes.byref(flags),
+                 ctypes.cast(ids, _c_u32_p), ctypes.byref(cnt)), "BPF_PROG_QUERY",
+           f"attach type {attach_type}", CAPS_BY_ID)
+    return [ids[i] for i in range(min(cnt.value, _QUERY_MAX))]

@@ -28,9 +28,86 @@ from loaderd.bpf import kernel
 from loaderd.errors import Kind, LoaderdError, plural
 from loaderd.observe.status import View, map_facts, prog_facts
 from loaderd.store.manifest import Manifest
+from loaderd.store.statedir import service_uid
 
 BASELINE = "sysaudit.json"
 FOREIGN_EVENT = Event.FOREIGN_LOAD
+
+# systemd's own cgroup programs (systemd 252: bpf-firewall.c for IPAddressDeny=/IPAccounting=,
+# bpf-devices.c for DevicePolicy=/DeviceAllow= and the PrivateDevices= it implies,
+# bpf-socket-bind.c for SocketBindDeny=, restrict-ifaces.c for RestrictNetworkInterfaces=):
+# (type, name) -> the hook systemd attaches it to. loaderd's own units set IPAddressDeny= and
+# PrivateDevices=, so a clean install has these loaded for loaderd-audit.service itself.
+# A name alone is a claim: a program counts as systemd's only if it is also created by uid 0
+# and attached at that hook to the cgroup of a unit (scan(): BPF_PROG_QUERY on each cgroup).
+SYSTEMD_PROGRAMS: dict[tuple[str, str], str] = {
+    ("cgroup_skb", "sd_fw_ingress"): "cgroup_inet_ingress",
+    ("cgroup_skb", "sd_fw_egress"): "cgroup_inet_egress",
+    ("cgroup_device", "sd_devices"): "cgroup_device",
+    ("cgroup_sock_addr", "sd_bind4"): "cgroup_inet4_bind",
+    ("cgroup_sock_addr", "sd_bind6"): "cgroup_inet6_bind",
+    ("cgroup_skb", "sd_restrictif_i"): "cgroup_inet_ingress",
+    ("cgroup_skb", "sd_restrictif_e"): "cgroup_inet_egress",
+}
+UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap", ".slice")
+
+
+def _cgroup2_root() -> str | None:
+    """Where this mount namespace has the cgroup2 hierarchy (/sys/fs/cgroup, or
+    /sys/fs/cgroup/unified on a hybrid host)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                sep = parts.index("-")
+                if parts[sep + 1] == "cgroup2":
+                    return parts[4]
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _unit_attachments(notes: list[str]) -> dict[tuple[int, str], str]:
+    """(program id, hook) -> the unit whose cgroup it is attached to, for the hooks systemd
+    uses, over every unit cgroup (a read-only walk, no symlinks)."""
+    root = _cgroup2_root()
+    found: dict[tuple[int, str], str] = {}
+    if root is None:
+        return found
+    hooks = sorted(set(SYSTEMD_PROGRAMS.values()))
+    denied = 0
+    for dirpath, _dirs, _files in os.walk(root):
+        unit = os.path.basename(dirpath)
+        if not unit.endswith(UNIT_SUFFIXES):
+            continue
+        try:
+            fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            for hook in hooks:
+                try:
+                    ids = kernel.prog_query(fd, kernel.ATTACH_TYPES[hook])
+                except LoaderdError:
+                    denied += 1
+                    continue
+                for pid in ids:
+                    found[(pid, hook)] = unit
+        finally:
+            os.close(fd)
+    if denied:
+        notes.append(f"{plural(denied, 'cgroup query', 'cgroup queries')} refused "
+                     "(BPF_PROG_QUERY needs CAP_NET_ADMIN or CAP_SYS_ADMIN): systemd's "
+                     "programs there count as foreign")
+    return found
+
+
+def _systemds(p: dict[str, Any], attached: dict[tuple[int, str], str]) -> str | None:
+    """The unit a systemd program serves, if the facts say it is systemd's."""
+    hook = SYSTEMD_PROGRAMS.get((p["type"], p["name"]))
+    if hook is None or p["uid"] != 0:
+        return None
+    return attached.get((p["id"], hook))
 
 
 def _ids_from_manifest(m: Manifest | None) -> tuple[set[int], set[int], set[int]]:
@@ -173,10 +250,20 @@ def _no_baseline(empty: dict[str, set[str]], notes: list[str] | None, path: str,
 
 
 def _save_baseline(state_dir: str, seen: dict[str, set[str]]) -> str | None:
+    """0600, owned by the state dir's owner (the service user) whoever runs this: a root
+    `loaderctl audit-system` left it root's, and loaderd-audit.service (user loaderd) could
+    then not read it and re-reported every foreign program as new."""
     path = _baseline_path(state_dir)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        owner = service_uid(state_dir)
+        if owner >= 0:
+            try:
+                os.fchown(fd, owner, -1)
+            except OSError:
+                os.close(fd)
+                raise
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"written_at": time.time(), **{k: sorted(v) for k, v in seen.items()}},
                       f)
@@ -199,8 +286,10 @@ def _load_print(p: dict[str, Any]) -> str:
     return f"{p['id']}:{p['tag']}"  # one load (ids are recycled eventually; id+tag is not)
 
 
-def scan(manifest: Manifest | None, bpffs_root: str) -> dict[str, Any]:
-    """Every program and map, split into loaderd's and foreign (CAP_SYS_ADMIN)."""
+def scan(manifest: Manifest | None, bpffs_root: str,
+         notes: list[str] | None = None) -> dict[str, Any]:
+    """Every program and map, split into loaderd's, systemd's own cgroup programs (and their
+    maps) and foreign (CAP_SYS_ADMIN)."""
     try:
         programs = _programs()
         maps = _maps()
@@ -215,11 +304,20 @@ def scan(manifest: Manifest | None, bpffs_root: str) -> dict[str, Any]:
     for p in programs:
         if p["id"] in ours:
             our_maps |= set(p["map_ids"])
-    foreign_progs = [p for p in programs if p["id"] not in ours]
+    others = [p for p in programs if p["id"] not in ours]
+    attached = _unit_attachments(notes if notes is not None else [])
+    systemd = []
+    for p in others:
+        unit = _systemds(p, attached)
+        if unit is not None:
+            systemd.append({"id": p["id"], "type": p["type"], "name": p["name"], "unit": unit})
+            our_maps |= set(p["map_ids"])  # its firewall/accounting maps are systemd's too
+    theirs = {p["id"] for p in systemd}
+    foreign_progs = [p for p in others if p["id"] not in theirs]
     foreign_maps = [m for m in maps if m["id"] not in our_maps]
     return {"programs": len(programs), "maps": len(maps), "loaderd_programs": sorted(ours),
-            "foreign_programs": foreign_progs, "foreign_maps": foreign_maps,
-            "all_programs": programs}
+            "systemd_programs": systemd, "foreign_programs": foreign_progs,
+            "foreign_maps": foreign_maps, "all_programs": programs}
 
 
 def run(view: View, *, burst: int, window: float, baseline: bool = True) -> dict[str, Any]:
@@ -227,8 +325,8 @@ def run(view: View, *, burst: int, window: float, baseline: bool = True) -> dict
     if burst < 1 or window <= 0:
         raise LoaderdError(Kind.SEMANTIC, "burst must be >= 1 and window > 0",
                            value=(burst, window))
-    report = scan(view.manifest, view.settings.bpffs_root)
     notes = list(view.notes)
+    report = scan(view.manifest, view.settings.bpffs_root, notes)
     if view.manifest is None:
         notes.append(view.manifest_note or "no manifest: only pinned objects count as loaderd's")
     seen = (_load_baseline(view.settings.state_dir, notes) if baseline
@@ -270,7 +368,8 @@ def run(view: View, *, burst: int, window: float, baseline: bool = True) -> dict
                   threshold={"burst": burst, "window": window}, notes=notes,
                   findings=bool(new or new_bursts))
     audit.emit(Event.DAEMON, f"system audit: {plural(report['programs'], 'program')}, "
-               f"{plural(report['maps'], 'map')}; foreign: "
+               f"{plural(report['maps'], 'map')}; systemd's own: "
+               f"{plural(len(report['systemd_programs']), 'program')}; foreign: "
                f"{plural(len(report['foreign_programs']), 'program')} ({len(new)} new), "
                f"{plural(len(report['foreign_maps']), 'map')}; "
                f"{plural(len(found), 'load burst')} ({len(new_bursts)} new)", audit="system",
@@ -281,6 +380,11 @@ def run(view: View, *, burst: int, window: float, baseline: bool = True) -> dict
 def render(report: dict[str, Any]) -> str:
     lines = [f"{report['programs']} programs, {report['maps']} maps; loaderd owns "
              f"{len(report['loaderd_programs'])} programs"]
+    sd = report["systemd_programs"]
+    units = sorted({p["unit"] for p in sd})
+    lines.append(f"systemd's own cgroup programs: {len(sd)}" + (
+        f" (attached to {', '.join(units[:5])}{', ...' if len(units) > 5 else ''})"
+        if units else ""))
     fp = report["foreign_programs"]
     lines.append(f"foreign programs: {len(fp)} ({len(report['new_foreign_programs'])} new)")
     for p in fp:
