@@ -175,13 +175,18 @@ class Applier:
             result.removed = decided.remove
             to_build = [spec_of[n] for n in decided.build]
             if not to_build and not result.removed:
+                # Nothing changed: the manifest is not rewritten (its last_apply is the last
+                # apply that changed the set) unless its owner/mode are not the service's.
+                misfit = self.state.manifest_misfit()
                 if result.adopted:
                     audit.emit(Event.ADOPTED, f"{plural(len(result.adopted), 'spec')} "
-                               "unchanged, adopted as applied; nothing to compile",
+                               "unchanged, adopted as applied; nothing to compile" + (
+                                   f"; manifest rewritten: {misfit}" if misfit else ""),
                                specs=result.adopted, compiles=0)
-                # Nothing changed: the manifest is not rewritten (its last_apply is the last
-                # apply that changed the set); only a refusal record it outdates goes.
-                self.state.clear_refusal()
+                if misfit:
+                    self._record_last(current, result)
+                else:
+                    self.state.clear_refusal()
                 return result
             for s in to_build:  # the specs this apply acts on; unchanged ones are adopted
                 audit.emit(Event.SPEC_ACCEPTED, f"{s.name}: spec accepted "

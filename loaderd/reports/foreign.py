@@ -54,17 +54,19 @@ UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap", ".slice")
 
 def _cgroup2_root() -> str | None:
     """Where this mount namespace has the cgroup2 hierarchy (/sys/fs/cgroup, or
-    /sys/fs/cgroup/unified on a hybrid host)."""
+    /sys/fs/cgroup/unified on a hybrid host): the last cgroup2 mount listed, since a later
+    mount covers an earlier one (a container's own /sys/fs/cgroup over the host's unified)."""
+    found = None
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 parts = line.split()
                 sep = parts.index("-")
-                if parts[sep + 1] == "cgroup2":
-                    return parts[4]
+                if parts[sep + 1] == "cgroup2" and os.path.isdir(parts[4]):
+                    found = parts[4]
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    return found
 
 
 def _unit_attachments(notes: list[str]) -> dict[tuple[int, str], str]:
@@ -102,12 +104,30 @@ def _unit_attachments(notes: list[str]) -> dict[tuple[int, str], str]:
     return found
 
 
-def _systemds(p: dict[str, Any], attached: dict[tuple[int, str], str]) -> str | None:
-    """The unit a systemd program serves, if the facts say it is systemd's."""
-    hook = SYSTEMD_PROGRAMS.get((p["type"], p["name"]))
-    if hook is None or p["uid"] != 0:
-        return None
-    return attached.get((p["id"], hook))
+def _systemds(programs: list[dict[str, Any]], attached: dict[tuple[int, str], str]
+              ) -> list[dict[str, Any]]:
+    """systemd's own programs among `programs`: systemd's name and type, created by uid 0,
+    and attached at that hook to a unit's cgroup - or the same code (type, name, tag) as one
+    that is: systemd keeps a unit's programs loaded after its cgroup is gone (a finished
+    RemainAfterExit= oneshot) and loads the next copy before it frees the last (measured on
+    systemd 252: unattached sd_fw_*/sd_devices copies between unit starts)."""
+    candidates = [p for p in programs
+                  if (p["type"], p["name"]) in SYSTEMD_PROGRAMS and p["uid"] == 0]
+    units: dict[int, str] = {}
+    for p in candidates:
+        unit = attached.get((p["id"], SYSTEMD_PROGRAMS[(p["type"], p["name"])]))
+        if unit is not None:
+            units[p["id"]] = unit
+    attached_code = {_code_print(p): units[p["id"]] for p in candidates if p["id"] in units}
+    out = []
+    for p in candidates:
+        unit = units.get(p["id"])
+        if unit is None and _code_print(p) in attached_code:
+            unit = f"(not attached; the code on {attached_code[_code_print(p)]})"
+        if unit is not None:
+            out.append({"id": p["id"], "type": p["type"], "name": p["name"], "tag": p["tag"],
+                        "unit": unit})
+    return out
 
 
 def _ids_from_manifest(m: Manifest | None) -> tuple[set[int], set[int], set[int]]:
@@ -305,14 +325,11 @@ def scan(manifest: Manifest | None, bpffs_root: str,
         if p["id"] in ours:
             our_maps |= set(p["map_ids"])
     others = [p for p in programs if p["id"] not in ours]
-    attached = _unit_attachments(notes if notes is not None else [])
-    systemd = []
-    for p in others:
-        unit = _systemds(p, attached)
-        if unit is not None:
-            systemd.append({"id": p["id"], "type": p["type"], "name": p["name"], "unit": unit})
-            our_maps |= set(p["map_ids"])  # its firewall/accounting maps are systemd's too
+    systemd = _systemds(others, _unit_attachments(notes if notes is not None else []))
     theirs = {p["id"] for p in systemd}
+    for p in others:
+        if p["id"] in theirs:
+            our_maps |= set(p["map_ids"])  # its firewall/accounting maps are systemd's too
     foreign_progs = [p for p in others if p["id"] not in theirs]
     foreign_maps = [m for m in maps if m["id"] not in our_maps]
     return {"programs": len(programs), "maps": len(maps), "loaderd_programs": sorted(ours),
@@ -342,7 +359,10 @@ def run(view: View, *, burst: int, window: float, baseline: bool = True) -> dict
                        "loaderd did not load it", audit="foreign_program", prog_id=p["id"],
                        prog_tag=p["tag"], prog_type=p["type"], prog_name=p["name"],
                        created_by_uid=p["uid"], loaded_at=p["loaded_at"])
-    everything = report.pop("all_programs")
+    # systemd loads its programs in bursts of its own (every unit start at boot): not a burst
+    # of anyone else's loads.
+    systemds = {p["id"] for p in report["systemd_programs"]}
+    everything = [p for p in report.pop("all_programs") if p["id"] not in systemds]
     prints = {p["id"]: _load_print(p) for p in everything}
     found = bursts(everything, burst, window)
     in_bursts: set[str] = set()
@@ -381,7 +401,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"{report['programs']} programs, {report['maps']} maps; loaderd owns "
              f"{len(report['loaderd_programs'])} programs"]
     sd = report["systemd_programs"]
-    units = sorted({p["unit"] for p in sd})
+    units = sorted({p["unit"] for p in sd if not p["unit"].startswith("(")})
     lines.append(f"systemd's own cgroup programs: {len(sd)}" + (
         f" (attached to {', '.join(units[:5])}{', ...' if len(units) > 5 else ''})"
         if units else ""))

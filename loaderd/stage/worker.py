@@ -20,7 +20,7 @@ from loaderd.audit.log import Event
 from loaderd.bpf import kernel, pins
 from loaderd.bpf.btf import helper_names
 from loaderd.bpf.bytecode import BytecodeError, decode
-from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.errors import Kind, LoaderdError, Location, plural
 from loaderd.model import (
     MAP_FLAG_MASK,
     CType,
@@ -303,8 +303,8 @@ def finish(spec: Spec, built: Built, root: str, txid: str, owner: PinOwnership, 
         map_id = kernel.map_info(fd).id
         staged.maps[m.name] = StagedMap(m.name, map_id, kernel.map_is_frozen(fd), access)
         audit.emit(Event.MAP_CREATED, f"{spec.name}/{m.name}: {m.type.value} map id "
-                   f"{map_id}, {m.max_entries} entries", spec=spec.name, map=m.name,
-                   map_id=map_id, frozen=staged.maps[m.name].frozen)
+                   f"{map_id}, {plural(m.max_entries, 'entry', 'entries')}", spec=spec.name,
+                   map=m.name, map_id=map_id, frozen=staged.maps[m.name].frozen)
     faults.point("after_pin")
     return staged
 

@@ -221,6 +221,22 @@ class State:
                       self.gid, self.uid)
         return m
 
+    def manifest_misfit(self) -> str | None:
+        """Why the manifest file is not as save() writes it (owner, group, mode: e.g. root's
+        0600 from an apply by hand before the package), or None when it is (or is absent)."""
+        try:
+            st = os.stat(self.manifest_path, follow_symlinks=False)
+        except OSError:
+            return None
+        want_mode = 0o640 if self.gid >= 0 else 0o600
+        want_uid = self.uid if self.uid >= 0 else os.geteuid()
+        if (stat.S_IMODE(st.st_mode) == want_mode and st.st_uid == want_uid
+                and (self.gid < 0 or st.st_gid == self.gid)):
+            return None
+        return (f"it was uid {st.st_uid} gid {st.st_gid} mode "
+                f"{stat.S_IMODE(st.st_mode):04o}, not uid {want_uid}"
+                + (f" gid {self.gid}" if self.gid >= 0 else "") + f" mode {want_mode:04o}")
+
     @property
     def refused_path(self) -> str:
         return os.path.join(self.dir, REFUSED)

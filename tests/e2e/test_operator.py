@@ -24,7 +24,8 @@ pytestmark = pytest.mark.systemd
 UNIT = "loaderd.service"
 APPLY = "loaderd-apply.service"
 PROGRAMS = "/etc/loaderd/programs.d"
-N_EXAMPLES = 4
+N_EXAMPLES = 5  # configs/programs.d, exec_events (the ring buffer) included
+APPLIED = f"^{N_EXAMPLES} specs applied"
 REFUSED = r"last apply REFUSED at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: "
 
 
@@ -73,7 +74,7 @@ def test_missing_c_file_shows_in_the_residents_status(installed: Systemd) -> Non
     assert rc == 3 and "last apply REFUSED" in out, out  # programs_dir is not what is applied
     sysd.run("rm", f"{PROGRAMS}/my_prog.yaml")
     sysd.systemctl("reload", UNIT, timeout=300)
-    assert status_text(sysd, "^4 specs applied") == f"{N_EXAMPLES} specs applied (reloaded)"
+    assert status_text(sysd, APPLIED) == f"{N_EXAMPLES} specs applied (reloaded)"
     assert status_rc(sysd)[0] == 0
 
 
@@ -96,7 +97,7 @@ def test_refused_reload_says_file_line_and_reason(installed: Systemd) -> None:
     finally:
         sysd.sh(f"sed -i 's/ oops;/;/' {spec}")
     sysd.systemctl("reload", UNIT, timeout=300)
-    assert status_text(sysd, "^4 specs applied") == f"{N_EXAMPLES} specs applied (reloaded)"
+    assert status_text(sysd, APPLIED) == f"{N_EXAMPLES} specs applied (reloaded)"
 
 
 def test_kill_switch_reaches_status_without_a_reload(installed: Systemd) -> None:
@@ -112,7 +113,7 @@ def test_kill_switch_reaches_status_without_a_reload(installed: Systemd) -> None
     assert "manifest re-read after reload" not in said, said  # none happened
     sysd.run("loaderd", "enable")
     sysd.systemctl("reload", UNIT, timeout=300)
-    assert status_text(sysd, "^4 specs applied") == f"{N_EXAMPLES} specs applied (reloaded)"
+    assert status_text(sysd, APPLIED) == f"{N_EXAMPLES} specs applied (reloaded)"
 
 
 def test_state_dir_trust_refusal_is_journaled_at_err(installed: Systemd) -> None:
@@ -128,7 +129,7 @@ def test_state_dir_trust_refusal_is_journaled_at_err(installed: Systemd) -> None
         sysd.systemctl("stop", UNIT)
         sysd.systemctl("reset-failed", UNIT, APPLY, check=False)
     sysd.systemctl("start", UNIT, timeout=300)
-    assert status_text(sysd, "^4 specs applied") == f"{N_EXAMPLES} specs applied"
+    assert status_text(sysd, APPLIED) == f"{N_EXAMPLES} specs applied"
 
 
 def test_an_operators_restarts_do_not_hit_the_start_limit(installed: Systemd) -> None:

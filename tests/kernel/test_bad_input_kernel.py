@@ -156,7 +156,9 @@ def test_read_only_pin_root_is_one_clear_error_before_any_compile(
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr
     assert f"{root}/_staging" in errors[0] and "Read-only file system" in errors[0]
     assert "ReadWritePaths=" in errors[0] and "internal error" not in proc.stderr
-    assert "compiles 0" in proc.stdout, proc.stdout
+    # Refused: no "compiles 0" (it read as a count of the failed apply's work).
+    assert proc.stdout.startswith("REFUSED: 1 error; nothing changed"), proc.stdout
+    assert "compiles" not in proc.stdout, proc.stdout
     assert_untouched(settings, before)
 
 

@@ -358,8 +358,8 @@ def test_concurrent_applies_take_turns(counter_conf: Path, bpffs_root: str) -> N
     assert [p.returncode for p in procs] == [0, 0], outs
     summaries = sorted(out.strip().splitlines()[-1] for out, _ in outs)
     # One built the change, the other found it applied and adopted it (no second compile).
-    assert summaries == ["built none; adopted counter; removed none; compiles 0",
-                         "built counter; adopted none; removed none; compiles 1"], outs
+    assert summaries == ["built counter; adopted none; removed none; compiles 1",
+                         "built none; adopted counter; removed none; compiles 0"], outs
     manifest = State(load_settings(str(counter_conf)).state_dir).manifest()
     assert manifest.status is Status.COMMITTED
     assert verify.differences(manifest.specs["counter"]) == []
