@@ -10,6 +10,7 @@ the result is the old set or the new set, never a mix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -139,6 +140,9 @@ class Applier:
         hold = self.state.hold()
         if hold is None:
             return None
+        with contextlib.suppress(LoaderdError):
+            if self.state.manifest().status is Status.DISABLED:
+                return None  # the kill switch refuses the apply; the hold waits for `enable`
         programs = self.settings.programs_dir
         if specs_dir is not None and os.path.realpath(specs_dir) != os.path.realpath(programs):
             why = f"an apply of {specs_dir} was asked for"

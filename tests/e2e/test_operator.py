@@ -70,6 +70,9 @@ def test_missing_c_file_shows_in_the_residents_status(installed: Systemd) -> Non
     assert re.fullmatch(f"0 specs applied; {REFUSED}{re.escape(where)}.*; nothing was applied "
                         "before it", text), text
     assert where in errors_since(sysd, since)
+    said = sysd.journalctl("-u", APPLY, f"--since={since}", "-o", "cat").stdout
+    assert "apply refused: 1 error; nothing was applied before it" in said, said
+    assert "stays applied unchanged" not in said, said  # there was no set before it
     rc, out = status_rc(sysd)
     assert rc == 3 and "last apply REFUSED" in out, out  # programs_dir is not what is applied
     sysd.run("rm", f"{PROGRAMS}/my_prog.yaml")
@@ -93,6 +96,9 @@ def test_refused_reload_says_file_line_and_reason(installed: Systemd) -> None:
         assert text.startswith(f"{N_EXAMPLES} specs applied (reloaded); last apply REFUSED"), text
         assert text.endswith("; the set before it stays applied"), text
         assert where in errors_since(sysd, since)  # priority err, with clang's line:col
+        # Once: the structured entry at err, not again as the CLI's stderr line at info.
+        said = sysd.journalctl("-u", APPLY, f"--since={since}", "-o", "cat").stdout
+        assert said.count(where) == 1, said
         assert sysd.show(UNIT, "ActiveState")["ActiveState"] == "active"
     finally:
         sysd.sh(f"sed -i 's/ oops;/;/' {spec}")

@@ -381,6 +381,16 @@ def test_audit_unit_reports_a_program_loaded_behind_loaderds_back(started: Syste
         started.run("rm", "-f", "/sys/fs/bpf/e2e_foreign")
 
 
+def test_shipped_ring_buffer_example_streams_with_loaderctl_events(started: Systemd) -> None:
+    """configs/programs.d/exec_events.yaml: `loaderctl events` can be tried as shipped."""
+    out = started.sh("(sleep 1; for i in 1 2 3 4 5; do /bin/true; done) & "
+                     "loaderctl events exec_events/execs --layout pid:u32,uid:u32,comm:bytes16 "
+                     "--count 2 --duration 30", timeout=60)
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 2, out.stdout + out.stderr
+    assert all(isinstance(r["pid"], int) and r["pid"] > 0 and "comm" in r for r in records)
+
+
 def test_forensics_journal_slice_has_events_and_unit_messages(started: Systemd) -> None:
     """The bundle's journal slice: loaderd's audit events and what systemd said about its
     units (an incident is often a unit that failed, not an audit event)."""

@@ -119,3 +119,17 @@ def test_an_apply_that_changes_nothing_does_not_rewrite_the_manifest(
     assert events(out, "spec_accepted") == []  # unchanged specs are adopted, not "accepted"
     assert len(events(out, "adopted")) == 1
     assert "1 spec unchanged" in events(out, "adopted")[0]["message"]
+
+
+def test_the_kill_switch_wins_over_a_held_rollback(counter_conf: Path, bpffs_root: str) -> None:
+    conf = counter_conf
+    prog = f"{bpffs_root}/counter/progs/count_exec"
+    v1, _v2, _spec = two_versions(conf, bpffs_root)
+    loaderd("--config", str(conf), "rollback")
+    loaderd("--config", str(conf), "disable")
+    refused = loaderd("--config", str(conf), "apply", check=False)
+    assert refused.returncode == 1 and "kill switch pulled" in refused.stderr
+    assert events(refused, "rollback") == []  # nothing is applied, held or not
+    loaderd("--config", str(conf), "enable")
+    loaderd("--config", str(conf), "apply")
+    assert prog_tag(prog)[1] == v1  # the hold outlived the switch: /etc did not change
