@@ -414,6 +414,10 @@ class Spec:
     # `source.object`: a precompiled BPF ELF (CO-RE) in source_bytes, loaded through libbpf
     # instead of compiled by BCC (source is then ""); its sha256 goes into the record.
     object_sha256: str | None = None
+    # The detached `<spec>.yaml.sig` as read (a rollback generation keeps it) and what its
+    # check found; not part of identity: re-signing an unchanged spec rebuilds nothing.
+    signature_bytes: bytes | None = field(default=None, compare=False, repr=False)
+    signature: SignatureFacts | None = field(default=None, compare=False)
 
     @property
     def is_object(self) -> bool:
@@ -497,6 +501,63 @@ class CompileLimits:
     require_landlock: bool = False  # refuse to compile where the kernel lacks Landlock
 
 
+class SignatureMode(enum.StrEnum):
+    """settings `signatures.mode`: what an unsigned spec gets. A present signature that does not
+    verify refuses the spec in every mode."""
+
+    ENFORCE = "enforce"  # unsigned refused; every source/object file must be sha256-pinned
+    PERMISSIVE = "permissive"  # unsigned admitted, journaled as unsigned
+    OFF = "off"  # unsigned admitted silently
+
+
+class SignatureStatus(enum.StrEnum):
+    VERIFIED = "verified"  # good signature by a key allowed_signers lists for loaderd-spec
+    UNSIGNED = "unsigned"  # no <spec>.yaml.sig (permissive/off only)
+    # mode off without allowed_signers: the signature is intact, but nobody says whose key
+    # may sign, so no principal is claimed
+    UNCHECKED_SIGNER = "unchecked-signer"
+
+
+@dataclass(frozen=True)
+class AllowedSigner:
+    """One line of an allowed_signers file (ssh-keygen(1) ALLOWED SIGNERS)."""
+
+    principals: tuple[str, ...]  # patterns, as written
+    key: bytes  # the public key blob (SSH wire format)
+    namespaces: tuple[str, ...] | None  # patterns; None: any namespace
+    valid_after: float | None = None  # epoch seconds
+    valid_before: float | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class SignaturePolicy:
+    """settings `signatures:`; the two files are read (trust-checked) with the settings."""
+
+    mode: SignatureMode = SignatureMode.OFF
+    allowed_signers: str | None = None
+    revoked_keys: str | None = None
+    signers: tuple[AllowedSigner, ...] = ()
+    revoked: frozenset[bytes] = frozenset()  # public key blobs
+
+    @property
+    def requires_pins(self) -> bool:
+        return self.mode is SignatureMode.ENFORCE
+
+
+@dataclass(frozen=True)
+class SignatureFacts:
+    """What the signature check found for one spec: journaled, recorded, shown by status."""
+
+    status: SignatureStatus
+    principal: str | None = None  # the allowed_signers principals of the key, comma-joined
+    fingerprint: str | None = None  # SHA256:... as `ssh-keygen -l` prints it
+    key_type: str | None = None
+    namespace: str | None = None
+    signed_sha256: str | None = None  # sha256 of the exact YAML bytes the signature covers
+    counter: int | None = None  # FIDO keys: the authenticator's signature counter
+
+
 @dataclass(frozen=True)
 class Settings:
     """Daemon settings (`/etc/loaderd/loaderd.yaml`)."""
@@ -513,4 +574,5 @@ class Settings:
     # other offsets than the running kernel's BTF has; true loads them anyway (said in the
     # journal, check and status): their struct reads return the wrong bytes.
     accept_header_mismatch: bool = False
+    signatures: SignaturePolicy = SignaturePolicy()
     path: str | None = None  # the file it came from

@@ -23,9 +23,16 @@ from loaderd.apply.commit import Transaction, link_holds, pin_link
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import attach, pins
-from loaderd.config import spec
+from loaderd.config import signature, spec
 from loaderd.errors import Kind, LoaderdError, Location, count
-from loaderd.model import ProgType, Settings, Spec, map_pin_mode
+from loaderd.model import (
+    ProgType,
+    Settings,
+    SignatureMode,
+    SignatureStatus,
+    Spec,
+    map_pin_mode,
+)
 from loaderd.observe import drift
 from loaderd.stage.pool import Progress, stage_all
 from loaderd.stage.worker import StagedSpec
@@ -90,9 +97,40 @@ def generation_files(specs: list[Spec]) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     for s in specs:
         files[os.path.basename(s.path)] = s.yaml_bytes
+        if s.signature_bytes is not None:  # rollback verifies it again, against today's keys
+            files[os.path.basename(s.path) + signature.SUFFIX] = s.signature_bytes
         if s.source_ref:
             files[os.path.normpath(s.source_ref)] = s.source_bytes
     return files
+
+
+def signed_text(s: Spec, mode: SignatureMode) -> str:
+    f = s.signature
+    if f is None or f.status is SignatureStatus.UNSIGNED:
+        return "" if mode is SignatureMode.OFF else f"; UNSIGNED (signatures.mode {mode.value})"
+    if f.status is SignatureStatus.VERIFIED:
+        return f"; signed by {f.principal} ({f.key_type} {f.fingerprint})"
+    return f"; signature intact, signer not checked ({f.fingerprint}: no allowed_signers)"
+
+
+def signature_fields(s: Spec) -> dict[str, str | int]:
+    """Journal fields of a spec's signature check (LOADERD_SIGNATURE, LOADERD_SIGNER, ...)."""
+    f = s.signature
+    if f is None:
+        return {"signature": SignatureStatus.UNSIGNED.value}
+    got = {"signature": f.status.value, "signer": f.principal, "key_fingerprint": f.fingerprint,
+           "key_type": f.key_type, "signature_namespace": f.namespace,
+           "signed_sha256": f.signed_sha256, "sk_counter": f.counter}
+    return {k: v for k, v in got.items() if v is not None}
+
+
+def with_signatures(current: Manifest, specs: list[Spec]) -> Manifest:
+    """Records of unchanged specs carry today's signature check (a re-signed spec, a rotated
+    key: status shows who signed what is applied now, without a rebuild)."""
+    facts = {s.name: s.signature for s in specs}
+    return dataclasses.replace(current, specs={
+        n: dataclasses.replace(r, signature=facts[n]) if n in facts else r
+        for n, r in current.specs.items()})
 
 
 class _Refused(Exception):
@@ -135,6 +173,7 @@ class Applier:
         try:
             current = self._current()
             specs = self._accepted(specs_dir, trusted_owner)
+            current = with_signatures(current, specs)
             decided = self._plan(specs, current)
             result.adopted = decided.adopt
             if decided.errors:
@@ -183,10 +222,11 @@ class Applier:
                 errors.append(exc)
         if errors:
             raise _Refused(errors)
+        mode = settings.signatures.mode
         for s in specs:
             audit.emit(Event.SPEC_ACCEPTED, f"{s.name}: spec accepted ({len(s.programs)} "
-                       f"programs, {len(s.maps)} maps)", spec=s.name, spec_sha256=s.sha256,
-                       file=s.path)
+                       f"programs, {len(s.maps)} maps){signed_text(s, mode)}", spec=s.name,
+                       spec_sha256=s.sha256, file=s.path, **signature_fields(s))
         return specs
 
     def _conform_adopted(self, current: Manifest, adopted: list[Spec]) -> None:
@@ -349,7 +389,7 @@ class Applier:
             links=links, sources=tuple(f for f in (s.source_path,) if f), txid=txid,
             deferred_links=tuple(deferred),
             events={m.name: m.events for m in s.maps if m.events},
-            object_sha256=st.object_sha256)
+            object_sha256=st.object_sha256, signature=s.signature)
 
     # --- operator actions -----------------------------------------------------------------
     def enable(self) -> bool:
