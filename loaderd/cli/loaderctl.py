@@ -92,7 +92,7 @@ def cmd_compliance(args: argparse.Namespace) -> int:
 
     results = compliance.run(load_view(args.config), unit_files=args.unit_file or None)
     print(to_json(compliance.as_json(results)) if args.json else compliance.render(results))
-    return 1 if compliance.high_failures(results) else 0
+    return compliance.exit_code(results)
 
 
 def cmd_forensics(args: argparse.Namespace) -> int:
@@ -145,8 +145,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--window", type=float, default=10.0, help="seconds (default 10)")
     sp.add_argument("--no-baseline", action="store_true",
                     help="report every foreign program as new (ignore/keep no baseline)")
-    sp = add("compliance", cmd_compliance, "PASS/FAIL report on the security checklist; exit 1 "
-             "on a high-severity FAIL")
+    sp = add("compliance", cmd_compliance, "PASS/FAIL report on the security checklist; PASS "
+             "(exit 0) only when every high check passed, else FAIL 1, WARN 2, SKIP 3")
     sp.add_argument("--unit-file", action="append",
                     help="unit file to score (default: installed loaderd units)")
     sp = add("forensics", cmd_forensics, "incident bundle: info, xlated code, sanitized dumps, "

@@ -101,6 +101,10 @@ def test_enforce_mode_end_to_end(tmp_path: Path, bpffs_root: str) -> None:
     assert f"signed by author@example.com (ssh-ed25519 {fp})" in text
     lst = loaderctl("--config", str(conf), "list").stdout
     assert f"signed by author@example.com (ssh-ed25519 {fp})" in lst
+    report = json.loads(loaderctl("--config", str(conf), "compliance", "--json",
+                                  check=False).stdout)
+    (row,) = [r for r in report["results"] if r["check"].startswith("applied specs are signed")]
+    assert row["status"] == "PASS" and fp in row["detail"], row
 
     # The C file changed after signing: the pin refuses it, the signed set keeps running.
     _old_id, old_tag = prog_tag(prog)
