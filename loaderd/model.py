@@ -539,6 +539,7 @@ class SignaturePolicy:
     revoked_keys: str | None = None
     signers: tuple[AllowedSigner, ...] = ()
     revoked: frozenset[bytes] = frozenset()  # public key blobs
+    files_sha256: str = ""  # of the two files' bytes: a changed key list is a settings change
 
     @property
     def requires_pins(self) -> bool:
@@ -576,3 +577,4 @@ class Settings:
     accept_header_mismatch: bool = False
     signatures: SignaturePolicy = SignaturePolicy()
     path: str | None = None  # the file it came from
+    sha256: str = ""  # of the file and its signatures files ("": the built-in defaults)

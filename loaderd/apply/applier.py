@@ -15,6 +15,7 @@ import errno
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loaderd import faults, policy, privileges
@@ -47,6 +48,9 @@ from loaderd.store.manifest import (
     Status,
 )
 from loaderd.store.statedir import State
+
+# (specs dir, manifest, kernel facts, decisions) -> why the apply must stop, or None
+PlanCheck = Callable[[str, Manifest, plan.Facts, plan.Plan], LoaderdError | None]
 
 
 @dataclass
@@ -124,15 +128,6 @@ def signature_fields(s: Spec) -> dict[str, str | int]:
     return {k: v for k, v in got.items() if v is not None}
 
 
-def with_signatures(current: Manifest, specs: list[Spec]) -> Manifest:
-    """Records of unchanged specs carry today's signature check (a re-signed spec, a rotated
-    key: status shows who signed what is applied now, without a rebuild)."""
-    facts = {s.name: s.signature for s in specs}
-    return dataclasses.replace(current, specs={
-        n: dataclasses.replace(r, signature=facts[n]) if n in facts else r
-        for n, r in current.specs.items()})
-
-
 class _Refused(Exception):
     """The apply stops here, unchanged; the errors are audited and returned."""
 
@@ -148,6 +143,9 @@ class Applier:
         self.state = State(settings.state_dir, settings.pins.gid, settings.bpffs_root)
         self.notify = notify or (lambda _msg: None)
         self.tx = Transaction(self.layout, self.state, settings.pins)
+        # `apply --plan FILE`: why the apply's own plan is not the saved one (apply.preview)
+        self.expect: PlanCheck | None = None
+        self._specs_dir = settings.programs_dir
 
     # --- recovery -------------------------------------------------------------------------
     def recover(self) -> Manifest:
@@ -170,10 +168,11 @@ class Applier:
         """trusted_owner: the uid spec files must belong to, when not settings.config_owner
         (a rollback reads the generation loaderd itself wrote, as its own user)."""
         result = ApplyResult()
+        self._specs_dir = specs_dir or self.settings.programs_dir
         try:
             current = self._current()
             specs = self._accepted(specs_dir, trusted_owner)
-            current = with_signatures(current, specs)
+            current = plan.with_signatures(current, specs)
             decided = self._plan(specs, current)
             result.adopted = decided.adopt
             if decided.errors:
@@ -289,15 +288,23 @@ class Applier:
                    compiles=result.compiles, built=result.built, adopted=result.adopted,
                    removed=result.removed)
 
-    def _plan(self, specs: list[Spec], current: Manifest) -> plan.Plan:
-        """Gather the kernel facts plan() needs, plan, and journal the drift it found."""
-        facts = plan.Facts(
+    def facts(self, specs: list[Spec], current: Manifest) -> plan.Facts:
+        """The kernel facts plan() needs (read-only: `loaderd plan` gathers the same)."""
+        return plan.Facts(
             differences={r.name: drift.differences(r, by_name=True)
                          for r in plan.candidates(specs, current)},
             present=frozenset(s.name for s in specs
                               if self.layout.exists(self.layout.spec_dir(s.name))))
+
+    def _plan(self, specs: list[Spec], current: Manifest) -> plan.Plan:
+        """Gather the kernel facts plan() needs, plan, and journal the drift it found."""
+        facts = self.facts(specs, current)
         decided = plan.plan(specs, current, facts, self.settings.policy,
                             {s.name: self.layout.spec_dir(s.name) for s in specs})
+        if self.expect is not None:  # `apply --plan FILE`: exactly that plan, or nothing
+            why = self.expect(self._specs_dir, current, facts, decided)
+            if why is not None:
+                raise _Refused([why])
         for d in decided.decisions:
             if d.action is plan.Action.BUILD and d.reason.startswith("drift: "):
                 audit.emit(Event.DRIFT, f"{d.spec}: pinned objects differ from the manifest, "

@@ -8,6 +8,8 @@ symlinks, root's; state_dir itself root's or the service user's).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import pwd
 from typing import Any
@@ -192,9 +194,12 @@ def _signatures(ctx: _Ctx, raw: dict[str, Any], owner_uid: int | None) -> Signat
                if "allowed_signers" in got else ())
     revoked = (signature.parse_revoked(got["revoked_keys"], raw["revoked_keys"])
                if "revoked_keys" in got else frozenset())
+    digest = hashlib.sha256()
+    for key in ("allowed_signers", "revoked_keys"):
+        digest.update(hashlib.sha256(got.get(key, b"")).digest())
     return SignaturePolicy(mode=mode, allowed_signers=raw.get("allowed_signers"),
                            revoked_keys=raw.get("revoked_keys"), signers=signers,
-                           revoked=revoked)
+                           revoked=revoked, files_sha256=digest.hexdigest())
 
 
 def _parse(path: str, raw: bytes, *, check_dirs: bool, owner_uid: int | None = 0
@@ -242,9 +247,11 @@ def load_settings(path: str | None = None, *, owner_uid: int | None = 0) -> Sett
     root = os.path.dirname(os.path.abspath(path))
     try:
         raw = trust.read_file(path, owner_uid=owner_uid, root_dir=root, max_bytes=MAX_BYTES)
-        return _parse(path, raw, check_dirs=owner_uid is not None, owner_uid=owner_uid)
+        parsed = _parse(path, raw, check_dirs=owner_uid is not None, owner_uid=owner_uid)
     except LoaderdError as exc:
         raise exc.with_file(path) from None
+    whole = hashlib.sha256(raw + b"\0" + parsed.signatures.files_sha256.encode()).hexdigest()
+    return dataclasses.replace(parsed, sha256=whole)
 
 
 DEFAULT_CONFIG = "/etc/loaderd/loaderd.yaml"
