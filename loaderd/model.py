@@ -578,3 +578,49 @@ class Settings:
     signatures: SignaturePolicy = SignaturePolicy()
     path: str | None = None  # the file it came from
     sha256: str = ""  # of the file and its signatures files ("": the built-in defaults)
+
+    def summary(self) -> dict[str, str | list[str]]:
+        """What a change of settings is journaled as (SETTINGS_CHANGED): policy lists, limits,
+        pin modes, signature mode and key lists; flat keys, lists sorted."""
+        pol, sig = self.policy, self.signatures
+        out: dict[str, str | list[str]] = {
+            "programs_dir": self.programs_dir, "bpffs_root": self.bpffs_root,
+            "state_dir": self.state_dir,
+            "policy.program_types": sorted(t.value for t in pol.program_types),
+            "policy.map_types": sorted(t.value for t in pol.map_types),
+            "policy.map_flags": sorted(f.value for f in pol.map_flags),
+            "policy.helpers.allow": "per-type defaults" if pol.helpers is None
+            else sorted(pol.helpers),
+            "policy.calls.bpf_to_bpf": str(pol.allow_calls),
+            "policy.calls.kfunc": str(pol.allow_kfuncs),
+            "pins.mode": f"{self.pins.mode:04o}", "pins.group": str(self.pins.group),
+            "signatures.mode": sig.mode.value,
+            "signatures.allowed_signers": f"{sig.allowed_signers} ({len(sig.signers)} keys)",
+            "signatures.revoked_keys": f"{sig.revoked_keys} ({len(sig.revoked)} keys)",
+            "signatures.key_lists_sha256": sig.files_sha256,
+            "accept_header_mismatch": str(self.accept_header_mismatch)}
+        for t, names in sorted(pol.helpers_by_type.items()):
+            out[f"policy.helpers.by_type.{t.value}"] = sorted(names)
+        for name in Limits.__dataclass_fields__:
+            out[f"policy.limits.{name}"] = str(getattr(pol.limits, name))
+        for name in CompileLimits.__dataclass_fields__:
+            out[f"compile.{name}"] = str(getattr(self.compile, name))
+        return out
+
+
+def settings_changes(old: Mapping[str, Any], new: Mapping[str, str | list[str]]) -> list[str]:
+    """One line per changed key: `key: +added -removed` for lists, `key: old -> new` else."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list):
+            plus = [f"+{x}" for x in b if x not in a]
+            minus = [f"-{x}" for x in a if x not in b]
+            lines.append(f"{key}: {' '.join(plus + minus)}")
+        else:
+            def show(v: Any) -> str:
+                return "(unset)" if v is None else ",".join(v) if isinstance(v, list) else str(v)
+            lines.append(f"{key}: {show(a)} -> {show(b)}")
+    return lines

@@ -33,6 +33,7 @@ from loaderd.model import (
     SignatureStatus,
     Spec,
     map_pin_mode,
+    settings_changes,
 )
 from loaderd.observe import drift
 from loaderd.stage.pool import Progress, stage_all
@@ -169,6 +170,7 @@ class Applier:
         (a rollback reads the generation loaderd itself wrote, as its own user)."""
         result = ApplyResult()
         self._specs_dir = specs_dir or self.settings.programs_dir
+        self._note_settings()
         try:
             current = self._current()
             specs = self._accepted(specs_dir, trusted_owner)
@@ -195,6 +197,22 @@ class Applier:
         faults.point("after_attach")
         self._commit(txid, records, specs, result)
         return result
+
+    def _note_settings(self) -> None:
+        """SETTINGS_CHANGED once, by the first apply that reads changed settings."""
+        sha = self.settings.sha256 or "built-in"
+        seen = self.state.settings_seen()
+        if seen is not None and seen[0] == sha:
+            return
+        summary = self.settings.summary()
+        changes = (settings_changes(seen[1], summary) if seen
+                   else ["first apply that saw these settings"])
+        where = self.settings.path or "built-in defaults"
+        text = "; ".join(changes) or "no setting differs"
+        audit.emit(Event.SETTINGS_CHANGED, f"settings {sha[:12]} ({where}): {text}",
+                   settings_sha256=sha, previous_sha256=seen[0] if seen else None,
+                   file=self.settings.path, changes=changes)
+        self.state.save_settings_seen(sha, summary)
 
     def _current(self) -> Manifest:
         """The applied set, after finishing any interrupted commit; refused while the kill

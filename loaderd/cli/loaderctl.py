@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -42,6 +43,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def privileged_read(what: str, target: str) -> None:
+    """Unsanitized reads are on the record: who (uid, login uid: emit adds them) and what."""
+    who = f"uid {os.getuid()}"
+    audit.emit(audit.Event.PRIVILEGED_READ, f"loaderctl {what} by {who}", what=what,
+               target=target)
+
+
 def cmd_dump(args: argparse.Namespace) -> int:
     view = load_view(args.config)
     rules = view.settings.sanitize
@@ -49,6 +57,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
              pseudonymize=args.pseudonymize or (),
              ipv4_prefix=rules.ipv4_prefix if args.ipv4_prefix is None else args.ipv4_prefix,
              ipv6_prefix=rules.ipv6_prefix if args.ipv6_prefix is None else args.ipv6_prefix)
+    if args.raw:
+        privileged_read(f"dump --raw {args.target}", args.target)
     print(to_json(d) if args.json else render_dump(d))
     return 0
 
@@ -61,6 +71,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     view = load_view(args.config)
     _spec, _map, path = map_pin(view, args.target)
     check_raw(args.raw)
+    if args.raw:
+        privileged_read(f"events --raw {args.target}", args.target)
     notes: list[str] = []
     clean = None if args.raw else sanitize.Sanitizer(sanitize_key(view, notes),
                                                      view.settings.sanitize)
@@ -98,6 +110,8 @@ def cmd_compliance(args: argparse.Namespace) -> int:
 def cmd_forensics(args: argparse.Namespace) -> int:
     from loaderd.reports import forensics
 
+    if os.geteuid() == 0:  # collect() refuses anyone else before reading anything
+        privileged_read(f"forensics {args.dir} (since {args.since})", args.dir)
     written = forensics.collect(load_view(args.config), args.dir, since=args.since)
     print(f"forensics bundle: {args.dir} ({len(written)} files, SHA256SUMS included)")
     return 0

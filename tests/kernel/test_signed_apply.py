@@ -138,3 +138,38 @@ def test_enforce_mode_end_to_end(tmp_path: Path, bpffs_root: str) -> None:
     back = loaderd("--config", str(conf), "rollback", check=False)
     assert back.returncode != 0 and "is revoked" in back.stderr, back.stderr
 
+
+
+def test_settings_change_is_journaled_once_with_its_summary(tmp_path: Path,
+                                                            bpffs_root: str) -> None:
+    """SETTINGS_CHANGED when an apply first sees a changed settings file (its sha256 and what
+    changed), not again; and an unsanitized read (`dump --raw`) is journaled with who/what."""
+    from tests.conftest import make_conf
+    from tests.kernel.test_lifecycle import COUNTER
+
+    conf = make_conf(tmp_path, bpffs_root, {"counter": COUNTER.format(step=1)})
+    first = _events(loaderd("--config", str(conf), "apply"), "settings_changed")
+    assert len(first) == 1 and first[0]["changes"] == ["first apply that saw these settings"]
+    assert first[0]["settings_sha256"] == hashlib.sha256(
+        conf.read_bytes() + b"\0" + hashlib.sha256(
+            hashlib.sha256(b"").digest() * 2).hexdigest().encode()).hexdigest()
+    assert _events(loaderd("--config", str(conf), "apply"), "settings_changed") == []
+    conf.write_text(conf.read_text() + "pins: {mode: \"0640\"}\npolicy:\n  limits: "
+                    "{max_programs: 9}\n  program_types: [tracepoint, xdp]\n")
+    (changed,) = _events(loaderd("--config", str(conf), "apply"), "settings_changed")
+    assert changed["previous_sha256"] == first[0]["settings_sha256"]
+    assert changed["settings_sha256"] != first[0]["settings_sha256"]
+    changes = changed["changes"]
+    assert "pins.mode: 0600 -> 0640" in changes and \
+        "policy.limits.max_programs: 64 -> 9" in changes, changes
+    assert any(c.startswith("policy.program_types: -") and "-socket_filter" in c
+               for c in changes), changes
+    assert "pins.mode: 0600 -> 0640" in changed["message"]
+    assert _events(loaderd("--config", str(conf), "apply"), "settings_changed") == []
+
+    out = loaderctl("--config", str(conf), "dump", "counter/exec_count", "--raw")
+    (read,) = _events(out, "privileged_read")
+    assert read["what"] == "dump --raw counter/exec_count" and read["uid"] == os.getuid()
+    out = loaderctl("--config", str(conf), "dump", "counter/exec_count")
+    assert _events(out, "privileged_read") == []
+    loaderd("--config", str(conf), "disable")
