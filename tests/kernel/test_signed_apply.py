@@ -105,6 +105,12 @@ def test_enforce_mode_end_to_end(tmp_path: Path, bpffs_root: str) -> None:
                                   check=False).stdout)
     (row,) = [r for r in report["results"] if r["check"].startswith("applied specs are signed")]
     assert row["status"] == "PASS" and fp in row["detail"], row
+    bundle = tmp_path / "bundle"
+    out = loaderctl("--config", str(conf), "forensics", str(bundle))
+    assert (bundle / "specs" / "counter" / "counter.yaml.sig").read_bytes() == Path(
+        str(specs / "counter.yaml") + ".sig").read_bytes()
+    (read,) = _events(out, "privileged_read")  # the bundle is on the record: who, what
+    assert read["what"].startswith(f"forensics {bundle}") and read["uid"] == os.getuid()
 
     # The C file changed after signing: the pin refuses it, the signed set keeps running.
     _old_id, old_tag = prog_tag(prog)
