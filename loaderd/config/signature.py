@@ -25,11 +25,6 @@ import struct
 import time
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
     AllowedSigner,
@@ -51,7 +46,7 @@ _HASHES = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
 ED25519, SK_ED25519 = "ssh-ed25519", "sk-ssh-ed25519@openssh.com"
 ECDSA_P256, RSA = "ecdsa-sha2-nistp256", "ssh-rsa"
 KEY_TYPES = (ED25519, SK_ED25519, ECDSA_P256, RSA)
-_RSA_SIGS = {"rsa-sha2-256": hashes.SHA256, "rsa-sha2-512": hashes.SHA512}
+_RSA_SIGS = {"rsa-sha2-256": "sha256", "rsa-sha2-512": "sha512"}
 MIN_RSA_BITS = 2048
 SK_USER_PRESENT = 0x01  # PROTOCOL.u2f flags
 
@@ -162,6 +157,12 @@ class Checked:
 
 def verify_raw(key: bytes, signature: bytes, data: bytes) -> Checked:
     """Verify `signature` (SSH signature blob) of `data` with public key blob `key`."""
+    # Imported here: only an apply that meets a signature pays for OpenSSL's bindings.
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
     kr, sr = _Reader(key), _Reader(signature)
     ktype, stype = kr.text(), sr.text()
     try:
@@ -208,8 +209,9 @@ def verify_raw(key: bytes, signature: bytes, data: bytes) -> Checked:
                 raise Invalid(f"RSA key of {n.bit_length()} bits (at least {MIN_RSA_BITS})")
             sig = sr.string()
             sr.done()
+            digest = hashes.SHA256() if _RSA_SIGS[stype] == "sha256" else hashes.SHA512()
             rsa.RSAPublicNumbers(e, n).public_key().verify(sig, data, padding.PKCS1v15(),
-                                                            _RSA_SIGS[stype]())
+                                                            digest)
             return Checked(ktype)
     except InvalidSignature:
         raise Invalid("the signature does not match the signed bytes (the file was changed "
