@@ -172,6 +172,18 @@ def test_settings_change_is_journaled_once_with_its_summary(tmp_path: Path,
                for c in changes), changes
     assert "pins.mode: 0600 -> 0640" in changed["message"]
     assert _events(loaderd("--config", str(conf), "apply"), "settings_changed") == []
+    # permissive: the unsigned spec still loads, journaled as such; the mode change is on
+    # the record too.
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text("")
+    conf.write_text(conf.read_text() + f"signatures: {{mode: permissive, allowed_signers: "
+                    f"{allowed}}}\n")
+    out = loaderd("--config", str(conf), "apply")
+    (changed,) = _events(out, "settings_changed")
+    assert "signatures.mode: off -> permissive" in changed["changes"], changed
+    (accepted,) = _events(out, "spec_accepted")
+    assert accepted["signature"] == "unsigned"
+    assert "UNSIGNED (signatures.mode permissive)" in accepted["message"]
 
     out = loaderctl("--config", str(conf), "dump", "counter/exec_count", "--raw")
     (read,) = _events(out, "privileged_read")
