@@ -19,6 +19,7 @@ class Kind(enum.StrEnum):
     SCHEMA = "schema"  # structure/types/unknown keys (JSON Schema)
     SEMANTIC = "semantic"  # cross-field rules a schema cannot express
     TRUST = "trust"  # file ownership/mode/symlinks/path escapes
+    SIGNATURE = "signature"  # a spec's SSH signature or sha256 pins (config.signature)
     POLICY = "policy"  # allow-lists: program types, helpers, map types, flags
     LIMIT = "limit"  # counts/sizes over the configured limit
     CAPABILITY = "capability"  # a needed capability is missing

@@ -414,6 +414,10 @@ class Spec:
     # `source.object`: a precompiled BPF ELF (CO-RE) in source_bytes, loaded through libbpf
     # instead of compiled by BCC (source is then ""); its sha256 goes into the record.
     object_sha256: str | None = None
+    # The detached `<spec>.yaml.sig` as read (a rollback generation keeps it) and what its
+    # check found; not part of identity: re-signing an unchanged spec rebuilds nothing.
+    signature_bytes: bytes | None = field(default=None, compare=False, repr=False)
+    signature: SignatureFacts | None = field(default=None, compare=False)
 
     @property
     def is_object(self) -> bool:
@@ -497,6 +501,64 @@ class CompileLimits:
     require_landlock: bool = False  # refuse to compile where the kernel lacks Landlock
 
 
+class SignatureMode(enum.StrEnum):
+    """settings `signatures.mode`: what an unsigned spec gets. A present signature that does not
+    verify refuses the spec in every mode."""
+
+    ENFORCE = "enforce"  # unsigned refused; every source/object file must be sha256-pinned
+    PERMISSIVE = "permissive"  # unsigned admitted, journaled as unsigned
+    OFF = "off"  # unsigned admitted silently
+
+
+class SignatureStatus(enum.StrEnum):
+    VERIFIED = "verified"  # good signature by a key allowed_signers lists for loaderd-spec
+    UNSIGNED = "unsigned"  # no <spec>.yaml.sig (permissive/off only)
+    # mode off without allowed_signers: the signature is intact, but nobody says whose key
+    # may sign, so no principal is claimed
+    UNCHECKED_SIGNER = "unchecked-signer"
+
+
+@dataclass(frozen=True)
+class AllowedSigner:
+    """One line of an allowed_signers file (ssh-keygen(1) ALLOWED SIGNERS)."""
+
+    principals: tuple[str, ...]  # patterns, as written
+    key: bytes  # the public key blob (SSH wire format)
+    namespaces: tuple[str, ...] | None  # patterns; None: any namespace
+    valid_after: float | None = None  # epoch seconds
+    valid_before: float | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class SignaturePolicy:
+    """settings `signatures:`; the two files are read (trust-checked) with the settings."""
+
+    mode: SignatureMode = SignatureMode.OFF
+    allowed_signers: str | None = None
+    revoked_keys: str | None = None
+    signers: tuple[AllowedSigner, ...] = ()
+    revoked: frozenset[bytes] = frozenset()  # public key blobs
+    files_sha256: str = ""  # of the two files' bytes: a changed key list is a settings change
+
+    @property
+    def requires_pins(self) -> bool:
+        return self.mode is SignatureMode.ENFORCE
+
+
+@dataclass(frozen=True)
+class SignatureFacts:
+    """What the signature check found for one spec: journaled, recorded, shown by status."""
+
+    status: SignatureStatus
+    principal: str | None = None  # the allowed_signers principals of the key, comma-joined
+    fingerprint: str | None = None  # SHA256:... as `ssh-keygen -l` prints it
+    key_type: str | None = None
+    namespace: str | None = None
+    signed_sha256: str | None = None  # sha256 of the exact YAML bytes the signature covers
+    counter: int | None = None  # FIDO keys: the authenticator's signature counter
+
+
 @dataclass(frozen=True)
 class Settings:
     """Daemon settings (`/etc/loaderd/loaderd.yaml`)."""
@@ -513,4 +575,52 @@ class Settings:
     # other offsets than the running kernel's BTF has; true loads them anyway (said in the
     # journal, check and status): their struct reads return the wrong bytes.
     accept_header_mismatch: bool = False
+    signatures: SignaturePolicy = SignaturePolicy()
     path: str | None = None  # the file it came from
+    sha256: str = ""  # of the file and its signatures files ("": the built-in defaults)
+
+    def summary(self) -> dict[str, str | list[str]]:
+        """What a change of settings is journaled as (SETTINGS_CHANGED): policy lists, limits,
+        pin modes, signature mode and key lists; flat keys, lists sorted."""
+        pol, sig = self.policy, self.signatures
+        out: dict[str, str | list[str]] = {
+            "programs_dir": self.programs_dir, "bpffs_root": self.bpffs_root,
+            "state_dir": self.state_dir,
+            "policy.program_types": sorted(t.value for t in pol.program_types),
+            "policy.map_types": sorted(t.value for t in pol.map_types),
+            "policy.map_flags": sorted(f.value for f in pol.map_flags),
+            "policy.helpers.allow": "per-type defaults" if pol.helpers is None
+            else sorted(pol.helpers),
+            "policy.calls.bpf_to_bpf": str(pol.allow_calls),
+            "policy.calls.kfunc": str(pol.allow_kfuncs),
+            "pins.mode": f"{self.pins.mode:04o}", "pins.group": str(self.pins.group),
+            "signatures.mode": sig.mode.value,
+            "signatures.allowed_signers": f"{sig.allowed_signers} ({len(sig.signers)} keys)",
+            "signatures.revoked_keys": f"{sig.revoked_keys} ({len(sig.revoked)} keys)",
+            "signatures.key_lists_sha256": sig.files_sha256,
+            "accept_header_mismatch": str(self.accept_header_mismatch)}
+        for t, names in sorted(pol.helpers_by_type.items()):
+            out[f"policy.helpers.by_type.{t.value}"] = sorted(names)
+        for name in Limits.__dataclass_fields__:
+            out[f"policy.limits.{name}"] = str(getattr(pol.limits, name))
+        for name in CompileLimits.__dataclass_fields__:
+            out[f"compile.{name}"] = str(getattr(self.compile, name))
+        return out
+
+
+def settings_changes(old: Mapping[str, Any], new: Mapping[str, str | list[str]]) -> list[str]:
+    """One line per changed key: `key: +added -removed` for lists, `key: old -> new` else."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list):
+            plus = [f"+{x}" for x in b if x not in a]
+            minus = [f"-{x}" for x in a if x not in b]
+            lines.append(f"{key}: {' '.join(plus + minus)}")
+        else:
+            def show(v: Any) -> str:
+                return "(unset)" if v is None else ",".join(v) if isinstance(v, list) else str(v)
+            lines.append(f"{key}: {show(a)} -> {show(b)}")
+    return lines

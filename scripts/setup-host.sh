@@ -7,10 +7,12 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 # libbpf1: precompiled CO-RE objects (source: {object: ...}) load through libbpf.so.1.
+# python3-cryptography: SSH signatures of specs (config.signature).
 RUNTIME_PKGS="python3-bpfcc python3-systemd python3-prctl python3-yaml python3-structlog \
-python3-jsonschema bpftool iproute2 libbpf1"
+python3-jsonschema bpftool iproute2 libbpf1 python3-cryptography"
 # clang/llvm/libbpf-dev: the tests build CO-RE objects (clang -target bpf, llvm-strip).
-TEST_PKGS="python3-pytest python3-hypothesis python3-venv clang llvm libbpf-dev"
+# openssh-client: ssh-keygen makes the tests' keys and signatures and is their reference.
+TEST_PKGS="python3-pytest python3-hypothesis python3-venv clang llvm libbpf-dev openssh-client"
 missing=""
 for p in $RUNTIME_PKGS ${LOADERD_SETUP_TEST:+$TEST_PKGS}; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -16,6 +16,7 @@ import errno
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loaderd import faults, policy, privileges
@@ -24,9 +25,17 @@ from loaderd.apply.commit import Transaction, link_holds, pin_link
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import attach, pins
-from loaderd.config import spec
+from loaderd.config import signature, spec
 from loaderd.errors import Kind, LoaderdError, Location, count, names, plural
-from loaderd.model import ProgType, Settings, Spec, map_pin_mode
+from loaderd.model import (
+    ProgType,
+    Settings,
+    SignatureMode,
+    SignatureStatus,
+    Spec,
+    map_pin_mode,
+    settings_changes,
+)
 from loaderd.observe import drift
 from loaderd.stage.pool import Progress, stage_all
 from loaderd.stage.worker import StagedSpec
@@ -41,6 +50,9 @@ from loaderd.store.manifest import (
     Status,
 )
 from loaderd.store.statedir import Hold, State, tree_digest
+
+# (specs dir, manifest, kernel facts, decisions) -> why the apply must stop, or None
+PlanCheck = Callable[[str, Manifest, plan.Facts, plan.Plan], LoaderdError | None]
 
 
 @dataclass
@@ -91,9 +103,31 @@ def generation_files(specs: list[Spec]) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     for s in specs:
         files[os.path.basename(s.path)] = s.yaml_bytes
+        if s.signature_bytes is not None:  # rollback verifies it again, against today's keys
+            files[os.path.basename(s.path) + signature.SUFFIX] = s.signature_bytes
         if s.source_ref:
             files[os.path.normpath(s.source_ref)] = s.source_bytes
     return files
+
+
+def signed_text(s: Spec, mode: SignatureMode) -> str:
+    f = s.signature
+    if f is None or f.status is SignatureStatus.UNSIGNED:
+        return "" if mode is SignatureMode.OFF else f"; UNSIGNED (signatures.mode {mode.value})"
+    if f.status is SignatureStatus.VERIFIED:
+        return f"; signed by {f.principal} ({f.key_type} {f.fingerprint})"
+    return f"; signature intact, signer not checked ({f.fingerprint}: no allowed_signers)"
+
+
+def signature_fields(s: Spec) -> dict[str, str | int]:
+    """Journal fields of a spec's signature check (LOADERD_SIGNATURE, LOADERD_SIGNER, ...)."""
+    f = s.signature
+    if f is None:
+        return {"signature": SignatureStatus.UNSIGNED.value}
+    got = {"signature": f.status.value, "signer": f.principal, "key_fingerprint": f.fingerprint,
+           "key_type": f.key_type, "signature_namespace": f.namespace,
+           "signed_sha256": f.signed_sha256, "sk_counter": f.counter}
+    return {k: v for k, v in got.items() if v is not None}
 
 
 class _Refused(Exception):
@@ -111,6 +145,9 @@ class Applier:
         self.state = State(settings.state_dir, settings.pins.gid, settings.bpffs_root)
         self.notify = notify or (lambda _msg: None)
         self.tx = Transaction(self.layout, self.state, settings.pins)
+        # `apply --plan FILE`: why the apply's own plan is not the saved one (apply.preview)
+        self.expect: PlanCheck | None = None
+        self._specs_dir = settings.programs_dir
 
     # --- recovery -------------------------------------------------------------------------
     def recover(self) -> Manifest:
@@ -167,9 +204,12 @@ class Applier:
         """trusted_owner: the uid spec files must belong to, when not settings.config_owner
         (a rollback reads the generation loaderd itself wrote, as its own user)."""
         result = ApplyResult()
+        self._specs_dir = specs_dir or self.settings.programs_dir
+        self._note_settings()
         try:
             current = self._current()
             specs = self._accepted(specs_dir, trusted_owner)
+            current = plan.with_signatures(current, specs)
             decided = self._plan(specs, current)
             result.adopted = decided.adopt
             if decided.errors:
@@ -192,11 +232,12 @@ class Applier:
                 else:
                     self.state.clear_refusal()
                 return result
+            mode = self.settings.signatures.mode
             for s in to_build:  # the specs this apply acts on; unchanged ones are adopted
                 audit.emit(Event.SPEC_ACCEPTED, f"{s.name}: spec accepted "
                            f"({plural(len(s.programs), 'program')}, "
-                           f"{plural(len(s.maps), 'map')})", spec=s.name,
-                           spec_sha256=s.sha256, file=s.path)
+                           f"{plural(len(s.maps), 'map')}){signed_text(s, mode)}", spec=s.name,
+                           spec_sha256=s.sha256, file=s.path, **signature_fields(s))
             txid = result.txid = new_txid()
             records = self._build(txid, to_build, current, result.adopted, jobs)
         except _Refused as refusal:
@@ -205,6 +246,22 @@ class Applier:
         faults.point("after_attach")
         self._commit(txid, records, specs, result)
         return result
+
+    def _note_settings(self) -> None:
+        """SETTINGS_CHANGED once, by the first apply that reads changed settings."""
+        sha = self.settings.sha256 or "built-in"
+        seen = self.state.settings_seen()
+        if seen is not None and seen[0] == sha:
+            return
+        summary = self.settings.summary()
+        changes = (settings_changes(seen[1], summary) if seen
+                   else ["first apply that saw these settings"])
+        where = self.settings.path or "built-in defaults"
+        text = "; ".join(changes) or "no setting differs"
+        audit.emit(Event.SETTINGS_CHANGED, f"settings {sha[:12]} ({where}): {text}",
+                   settings_sha256=sha, previous_sha256=seen[0] if seen else None,
+                   file=self.settings.path, changes=changes)
+        self.state.save_settings_seen(sha, summary)
 
     def _current(self) -> Manifest:
         """The applied set, after finishing any interrupted commit; refused while the kill
@@ -294,15 +351,23 @@ class Applier:
                    compiles=result.compiles, built=result.built, adopted=result.adopted,
                    removed=result.removed)
 
-    def _plan(self, specs: list[Spec], current: Manifest) -> plan.Plan:
-        """Gather the kernel facts plan() needs, plan, and journal the drift it found."""
-        facts = plan.Facts(
+    def facts(self, specs: list[Spec], current: Manifest) -> plan.Facts:
+        """The kernel facts plan() needs (read-only: `loaderd plan` gathers the same)."""
+        return plan.Facts(
             differences={r.name: drift.differences(r, by_name=True)
                          for r in plan.candidates(specs, current)},
             present=frozenset(s.name for s in specs
                               if self.layout.exists(self.layout.spec_dir(s.name))))
+
+    def _plan(self, specs: list[Spec], current: Manifest) -> plan.Plan:
+        """Gather the kernel facts plan() needs, plan, and journal the drift it found."""
+        facts = self.facts(specs, current)
         decided = plan.plan(specs, current, facts, self.settings.policy,
                             {s.name: self.layout.spec_dir(s.name) for s in specs})
+        if self.expect is not None:  # `apply --plan FILE`: exactly that plan, or nothing
+            why = self.expect(self._specs_dir, current, facts, decided)
+            if why is not None:
+                raise _Refused([why])
         for d in decided.decisions:
             if d.action is plan.Action.BUILD and d.reason.startswith("drift: "):
                 audit.emit(Event.DRIFT, f"{d.spec}: pinned objects differ from the manifest, "
@@ -399,7 +464,7 @@ class Applier:
             links=links, sources=tuple(f for f in (s.source_path,) if f), txid=txid,
             deferred_links=tuple(deferred),
             events={m.name: m.events for m in s.maps if m.events},
-            object_sha256=st.object_sha256)
+            object_sha256=st.object_sha256, signature=s.signature)
 
     # --- operator actions -----------------------------------------------------------------
     def enable(self) -> bool:

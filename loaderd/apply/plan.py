@@ -69,6 +69,15 @@ class Plan:
         return [d.error for d in self.decisions if d.error is not None]
 
 
+def with_signatures(current: Manifest, specs: Sequence[Spec]) -> Manifest:
+    """Records of unchanged specs carry today's signature check (a re-signed spec, a rotated
+    key: status shows who signed what is applied now, without a rebuild)."""
+    facts = {s.name: s.signature for s in specs}
+    return dataclasses.replace(current, specs={
+        n: dataclasses.replace(r, signature=facts[n]) if n in facts else r
+        for n, r in current.specs.items()})
+
+
 def candidates(specs: Sequence[Spec], current: Manifest) -> list[SpecRecord]:
     """The records whose pins the caller must check (unchanged specs: adopt if intact)."""
     return [current.specs[s.name] for s in specs

@@ -19,6 +19,7 @@ import enum
 import functools
 import json
 import os
+import secrets
 import sys
 import threading
 from collections.abc import Mapping, MutableMapping
@@ -52,6 +53,9 @@ class Event(enum.Enum):
     FOREIGN_LOAD = ("bf1c0e481b4144f3baeeab240e3bc892", 2)
     BPF_EVENT = ("ae4170c9644a4b758feac1c0faf6c4b1", 6)
     EVENTS_DROPPED = ("097238fbfadb44ee9490cee1a47a7794", 4)
+    SETTINGS_CHANGED = ("cbf9bde5ac734fbea24737df54d57c3e", 5)
+    PRIVILEGED_READ = ("cb4477063c014d02b2097081b049f5fd", 5)
+    INTERNAL_ERROR = ("acef51f86e3c4200b4feecd38aed1623", 3)
 
     @property
     def message_id(self) -> str:
@@ -244,6 +248,25 @@ def debug(message: str, detail: str) -> None:
     with contextlib.suppress(OSError):
         journal.send(MESSAGE=message, PRIORITY="7", SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER,
                      LOADERD_DEBUG=detail)
+
+
+def new_error_id() -> str:
+    """What a user is shown instead of an exception's text, and finds in the journal."""
+    return secrets.token_hex(6)
+
+
+def internal_error(error_id: str, exc_type: str, text: str, tb: str) -> None:
+    """One INTERNAL_ERROR entry with LOADERD_ERROR_ID. The exception's text and traceback go
+    only to the journal: without one, the JSON sink is the user's own stderr, so it gets the
+    id and the exception type, never the text (rerun with --debug to see it)."""
+    if _logger is None:
+        configure()
+    if _journal:
+        emit(Event.INTERNAL_ERROR, f"internal error {error_id}: {exc_type}", error_id=error_id,
+             exception=exc_type, detail=text[:4000], traceback=tb[-16000:])
+    else:
+        emit(Event.INTERNAL_ERROR, f"internal error {error_id}: {exc_type}", error_id=error_id,
+             exception=exc_type)
 
 
 def emit(event: Event, message: str, **fields: Any) -> None:

@@ -129,14 +129,16 @@ def run(args: argparse.Namespace) -> int:
         return 130
     except BrokenPipeError:  # a stream PipeGuard does not cover: the verdict is unknown
         return SIGPIPE_EXIT
-    except Exception as e:  # never a traceback for users unless asked
+    except Exception as e:  # never a traceback, nor the exception's text, unless asked
         from loaderd.audit import log as audit
 
-        audit.debug(f"internal error: {type(e).__name__}", traceback.format_exc())
+        error_id = audit.new_error_id()
+        with contextlib.suppress(Exception):  # the id is shown even if the journal is not up
+            audit.internal_error(error_id, type(e).__name__, str(e), traceback.format_exc())
         if args.debug:
             traceback.print_exc()
-        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for details)",
-              file=sys.stderr)
+        print(f"internal error {error_id}: see `journalctl LOADERD_ERROR_ID={error_id}` "
+              "(rerun with --debug for details)", file=sys.stderr)
         return 1
 
 

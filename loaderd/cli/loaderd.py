@@ -1,15 +1,17 @@
-"""`loaderd` command line: run, apply, check, status, disable, enable, rollback.
+"""`loaderd` command line: run, apply, plan, check, status, disable, enable, rollback.
 
 Errors print as `error: file:line:col: field: message` (one per line, verifier/compiler detail
 indented below); tracebacks only with --debug. Exit codes: 0 ok, 1 refused or failed, 2 usage,
 141 ok but the output was cut short by a closed pipe (`| head`); a refusal stays 1. `status`:
 0 ok, 1 drift or a pending commit, 3 last apply refused, 4 nothing applied or kill switch
-pulled, 5 no permission (cli.common.STATUS_CODES).
+pulled, 5 no permission (cli.common.STATUS_CODES). `plan`: 0 nothing to do, 2 changes
+pending, 1 refused (terraform's -detailed-exitcode).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable, Sequence
 
@@ -46,6 +48,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
         def progress(m: str) -> None:
             notify(f"STATUS={m}")
     applier = Applier(settings, notify=progress)
+    if args.plan:
+        from loaderd.apply import preview
+        from loaderd.errors import Kind, LoaderdError, Location
+
+        saved = preview.read(args.plan)
+        applier.expect = preview.checker(saved, args.plan, settings)
+        if os.path.abspath(args.dir or settings.programs_dir) != os.path.abspath(
+                saved.programs_dir):
+            print_error(LoaderdError(Kind.STATE, "the plan is of another programs directory",
+                                     Location(args.plan), value=saved.programs_dir))
+            return 1
     result = applier.apply(args.dir, jobs=args.jobs)
     # Under systemd (loaderd-apply.service) stdout and stderr are the journal, where the audit
     # events already say all of it: printing it too journaled each result and error twice
@@ -116,6 +129,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if not errors else 1
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from loaderd.apply import preview
+    from loaderd.apply.applier import Applier, validate
+
+    # A plan changes nothing, so it has nothing to audit.
+    audit.configure(journal=False, stream=open(os.devnull, "w"))  # noqa: SIM115
+    settings = load_settings(args.config)
+    p = preview.make(settings, Applier(settings), validate, args.dir)
+    if args.out:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(preview.to_dict(p), indent=2) + "\n")
+    print(json.dumps(preview.to_dict(p), indent=2) if args.json else preview.render(p))
+    return p.exit_code
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from loaderd.runtime.daemon import Daemon
 
@@ -131,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
     commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         "run": (cmd_run, "foreground daemon: apply, drop capabilities, READY=1, watch"),
         "apply": (cmd_apply, "apply all specs atomically (loaderd-apply.service runs it)"),
+        "plan": (cmd_plan, "what an apply would do, per spec and object; loads nothing; exit "
+                 "0 nothing to do, 2 changes pending, 1 refused"),
         "check": (cmd_check, "validate, compile and verify specs; pin and attach nothing"),
         "status": (cmd_status, f"what is applied, and any drift; {STATUS_CODES}"),
         "disable": (cmd_disable, "kill switch: detach and unpin everything loaderd owns; "
@@ -141,11 +173,17 @@ def parser() -> argparse.ArgumentParser:
     }
     for name, (func, help_text) in commands.items():
         sp = add_command(sub, name, func, help_text)
+        if name == "plan":
+            sp.add_argument("--dir", help="specs directory (default: programs_dir setting)")
+            sp.add_argument("--json", action="store_true", help="the plan as JSON")
+            sp.add_argument("--out", help="also write the plan (JSON) here, for apply --plan")
         if name in ("apply", "check"):
             sp.add_argument("--dir", help="specs directory (default: programs_dir setting)")
             sp.add_argument("--jobs", type=int, default=None, help="parallel compiles")
         if name == "apply":
             sp.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+            sp.add_argument("--plan", help="apply exactly this plan (loaderd plan --out); "
+                            "refused if /etc, the settings or the kernel state changed since")
         if name == "check":
             sp.add_argument("--no-kernel", action="store_true",
                             help="schema and policy only (no compile, no CAP_BPF needed)")

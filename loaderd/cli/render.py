@@ -42,6 +42,17 @@ def _link_line(lk: dict[str, Any]) -> str:
             f"{lk['prog_id']} -> {where}")
 
 
+def signature_text(sig: dict[str, Any] | None) -> str:
+    """`signed by PRINCIPAL (ssh-ed25519 SHA256:...)`, `UNSIGNED`, or "" (not recorded)."""
+    if sig is None:
+        return ""
+    if sig["status"] == "verified":
+        return f"signed by {sig['principal']} ({sig['key_type']} {sig['fingerprint']})"
+    if sig["status"] == "unsigned":
+        return "UNSIGNED"
+    return f"signature intact, signer not checked ({sig['fingerprint']})"
+
+
 def render_status(report: dict[str, Any]) -> str:
     head = report["manifest"]
     if head["readable"]:
@@ -74,7 +85,8 @@ def render_status(report: dict[str, Any]) -> str:
             state_text = "ok" + (" (partially checked)" if s["unchecked"] else "")
         deg = "  DEGRADED" if s["degraded"] else ""
         sha = f"  sha256 {s['sha256'][:12]}" if s["sha256"] else ""
-        lines.append(f"{s['spec']}: {state_text}{deg}{sha}")
+        signed = signature_text(s.get("signature"))
+        lines.append(f"{s['spec']}: {state_text}{deg}{sha}" + (f"  {signed}" if signed else ""))
         lines += [_prog_line(p) for p in s["programs"]]
         lines += [_map_line(m) for m in s["maps"]]
         lines += [_link_line(lk) for lk in s["links"]]
@@ -87,7 +99,9 @@ def listing(report: dict[str, Any]) -> dict[str, Any]:
     for s in report["specs"]:
         for kind in rows:
             rows[kind] += s[kind]
-    return {**rows, "notes": report["notes"]}
+    specs = [{"spec": s["spec"], "sha256": s["sha256"], "signature": s.get("signature")}
+             for s in report["specs"]]
+    return {**rows, "specs": specs, "notes": report["notes"]}
 
 
 def render_list(rows: dict[str, Any]) -> str:
@@ -108,6 +122,10 @@ def render_list(rows: dict[str, Any]) -> str:
         lines.append(f"{'link':<5} {lk['spec'] + '/' + lk['program']:<36} "
                      f"{lk.get('id', '-'):>6}  {lk.get('type', '-'):<15} "
                      f"{lk.get('target') or '-':<36} {lk['facts']}{drift}")
+    for sp in rows.get("specs", []):
+        signed = signature_text(sp["signature"]) or "signature not recorded"
+        lines.append(f"{'spec':<5} {sp['spec']:<36} {'-':>6}  {'-':<15} "
+                     f"{(sp['sha256'] or '-')[:36]:<36} {signed}")
     lines += [f"note: {n}" for n in rows["notes"]]
     return "\n".join(lines)
 

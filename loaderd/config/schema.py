@@ -114,7 +114,8 @@ def _describe(err: Any) -> list[tuple[Path, str, Any, str | None]]:
         dup = next((x for i, x in enumerate(inst) if x in inst[:i]), None)
         return [(path, "duplicate entries", short(dup), None)]
     if kw in ("minProperties", "maxProperties"):
-        keys = " or ".join(f"'{k}'" for k in schema.get("properties", {}))
+        # source.sha256 goes with file/object: not one of the alternatives
+        keys = " or ".join(f"'{k}'" for k in schema.get("properties", {}) if k != "sha256")
         return [(path, f"exactly one of {keys} is required", None, None)]
     if kw == "not":
         return [(path, desc or "not allowed here", None, None)]

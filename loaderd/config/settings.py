@@ -8,12 +8,14 @@ symlinks, root's; state_dir itself root's or the service user's).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import pwd
 from typing import Any
 
 from loaderd.config import schema as schemacheck
-from loaderd.config import trust, yamlsafe
+from loaderd.config import signature, trust, yamlsafe
 from loaderd.config.yamlsafe import Marks, Path
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
@@ -26,6 +28,8 @@ from loaderd.model import (
     Policy,
     ProgType,
     Settings,
+    SignatureMode,
+    SignaturePolicy,
 )
 from loaderd.sanitize import Rules
 
@@ -163,7 +167,43 @@ def _policy(ctx: _Ctx, raw: dict[str, Any]) -> Policy:
         allow_kfuncs=calls.get("kfunc", base.allow_kfuncs), limits=limits)
 
 
-def _parse(path: str, raw: bytes, *, check_dirs: bool) -> Settings:
+def _signatures(ctx: _Ctx, raw: dict[str, Any], owner_uid: int | None) -> SignaturePolicy:
+    """signatures: the mode, and the allowed_signers / revoked_keys files read now, with the
+    same trust rules as this file (root's, not writable by others, one link)."""
+    mode = SignatureMode(raw.get("mode", SignatureMode.OFF.value))
+    got: dict[str, bytes] = {}
+    for key in ("allowed_signers", "revoked_keys"):
+        if key not in raw:
+            continue
+        path = raw[key]
+        try:
+            got[key] = trust.read_file(path, owner_uid=owner_uid,
+                                       root_dir=os.path.dirname(path),
+                                       max_bytes=signature.MAX_LIST_BYTES)
+        except LoaderdError as exc:
+            raise ctx.error(("signatures", key), f"{exc.location.file}: {exc.message}",
+                            value=exc.value, allowed=exc.allowed, kind=Kind.TRUST) from None
+        if len(got[key]) > signature.MAX_LIST_BYTES:
+            raise ctx.error(("signatures", key), "file too large", value=path,
+                            allowed=f"<= {signature.MAX_LIST_BYTES} bytes", kind=Kind.LIMIT)
+    if mode is not SignatureMode.OFF and "allowed_signers" not in got:
+        raise ctx.error(("signatures", "mode"), f"signatures.mode {mode.value} needs "
+                        "signatures.allowed_signers (whose keys may sign specs)",
+                        allowed="an allowed_signers file in ssh-keygen(1) format")
+    signers = (signature.parse_allowed_signers(got["allowed_signers"], raw["allowed_signers"])
+               if "allowed_signers" in got else ())
+    revoked = (signature.parse_revoked(got["revoked_keys"], raw["revoked_keys"])
+               if "revoked_keys" in got else frozenset())
+    digest = hashlib.sha256()
+    for key in ("allowed_signers", "revoked_keys"):
+        digest.update(hashlib.sha256(got.get(key, b"")).digest())
+    return SignaturePolicy(mode=mode, allowed_signers=raw.get("allowed_signers"),
+                           revoked_keys=raw.get("revoked_keys"), signers=signers,
+                           revoked=revoked, files_sha256=digest.hexdigest())
+
+
+def _parse(path: str, raw: bytes, *, check_dirs: bool, owner_uid: int | None = 0
+           ) -> Settings:
     data, marks = yamlsafe.load(raw, file=path, max_bytes=MAX_BYTES)
     ctx = _Ctx(path, marks)
     mode = data.get("pins", {}).get("mode") if isinstance(data, dict) and isinstance(
@@ -189,6 +229,7 @@ def _parse(path: str, raw: bytes, *, check_dirs: bool) -> Settings:
         compile=CompileLimits(**data.get("compile", {})),  # ranges checked by the schema
         accept_header_mismatch=data.get("accept_header_mismatch",
                                         defaults.accept_header_mismatch),
+        signatures=_signatures(ctx, data.get("signatures", {}), owner_uid),
         path=path)
     if check_dirs:
         _trusted_dirs(ctx, data, settings)
@@ -206,9 +247,11 @@ def load_settings(path: str | None = None, *, owner_uid: int | None = 0) -> Sett
     root = os.path.dirname(os.path.abspath(path))
     try:
         raw = trust.read_file(path, owner_uid=owner_uid, root_dir=root, max_bytes=MAX_BYTES)
-        return _parse(path, raw, check_dirs=owner_uid is not None)
+        parsed = _parse(path, raw, check_dirs=owner_uid is not None, owner_uid=owner_uid)
     except LoaderdError as exc:
         raise exc.with_file(path) from None
+    whole = hashlib.sha256(raw + b"\0" + parsed.signatures.files_sha256.encode()).hexdigest()
+    return dataclasses.replace(parsed, sha256=whole)
 
 
 DEFAULT_CONFIG = "/etc/loaderd/loaderd.yaml"

@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from loaderd.config import schema as schemacheck
-from loaderd.config import semantic, trust, yamlsafe
+from loaderd.config import semantic, signature, trust, yamlsafe
 from loaderd.config import source as srccheck
 from loaderd.config.semantic import Collector
 from loaderd.errors import Kind, LoaderdError, Location, cap_per_file
@@ -30,6 +30,9 @@ from loaderd.model import (
     ProgramSpec,
     ProgType,
     Settings,
+    SignatureFacts,
+    SignaturePolicy,
+    SignatureStatus,
     Spec,
 )
 
@@ -76,9 +79,16 @@ def _spec_name(f: Collector, data: dict[str, Any]) -> str:
 
 
 def _read_source(f: Collector, data: dict[str, Any], limits: Limits, owner_uid: int | None,
-                 ) -> tuple[bytes, str | None, int] | None:
+                 pins_required: bool) -> tuple[bytes, str | None, int] | None:
     """(C bytes, C file path or None, line of its first line in its file)."""
     src = data["source"]
+    kinds = [k for k in ("file", "inline", "object") if k in src]
+    if len(kinds) != 1 or ("sha256" in src and "inline" in src):
+        f.add(Kind.SCHEMA, ("source",), "exactly one of 'file' or 'inline' or 'object' is "
+              "required ('sha256' goes with 'file' or 'object')", value=sorted(src),
+              allowed="{file: x.bpf.c, sha256: ...}, {object: x.bpf.o, sha256: ...} or "
+              "{inline: ...}")
+        return None
     if "inline" in src:
         raw = src["inline"].encode("utf-8")
         at = ("source", "inline")
@@ -107,6 +117,11 @@ def _read_source(f: Collector, data: dict[str, Any], limits: Limits, owner_uid: 
         f.add(Kind.LIMIT, at, f"source {kind} is too large", value=src[kind],
               allowed=f"<= {limit} bytes")
         return None
+    pin = signature.check_pin(src.get("sha256"), raw, required=pins_required)
+    if pin is not None:
+        f.add(Kind.SIGNATURE, ("source", "sha256") if "sha256" in src else at, pin,
+              value=src[kind])
+        return None
     if kind == "object" and not raw.startswith(b"\x7fELF"):
         f.add(Kind.SEMANTIC, at, "source.object is not an ELF object", value=src[kind],
               allowed="a BPF object built with clang -target bpf -g -O2")
@@ -130,13 +145,28 @@ def _decode_source(f: Collector, raw: bytes, where: str | None) -> str | None:
     return text
 
 
+def _read_signature(path: str, yaml_bytes: bytes, root: str, owner_uid: int | None,
+                    policy: SignaturePolicy) -> tuple[bytes | None, SignatureFacts]:
+    """The `<spec>.sig` beside the spec (same trust rules) and its verdict, before the YAML
+    is parsed: in enforce mode nothing unsigned reaches the parser."""
+    sig_path = path + signature.SUFFIX
+    sig = None
+    if os.path.lexists(sig_path):
+        sig = trust.read_file(sig_path, owner_uid=owner_uid, root_dir=root,
+                              max_bytes=signature.MAX_SIG_BYTES)
+    return sig, signature.check(path, yaml_bytes, sig, policy)
+
+
 def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
-               root_dir: str | None = None) -> tuple[Spec | None, list[LoaderdError]]:
+               root_dir: str | None = None, signatures: SignaturePolicy | None = None,
+               ) -> tuple[Spec | None, list[LoaderdError]]:
     """The Spec in `path`, or every error found in it (never both)."""
     root = root_dir or os.path.dirname(os.path.abspath(path))
+    policy = signatures or SignaturePolicy()
     try:
         yaml_bytes = trust.read_file(path, owner_uid=owner_uid, root_dir=root,
                                      max_bytes=limits.max_spec_bytes)
+        sig_bytes, sig_facts = _read_signature(path, yaml_bytes, root, owner_uid, policy)
         data, marks = yamlsafe.load(yaml_bytes, file=path, max_bytes=limits.max_spec_bytes)
     except LoaderdError as exc:
         return None, [exc.with_file(path)]
@@ -147,7 +177,8 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
     name = _spec_name(f, data)
     maps = tuple(_build_map(f, i, m) for i, m in enumerate(data.get("maps", [])))
     programs = tuple(_build_program(f, i, p) for i, p in enumerate(data["programs"]))
-    got = _read_source(f, data, limits, owner_uid)
+    pins_required = policy.requires_pins or sig_facts.status is not SignatureStatus.UNSIGNED
+    got = _read_source(f, data, limits, owner_uid, pins_required)
     is_object = "object" in data["source"]
     text = ("" if is_object else _decode_source(f, got[0], got[1])) if got else None
     semantic.names(f, maps, programs)
@@ -173,7 +204,7 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
                 source_ref=data["source"].get("file", data["source"].get("object")),
                 object_sha256=hashlib.sha256(got[0]).hexdigest() if is_object else None,
                 source_line=got[2] if got[1] or ("source", "inline") in f.marks.literal
-                else 1), []
+                else 1, signature_bytes=sig_bytes, signature=sig_facts), []
 
 
 def load_spec(path: str, *, limits: Limits, owner_uid: int | None = 0) -> Spec:
@@ -204,7 +235,7 @@ def load_dir(directory: str, settings: Settings, *, check_owner: bool = True,
             continue
         path = os.path.join(directory, name)
         spec, errs = parse_spec(path, limits=settings.policy.limits, owner_uid=owner,
-                                root_dir=directory)
+                                root_dir=directory, signatures=settings.signatures)
         errors += errs
         if spec is None:
             continue

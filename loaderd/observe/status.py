@@ -271,7 +271,8 @@ def spec_report(spec: Recorded) -> dict[str, Any]:
     return {"spec": spec.name, "sha256": r.sha256 if r else None, "file": r.file if r else None,
             "pin_dir": spec.pin_dir, "txid": r.txid if r else None,
             "degraded": any(p.get("degraded") for p in progs), "drift": drift,
-            "unchecked": unchecked, "programs": progs, "maps": maps, "links": links}
+            "unchecked": unchecked, "programs": progs, "maps": maps, "links": links,
+            "signature": manifest.signature_dict(r.signature) if r and r.signature else None}
 
 
 def _walked(root: str, denied: list[str]) -> Iterator[Recorded]:

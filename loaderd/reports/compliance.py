@@ -6,8 +6,9 @@ read-only fd on the pin); capabilities from the resident daemon's /proc status; 
 `systemd-analyze security` of the units the running systemd has loaded (drop-ins included), or
 offline of the installed unit files when systemd is not reachable; audit events from the
 journal's trusted fields (_UID, _SYSTEMD_UNIT, _COMM, _EXE: journald sets them, a client cannot).
-A check that cannot see its facts SKIPs and says why. A high-severity FAIL makes the exit code
-non-zero.
+A check that cannot see its facts SKIPs and says why. The verdict does not flatter: PASS only
+when every high-severity check passed; otherwise FAIL (exit 1), WARN (exit 2) or SKIP (exit 3),
+the worst high-severity status, in that order.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from loaderd.config.settings import DEFAULT_CONFIG
 from loaderd.errors import LoaderdError
 from loaderd.model import (
     MAP_FLAG_MASK,
+    SignatureMode,
+    SignatureStatus,
     kernel_map_flags,
     map_pin_mode,
 )
@@ -620,6 +623,29 @@ def check_headers(view: View) -> Outcome:
     return WARN, sentence
 
 
+def check_signatures(view: View) -> Outcome:
+    """Who signed what is applied (the signature facts recorded at apply), and the mode."""
+    mode = view.settings.signatures.mode
+    specs = _specs(view)
+    if not specs:
+        raise Skip("no spec applied")
+    signed, unsigned = [], []
+    for name, r in sorted(specs.items()):
+        f = r.signature
+        if f is not None and f.status is SignatureStatus.VERIFIED:
+            signed.append(f"{name}: {f.principal} {f.fingerprint}")
+        else:
+            unsigned.append(name + ("" if f is None else f" ({f.status.value})"))
+    if unsigned:
+        return WARN, (f"signatures.mode {mode.value}; not signed by an allowed signer: "
+                      f"{', '.join(unsigned)}" + (f"; signed: {'; '.join(signed)}" if signed
+                                                  else ""))
+    if mode is not SignatureMode.ENFORCE:
+        return WARN, (f"every applied spec is signed ({'; '.join(signed)}), but "
+                      f"signatures.mode is {mode.value}: an unsigned spec would load")
+    return PASS, f"signatures.mode enforce; {'; '.join(signed)}"
+
+
 # --- running ----------------------------------------------------------------------------------
 
 def checks(unit_files_given: Sequence[str] | None
@@ -639,6 +665,7 @@ def checks(unit_files_given: Sequence[str] | None
         ("compile workers are confined by the kernel (Landlock)", MEDIUM,
          check_compile_sandbox),
         ("kernel headers compile the running kernel's struct offsets", MEDIUM, check_headers),
+        ("applied specs are signed (signatures.mode enforce)", MEDIUM, check_signatures),
     ]
 
 
@@ -659,10 +686,29 @@ def high_failures(results: Sequence[Result]) -> list[Result]:
     return [r for r in results if r.status == FAIL and r.severity == HIGH]
 
 
+VERDICT_EXIT = {PASS: 0, FAIL: 1, WARN: 2, SKIP: 3}
+
+
+def not_passed(results: Sequence[Result]) -> list[Result]:
+    """High-severity checks that did not PASS: each one keeps the verdict from PASS."""
+    return [r for r in results if r.severity == HIGH and r.status != PASS]
+
+
+def verdict(results: Sequence[Result]) -> str:
+    got = {r.status for r in not_passed(results)}
+    return next((s for s in (FAIL, WARN, SKIP) if s in got), PASS)
+
+
+def exit_code(results: Sequence[Result]) -> int:
+    return VERDICT_EXIT[verdict(results)]
+
+
 def as_json(results: Sequence[Result]) -> dict[str, Any]:
     counts = {s: sum(r.status == s for r in results) for s in (PASS, FAIL, WARN, SKIP)}
-    return {"passed": not high_failures(results), "counts": counts,
-            "results": [asdict(r) for r in results]}
+    return {"verdict": verdict(results), "passed": verdict(results) == PASS,
+            "high_not_passed": [{"check": r.check, "status": r.status}
+                                for r in not_passed(results)],
+            "counts": counts, "results": [asdict(r) for r in results]}
 
 
 def render(results: Sequence[Result]) -> str:
@@ -670,6 +716,8 @@ def render(results: Sequence[Result]) -> str:
     for r in results:
         lines.append(f"[{r.status}] {r.check} ({r.severity})")
         lines.append(f"       {r.detail}")
-    bad = high_failures(results)
-    lines.append(f"result: {'FAIL' if bad else 'PASS'} ({len(bad)} high-severity failures)")
+    bad, short = high_failures(results), not_passed(results)
+    others = [r for r in short if r.status != FAIL]
+    why = "".join(f"; {r.status}: {r.check}" for r in others)
+    lines.append(f"result: {verdict(results)} ({len(bad)} high-severity failures{why})")
     return "\n".join(lines)

@@ -145,7 +145,9 @@ def _specs(b: Bundle, view: ctl.View) -> None:
     recorded = view.manifest.specs if view.manifest else {}
     for name, entry in sorted(recorded.items()):
         gen = os.path.join(settings.state_dir, state.GENERATIONS, entry.txid or "")
-        for src in (entry.file, *entry.sources):
+        signed = entry.signature is not None and entry.signature.status.value != "unsigned"
+        sig = (entry.file + ".sig",) if signed else ()  # what the signature check verified
+        for src in (entry.file, *sig, *entry.sources):
             copy = os.path.join(gen, os.path.basename(src))
             for path in ([copy] if entry.txid else []) + [src]:
                 try:

@@ -143,9 +143,16 @@ def _work(job_spec: Spec, limits: CompileLimits, settings: Settings, sock: socke
         _send(sock, wire.error(LoaderdError(Kind.KERNEL, f"{exc.strerror or exc}",
                                             Location(job_spec.path), value=exc.filename)), [])
     except BaseException as exc:  # a bug or a bcc surprise: contained, reported, nothing committed
+        # The user sees an id; the text and traceback go to the journal under it (finish()).
+        error_id = audit.new_error_id()
         _send(sock, wire.error(LoaderdError(
-            Kind.KERNEL, f"internal error while staging: {type(exc).__name__}: {exc}",
-            Location(job_spec.path)), traceback.format_exc()[-wire.MAX_TEXT:]), [])
+            Kind.KERNEL, f"internal error {error_id} while staging (journalctl "
+            f"LOADERD_ERROR_ID={error_id}); nothing was committed", Location(job_spec.path)),
+            (f"{_ERROR_ID}{error_id}\n{type(exc).__name__}: {exc}\n"
+             + traceback.format_exc())[:wire.MAX_TEXT]), [])
+
+
+_ERROR_ID = "LOADERD_ERROR_ID="  # first line of a worker's debug text: its error id
 
 
 def death_cause(status: int, *, timed_out: bool, cpu_seconds: float, diagnostics: str,
@@ -316,7 +323,12 @@ class _Stager:
                                     "MiB (compile.memory_mb)")
             if kind == "error":
                 err, debug = wire.decode_error(message)
-                if debug:
+                if debug and debug.startswith(_ERROR_ID):
+                    head, _, rest = debug.partition("\n")
+                    what, _, tb = rest.partition("\n")
+                    audit.internal_error(head[len(_ERROR_ID):], what.partition(":")[0],
+                                         f"{job.spec.path}: {what}", tb)
+                elif debug:
                     audit.debug(f"{job.spec.path}: internal error while staging", debug)
                 return err.with_file(job.spec.path)
             if kind != "built":

@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import NAME_RE, LinkTarget, ProgType, parse_target
+from loaderd.model import (
+    NAME_RE,
+    LinkTarget,
+    ProgType,
+    SignatureFacts,
+    SignatureStatus,
+    parse_target,
+)
 
 MAX_BYTES = 16 * 1024 * 1024  # a manifest of 64 specs x 64 objects is well under 1 MB
 SAFE_NAME = NAME_RE  # spec, program, map names: pin names (model: the schema's `name`)
@@ -85,6 +92,7 @@ class SpecRecord:
     deferred_links: tuple[str, ...] = ()
     events: Mapping[str, str] = field(default_factory=dict)  # ring map -> record layout
     object_sha256: str | None = None  # source.object: the loaded ELF's sha256
+    signature: SignatureFacts | None = None  # the spec's signature check at the last apply
 
 
 @dataclass(frozen=True)
@@ -208,6 +216,32 @@ def _link(d: dict[str, Any], where: str) -> LinkRecord:
                       _opt(d.get("ifindex"), f"{where}.ifindex", _int))
 
 
+_PRINTABLE = re.compile(r"[\x20-\x7e]{1,512}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _signature(v: Any, where: str) -> SignatureFacts:
+    d = _obj(v, where)
+    try:
+        status = SignatureStatus(str(d.get("status")))
+    except ValueError:
+        raise _Bad(f"{where}.status", f"unknown status {str(d.get('status'))[:40]!r}") from None
+
+    def text(key: str, pattern: re.Pattern[str] = _PRINTABLE) -> str | None:
+        got: str | None = _opt(d.get(key), f"{where}.{key}",
+                               lambda x, w: _str(x, w, pattern=pattern))
+        return got
+    return SignatureFacts(status, text("principal"), text("fingerprint"), text("key_type"),
+                          text("namespace"), text("signed_sha256", _SHA256),
+                          _opt(d.get("counter"), f"{where}.counter", _int))
+
+
+def signature_dict(f: SignatureFacts) -> dict[str, Any]:
+    return {"status": f.status.value, "principal": f.principal, "fingerprint": f.fingerprint,
+            "key_type": f.key_type, "namespace": f.namespace,
+            "signed_sha256": f.signed_sha256, "counter": f.counter}
+
+
 def _spec(name: str, d: dict[str, Any], where: str, pin_root: str | None) -> SpecRecord:
     pin_dir = _path(d.get("pin_dir"), f"{where}.pin_dir")
     expected = os.path.join(pin_root, name) if pin_root else None
@@ -245,7 +279,8 @@ def _spec(name: str, d: dict[str, Any], where: str, pin_root: str | None) -> Spe
         events={_str(k, f"{where}.events", pattern=SAFE_NAME):
                 _str(v, f"{where}.events.{k}", limit=1024) for k, v in events.items()},
         object_sha256=_opt(d.get("object_sha256"), f"{where}.object_sha256",
-                           lambda v, w: _str(v, w, pattern=re.compile(r"[0-9a-f]{64}"))))
+                           lambda v, w: _str(v, w, pattern=re.compile(r"[0-9a-f]{64}"))),
+        signature=_opt(d.get("signature"), f"{where}.signature", _signature))
 
 
 def parse(data: bytes, path: str, pin_root: str | None = None) -> Manifest:
@@ -354,7 +389,8 @@ def spec_dict(s: SpecRecord) -> dict[str, Any]:
                   for k, lk in s.links.items()},
         "sources": list(s.sources), "txid": s.txid, "deferred_links": list(s.deferred_links),
         "events": dict(s.events),
-        **({"object_sha256": s.object_sha256} if s.object_sha256 else {})}
+        **({"object_sha256": s.object_sha256} if s.object_sha256 else {}),
+        **({"signature": signature_dict(s.signature)} if s.signature else {})}
 
 
 def to_dict(m: Manifest) -> dict[str, Any]:

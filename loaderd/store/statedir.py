@@ -18,7 +18,8 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.store import manifest as records
@@ -30,6 +31,8 @@ GENERATIONS = "generations"
 # The last refused apply (what /etc says is not what is applied): written by a refused apply,
 # removed by the next one that goes through. The resident puts it in STATUS=, status reports it.
 REFUSED = "refused.json"
+SETTINGS_SEEN = "settings.json"  # the settings the last apply saw (sha256, summary)
+SETTINGS_SEEN_MAX_BYTES = 256 * 1024
 REFUSED_MAX_BYTES = 4096
 # A rollback that holds: which generation, since when, and the content hash of programs_dir at
 # that moment. Applies re-apply that generation (not /etc) until /etc changes or it is released.
@@ -251,6 +254,35 @@ class State:
             self._ensure_dirs()
             _write_atomic(self.refused_path, json.dumps(record, sort_keys=True).encode(),
                           self.gid, self.uid)
+
+    def settings_seen(self) -> tuple[str, dict[str, Any]] | None:
+        """(sha256, summary) of the settings the last apply saw; None when absent or not a
+        record loaderd wrote (untrusted: it only feeds the change summary, never a decision)."""
+        path = os.path.join(self.dir, SETTINGS_SEEN)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            d = json.loads(os.read(fd, SETTINGS_SEEN_MAX_BYTES + 1))
+            sha, summary = d["sha256"], d["summary"]
+            if not isinstance(sha, str) or not isinstance(summary, dict):
+                return None
+            return sha, summary
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        finally:
+            os.close(fd)
+
+    def save_settings_seen(self, sha256: str, summary: Mapping[str, Any]) -> None:
+        """Best effort: the change is journaled whatever happens here."""
+        with contextlib.suppress(OSError, LoaderdError):
+            self._ensure_dirs()
+            _write_atomic(os.path.join(self.dir, SETTINGS_SEEN), json.dumps(
+                {"sha256": sha256, "summary": summary}, sort_keys=True).encode(),
+                self.gid, self.uid)
 
     def clear_refusal(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -359,11 +359,23 @@ def test_report_and_exit_semantics() -> None:
                Result("c", HIGH, WARN, "hmm"), Result("d", HIGH, SKIP, "n/a")]
     assert compliance.high_failures(results) == []
     data = compliance.as_json(results)
-    assert data["passed"] is True and data["counts"] == {PASS: 1, FAIL: 1, WARN: 1, SKIP: 1}
+    # A WARN or SKIP on a high check is not a PASS: the verdict and exit code say which.
+    assert data["passed"] is False and data["verdict"] == WARN
+    assert data["counts"] == {PASS: 1, FAIL: 1, WARN: 1, SKIP: 1}
+    assert data["high_not_passed"] == [{"check": "c", "status": WARN},
+                                       {"check": "d", "status": SKIP}]
+    assert compliance.exit_code(results) == 2
+    assert compliance.render(results).endswith(
+        "result: WARN (0 high-severity failures; WARN: c; SKIP: d)")
+    assert compliance.exit_code([r for r in results if r.check != "c"]) == 3
+    assert compliance.verdict(results[:2]) == PASS  # a medium FAIL does not hold it back
+    assert compliance.exit_code(results[:2]) == 0
     results.append(Result("e", HIGH, FAIL, "bad"))
     assert [r.check for r in compliance.high_failures(results)] == ["e"]
     text = compliance.render(results)
-    assert "[FAIL] e (high)" in text and text.endswith("result: FAIL (1 high-severity failures)")
+    assert "[FAIL] e (high)" in text
+    assert text.endswith("result: FAIL (1 high-severity failures; WARN: c; SKIP: d)")
+    assert compliance.exit_code(results) == 1
 
 
 def caps(eff: int = 0, bnd: int = 0, nnp: bool = True) -> privileges.CapState:
