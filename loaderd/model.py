@@ -513,4 +513,7 @@ class Settings:
     # other offsets than the running kernel's BTF has; true loads them anyway (said in the
     # journal, check and status): their struct reads return the wrong bytes.
     accept_header_mismatch: bool = False
+    # node_exporter's textfile collector directory (Debian's default): the resident writes
+    # loaderd.prom there when the directory exists; None: no metrics file.
+    metrics_dir: str | None = "/var/lib/prometheus/node-exporter"
     path: str | None = None  # the file it came from

@@ -1,0 +1,169 @@
+"""Fleet engines as packaged (issue 15), on a real systemd 252 with Debian's own daemons:
+node_exporter on 127.0.0.1 serving loaderd's textfile metrics (values as `loaderctl status
+--json` says, `promtool check metrics` clean, the kill switch and drift seen within a tick).
+The tests run in file order and share one service."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from typing import Any
+
+import pytest
+from sysd import Systemd
+
+pytestmark = pytest.mark.systemd
+
+UNIT = "loaderd.service"
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+EXPORTER = "prometheus-node-exporter.service"
+SCRAPE = "http://127.0.0.1:9100/metrics"
+ROOT = "/sys/fs/bpf/loaderd"
+
+
+def scrape(sysd: Systemd) -> str:
+    return sysd.run("/usr/bin/python3", "-c", "import sys, urllib.request; sys.stdout.write("
+                    f"urllib.request.urlopen({SCRAPE!r}, timeout=10).read().decode())").stdout
+
+
+def loaderd_samples(text: str) -> dict[str, float]:
+    """`name{labels}` -> value for loaderd's families (labels as node_exporter orders them)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("loaderd_"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def scraped_until(sysd: Systemd, key: str, value: float, timeout: float = 30.0
+                  ) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = loaderd_samples(scrape(sysd))
+        if got.get(key) == value or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
+
+
+def status_json(sysd: Systemd) -> dict[str, Any]:
+    out = sysd.run("loaderctl", "status", "--json", check=False)
+    report: dict[str, Any] = json.loads(out.stdout)
+    return report
+
+
+@pytest.fixture(scope="module")
+def serving(installed: Systemd) -> Systemd:
+    """loaderd with a 1 s drift check, node_exporter on 127.0.0.1 only (Debian's unit, its
+    default textfile directory), both started as an operator would."""
+    sysd = installed
+    acl = sysd.run("getfacl", "-cp", TEXTFILE_DIR, check=False).stdout \
+        if shutil.which("getfacl") else ""
+    print(f"\n{TEXTFILE_DIR} ACL:\n{acl}")
+    sysd.sh("mkdir -p /etc/systemd/system/loaderd.service.d && printf '[Service]\\n"
+            "ExecStart=\\nExecStart=/usr/bin/loaderd run --no-apply --config "
+            "/etc/loaderd/loaderd.yaml --drift-interval 1\\n' "
+            "> /etc/systemd/system/loaderd.service.d/drift.conf")
+    sysd.write("/etc/default/prometheus-node-exporter",
+               'ARGS="--web.listen-address=127.0.0.1:9100 '
+               f'--collector.textfile.directory={TEXTFILE_DIR}"\n')
+    sysd.systemctl("daemon-reload")
+    sysd.systemctl("enable", "--now", UNIT, timeout=300)
+    sysd.systemctl("start", EXPORTER)
+    deadline = time.monotonic() + 30
+    while sysd.run("/usr/bin/python3", "-c", "import urllib.request; urllib.request.urlopen("
+                   f"{SCRAPE!r}, timeout=2)", check=False).returncode != 0:
+        assert time.monotonic() < deadline, sysd.journalctl("-u", EXPORTER).stdout
+        time.sleep(0.3)
+    return sysd
+
+
+def test_metrics_match_status_json(serving: Systemd) -> None:
+    sysd = serving
+    report = status_json(sysd)
+    text = scrape(sysd)
+    got = loaderd_samples(text)
+    assert got, text[-2000:]
+    # node_exporter read the file without complaint (an unparsable file sets this to 1)
+    assert 'node_textfile_scrape_error 0' in text
+    assert got["loaderd_specs"] == len(report["specs"]) == 4
+    for spec in report["specs"]:
+        name = spec["spec"]
+        for kind in ("programs", "maps", "links"):
+            by_type: dict[str, int] = {}
+            for row in spec[kind]:
+                by_type[row["type"]] = by_type.get(row["type"], 0) + 1
+            for typ, n in by_type.items():
+                assert got[f'loaderd_{kind}{{spec="{name}",type="{typ}"}}'] == n, (kind, name)
+            assert sum(v for k, v in got.items() if k.startswith(f'loaderd_{kind}{{spec="{name}"'
+                                                                 )) == len(spec[kind])
+        assert got[f'loaderd_spec_drift{{spec="{name}"}}'] == 0 == len(spec["drift"])
+    manifest = json.loads(sysd.run("cat", "/var/lib/loaderd/manifest.json").stdout)
+    last = manifest["last_apply"]
+    assert got["loaderd_last_apply_success"] == 1
+    assert got["loaderd_last_apply_timestamp_seconds"] == pytest.approx(last["at"])
+    assert got["loaderd_last_apply_compiles"] == last["compiles"]
+    assert 0 < got["loaderd_last_apply_duration_seconds"] == pytest.approx(last["duration"])
+    assert got["loaderd_kill_switch_pulled"] == 0
+    stats = sysd.run("cat", "/proc/sys/kernel/bpf_stats_enabled").stdout.strip()
+    assert got["loaderd_bpf_stats_enabled"] == float(stats)
+    # The resident's file, then the scrape, are what promtool lints.
+    body = sysd.run("cat", f"{TEXTFILE_DIR}/loaderd.prom").stdout
+    lint = subprocess.run(["promtool", "check", "metrics"], input=body, text=True,
+                          capture_output=True)
+    assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint.stdout
+    mode = sysd.run("stat", "-c", "%a %U", f"{TEXTFILE_DIR}/loaderd.prom").stdout.split()
+    assert mode == ["644", "loaderd"]
+
+
+def test_drift_reaches_the_metrics_within_a_tick(serving: Systemd) -> None:
+    sysd = serving
+    sysd.run("rm", f"{ROOT}/sched_switches/links/count_switch")
+    got = scraped_until(sysd, 'loaderd_spec_drift{spec="sched_switches"}', 1)
+    assert got['loaderd_spec_drift{spec="sched_switches"}'] == 1
+    report = status_json(sysd)
+    drifted = {s["spec"]: len(s["drift"]) for s in report["specs"]}
+    assert got['loaderd_spec_drift_differences{spec="sched_switches"}'] == \
+        drifted["sched_switches"] > 0
+    sysd.systemctl("reload", UNIT, timeout=300)  # rebuilds the drifted spec
+    got = scraped_until(sysd, 'loaderd_spec_drift{spec="sched_switches"}', 0)
+    assert got['loaderd_spec_drift{spec="sched_switches"}'] == 0
+    assert got["loaderd_last_apply_compiles"] == 1
+
+
+def test_kill_switch_and_a_refused_apply_in_the_metrics(serving: Systemd) -> None:
+    sysd = serving
+    sysd.run("loaderd", "disable")
+    got = scraped_until(sysd, "loaderd_kill_switch_pulled", 1)
+    assert got["loaderd_kill_switch_pulled"] == 1 and got["loaderd_specs"] == 0
+    sysd.run("loaderd", "enable")
+    sysd.systemctl("reload", UNIT, timeout=300)
+    got = scraped_until(sysd, "loaderd_kill_switch_pulled", 0)
+    assert got["loaderd_specs"] == 4 and got["loaderd_last_apply_success"] == 1
+    sysd.sh("printf 'loaderd: 1\\nname: broken\\nprograms: [\\n' "
+            "> /etc/loaderd/programs.d/zz_broken.yaml")
+    assert sysd.systemctl("reload", UNIT, check=False, timeout=300).returncode != 0
+    got = scraped_until(sysd, "loaderd_last_apply_success", 0)
+    assert got["loaderd_last_apply_success"] == 0 and got["loaderd_last_refusal_errors"] >= 1
+    assert got["loaderd_specs"] == 4  # the set before it stays applied
+    sysd.run("rm", "/etc/loaderd/programs.d/zz_broken.yaml")
+    sysd.systemctl("reload", UNIT, timeout=300)
+    got = scraped_until(sysd, "loaderd_last_apply_success", 1)
+    assert "loaderd_last_refusal_timestamp_seconds" not in got
+
+
+def test_audit_unit_writes_its_own_file(serving: Systemd) -> None:
+    """The foreign-program alert's input comes from loaderd-audit.service (CAP_SYS_ADMIN: it
+    alone can enumerate programs)."""
+    sysd = serving
+    sysd.systemctl("start", "loaderd-audit.service", check=False, timeout=300)
+    got = loaderd_samples(scrape(sysd))
+    assert got["loaderd_audit_timestamp_seconds"] > time.time() - 300
+    journal = sysd.journalctl("-u", "loaderd-audit.service", "-o", "cat").stdout
+    summary = re.findall(r"foreign: (\d+) programs \((\d+) new\)", journal)
+    assert summary, journal[-2000:]
+    assert got["loaderd_foreign_programs"] == int(summary[-1][0])
+    assert got["loaderd_foreign_programs_new"] == int(summary[-1][1])
