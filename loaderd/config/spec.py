@@ -65,10 +65,10 @@ def _build_program(f: Collector, i: int, raw: dict[str, Any]) -> ProgramSpec:
                        fallback=tuple(raw.get("fallback", [])), line=f.line(("programs", i)))
 
 
-def _spec_name(f: Collector, data: dict[str, Any]) -> str:
+def _spec_name(f: Collector, data: dict[str, Any], shown: str) -> str:
     if "name" in data:
         return str(data["name"])
-    stem = os.path.basename(f.path).removesuffix(".yaml")
+    stem = os.path.basename(shown).removesuffix(".yaml")
     if NAME_RE.fullmatch(stem) is None:
         f.add(Kind.SEMANTIC, ("name",), f"the file name {stem[:60]!r} is not a valid spec "
               "name; add a `name:` key", allowed=NAME_RE.pattern)
@@ -76,7 +76,7 @@ def _spec_name(f: Collector, data: dict[str, Any]) -> str:
 
 
 def _read_source(f: Collector, data: dict[str, Any], limits: Limits, owner_uid: int | None,
-                 ) -> tuple[bytes, str | None, int] | None:
+                 base: str) -> tuple[bytes, str | None, int] | None:
     """(C bytes, C file path or None, line of its first line in its file)."""
     src = data["source"]
     if "inline" in src:
@@ -92,7 +92,6 @@ def _read_source(f: Collector, data: dict[str, Any], limits: Limits, owner_uid: 
     kind = "object" if "object" in src else "file"
     at = ("source", kind)
     limit = limits.max_object_bytes if kind == "object" else limits.max_source_bytes
-    base = os.path.dirname(os.path.abspath(f.path))
     try:
         real = trust.check_relative(src[kind], base)
         raw = trust.read_file(real, owner_uid=owner_uid, root_dir=base, max_bytes=limit)
@@ -131,8 +130,11 @@ def _decode_source(f: Collector, raw: bytes, where: str | None) -> str | None:
 
 
 def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
-               root_dir: str | None = None) -> tuple[Spec | None, list[LoaderdError]]:
-    """The Spec in `path`, or every error found in it (never both)."""
+               root_dir: str | None = None, as_path: str | None = None,
+               ) -> tuple[Spec | None, list[LoaderdError]]:
+    """The Spec in `path`, or every error found in it (never both). `as_path`: where the file
+    is going to live (`loaderd check --as`, Ansible's `validate:` checks a temp copy): the
+    spec's name, when it has no `name:`, and its relative source file come from there."""
     root = root_dir or os.path.dirname(os.path.abspath(path))
     try:
         yaml_bytes = trust.read_file(path, owner_uid=owner_uid, root_dir=root,
@@ -144,10 +146,11 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
     if errors:
         return None, cap_per_file(errors)
     f = Collector(path, marks)
-    name = _spec_name(f, data)
+    name = _spec_name(f, data, as_path or path)
     maps = tuple(_build_map(f, i, m) for i, m in enumerate(data.get("maps", [])))
     programs = tuple(_build_program(f, i, p) for i, p in enumerate(data["programs"]))
-    got = _read_source(f, data, limits, owner_uid)
+    got = _read_source(f, data, limits, owner_uid,
+                       os.path.dirname(os.path.abspath(as_path or path)))
     is_object = "object" in data["source"]
     text = ("" if is_object else _decode_source(f, got[0], got[1])) if got else None
     semantic.names(f, maps, programs)

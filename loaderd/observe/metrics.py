@@ -1,9 +1,11 @@
 """Prometheus text-format metrics for node_exporter's textfile collector: pure rendering.
 
 Input is the one status report (`observe.status.status`, the same facts `loaderctl status
---json` prints), the last apply as the manifest and the refusal record tell it, the resident's
-event counters and whether the kernel counts program runs. Output is the text of loaderd.prom;
-`store.textfile` writes it atomically. Nothing here writes (stats_enabled() reads the sysctl).
+--json` prints), the last apply as the manifest and the refusal record tell it, and the
+resident's event counters. Program run counters appear when the report has them (the kernel
+counts only while kernel.bpf_stats_enabled=1; the resident cannot read that sysctl itself:
+ProcSubset=pid hides /proc/sys). Output is the text of loaderd.prom;
+`store.textfile` writes it atomically. Nothing here opens a file.
 
 Every family is documented in docs/fleet.md. Label values are the report's own (spec, program,
 map names are safe names; kernel type names). Counters come from the kernel (run_cnt,
@@ -28,7 +30,6 @@ from loaderd.store.statedir import Refusal
 
 FILE_NAME = "loaderd.prom"  # the resident's
 AUDIT_FILE_NAME = "loaderd-audit.prom"  # loaderd-audit.service's (it alone sees every program)
-STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,6 @@ class Inputs:
     last_apply: LastApply | None
     refusal: Refusal | None
     rings: tuple[RingCount, ...] = ()
-    stats_enabled: bool | None = None  # kernel.bpf_stats_enabled; None: unreadable
     now: float = 0.0
 
 
@@ -87,8 +87,6 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "loaderd_events_read_total": ("counter", "Ring buffer records read by the resident."),
     "loaderd_events_dropped_total": ("counter", "Ring buffer records over the rate limit "
                                      "(read, not journaled)."),
-    "loaderd_bpf_stats_enabled": ("gauge", "kernel.bpf_stats_enabled: 1 while the kernel "
-                                  "counts program runs and run time."),
     "loaderd_program_runs_total": ("counter", "Program runs the kernel counted (run_cnt)."),
     "loaderd_program_run_time_seconds_total": ("counter", "Program run time the kernel "
                                                "counted (run_time_ns)."),
@@ -158,8 +156,6 @@ def samples(inp: Inputs) -> list[Sample]:
     for r in inp.rings:
         out.append(_s("loaderd_events_read_total", r.read, spec=r.spec, map=r.map))
         out.append(_s("loaderd_events_dropped_total", r.dropped, spec=r.spec, map=r.map))
-    if inp.stats_enabled is not None:
-        out.append(_s("loaderd_bpf_stats_enabled", inp.stats_enabled))
     return out
 
 
@@ -200,10 +196,3 @@ def render(found: Iterable[Sample]) -> str:
                          else f"{name} {_number(s.value)}")
     return "\n".join(lines) + "\n"
 
-
-def stats_enabled(path: str = STATS_SYSCTL) -> bool | None:
-    try:
-        with open(path) as f:
-            return f.read().strip() == "1"
-    except (OSError, ValueError):
-        return None

@@ -295,7 +295,7 @@ class Daemon:
             report = status_report.status(status_report.view_for(self.settings))
             text = metrics.render(metrics.samples(metrics.Inputs(
                 report, self.manifest.last_apply, self.refusal,
-                self.pump.counts() if self.pump else (), metrics.stats_enabled(), time.time())))
+                self.pump.counts() if self.pump else (), time.time())))
             textfile.write(where, metrics.FILE_NAME, text)
         except (OSError, LoaderdError) as exc:
             why = f"{type(exc).__name__}: {exc}"

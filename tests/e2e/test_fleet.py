@@ -108,8 +108,11 @@ def test_metrics_match_status_json(serving: Systemd) -> None:
     assert got["loaderd_last_apply_compiles"] == last["compiles"]
     assert 0 < got["loaderd_last_apply_duration_seconds"] == pytest.approx(last["duration"])
     assert got["loaderd_kill_switch_pulled"] == 0
-    stats = sysd.run("cat", "/proc/sys/kernel/bpf_stats_enabled").stdout.strip()
-    assert got["loaderd_bpf_stats_enabled"] == float(stats)
+    for spec in report["specs"]:  # run counters exactly where the kernel counted runs
+        for p in spec["programs"]:
+            key = (f'loaderd_program_runs_total{{program="{p["name"]}",spec="{spec["spec"]}",'
+                   f'type="{p["type"]}"}}')
+            assert (key in got) == ("run_cnt" in p), key
     # The resident's file, then the scrape, are what promtool lints.
     body = sysd.run("cat", f"{TEXTFILE_DIR}/loaderd.prom").stdout
     lint = subprocess.run(["promtool", "check", "metrics"], input=body, text=True,

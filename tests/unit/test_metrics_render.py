@@ -38,7 +38,7 @@ def test_values_follow_the_report() -> None:
     last = LastApply(1000.0, 2, ("a", "b"), (), 1.25)
     text = metrics.render(metrics.samples(metrics.Inputs(
         _report(drift=["map pin missing: /x"]), last, None,
-        (metrics.RingCount("exec_counter", "events", 10, 3),), True, 2000.0)))
+        (metrics.RingCount("exec_counter", "events", 10, 3),), 2000.0)))
     got = _parse(text)
     assert got['loaderd_programs{spec="exec_counter",type="tracepoint"}'] == 2
     assert got['loaderd_maps{spec="exec_counter",type="hash"}'] == 1
@@ -85,7 +85,7 @@ def test_label_values_are_escaped() -> None:
 def test_promtool_lints_nothing(tmp_path: Path) -> None:
     text = metrics.render(metrics.samples(metrics.Inputs(
         _report(), LastApply(1000.0, 2, (), (), 0.5), Refusal(1001.0, 3, "x"),
-        (metrics.RingCount("exec_counter", "events", 10, 3),), True, 2000.0)))
+        (metrics.RingCount("exec_counter", "events", 10, 3),), 2000.0)))
     proc = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
                           capture_output=True)
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), (
