@@ -137,3 +137,24 @@ def _grant_and_write(d: Path, nobody: int) -> None:
     os.chown(d, nobody, -1)
     with pytest.raises(PermissionError):  # only a root-owned directory
         textfile.grant(str(d), nobody)
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="prometheus (promtool) missing")
+def test_alert_rules_check_and_name_only_metrics_loaderd_writes() -> None:
+    import json
+    import re
+
+    rules = DEPLOY / "prometheus" / "loaderd.rules.yml"
+    proc = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dashboard = json.loads((DEPLOY / "grafana" / "loaderd-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = set(re.findall(r"\bloaderd_[a-z_]+", rules.read_text() + "\n".join(exprs)))
+    assert used and used <= set(metrics.FAMILIES), used - set(metrics.FAMILIES)
+    for alert in ("LoaderdDrift", "LoaderdApplyRefused", "LoaderdKillSwitchPulled",
+                  "LoaderdForeignProgram"):
+        assert f"alert: {alert}" in rules.read_text()
