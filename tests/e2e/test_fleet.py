@@ -1,6 +1,8 @@
 """Fleet engines as packaged (issue 15), on a real systemd 252 with Debian's own daemons:
 node_exporter on 127.0.0.1 serving loaderd's textfile metrics (values as `loaderctl status
---json` says, `promtool check metrics` clean, the kill switch and drift seen within a tick).
+--json` says, `promtool check metrics` clean, the kill switch and drift seen within a tick);
+the Ansible role applied twice with `ansible-playbook -c local` (second run: no change), then a
+broken spec stopping the play at `validate: loaderd check` with the old set still attached.
 The tests run in file order and share one service."""
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from typing import Any
 
 import pytest
+from conftest import REPO
 from sysd import Systemd
 
 pytestmark = pytest.mark.systemd
@@ -170,3 +173,135 @@ def test_audit_unit_writes_its_own_file(serving: Systemd) -> None:
     assert summary, journal[-2000:]
     assert got["loaderd_foreign_programs"] == int(summary[-1][0])
     assert got["loaderd_foreign_programs_new"] == int(summary[-1][1])
+
+
+def _playbook(sysd: Systemd, deb: str) -> str:
+    """The shipped role, a play as site.yml runs it (serial, max_fail_percentage: 0) on
+    localhost, and the shipped examples as the controller's specs."""
+    top = sysd.hostdir / "files" / "ansible"
+    shutil.rmtree(top, ignore_errors=True)
+    shutil.copytree(REPO / "deploy" / "ansible" / "roles", top / "roles")
+    shutil.copytree(REPO / "configs" / "programs.d", top / "files" / "programs.d")
+    shutil.copy(deb, top / "loaderd.deb")
+    (top / "play.yml").write_text(
+        "---\n- name: Roll out loaderd specs\n  hosts: localhost\n  serial: 1\n"
+        "  max_fail_percentage: 0\n  roles:\n    - role: loaderd\n      vars:\n"
+        "        loaderd_deb: /run/e2e/host/files/ansible/loaderd.deb\n")
+    return "/run/e2e/host/files/ansible"
+
+
+def _play(sysd: Systemd, where: str) -> subprocess.CompletedProcess[str]:
+    return sysd.run("/bin/sh", "-c", f"cd {where} && ansible-playbook -c local -i localhost, "
+                    "play.yml", check=False, timeout=600, env={"ANSIBLE_NOCOLOR": "1"})
+
+
+def _recap(out: str) -> dict[str, int]:
+    line = next(li for li in out.splitlines() if li.startswith("localhost") and "ok=" in li)
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
+
+
+def test_ansible_role_twice_then_a_broken_spec(serving: Systemd, deb: Any) -> None:
+    sysd = serving
+    where = _playbook(sysd, str(deb))
+    first = _play(sysd, where)
+    assert first.returncode == 0, first.stdout[-3000:]
+    second = _play(sysd, where)
+    assert second.returncode == 0 and _recap(second.stdout)["changed"] == 0, second.stdout[-3000:]
+    before = {s["spec"]: [lk["id"] for lk in s["links"]] for s in status_json(sysd)["specs"]}
+    # A broken spec: loaderd check (validate:) refuses it before it replaces anything.
+    spec = sysd.hostdir / "files" / "ansible" / "files" / "programs.d" / "exec_counter.yaml"
+    spec.write_text(spec.read_text().replace("type: tracepoint", "type: tracepiont", 1))
+    broken = _play(sysd, where)
+    assert broken.returncode != 0
+    assert _recap(broken.stdout)["failed"] == 1
+    assert re.search(r"/etc/loaderd/programs.d/exec_counter.yaml|exec_counter", broken.stdout)
+    assert re.search(r":\d+:\d+: programs\[0\]\.type: unknown value \(got 'tracepiont'\)",
+                     broken.stdout), broken.stdout[-3000:]
+    live = sysd.run("cat", "/etc/loaderd/programs.d/exec_counter.yaml").stdout
+    assert "tracepiont" not in live  # the live file was never replaced
+    after = {s["spec"]: [lk["id"] for lk in s["links"]] for s in status_json(sysd)["specs"]}
+    assert after == before  # the old set is still attached, the same links
+    assert sysd.run("loaderd", "status", check=False).returncode == 0
+
+
+# --- audit shipping: loaderd-journal-upload -> systemd-journal-remote on 127.0.0.1 ----------
+
+REMOTE_DIR = "/var/log/journal/remote"
+REMOTE = f"--file={REMOTE_DIR}/*.journal"
+CENTRAL = "central-journal.service"
+ATTACHED = "930fbbaf8f824b9684b1763a0cc74ff8"
+KILL_SWITCH = "25923749acc24a649159ff3f7c274fdb"
+UPLOAD = "loaderd-journal-upload.service"
+
+
+def _central(sysd: Systemd, up: bool) -> None:
+    """The central store: Debian's systemd-journal-remote, plain HTTP on 127.0.0.1."""
+    if up:
+        sysd.run("mkdir", "-p", REMOTE_DIR)
+        sysd.run("systemd-run", f"--unit={CENTRAL}", "/lib/systemd/systemd-journal-remote",
+                 "--listen-http=127.0.0.1:19532", f"--output={REMOTE_DIR}/")
+        deadline = time.monotonic() + 20
+        while sysd.run("/usr/bin/python3", "-c", "import socket; socket.create_connection(("
+                       "'127.0.0.1', 19532), 1)", check=False).returncode != 0:
+            assert time.monotonic() < deadline, sysd.journalctl("-u", CENTRAL).stdout
+            time.sleep(0.2)
+    else:
+        sysd.systemctl("stop", CENTRAL)
+
+
+def _key(e: dict[str, Any]) -> tuple[object, ...]:
+    return (e["_BOOT_ID"], e["__REALTIME_TIMESTAMP"], e["MESSAGE"])
+
+
+def _shipped(e: dict[str, Any]) -> dict[str, object]:
+    return {k: v for k, v in e.items()
+            if k in ("MESSAGE_ID", "PRIORITY", "MESSAGE", "SYSLOG_IDENTIFIER", "_PID", "_UID",
+                     "_SYSTEMD_UNIT") or k.startswith(("LOADERD_", "BPF_"))}
+
+
+@pytest.fixture(scope="module")
+def shipping(serving: Systemd) -> Systemd:
+    sysd = serving
+    sysd.write("/etc/systemd/journal-upload.conf.d/central.conf",
+               "[Upload]\nURL=http://127.0.0.1:19532\n")
+    _central(sysd, up=True)
+    return sysd
+
+
+def test_journal_upload_ships_an_applys_events_intact(shipping: Systemd) -> None:
+    sysd = shipping
+    sysd.run("loaderd", "disable")
+    sysd.run("loaderd", "enable")
+    sysd.systemctl("reload", UNIT, timeout=300)  # builds all four again: ATTACHED events
+    local = sysd.journal_json("SYSLOG_IDENTIFIER=loaderd")
+    sysd.systemctl("start", UPLOAD, timeout=300)
+    remote = sysd.journal_json(REMOTE)
+    attached = sysd.journal_json(f"MESSAGE_ID={ATTACHED}")
+    found = {_key(e): e for e in sysd.journal_json(REMOTE, f"MESSAGE_ID={ATTACHED}")}
+    assert len(attached) >= 4
+    for e in attached:
+        assert _key(e) in found, e["MESSAGE"]
+        assert _shipped(found[_key(e)]) == _shipped(e)
+        assert {"BPF_LINK_ID", "BPF_PROG_ID", "LOADERD_SPEC"} <= set(found[_key(e)])
+    # only what the operator chose (the default MATCHES: loaderd's own entries), all of it
+    assert {e["SYSLOG_IDENTIFIER"] for e in remote} == {"loaderd"}
+    assert {_key(e) for e in local} <= {_key(e) for e in remote}
+    assert len(remote) == len({_key(e) for e in remote})  # none twice
+
+
+def test_journal_upload_store_down_then_up_loses_nothing(shipping: Systemd) -> None:
+    sysd = shipping
+    _central(sysd, up=False)
+    sysd.run("loaderd", "disable")  # events made while the central store is down
+    sysd.run("loaderd", "enable")
+    failed = sysd.systemctl("start", UPLOAD, check=False, timeout=300)
+    assert failed.returncode != 0
+    made = sysd.journal_json(f"MESSAGE_ID={KILL_SWITCH}")
+    _central(sysd, up=True)
+    sysd.systemctl("start", UPLOAD, timeout=300)  # what the timer does 10 s later
+    remote = sysd.journal_json(REMOTE)
+    keys = {_key(e) for e in remote}
+    assert made and {_key(e) for e in made} <= keys
+    assert {_key(e) for e in sysd.journal_json("SYSLOG_IDENTIFIER=loaderd")} <= keys
+    assert len(remote) == len(keys)
+    sysd.systemctl("reload", UNIT, timeout=300)  # the set back for whatever runs next
