@@ -224,6 +224,31 @@ def test_ansible_role_twice_then_a_broken_spec(serving: Systemd, deb: Any) -> No
     assert sysd.run("loaderd", "status", check=False).returncode == 0
 
 
+def test_ansible_refused_reload_fails_the_host_with_the_located_error(serving: Systemd) -> None:
+    """A C file passes no `validate:` of its own (its spec is unchanged): the reload's apply
+    refuses it, and the handler's `loaderd status` fails the host saying where and why."""
+    sysd = serving
+    specs = sysd.hostdir / "files" / "ansible" / "files" / "programs.d"
+    yaml = specs / "exec_counter.yaml"
+    yaml.write_text(yaml.read_text().replace("type: tracepiont", "type: tracepoint", 1))
+    before = {s["spec"]: [lk["id"] for lk in s["links"]] for s in status_json(sysd)["specs"]}
+    c = specs / "exec_counter.bpf.c"
+    good = c.read_text()
+    c.write_text(good + "\nint broken(void) { return undeclared_thing; }\n")
+    try:
+        out = _play(sysd, "/run/e2e/host/files/ansible")
+        assert out.returncode != 0 and _recap(out.stdout)["failed"] == 1, out.stdout[-3000:]
+        assert "last apply REFUSED at" in out.stdout, out.stdout[-3000:]
+        assert re.search(r"exec_counter\.bpf\.c:\d+:\d+: .*undeclared_thing", out.stdout), \
+            out.stdout[-3000:]
+        after = {s["spec"]: [lk["id"] for lk in s["links"]] for s in status_json(sysd)["specs"]}
+        assert after == before  # the old set is still attached
+    finally:
+        c.write_text(good)
+    again = _play(sysd, "/run/e2e/host/files/ansible")
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert sysd.run("loaderd", "status", check=False).returncode == 0
+
 # --- audit shipping: loaderd-journal-upload -> systemd-journal-remote on 127.0.0.1 ----------
 
 REMOTE_DIR = "/var/log/journal/remote"
