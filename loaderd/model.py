@@ -576,6 +576,9 @@ class Settings:
     # journal, check and status): their struct reads return the wrong bytes.
     accept_header_mismatch: bool = False
     signatures: SignaturePolicy = SignaturePolicy()
+    # node_exporter's textfile collector directory (Debian's default): the resident writes
+    # loaderd.prom there when the directory exists; None: no metrics file.
+    metrics_dir: str | None = "/var/lib/prometheus/node-exporter"
     path: str | None = None  # the file it came from
     sha256: str = ""  # of the file and its signatures files ("": the built-in defaults)
 

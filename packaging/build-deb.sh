@@ -50,6 +50,12 @@ done
 inst 0644 "$top/units/loaderd.sysusers" /usr/lib/sysusers.d/loaderd.conf
 inst 0644 "$top/units/loaderd.tmpfiles" /usr/lib/tmpfiles.d/loaderd.conf
 inst 0644 "$top/loaderd/audit/catalog/loaderd.catalog" /usr/lib/systemd/catalog/loaderd.catalog
+# Audit shipping (docs/fleet.md): disabled until the operator enables the timer.
+ju=$top/deploy/journal-upload
+inst 0755 "$ju/loaderd-journal-upload" /usr/lib/loaderd/journal-upload
+inst 0644 "$ju/loaderd-journal-upload.service" /usr/lib/systemd/system/loaderd-journal-upload.service
+inst 0644 "$ju/loaderd-journal-upload.timer" /usr/lib/systemd/system/loaderd-journal-upload.timer
+inst 0644 "$ju/loaderd-journal-upload.default" /usr/share/doc/loaderd/examples/journal-upload/loaderd-journal-upload.default
 
 # Configuration: the daemon settings are a conffile; example specs are documentation, not
 # active (a package should not start loading kernel programs on its own).

@@ -12,7 +12,10 @@ RUNTIME_PKGS="python3-bpfcc python3-systemd python3-prctl python3-yaml python3-s
 python3-jsonschema bpftool iproute2 libbpf1 python3-cryptography"
 # clang/llvm/libbpf-dev: the tests build CO-RE objects (clang -target bpf, llvm-strip).
 # openssh-client: ssh-keygen makes the tests' keys and signatures and is their reference.
-TEST_PKGS="python3-pytest python3-hypothesis python3-venv clang llvm libbpf-dev openssh-client"
+# prometheus (promtool), prometheus-node-exporter, systemd-journal-remote, ansible, ansible-lint:
+# the fleet tests (tests/e2e/test_fleet.py, tests/unit/test_metrics_render.py).
+TEST_PKGS="python3-pytest python3-hypothesis python3-venv clang llvm libbpf-dev openssh-client \
+prometheus prometheus-node-exporter systemd-journal-remote ansible ansible-lint"
 missing=""
 for p in $RUNTIME_PKGS ${LOADERD_SETUP_TEST:+$TEST_PKGS}; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

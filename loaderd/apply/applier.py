@@ -97,6 +97,33 @@ def validate(settings: Settings, specs_dir: str | None = None, *, check_owner: b
     return specs, errors
 
 
+def validate_files(settings: Settings, files: list[str], *, as_path: str | None = None,
+                   check_owner: bool = True) -> tuple[list[Spec], list[LoaderdError]]:
+    """`validate` for spec files on their own (`loaderd check FILE`), not programs_dir: each
+    file parsed (as `as_path`, where it will be installed), policy per spec and for these
+    specs as a set."""
+    owner = settings.config_owner_uid if check_owner else None
+    specs: list[Spec] = []
+    errors: list[LoaderdError] = []
+    for path in files:
+        parsed, errs = spec.parse_spec(path, limits=settings.policy.limits, owner_uid=owner,
+                                       signatures=settings.signatures, as_path=as_path)
+        errors += errs
+        if parsed is None:
+            continue
+        try:
+            policy.check_spec(parsed, settings.policy)
+        except LoaderdError as exc:
+            errors.append(exc.with_file(parsed.path))
+        specs.append(parsed)
+    if not errors:
+        try:
+            policy.check_set(specs, settings.policy)
+        except LoaderdError as exc:
+            errors.append(exc)
+    return specs, errors
+
+
 def generation_files(specs: list[Spec]) -> dict[str, bytes]:
     """What a rollback re-applies: each spec file and its C file, as the bytes that were
     parsed, laid out as in the programs dir (source.file is relative to the spec)."""
@@ -148,6 +175,7 @@ class Applier:
         # `apply --plan FILE`: why the apply's own plan is not the saved one (apply.preview)
         self.expect: PlanCheck | None = None
         self._specs_dir = settings.programs_dir
+        self._started = time.monotonic()  # of the apply under way (its recorded duration)
 
     # --- recovery -------------------------------------------------------------------------
     def recover(self) -> Manifest:
@@ -165,6 +193,7 @@ class Applier:
         """Apply programs_dir (or `specs_dir`), or the generation a rollback holds while
         programs_dir has not changed since."""
         with self.state.exclusive(waiting=self.notify):
+            self._started = time.monotonic()
             hold = self._held(specs_dir)
             if hold is None:
                 return self._apply(specs_dir, jobs=jobs)
@@ -391,7 +420,8 @@ class Applier:
     def _record_last(self, m: Manifest, result: ApplyResult) -> None:
         self.state.clear_refusal()  # /etc and what is applied agree again
         self.state.save(dataclasses.replace(m, last_apply=LastApply(
-            time.time(), result.compiles, tuple(result.built), tuple(result.adopted))))
+            time.time(), result.compiles, tuple(result.built), tuple(result.adopted),
+            round(time.monotonic() - self._started, 6))))
 
     def _refused(self, result: ApplyResult, errors: list[LoaderdError]) -> ApplyResult:
         """One SPEC_REFUSED per file (its first error, the count, the shown ones as detail):

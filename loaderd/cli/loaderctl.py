@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from loaderd.audit import log as audit
 from loaderd.cli.common import (
@@ -96,8 +97,27 @@ def cmd_audit_system(args: argparse.Namespace) -> int:
     view = load_view(args.config)
     report = foreign.run(view, burst=args.burst, window=args.window,
                           baseline=not args.no_baseline)
+    _audit_metrics(view.settings.metrics_dir, report)
     print(to_json(report) if args.json else foreign.render(report))
     return 1 if report["findings"] else 0
+
+
+def _audit_metrics(where: str | None, report: dict[str, Any]) -> None:
+    """loaderd-audit.prom next to the resident's loaderd.prom (the foreign-program alert)."""
+    import time
+
+    from loaderd.observe import metrics
+    from loaderd.store import textfile
+
+    if where is None or not os.path.isdir(where):
+        return
+    text = metrics.render(metrics.audit_samples(
+        len(report["foreign_programs"]), len(report["new_foreign_programs"]),
+        len(report["bursts"]), time.time()))
+    try:
+        textfile.write(where, metrics.AUDIT_FILE_NAME, text)
+    except OSError as exc:
+        print(f"warning: metrics not written to {where}: {exc}", file=sys.stderr)
 
 
 def cmd_compliance(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 from loaderd import privileges
@@ -85,7 +86,7 @@ def _lacks_cap_bpf() -> LoaderdError | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from loaderd.apply.applier import validate
+    from loaderd.apply.applier import validate, validate_files
     from loaderd.bpf import attach, offsets
     from loaderd.stage.pool import sandbox_status, stage_all
 
@@ -95,7 +96,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     # part needs CAP_BPF anyway), so file ownership is not a verdict here; root gets the full one.
     as_root = os.geteuid() == 0
     settings = load_settings(args.config, check_owner=as_root)
-    specs, errors = validate(settings, args.dir, check_owner=as_root)
+    usage = ("give spec FILEs or --dir, not both" if args.files and args.dir else
+             "--as takes exactly one FILE" if args.as_path and len(args.files) != 1 else None)
+    if usage:
+        print(f"loaderd check: {usage}", file=sys.stderr)
+        return 2
+    if args.files:
+        if args.as_path:
+            print(f"checking {args.files[0]} as {args.as_path}")
+        specs, errors = validate_files(settings, args.files, as_path=args.as_path,
+                                       check_owner=as_root)
+    else:
+        specs, errors = validate(settings, args.dir, check_owner=as_root)
     if not as_root:
         print("note: not root: file ownership and modes are not checked (the daemon will)")
     if not errors and not args.no_kernel:
@@ -187,6 +199,14 @@ def parser() -> argparse.ArgumentParser:
         if name == "check":
             sp.add_argument("--no-kernel", action="store_true",
                             help="schema and policy only (no compile, no CAP_BPF needed)")
+            sp.add_argument("files", nargs="*", metavar="FILE",
+                            help="check these spec files on their own instead of the specs "
+                            "directory (any name, any directory: Ansible's `validate: "
+                            "loaderd check --as DEST %%s` checks a temp copy)")
+            sp.add_argument("--as", dest="as_path", metavar="DEST",
+                            help="with one FILE: check it as if installed at DEST (its name, "
+                            "when it has no `name:`, and its relative source.file come from "
+                            "DEST's name and directory)")
         if name == "rollback":
             add_rollback_flags(sp)
         if name == "status":

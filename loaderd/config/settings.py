@@ -65,8 +65,8 @@ def _uid(ctx: _Ctx, name: str) -> int:
 
 
 def _paths(ctx: _Ctx, data: dict[str, Any]) -> None:
-    for key in ("programs_dir", "bpffs_root", "state_dir"):
-        if key in data and os.path.normpath(data[key]) != data[key]:
+    for key in ("programs_dir", "bpffs_root", "state_dir", "metrics_dir"):
+        if data.get(key) is not None and os.path.normpath(data[key]) != data[key]:
             raise ctx.error((key,), "path must be normalized (no '.', '..', '//' or trailing "
                             "'/')", value=data[key])
 
@@ -230,6 +230,7 @@ def _parse(path: str, raw: bytes, *, check_dirs: bool, owner_uid: int | None = 0
         accept_header_mismatch=data.get("accept_header_mismatch",
                                         defaults.accept_header_mismatch),
         signatures=_signatures(ctx, data.get("signatures", {}), owner_uid),
+        metrics_dir=data.get("metrics_dir", defaults.metrics_dir),
         path=path)
     if check_dirs:
         _trusted_dirs(ctx, data, settings)

@@ -68,10 +68,10 @@ def _build_program(f: Collector, i: int, raw: dict[str, Any]) -> ProgramSpec:
                        fallback=tuple(raw.get("fallback", [])), line=f.line(("programs", i)))
 
 
-def _spec_name(f: Collector, data: dict[str, Any]) -> str:
+def _spec_name(f: Collector, data: dict[str, Any], shown: str) -> str:
     if "name" in data:
         return str(data["name"])
-    stem = os.path.basename(f.path).removesuffix(".yaml")
+    stem = os.path.basename(shown).removesuffix(".yaml")
     if NAME_RE.fullmatch(stem) is None:
         f.add(Kind.SEMANTIC, ("name",), f"the file name {stem[:60]!r} is not a valid spec "
               "name; add a `name:` key", allowed=NAME_RE.pattern)
@@ -79,7 +79,7 @@ def _spec_name(f: Collector, data: dict[str, Any]) -> str:
 
 
 def _read_source(f: Collector, data: dict[str, Any], limits: Limits, owner_uid: int | None,
-                 pins_required: bool) -> tuple[bytes, str | None, int] | None:
+                 pins_required: bool, base: str) -> tuple[bytes, str | None, int] | None:
     """(C bytes, C file path or None, line of its first line in its file)."""
     src = data["source"]
     kinds = [k for k in ("file", "inline", "object") if k in src]
@@ -102,7 +102,6 @@ def _read_source(f: Collector, data: dict[str, Any], limits: Limits, owner_uid: 
     kind = "object" if "object" in src else "file"
     at = ("source", kind)
     limit = limits.max_object_bytes if kind == "object" else limits.max_source_bytes
-    base = os.path.dirname(os.path.abspath(f.path))
     try:
         real = trust.check_relative(src[kind], base)
         raw = trust.read_file(real, owner_uid=owner_uid, root_dir=base, max_bytes=limit)
@@ -146,10 +145,13 @@ def _decode_source(f: Collector, raw: bytes, where: str | None) -> str | None:
 
 
 def _read_signature(path: str, yaml_bytes: bytes, root: str, owner_uid: int | None,
-                    policy: SignaturePolicy) -> tuple[bytes | None, SignatureFacts]:
+                    policy: SignaturePolicy, shown: str) -> tuple[bytes | None, SignatureFacts]:
     """The `<spec>.sig` beside the spec (same trust rules) and its verdict, before the YAML
-    is parsed: in enforce mode nothing unsigned reaches the parser."""
-    sig_path = path + signature.SUFFIX
+    is parsed: in enforce mode nothing unsigned reaches the parser. `shown`: where the spec
+    lives (its temp copy's signature is beside the destination)."""
+    sig_path = shown + signature.SUFFIX
+    if shown != path:
+        root = os.path.dirname(os.path.abspath(shown))
     sig = None
     if os.path.lexists(sig_path):
         sig = trust.read_file(sig_path, owner_uid=owner_uid, root_dir=root,
@@ -159,14 +161,18 @@ def _read_signature(path: str, yaml_bytes: bytes, root: str, owner_uid: int | No
 
 def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
                root_dir: str | None = None, signatures: SignaturePolicy | None = None,
-               ) -> tuple[Spec | None, list[LoaderdError]]:
-    """The Spec in `path`, or every error found in it (never both)."""
+               as_path: str | None = None) -> tuple[Spec | None, list[LoaderdError]]:
+    """The Spec in `path`, or every error found in it (never both). `as_path`: where the file
+    is going to live (`loaderd check --as`, Ansible's `validate:` checks a temp copy): the
+    spec's name, when it has no `name:`, its relative source file and its `.sig` (deployed
+    before the spec) come from there."""
     root = root_dir or os.path.dirname(os.path.abspath(path))
     policy = signatures or SignaturePolicy()
     try:
         yaml_bytes = trust.read_file(path, owner_uid=owner_uid, root_dir=root,
                                      max_bytes=limits.max_spec_bytes)
-        sig_bytes, sig_facts = _read_signature(path, yaml_bytes, root, owner_uid, policy)
+        sig_bytes, sig_facts = _read_signature(path, yaml_bytes, root, owner_uid, policy,
+                                               as_path or path)
         data, marks = yamlsafe.load(yaml_bytes, file=path, max_bytes=limits.max_spec_bytes)
     except LoaderdError as exc:
         return None, [exc.with_file(path)]
@@ -174,11 +180,12 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
     if errors:
         return None, cap_per_file(errors)
     f = Collector(path, marks)
-    name = _spec_name(f, data)
+    name = _spec_name(f, data, as_path or path)
     maps = tuple(_build_map(f, i, m) for i, m in enumerate(data.get("maps", [])))
     programs = tuple(_build_program(f, i, p) for i, p in enumerate(data["programs"]))
     pins_required = policy.requires_pins or sig_facts.status is not SignatureStatus.UNSIGNED
-    got = _read_source(f, data, limits, owner_uid, pins_required)
+    got = _read_source(f, data, limits, owner_uid, pins_required,
+                       os.path.dirname(os.path.abspath(as_path or path)))
     is_object = "object" in data["source"]
     text = ("" if is_object else _decode_source(f, got[0], got[1])) if got else None
     semantic.names(f, maps, programs)

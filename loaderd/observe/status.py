@@ -76,7 +76,10 @@ def read_manifest(settings: Settings) -> tuple[Manifest | None, str | None, bool
 
 
 def load_view(config: str | None) -> View:
-    settings = load_default(config)
+    return view_for(load_default(config))
+
+
+def view_for(settings: Settings) -> View:
     manifest, note, refused = read_manifest(settings)
     denied = manifest is None and note is not None and " is not readable by uid " in note
     absent = manifest is None and note is not None and note.startswith("no manifest at ")

@@ -25,8 +25,10 @@ from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.errors import LoaderdError, plural
 from loaderd.model import Settings
-from loaderd.observe import drift
+from loaderd.observe import drift, metrics
+from loaderd.observe import status as status_report
 from loaderd.runtime.eventpump import EventPump
+from loaderd.store import textfile
 from loaderd.store.manifest import EMPTY, Manifest, Status
 from loaderd.store.statedir import Refusal, State, tree_digest
 
@@ -83,6 +85,7 @@ class Daemon:
         self.apply_rc = 0  # the apply child's exit code (run without --no-apply)
         self._shown = ""  # the STATUS= last sent
         self.reloaded = False  # the set shown is the one a `systemctl reload` re-read
+        self._metrics_error: str | None = None  # the write failure last journaled
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -135,6 +138,7 @@ class Daemon:
         # Say what is true now, not what the manifest claims: after a reboot with a refused
         # apply (loaderd-apply.service failed, Wants= let us start) its pins may be gone.
         self.check_drift()
+        self.write_metrics()
         summary = self.summary()
         self._shown = summary
         notify(f"READY=1\nSTATUS={summary}")
@@ -198,6 +202,7 @@ class Daemon:
                 n = len(self.manifest.specs)
                 self.pump.sync(self.manifest)
                 self._show("READY=1\n")
+                self.write_metrics()
                 audit.emit(Event.RELOAD, f"manifest re-read after reload: {self.summary()}",
                            specs=n)
             elif self._state_changed():  # `loaderd disable`/`enable`/`apply` by hand: no SIGHUP
@@ -207,12 +212,14 @@ class Daemon:
                 self.pump.sync(self.manifest)
                 self.check_drift()
                 self._show()
+                self.write_metrics()
                 audit.emit(Event.DAEMON, f"state changed on disk: {self.summary()}",
                            specs=len(self.manifest.specs))
             if time.monotonic() >= next_drift:
                 self.check_drift()
                 next_drift = time.monotonic() + self.drift_interval
                 self._show()
+                self.write_metrics()
             self._wait(tick)  # wakes on events, signals or the tick
             self.pump.pump()
         self.pump.close()
@@ -294,3 +301,27 @@ class Daemon:
                                    spec=name, diffs=diffs)
             self.known_drift = found
             return found
+
+    def write_metrics(self) -> None:
+        """loaderd.prom in node_exporter's textfile directory (settings.metrics_dir), from the
+        same report `loaderctl status --json` prints, when that directory exists. A failed
+        write is journaled once (until it works again): metrics must never stop the daemon."""
+        where = self.settings.metrics_dir
+        if where is None or not os.path.isdir(where):
+            return
+        try:
+            report = status_report.status(status_report.view_for(self.settings))
+            text = metrics.render(metrics.samples(metrics.Inputs(
+                report, self.manifest.last_apply, self.refusal,
+                self.pump.counts() if self.pump else (), time.time())))
+            textfile.write(where, metrics.FILE_NAME, text)
+        except (OSError, LoaderdError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            if why != self._metrics_error:
+                audit.emit(Event.DEGRADED, f"metrics not written to {where}: {why}",
+                           reason="metrics not written", file=where)
+            self._metrics_error = why
+            return
+        if self._metrics_error is not None:
+            audit.emit(Event.DAEMON, f"metrics written to {where} again", file=where)
+        self._metrics_error = None

@@ -20,6 +20,7 @@ from loaderd.bpf import kernel
 from loaderd.errors import LoaderdError
 from loaderd.layout import Field, decode, parse_layout
 from loaderd.model import Settings
+from loaderd.observe.metrics import RingCount
 from loaderd.runtime import ringbuf
 from loaderd.store.manifest import Manifest
 
@@ -37,6 +38,7 @@ class _Ring:
     layout: tuple[Field, ...]
     limit: ringbuf.RateLimit
     reported: int = 0
+    read: int = 0  # records consumed (journaled + dropped by the rate limit)
 
 
 class EventPump:
@@ -48,7 +50,7 @@ class EventPump:
     def sync(self, manifest: Manifest) -> None:
         """(Re)open the rings the applied specs declare; after a reload the maps may be new.
         Rate limits carry over: a reload must not grant a fresh burst."""
-        limits = {(r.spec, r.map): (r.limit, r.reported) for r in self.rings}
+        limits = {(r.spec, r.map): (r.limit, r.reported, r.read) for r in self.rings}
         self.close()
         for name, record in manifest.specs.items():
             for mname, layout in record.events.items():
@@ -63,9 +65,10 @@ class EventPump:
                     audit.emit(Event.DAEMON, f"{name}/{mname}: cannot read events: {exc}",
                                spec=name, map=mname)
                     continue
-                limit, reported = limits.get((name, mname), (ringbuf.RateLimit(self.rate), 0))
+                limit, reported, read = limits.get((name, mname),
+                                                   (ringbuf.RateLimit(self.rate), 0, 0))
                 self.rings.append(_Ring(name, mname, fd, ring, parse_layout(layout),
-                                        limit, reported))
+                                        limit, reported, read))
 
     def fds(self) -> list[int]:
         """Ring fds to poll: readable when records are waiting."""
@@ -76,6 +79,7 @@ class EventPump:
         sent = 0
         for r in self.rings:
             for record in r.ring.consume(MAX_PER_PUMP):
+                r.read += 1
                 if not r.limit.allow():
                     continue
                 self.journal(r.spec, r.map, record, r.layout)
@@ -87,6 +91,10 @@ class EventPump:
                            dropped=r.limit.dropped - r.reported, rate_limit=self.rate)
                 r.reported = r.limit.dropped
         return sent
+
+    def counts(self) -> tuple[RingCount, ...]:
+        """Records read and dropped per ring since the resident started (metrics)."""
+        return tuple(RingCount(r.spec, r.map, r.read, r.limit.dropped) for r in self.rings)
 
     def journal(self, spec: str, map_name: str, record: bytes,
                 layout: tuple[Field, ...]) -> None:

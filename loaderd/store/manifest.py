@@ -101,6 +101,7 @@ class LastApply:
     compiles: int
     built: tuple[str, ...]
     adopted: tuple[str, ...]
+    duration: float | None = None  # seconds from the lock taken to the manifest saved
 
 
 @dataclass(frozen=True)
@@ -302,9 +303,14 @@ def parse(data: bytes, path: str, pin_root: str | None = None) -> Manifest:
             at = la.get("at")
             if isinstance(at, bool) or not isinstance(at, int | float):
                 raise _Bad("last_apply.at", "expected a time")
+            took = la.get("duration")
+            if took is not None and (isinstance(took, bool) or not isinstance(took, int | float)
+                                     or not 0 <= took < 1e6):
+                raise _Bad("last_apply.duration", "expected seconds")
             last = LastApply(float(at), _int(la.get("compiles", 0), "last_apply.compiles"),
                              _names(la.get("built", []), "last_apply.built"),
-                             _names(la.get("adopted", []), "last_apply.adopted"))
+                             _names(la.get("adopted", []), "last_apply.adopted"),
+                             None if took is None else float(took))
         written = top.get("written_at")
         if written is not None and (isinstance(written, bool)
                                     or not isinstance(written, int | float)):
@@ -403,4 +409,6 @@ def to_dict(m: Manifest) -> dict[str, Any]:
         la = m.last_apply
         d["last_apply"] = {"at": la.at, "compiles": la.compiles, "built": list(la.built),
                            "adopted": list(la.adopted)}
+        if la.duration is not None:
+            d["last_apply"]["duration"] = la.duration
     return d
