@@ -42,7 +42,7 @@ def test_temp_copy_checked_as_its_destination(dirs: tuple[Path, Path]) -> None:
     dest = live / "exec_counter.yaml"
     ok = _check("--as", str(dest), str(tmp / "source"))
     assert ok.returncode == 0, ok.stderr
-    assert f"checking {tmp}/source as {dest}" in ok.stdout and "1 specs, 0 errors" in ok.stdout
+    assert f"checking {tmp}/source as {dest}" in ok.stdout and "1 spec, 0 errors" in ok.stdout
 
 
 def test_errors_are_located_in_the_checked_file(dirs: tuple[Path, Path]) -> None:
