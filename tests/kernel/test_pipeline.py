@@ -50,8 +50,9 @@ def read_u64(pin: str, key: int = 0) -> int:
 
 def test_examples_load_pin_and_bpftool_finds_them(config: Path, bpffs_root: str) -> None:
     out = loaderd("--config", str(config), "apply")
-    assert "compiles 4" in out.stdout
+    assert "compiles 5" in out.stdout
     expected = {
+        "exec_events": (["on_exec"], ["execs"], "tracepoint"),
         "exec_counter": (["count_exec"], ["exec_count"], "tracepoint"),
         "xdp_counter": (["xdp_count"], ["xdp_stats"], "xdp"),
         "udp_filter": (["drop_long"], ["filter_config", "filter_stats"], "socket_filter"),

@@ -72,11 +72,12 @@ def test_resident_never_maps_bcc_and_restart_compiles_nothing(tmp_path: Path,
     try:
         second.wait_ready(240, lambda: sample(second.pid))
         warm = json.loads(manifest_path.read_text())
-        assert warm["last_apply"]["compiles"] == 0
-        assert warm["last_apply"]["built"] == []
-        assert sorted(warm["last_apply"]["adopted"]) == ["count_0", "count_1"]
+        # Nothing changed: the manifest is not rewritten; the adopted event says what was done.
+        assert warm == cold
         assert prog_ids(warm) == prog_ids(cold)  # the same kernel objects, adopted
-        assert events(second.log_path, "adopted")
+        adopted = [json.loads(ln) for ln in events(second.log_path, "adopted")]
+        assert adopted and adopted[0]["compiles"] == 0, adopted
+        assert sorted(adopted[0]["specs"]) == ["count_0", "count_1"]
 
         second.proc.send_signal(signal.SIGHUP)  # reload: re-reads the manifest
         # sd_notify: RELOADING=1 with MONOTONIC_USEC, then READY=1 once re-read.
