@@ -119,9 +119,10 @@ def test_package_installs_like_a_package(installed: Systemd) -> None:
                  "/etc/loaderd/loaderd.yaml"):
         installed.run("test", "-e", path)
     assert "loaderd-readers" in installed.run("id", "-nG", "loaderd").stdout
-    # postinst ran systemd-tmpfiles: the pin root exists, owned by the service user.
-    owner = installed.run("stat", "-c", "%U:%G %a", ROOT).stdout.split()
-    assert owner == ["loaderd:loaderd-readers", "750"]
+    # postinst ran systemd-tmpfiles on loaderd's own directories; the pin root (on the
+    # host-wide bpffs) waits for the first start (test_package_lifecycle.py).
+    owner = installed.run("stat", "-c", "%U:%G %a", "/var/lib/loaderd").stdout.split()
+    assert owner == ["loaderd:loaderd", "751"]
     assert installed.run("dpkg-query", "-W", "-f", "${Status}", "loaderd").stdout == \
         "install ok installed"
     # Enabling the resident is all an operator does: the apply unit is static, pulled in by
@@ -137,6 +138,9 @@ def test_package_installs_like_a_package(installed: Systemd) -> None:
 def test_start_reaches_active_with_examples_pinned(started: Systemd) -> None:
     props = started.show(UNIT, "ActiveState", "SubState", "StatusText", "User")
     assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
+    # The apply's ExecStartPre= made the pin root, owned by the service user.
+    owner = started.run("stat", "-c", "%U:%G %a", ROOT).stdout.split()
+    assert owner == ["loaderd:loaderd-readers", "750"]
     # The apply ran first (Wants=/After=) and exited successfully.
     applied = started.show(APPLY, "ActiveState", "Result", "ExecMainStatus")
     assert (applied["Result"], applied["ExecMainStatus"]) == ("success", "0"), applied
