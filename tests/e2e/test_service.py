@@ -419,15 +419,19 @@ def test_cli_wrappers(started: Systemd) -> None:
     assert "exec_counter" in started.run("loaderctl", "status").stdout
 
 
-def test_remove_keeps_programs_purge_removes_state(started: Systemd) -> None:
+def test_remove_detaches_programs_purge_removes_state(started: Systemd) -> None:
+    """Removing the package turns loaderd off: the kill switch runs while its tools are still
+    installed (stopping the service alone detaches nothing: test_stop_leaves_programs_attached).
+    The lifecycle in depth: test_package_lifecycle.py."""
+    pin = f"{ROOT}/exec_counter/progs/count_exec"
+    prog = bpftool(started, "prog", "show", "pinned", pin)["id"]
     started.run("dpkg", "-r", "loaderd", timeout=300)
     started.run("test", "!", "-e", "/usr/lib/systemd/system/loaderd.service")
-    before = counter(started)
-    started.run("/bin/true")
+    started.run("test", "!", "-e", pin)
     deadline = time.monotonic() + 10
-    while counter(started) <= before and time.monotonic() < deadline:
+    while started.run("bpftool", "prog", "show", "id", str(prog), check=False).returncode == 0:
+        assert time.monotonic() < deadline, "count_exec still loaded after remove"
         time.sleep(0.1)
-    assert counter(started) > before  # removing the package detaches nothing
     started.run("test", "-d", "/var/lib/loaderd")
     started.run("dpkg", "-P", "loaderd", timeout=300)
     started.run("test", "!", "-e", "/var/lib/loaderd")
