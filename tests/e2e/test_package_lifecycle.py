@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from sysd import Systemd
 
+import loaderd
 from loaderd.audit.log import Event
 
 pytestmark = pytest.mark.systemd
@@ -117,6 +118,11 @@ def test_install_changes_no_host_mode_until_the_service_starts(host: Systemd, de
     assert sysd.run("test", "-e", ROOT, check=False).returncode == 1
     assert mode(sysd, TRACING) == "700 root:root"
     assert mode(sysd, EVENT_ID) == "440 root:root"
+    # The tools say their version; man finds their pages.
+    for tool in ("loaderd", "loaderctl"):
+        assert sysd.run(tool, "--version").stdout == f"{tool} {loaderd.__version__}\n"
+    for page in ("loaderd", "loaderctl", "loaderd.yaml", "loaderd-spec"):
+        assert sysd.run("man", "-w", page).stdout.strip().endswith(".gz"), page
     # The package's own directories are there (tmpfiles.d at install).
     assert mode(sysd, "/var/lib/loaderd") == "751 loaderd:loaderd"
     assert mode(sysd, "/etc/loaderd/programs.d") == "755 root:root"
