@@ -134,6 +134,20 @@ def test_install_changes_no_host_mode_until_the_service_starts(host: Systemd, de
     assert mode(sysd, EVENT_ID) == "440 root:loaderd"
 
 
+def test_upgrade_restarts_and_keeps_programs_attached(host: Systemd, deb: Path) -> None:
+    """Reinstalling (dpkg's upgrade path: prerm upgrade, postinst configure OLD) restarts the
+    running service into the new code; the kill switch is for removal only, so the same
+    programs stay attached (re-adopted, not reloaded)."""
+    sysd = host
+    ids = running(sysd, deb)
+    before = sysd.show("loaderd.service", "ExecMainPID")["ExecMainPID"]
+    sysd.install_deb(deb)
+    sysd.wait_for("loaderd.service", "active")
+    assert sysd.show("loaderd.service", "ExecMainPID")["ExecMainPID"] != before  # restarted
+    assert sorted(prog_ids(sysd)) == sorted(ids)
+    assert sysd.systemctl("is-enabled", "loaderd.service").stdout.strip() == "enabled"
+
+
 def running(sysd: Systemd, deb: Path) -> list[int]:
     """Installed, started with the specs (each test stands alone): the programs' ids."""
     if sysd.run("dpkg-query", "-W", "-f", "${Status}", "loaderd",
