@@ -74,9 +74,11 @@ _HINTS = {
     errno.EROFS: "a writable bpffs (under systemd, ProtectKernelTunables= makes /sys/fs/bpf "
                  "read-only: the unit needs ReadWritePaths= for loaderd's bpffs_root)",
     errno.EACCES: "a directory the loading user may write (systemd mounts /sys/fs/bpf 0700: "
-                  "loaderd's tmpfiles.d makes it 0711 and gives the pin root to the user)",
+                  "loaderd-apply.service's ExecStartPre= makes it 0711 and gives the pin root "
+                  "to the user: /usr/lib/loaderd/loaderd-host.tmpfiles)",
     errno.EPERM: "an owner or mode loaderd's user may change (root-owned pins: "
-                 "systemd-tmpfiles --create loaderd.conf hands them to the service user)",
+                 "systemd-tmpfiles --create /usr/lib/loaderd/loaderd-host.tmpfiles hands them to "
+                 "the service user)",
 }
 
 

@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from loaderd import __version__
 from loaderd.config.settings import DEFAULT_CONFIG, load_default
 from loaderd.errors import LoaderdError, count, names, plural
 
@@ -73,6 +74,9 @@ def add_global_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=os.environ.get("LOADERD_CONFIG"),
                    help=f"daemon settings file (default {DEFAULT_CONFIG} if it exists)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    # The one version: loaderd.__version__ (pyproject.toml reads it; debian/changelog is
+    # checked against it by tests/unit/test_docgen.py).
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
 def add_command(sub: Any, name: str, func: Callable[[argparse.Namespace], int],

@@ -47,8 +47,9 @@ class _Mode:
 
 
 def _tracefs_modes() -> dict[str, _Mode]:
-    """tracefs is the one piece of host state the unit's tmpfiles.d touches (it is shared with
-    the namespace): remember it to put it back."""
+    """tracefs is the one piece of host state the apply unit's host grants
+    (/usr/lib/loaderd/loaderd-host.tmpfiles) touch (it is shared with the namespace), and the
+    package's removal puts back: remember it to put it back."""
     paths = [TRACEFS, *glob.glob(f"{TRACEFS}/events/*/*/id")]
     out: dict[str, _Mode] = {}
     for p in paths:

@@ -7,7 +7,7 @@ tmpfs, /run and /tmp are fresh tmpfs, /sys/fs/cgroup is a cgroup2 view of a priv
 `dpkg -i` inside, users created by systemd-sysusers, pins made by the daemon: all of it vanishes
 when the namespace dies. Kernel objects are global, but without the private bpffs pins they lose
 their last reference, so programs a test attached are detached at teardown. tracefs is shared:
-callers that let the unit's tmpfiles.d change its modes put them back (see conftest.py).
+callers that let the apply unit's host grants change its modes put them back (see conftest.py).
 
 Usable from Python (`Systemd`) and, for poking around by hand, from the shell:
     /usr/bin/python3 tests/e2e/sysd.py boot NAME      # prints the PID 1 (host pid)

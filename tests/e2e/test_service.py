@@ -119,9 +119,10 @@ def test_package_installs_like_a_package(installed: Systemd) -> None:
                  "/etc/loaderd/loaderd.yaml"):
         installed.run("test", "-e", path)
     assert "loaderd-readers" in installed.run("id", "-nG", "loaderd").stdout
-    # postinst ran systemd-tmpfiles: the pin root exists, owned by the service user.
-    owner = installed.run("stat", "-c", "%U:%G %a", ROOT).stdout.split()
-    assert owner == ["loaderd:loaderd-readers", "750"]
+    # postinst ran systemd-tmpfiles on loaderd's own directories; the pin root (on the
+    # host-wide bpffs) waits for the first start (test_package_lifecycle.py).
+    owner = installed.run("stat", "-c", "%U:%G %a", "/var/lib/loaderd").stdout.split()
+    assert owner == ["loaderd:loaderd", "751"]
     assert installed.run("dpkg-query", "-W", "-f", "${Status}", "loaderd").stdout == \
         "install ok installed"
     # Enabling the resident is all an operator does: the apply unit is static, pulled in by
@@ -137,6 +138,9 @@ def test_package_installs_like_a_package(installed: Systemd) -> None:
 def test_start_reaches_active_with_examples_pinned(started: Systemd) -> None:
     props = started.show(UNIT, "ActiveState", "SubState", "StatusText", "User")
     assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
+    # The apply's ExecStartPre= made the pin root, owned by the service user.
+    owner = started.run("stat", "-c", "%U:%G %a", ROOT).stdout.split()
+    assert owner == ["loaderd:loaderd-readers", "750"]
     # The apply ran first (Wants=/After=) and exited successfully.
     applied = started.show(APPLY, "ActiveState", "Result", "ExecMainStatus")
     assert (applied["Result"], applied["ExecMainStatus"]) == ("success", "0"), applied
@@ -429,15 +433,19 @@ def test_cli_wrappers(started: Systemd) -> None:
     assert "exec_counter" in started.run("loaderctl", "status").stdout
 
 
-def test_remove_keeps_programs_purge_removes_state(started: Systemd) -> None:
+def test_remove_detaches_programs_purge_removes_state(started: Systemd) -> None:
+    """Removing the package turns loaderd off: the kill switch runs while its tools are still
+    installed (stopping the service alone detaches nothing: test_stop_leaves_programs_attached).
+    The lifecycle in depth: test_package_lifecycle.py."""
+    pin = f"{ROOT}/exec_counter/progs/count_exec"
+    prog = bpftool(started, "prog", "show", "pinned", pin)["id"]
     started.run("dpkg", "-r", "loaderd", timeout=300)
     started.run("test", "!", "-e", "/usr/lib/systemd/system/loaderd.service")
-    before = counter(started)
-    started.run("/bin/true")
+    started.run("test", "!", "-e", pin)
     deadline = time.monotonic() + 10
-    while counter(started) <= before and time.monotonic() < deadline:
+    while started.run("bpftool", "prog", "show", "id", str(prog), check=False).returncode == 0:
+        assert time.monotonic() < deadline, "count_exec still loaded after remove"
         time.sleep(0.1)
-    assert counter(started) > before  # removing the package detaches nothing
     started.run("test", "-d", "/var/lib/loaderd")
     started.run("dpkg", "-P", "loaderd", timeout=300)
     started.run("test", "!", "-e", "/var/lib/loaderd")
