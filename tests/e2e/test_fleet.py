@@ -305,6 +305,19 @@ def test_ansible_refused_reload_fails_the_host_with_the_located_error(serving: S
     assert again.returncode == 0, again.stdout[-3000:]
     assert sysd.run("loaderd", "status", check=False).returncode == 0
 
+def test_ansible_refuses_an_empty_specs_dir(serving: Systemd) -> None:
+    """A mistyped loaderd_specs_dir must not prune every spec on every host."""
+    sysd = serving
+    top = sysd.hostdir / "files" / "ansible"
+    (top / "empty.yml").write_text((top / "play.yml").read_text().replace(
+        "      vars:\n", "      vars:\n        loaderd_specs_dir: /nonexistent\n"))
+    out = sysd.run("/bin/sh", "-c", "cd /run/e2e/host/files/ansible && ansible-playbook -c "
+                   "local -i localhost, empty.yml", check=False, timeout=600,
+                   env={"ANSIBLE_NOCOLOR": "1"})
+    assert out.returncode != 0 and "no *.yaml specs in /nonexistent" in out.stdout, out.stdout
+    assert len(status_json(sysd)["specs"]) == 4
+    assert sysd.run("ls", "/etc/loaderd/programs.d").stdout.count(".yaml") == 4
+
 # --- audit shipping: loaderd-journal-upload -> systemd-journal-remote on 127.0.0.1 ----------
 
 REMOTE_DIR = "/var/log/journal/remote"
