@@ -93,8 +93,10 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
 def write_settings(tmp_path: Path, bpffs_root: str, specs: Path, extra: str = "") -> Path:
     state = tmp_path / "state"
     conf = tmp_path / "loaderd.yaml"
+    # No metrics file in the host's node_exporter directory (the default when it exists).
+    metrics = "" if "metrics_dir" in extra else "metrics_dir: null\n"
     conf.write_text(f"loaderd: 1\nprograms_dir: {specs}\nbpffs_root: {bpffs_root}\n"
-                    f"state_dir: {state}\n{extra}")
+                    f"state_dir: {state}\n{metrics}{extra}")
     return conf
 
 

@@ -222,6 +222,7 @@ class Daemon:
                 self.write_metrics()
             self._wait(tick)  # wakes on events, signals or the tick
             self.pump.pump()
+        self.write_metrics()  # final counters: what was journaled before the stop
         self.pump.close()
         notify("STOPPING=1")
         audit.emit(Event.DAEMON, "stopping; pinned programs stay attached", pid=os.getpid())

@@ -161,6 +161,62 @@ def test_kill_switch_and_a_refused_apply_in_the_metrics(serving: Systemd) -> Non
     assert "loaderd_last_refusal_timestamp_seconds" not in got
 
 
+EXECS = """loaderd: 1
+source:
+  inline: |
+    struct ev { u32 pid; char comm[16]; };
+    int on_exec(void *ctx) {
+        struct ev *e = exec_events.ringbuf_reserve(sizeof(struct ev));
+        if (!e)
+            return 0;
+        e->pid = bpf_get_current_pid_tgid() >> 32;
+        bpf_get_current_comm(&e->comm, sizeof(e->comm));
+        exec_events.ringbuf_submit(e, 0);
+        return 0;
+    }
+maps:
+  - name: exec_events
+    type: ringbuf
+    max_entries: 16384
+    events: {layout: "pid:u32,comm:bytes16"}
+programs:
+  - {name: on_exec, type: tracepoint, attach: {tracepoint: "sched:sched_process_exec"}}
+"""
+
+
+def test_event_counters_match_the_journal(serving: Systemd) -> None:
+    """Records read = journaled BPF_EVENTs + dropped by the rate limit, and the dropped ones
+    are the EVENTS_DROPPED events' sum (counted from the resident's start to its stop, when it
+    writes the file one last time)."""
+    sysd = serving
+    conf = "/etc/loaderd/loaderd.yaml"
+    sysd.run("cp", conf, "/run/loaderd.yaml.orig")
+    sysd.sh(f"sed -i 's/^    max_map_memory: .*/&\\n    max_event_rate: 5/' {conf}")
+    sysd.write("/etc/loaderd/programs.d/zz_execs.yaml", EXECS)
+    try:
+        sysd.systemctl("reload", UNIT, timeout=300)
+        sysd.systemctl("restart", UNIT, timeout=300)  # the resident reads the rate at start
+        invocation = sysd.show(UNIT, "InvocationID")["InvocationID"]
+        sysd.sh("for i in $(seq 40); do /bin/true; done")
+        time.sleep(2)
+        sysd.systemctl("stop", UNIT)
+        got = loaderd_samples(sysd.run("cat", f"{TEXTFILE_DIR}/loaderd.prom").stdout)
+        key = '{map="exec_events",spec="zz_execs"}'
+        read, dropped = got[f"loaderd_events_read_total{key}"], \
+            got[f"loaderd_events_dropped_total{key}"]
+        mine = f"_SYSTEMD_INVOCATION_ID={invocation}"
+        journaled = len(sysd.journal_json(mine, "LOADERD_EVENT=bpf_event"))
+        reported = sum(int(str(e["LOADERD_DROPPED"])) for e in sysd.journal_json(
+            mine, "LOADERD_EVENT=events_dropped"))
+        assert read >= 40 and dropped > 0, got
+        assert read == journaled + dropped and dropped == reported, (read, journaled, dropped,
+                                                                     reported)
+    finally:
+        sysd.run("rm", "-f", "/etc/loaderd/programs.d/zz_execs.yaml")
+        sysd.run("cp", "/run/loaderd.yaml.orig", conf)
+        sysd.systemctl("reload", UNIT, check=False, timeout=300)
+        sysd.systemctl("start", UNIT, timeout=300)
+
 def test_audit_unit_writes_its_own_file(serving: Systemd) -> None:
     """The foreign-program alert's input comes from loaderd-audit.service (CAP_SYS_ADMIN: it
     alone can enumerate programs)."""
@@ -249,6 +305,19 @@ def test_ansible_refused_reload_fails_the_host_with_the_located_error(serving: S
     assert again.returncode == 0, again.stdout[-3000:]
     assert sysd.run("loaderd", "status", check=False).returncode == 0
 
+def test_ansible_refuses_an_empty_specs_dir(serving: Systemd) -> None:
+    """A mistyped loaderd_specs_dir must not prune every spec on every host."""
+    sysd = serving
+    top = sysd.hostdir / "files" / "ansible"
+    (top / "empty.yml").write_text((top / "play.yml").read_text().replace(
+        "      vars:\n", "      vars:\n        loaderd_specs_dir: /nonexistent\n"))
+    out = sysd.run("/bin/sh", "-c", "cd /run/e2e/host/files/ansible && ansible-playbook -c "
+                   "local -i localhost, empty.yml", check=False, timeout=600,
+                   env={"ANSIBLE_NOCOLOR": "1"})
+    assert out.returncode != 0 and "no *.yaml specs in /nonexistent" in out.stdout, out.stdout
+    assert len(status_json(sysd)["specs"]) == 4
+    assert sysd.run("ls", "/etc/loaderd/programs.d").stdout.count(".yaml") == 4
+
 # --- audit shipping: loaderd-journal-upload -> systemd-journal-remote on 127.0.0.1 ----------
 
 REMOTE_DIR = "/var/log/journal/remote"
@@ -322,11 +391,14 @@ def test_journal_upload_store_down_then_up_loses_nothing(shipping: Systemd) -> N
     failed = sysd.systemctl("start", UPLOAD, check=False, timeout=300)
     assert failed.returncode != 0
     made = sysd.journal_json(f"MESSAGE_ID={KILL_SWITCH}")
+    # Taken before the upload: the resident journals the state change on its own tick, maybe
+    # after it (that entry goes with the next batch).
+    local = sysd.journal_json("SYSLOG_IDENTIFIER=loaderd")
     _central(sysd, up=True)
     sysd.systemctl("start", UPLOAD, timeout=300)  # what the timer does 10 s later
     remote = sysd.journal_json(REMOTE)
     keys = {_key(e) for e in remote}
     assert made and {_key(e) for e in made} <= keys
-    assert {_key(e) for e in sysd.journal_json("SYSLOG_IDENTIFIER=loaderd")} <= keys
+    assert {_key(e) for e in local} <= keys
     assert len(remote) == len(keys)
     sysd.systemctl("reload", UNIT, timeout=300)  # the set back for whatever runs next
