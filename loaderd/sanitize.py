@@ -277,7 +277,9 @@ class Sanitizer:
         if isinstance(value, bytes | bytearray):
             msg = bytes(value)
         elif isinstance(value, str | int):
-            msg = str(value).encode()
+            # surrogatepass: a str from JSON ("\udcff") or a surrogateescape'd name has lone
+            # surrogates, which strict UTF-8 refuses (found by tests/fuzz)
+            msg = str(value).encode("utf-8", "surrogatepass")
         else:
             msg = json.dumps(value, sort_keys=True, default=str).encode()
         return PSEUDONYM_PREFIX + hmac.new(self.key.secret, msg, hashlib.sha256).hexdigest()[:24]
