@@ -10,6 +10,7 @@ the result is the old set or the new set, never a mix.
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
 import errno
 import os
@@ -59,11 +60,22 @@ class ApplyResult:
         return len(self.built)
 
 
-def new_txid() -> str:
-    """Sortable by time (generations are ordered by it), unique across processes."""
+def txid_ns(txid: str) -> int:
+    """The time a txid names, in ns since the epoch (UTC)."""
+    stamp, ns, _rand = txid.split("-")
+    return calendar.timegm(time.strptime(stamp, "%Y%m%dt%H%M%S")) * 1_000_000_000 + int(ns)
+
+
+def new_txid(after: str | None = None) -> str:
+    """Sortable in apply order (generations, rollback and pruning go by it), unique across
+    processes. `after`: the newest txid already used; the new one sorts after it even when the
+    wall clock stepped back (NTP, an RTC reset): then it names that txid's time + 1 ns, and
+    txids stay ordered by apply, not by clock. A step forward is just a later name."""
     now = time.time_ns()
-    return (time.strftime("%Y%m%dt%H%M%S", time.gmtime(now / 1e9))
-            + f"-{now % 1_000_000_000:09d}-{secrets.token_hex(3)}")
+    if after is not None and now <= txid_ns(after):
+        now = txid_ns(after) + 1
+    sec, ns = divmod(now, 1_000_000_000)
+    return time.strftime("%Y%m%dt%H%M%S", time.gmtime(sec)) + f"-{ns:09d}-{secrets.token_hex(3)}"
 
 
 def validate(settings: Settings, specs_dir: str | None = None, *, check_owner: bool = True
@@ -149,7 +161,10 @@ class Applier:
                                " nothing to compile", specs=result.adopted, compiles=0)
                 self._record_last(current, result)
                 return result
-            txid = result.txid = new_txid()
+            # After every txid in use (under the lock): a clock stepped back must not make
+            # this apply sort before the one it replaces
+            txid = result.txid = new_txid(max([current.txid or "", *self.state.generations()])
+                                          or None)
             records = self._build(txid, to_build, current, result.adopted, jobs)
         except _Refused as refusal:
             return self._refused(result, refusal.errors)
