@@ -134,7 +134,8 @@ def _create_key(path: str) -> bytes:
         if os.geteuid() == 0:  # root (loaderctl) creating it must not lock out the daemon user
             st = os.stat(os.path.dirname(path) or ".")
             os.fchown(fd, st.st_uid, st.st_gid)
-        os.write(fd, secret)
+        if os.write(fd, secret) != len(secret):  # disk full: a shorter key is no key
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

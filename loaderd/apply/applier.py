@@ -11,11 +11,13 @@ the result is the old set or the new set, never a mix.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import dataclasses
 import errno
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from loaderd import faults, policy, privileges
@@ -136,8 +138,18 @@ class Applier:
 
     # --- apply ----------------------------------------------------------------------------
     def apply(self, specs_dir: str | None = None, *, jobs: int | None = None) -> ApplyResult:
-        with self.state.exclusive(waiting=self.notify):
+        with self.state.exclusive(waiting=self.notify), self._marked():
             return self._apply(specs_dir, jobs=jobs)
+
+    @contextlib.contextmanager
+    def _marked(self) -> Iterator[None]:
+        """The applying marker for the length of an apply: left behind only by one killed
+        before it ended (State.interrupted)."""
+        self.state.mark_applying()
+        try:
+            yield
+        finally:
+            self.state.clear_applying()
 
     def _apply(self, specs_dir: str | None = None, *, jobs: int | None = None,
                trusted_owner: int | None = None) -> ApplyResult:
@@ -170,7 +182,14 @@ class Applier:
             return self._refused(result, refusal.errors)
         result.built = sorted(s.name for s in to_build)
         faults.point("after_attach")
-        self._commit(txid, records, specs, result)
+        try:
+            pending = self.state.save(Manifest(status=Status.PENDING, txid=txid,
+                                               specs=records, removed=tuple(result.removed)))
+        except LoaderdError as exc:  # e.g. ENOSPC: not committed, so nothing changed
+            self._discard(txid)
+            result.txid = None
+            return self._refused(result, [exc])
+        self._commit(txid, pending, specs, result)
         return result
 
     def _current(self) -> Manifest:
@@ -241,11 +260,9 @@ class Applier:
                 raise _Refused([exc.with_file(spec_of[st.name].path)]) from None
         return records
 
-    def _commit(self, txid: str, records: dict[str, SpecRecord], specs: list[Spec],
+    def _commit(self, txid: str, pending: Manifest, specs: list[Spec],
                 result: ApplyResult) -> None:
-        # The commit point: from here recovery rolls forward.
-        pending = self.state.save(Manifest(status=Status.PENDING, txid=txid, specs=records,
-                                           removed=tuple(result.removed)))
+        """`pending` is on disk: the commit point; from here recovery rolls forward."""
         try:
             committed = self.tx.commit(pending)
         except LoaderdError as exc:  # past the commit point there is no "unchanged" to report
@@ -295,8 +312,12 @@ class Applier:
 
     def _record_last(self, m: Manifest, result: ApplyResult) -> None:
         self.state.clear_refusal()  # /etc and what is applied agree again
-        self.state.save(dataclasses.replace(m, last_apply=LastApply(
-            time.time(), result.compiles, tuple(result.built), tuple(result.adopted))))
+        try:
+            self.state.save(dataclasses.replace(m, last_apply=LastApply(
+                time.time(), result.compiles, tuple(result.built), tuple(result.adopted))))
+        except LoaderdError as exc:  # the set is committed; only the record of it is stale
+            audit.emit(Event.DEGRADED, f"last-apply record not saved: {exc}",
+                       reason="last apply not recorded")
 
     def _refused(self, result: ApplyResult, errors: list[LoaderdError]) -> ApplyResult:
         """One SPEC_REFUSED per file (its first error, the count, the shown ones as detail):
@@ -379,7 +400,7 @@ class Applier:
 
     def rollback(self) -> ApplyResult:
         """Re-apply the generation before the current one."""
-        with self.state.exclusive(waiting=self.notify):
+        with self.state.exclusive(waiting=self.notify), self._marked():
             return self._rollback()
 
     def _rollback(self) -> ApplyResult:

@@ -26,7 +26,9 @@ from typing import Any
 
 from .engine import HANG_S, Corpus, Finding, Gen, Targets, indices, install_alarm, workdir_base
 
-WATCHDOG_S = 10 * HANG_S  # no progress that long: the alarm could not break in
+# No progress that long (wall clock): the alarm could not break in. Generous: on a shared host
+# the 1 s of CPU an alarmed input may spend, twice (the re-run), can take many seconds.
+WATCHDOG_S = 60 * HANG_S
 PROGRESS_S = 60.0
 
 
@@ -113,11 +115,12 @@ def run(seed: int, count: int, start: int, jobs: int, plant: bool, time_limit: f
             elif now - seen[w][1] > WATCHDOG_S or not p.is_alive():
                 # Stuck where the alarm cannot reach, or died (a crash of the interpreter):
                 # a finding at that input; a fresh worker takes the rest of its share.
-                why = "hang" if p.is_alive() else f"worker died (exit {p.exitcode})"
+                alive = p.is_alive()
+                why = "no progress (wall clock)" if alive else f"worker died ({p.exitcode})"
                 p.kill()
                 p.join()
-                findings.append(Finding(seed, cur, "?", "hang" if p.is_alive() else "crash",
-                                        why, b""))
+                findings.append(Finding(seed, cur, "?", "hang" if alive else "crash", why,
+                                        b""))
                 nxt = cur + jobs
                 progress[2 * w] = -1
                 seen[w] = (-2, now)

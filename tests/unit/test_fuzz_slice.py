@@ -27,7 +27,7 @@ def test_a_slice_finds_nothing() -> None:
 
 
 def test_the_oracle_reports_a_planted_crash_and_hang() -> None:
-    code, out = _fuzz("--count", "120", "--seed", "3", "--plant")
+    code, out = _fuzz("--count", "300", "--seed", "3", "--plant")
     assert code == 1
     found = {(g["target"], g["what"]) for g in out["groups"]}
     assert found == {("planted", "crash"), ("planted", "hang")}
