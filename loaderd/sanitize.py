@@ -134,7 +134,8 @@ def _create_key(path: str) -> bytes:
         if os.geteuid() == 0:  # root (loaderctl) creating it must not lock out the daemon user
             st = os.stat(os.path.dirname(path) or ".")
             os.fchown(fd, st.st_uid, st.st_gid)
-        os.write(fd, secret)
+        if os.write(fd, secret) != len(secret):  # disk full: a shorter key is no key
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -277,7 +278,9 @@ class Sanitizer:
         if isinstance(value, bytes | bytearray):
             msg = bytes(value)
         elif isinstance(value, str | int):
-            msg = str(value).encode()
+            # surrogatepass: a str from JSON ("\udcff") or a surrogateescape'd name has lone
+            # surrogates, which strict UTF-8 refuses (found by tests/fuzz)
+            msg = str(value).encode("utf-8", "surrogatepass")
         else:
             msg = json.dumps(value, sort_keys=True, default=str).encode()
         return PSEUDONYM_PREFIX + hmac.new(self.key.secret, msg, hashlib.sha256).hexdigest()[:24]

@@ -10,13 +10,14 @@ the result is the old set or the new set, never a mix.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import dataclasses
 import errno
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from loaderd import faults, policy, privileges
@@ -72,11 +73,22 @@ class ApplyResult:
         return len(self.built)
 
 
-def new_txid() -> str:
-    """Sortable by time (generations are ordered by it), unique across processes."""
+def txid_ns(txid: str) -> int:
+    """The time a txid names, in ns since the epoch (UTC)."""
+    stamp, ns, _rand = txid.split("-")
+    return calendar.timegm(time.strptime(stamp, "%Y%m%dt%H%M%S")) * 1_000_000_000 + int(ns)
+
+
+def new_txid(after: str | None = None) -> str:
+    """Sortable in apply order (generations, rollback and pruning go by it), unique across
+    processes. `after`: the newest txid already used; the new one sorts after it even when the
+    wall clock stepped back (NTP, an RTC reset): then it names that txid's time + 1 ns, and
+    txids stay ordered by apply, not by clock. A step forward is just a later name."""
     now = time.time_ns()
-    return (time.strftime("%Y%m%dt%H%M%S", time.gmtime(now / 1e9))
-            + f"-{now % 1_000_000_000:09d}-{secrets.token_hex(3)}")
+    if after is not None and now <= txid_ns(after):
+        now = txid_ns(after) + 1
+    sec, ns = divmod(now, 1_000_000_000)
+    return time.strftime("%Y%m%dt%H%M%S", time.gmtime(sec)) + f"-{ns:09d}-{secrets.token_hex(3)}"
 
 
 def validate(settings: Settings, specs_dir: str | None = None, *, check_owner: bool = True
@@ -192,7 +204,7 @@ class Applier:
     def apply(self, specs_dir: str | None = None, *, jobs: int | None = None) -> ApplyResult:
         """Apply programs_dir (or `specs_dir`), or the generation a rollback holds while
         programs_dir has not changed since."""
-        with self.state.exclusive(waiting=self.notify):
+        with self.state.exclusive(waiting=self.notify), self._marked():
             self._started = time.monotonic()
             hold = self._held(specs_dir)
             if hold is None:
@@ -227,6 +239,16 @@ class Applier:
                    f"{hold.when()}) released: {why}; applying {specs_dir or programs}",
                    generation=hold.generation, released=True)
         return None
+
+    @contextlib.contextmanager
+    def _marked(self) -> Iterator[None]:
+        """The applying marker for the length of an apply: left behind only by one killed
+        before it ended (State.interrupted)."""
+        self.state.mark_applying()
+        try:
+            yield
+        finally:
+            self.state.clear_applying()
 
     def _apply(self, specs_dir: str | None = None, *, jobs: int | None = None,
                trusted_owner: int | None = None) -> ApplyResult:
@@ -267,13 +289,23 @@ class Applier:
                            f"({plural(len(s.programs), 'program')}, "
                            f"{plural(len(s.maps), 'map')}){signed_text(s, mode)}", spec=s.name,
                            spec_sha256=s.sha256, file=s.path, **signature_fields(s))
-            txid = result.txid = new_txid()
+            # After every txid in use (under the lock): a clock stepped back must not make
+            # this apply sort before the one it replaces
+            txid = result.txid = new_txid(max([current.txid or "", *self.state.generations()])
+                                          or None)
             records = self._build(txid, to_build, current, result.adopted, jobs)
         except _Refused as refusal:
             return self._refused(result, refusal.errors)
         result.built = sorted(s.name for s in to_build)
         faults.point("after_attach")
-        self._commit(txid, records, specs, result)
+        try:
+            pending = self.state.save(Manifest(status=Status.PENDING, txid=txid,
+                                               specs=records, removed=tuple(result.removed)))
+        except LoaderdError as exc:  # e.g. ENOSPC: not committed, so nothing changed
+            self._discard(txid)
+            result.txid = None
+            return self._refused(result, [exc])
+        self._commit(txid, pending, specs, result)
         return result
 
     def _note_settings(self) -> None:
@@ -356,11 +388,9 @@ class Applier:
                 raise _Refused([exc.with_file(spec_of[st.name].path)]) from None
         return records
 
-    def _commit(self, txid: str, records: dict[str, SpecRecord], specs: list[Spec],
+    def _commit(self, txid: str, pending: Manifest, specs: list[Spec],
                 result: ApplyResult) -> None:
-        # The commit point: from here recovery rolls forward.
-        pending = self.state.save(Manifest(status=Status.PENDING, txid=txid, specs=records,
-                                           removed=tuple(result.removed)))
+        """`pending` is on disk: the commit point; from here recovery rolls forward."""
         try:
             committed = self.tx.commit(pending)
         except LoaderdError as exc:  # past the commit point there is no "unchanged" to report
@@ -419,9 +449,13 @@ class Applier:
 
     def _record_last(self, m: Manifest, result: ApplyResult) -> None:
         self.state.clear_refusal()  # /etc and what is applied agree again
-        self.state.save(dataclasses.replace(m, last_apply=LastApply(
-            time.time(), result.compiles, tuple(result.built), tuple(result.adopted),
-            round(time.monotonic() - self._started, 6))))
+        try:
+            self.state.save(dataclasses.replace(m, last_apply=LastApply(
+                time.time(), result.compiles, tuple(result.built), tuple(result.adopted),
+                round(time.monotonic() - self._started, 6))))
+        except LoaderdError as exc:  # the set is committed; only the record of it is stale
+            audit.emit(Event.DEGRADED, f"last-apply record not saved: {exc}",
+                       reason="last apply not recorded")
 
     def _refused(self, result: ApplyResult, errors: list[LoaderdError]) -> ApplyResult:
         """One SPEC_REFUSED per file (its first error, the count, the shown ones as detail):

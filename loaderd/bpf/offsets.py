@@ -15,6 +15,7 @@ read with O_NOFOLLOW from a regular file of bounded size, and anything malformed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -233,15 +234,18 @@ def save_cached(state_dir: str, facts: HeaderFacts) -> bool:
     except OSError:
         return False
     try:
-        os.write(fd, json.dumps({"version": CACHE_VERSION, **asdict(facts)},
-                                sort_keys=True).encode())
-        os.fchmod(fd, 0o644)  # facts about the host, readable by status as any user
-    finally:
-        os.close(fd)
-    try:
+        try:
+            data = memoryview(json.dumps({"version": CACHE_VERSION, **asdict(facts)},
+                                         sort_keys=True).encode())
+            while data:  # a short write (disk full) is retried, then fails: never truncated
+                data = data[os.write(fd, data):]
+            os.fchmod(fd, 0o644)  # facts about the host, readable by status as any user
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except OSError:
-        os.unlink(tmp)
+    except OSError:  # ENOSPC and the like: a cache not written is measured again next time
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         return False
     return True
 

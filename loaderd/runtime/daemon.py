@@ -84,6 +84,7 @@ class Daemon:
         self.refusal: Refusal | None = None
         self.apply_rc = 0  # the apply child's exit code (run without --no-apply)
         self._shown = ""  # the STATUS= last sent
+        self._applying_ident: tuple[int, int] | None = None
         self.reloaded = False  # the set shown is the one a `systemctl reload` re-read
         self._metrics_error: str | None = None  # the write failure last journaled
 
@@ -156,7 +157,15 @@ class Daemon:
             return (f"kill switch pulled{when}: nothing applied until `loaderd enable`, "
                     "then reload")
         text = f"{plural(n, 'spec')} applied" + (" (reloaded)" if self.reloaded else "")
-        if self.refusal is not None:
+        killed = self.state.interrupted()
+        if killed is not None or self.manifest.status is Status.PENDING:
+            when = "" if killed is None else " at " + time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(killed))
+            text += f"; last apply INTERRUPTED{when} (killed before it finished); " + (
+                "its commit is PENDING: the next apply rolls it forward"
+                if self.manifest.status is Status.PENDING
+                else "the set before it stays applied" if n else "nothing was applied before it")
+        elif self.refusal is not None:
             text += f"; {self.refusal.sentence()}; " + (
                 "the set before it stays applied" if n else "nothing was applied before it")
         elif self.apply_rc != 0:
@@ -274,6 +283,18 @@ class Daemon:
         self._refused_ident = ident
         return changed
 
+    def _applying_changed(self) -> bool:
+        """The applying marker appeared or went (seen only while no apply holds the lock: a
+        marker then is a killed apply's)."""
+        try:
+            st = os.stat(self.state.applying_path)
+            ident: tuple[int, int] | None = (st.st_ino, st.st_mtime_ns)
+        except OSError:
+            ident = None
+        changed = ident != self._applying_ident
+        self._applying_ident = ident
+        return changed
+
     def _state_changed(self) -> bool:
         """The manifest or the refusal record changed since we read them (not while an apply
         holds the lock: it is re-read once that apply is done)."""
@@ -282,7 +303,8 @@ class Daemon:
                 return False
             manifest = self._manifest_changed()
             hold = self._hold_changed()
-            return self._refused_changed() or manifest or hold
+            refused = self._refused_changed()
+            return self._applying_changed() or refused or manifest or hold
 
     def check_drift(self) -> dict[str, list[str]]:
         """Journal each new difference between the manifest and the kernel once. Not while an

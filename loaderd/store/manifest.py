@@ -213,8 +213,9 @@ def _link(d: dict[str, Any], where: str) -> LinkRecord:
         tgt = parse_target(_str(d.get("target"), f"{where}.target"))
     except ValueError as exc:
         raise _Bad(f"{where}.target", str(exc)) from None
+    # ifindex 0 is no interface: the writer leaves it out, so read it as absent (round trip)
     return LinkRecord(tgt, _int(d.get("id"), f"{where}.id", minimum=1),
-                      _opt(d.get("ifindex"), f"{where}.ifindex", _int))
+                      _opt(d.get("ifindex"), f"{where}.ifindex", _int) or None)
 
 
 _PRINTABLE = re.compile(r"[\x20-\x7e]{1,512}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -37,22 +38,52 @@ REFUSED_MAX_BYTES = 4096
 # A rollback that holds: which generation, since when, and the content hash of programs_dir at
 # that moment. Applies re-apply that generation (not /etc) until /etc changes or it is released.
 HOLD = "rollback.json"
+# Written by an apply or rollback when it takes the lock, removed when it ends (committed or
+# refused). Still there with the lock free: that apply was killed (SIGKILL, MemoryMax=, a
+# crash) before it finished; the resident says so instead of a plain "N specs applied".
+APPLYING = "applying.json"
 REASON_MAX = 300
 KEEP_GENERATIONS = 5
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written: on a filesystem that fills up, write() writes
+    what fits and returns the count, and only the next call fails with ENOSPC. A single
+    unchecked write left a truncated file, renamed over the manifest as if whole."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def no_space(exc: OSError, path: str, what: str) -> LoaderdError:
+    """A write in the state dir failed (ENOSPC, EDQUOT, EIO): the path and the errno, said."""
+    name = errno.errorcode.get(exc.errno or 0, "error")
+    return LoaderdError(Kind.STATE, f"cannot write {what}: {exc.strerror or exc} ({name})",
+                        Location(path), allowed="free space on the state directory's "
+                        "filesystem (df " + os.path.dirname(path) + "), then apply again")
+
+
 def _write_atomic(path: str, data: bytes, gid: int = -1, uid: int = -1) -> None:
+    """Whole or not at all: the temp file is removed when any step fails, and the old file
+    stays (a LoaderdError naming the path and errno)."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
     try:
-        os.fchmod(fd, 0o640 if gid >= 0 else 0o600)  # readers' group may read it, nobody else
-        if gid >= 0 or uid >= 0:
-            os.fchown(fd, uid, gid)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+        try:
+            os.fchmod(fd, 0o640 if gid >= 0 else 0o600)  # readers' group may read it
+            if gid >= 0 or uid >= 0:
+                os.fchown(fd, uid, gid)
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
+            raise
+        raise no_space(exc, path, os.path.basename(path)) from None
     dfd = os.open(os.path.dirname(path) or ".", os.O_DIRECTORY)
     try:
         os.fsync(dfd)
@@ -308,6 +339,42 @@ class State:
         except FileNotFoundError:
             return False
 
+    @property
+    def applying_path(self) -> str:
+        return os.path.join(self.dir, APPLYING)
+
+    def mark_applying(self) -> None:
+        """Best effort (a full disk refuses the apply later, and says so)."""
+        record = {"at": time.time(), "pid": os.getpid()}
+        with contextlib.suppress(OSError, LoaderdError):
+            _write_atomic(self.applying_path, json.dumps(record).encode(), self.gid, self.uid)
+
+    def clear_applying(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.applying_path)
+
+    def interrupted(self) -> float | None:
+        """When an apply that did not finish started (its marker is left and nobody holds the
+        lock), else None."""
+        try:
+            fd = os.open(self.applying_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > REFUSED_MAX_BYTES:
+                return None
+            at = json.loads(os.read(fd, REFUSED_MAX_BYTES + 1)).get("at")
+        except (OSError, ValueError, AttributeError):
+            return None
+        finally:
+            os.close(fd)
+        if isinstance(at, bool) or not isinstance(at, int | float):
+            return None
+        with self.quiet() as quiet:
+            return float(at) if quiet else None
+
     # One writer at a time: an operator's `loaderd apply` during `systemctl reload` would
     # otherwise delete the other's staging pins (recovery clears staging) or its manifest.
     @contextlib.contextmanager
@@ -408,28 +475,38 @@ class State:
         assert gfd is not None
         made: list[int] = []
         try:
-            made.append(_mkdir_at(gfd, txid))
-            for rel, data in files.items():
-                *dirs, name = rel.split("/")
-                dfd = os.dup(made[0])
-                try:
-                    for part in dirs:
-                        sub = _mkdir_at(dfd, part)
-                        made.append(os.dup(sub))
-                        os.close(dfd)
-                        dfd = sub
-                    _write_at(dfd, name, data, self.uid)
-                finally:
-                    os.close(dfd)
-            if self.uid >= 0:
-                for fd in made:
-                    os.fchown(fd, self.uid, -1)
+            try:
+                self._copy_generation(gfd, txid, files, made)
+            except OSError as exc:
+                # A partial copy is no generation: a rollback to it would apply half a set.
+                shutil.rmtree(txid, dir_fd=gfd, ignore_errors=True)
+                raise no_space(exc, self.generation_dir(txid), f"generation {txid}") from None
             for old in _txids(gfd)[:-KEEP_GENERATIONS]:
                 # fd-based: a symlink swapped in for a generation is refused, not followed
                 shutil.rmtree(old, dir_fd=gfd, ignore_errors=True)
         finally:
             for fd in [*made, gfd]:
                 os.close(fd)
+
+    def _copy_generation(self, gfd: int, txid: str, files: dict[str, bytes], made: list[int]
+                         ) -> None:
+        """The generation's files, each written whole; raises OSError (the caller cleans)."""
+        made.append(_mkdir_at(gfd, txid))
+        for rel, data in files.items():
+            *dirs, name = rel.split("/")
+            dfd = os.dup(made[0])
+            try:
+                for part in dirs:
+                    sub = _mkdir_at(dfd, part)
+                    made.append(os.dup(sub))
+                    os.close(dfd)
+                    dfd = sub
+                _write_at(dfd, name, data, self.uid)
+            finally:
+                os.close(dfd)
+        if self.uid >= 0:
+            for fd in made:
+                os.fchown(fd, self.uid, -1)
 
     def generations(self) -> list[str]:
         """Generation txids, oldest first: real directories with loaderd's txid names only."""
@@ -471,7 +548,7 @@ def _write_at(dfd: int, name: str, data: bytes, uid: int) -> None:
         os.fchmod(fd, 0o600)
         if uid >= 0:
             os.fchown(fd, uid, -1)
-        os.write(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -208,6 +208,8 @@ def test_kill_9_at_each_stage_ends_in_old_or_new_never_a_mix(
         with State(settings.state_dir).quiet() as quiet:
             return quiet
     assert wait_until(lock_free, timeout=10), "a worker of the killed apply holds the lock"
+    # The resident says so (STATUS= INTERRUPTED), not a plain "N specs applied" (issue 17)
+    assert State(settings.state_dir).interrupted() is not None
     # What the next start does first: finish or discard the interrupted apply.
     Applier(settings).recover()
     now = {s: prog_tag(f"{bpffs_root}/{s}/progs/count_exec") for s in ("counter", "second")}
@@ -224,6 +226,7 @@ def test_kill_9_at_each_stage_ends_in_old_or_new_never_a_mix(
     # And the start then converges on the specs on disk.
     loaderd("--config", str(counter_conf), "apply")
     assert all(prog_tag(f"{bpffs_root}/{s}/progs/count_exec")[1] != old[s][1] for s in old)
+    assert State(settings.state_dir).interrupted() is None
 
 
 def _apply_with_fault(conf: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
