@@ -31,6 +31,7 @@ class ProgType(enum.StrEnum):
     RAW_TRACEPOINT = "raw_tracepoint"
     XDP = "xdp"
     SOCKET_FILTER = "socket_filter"
+    TC = "tc"  # the kernel's sched_cls, attached through tcx links
 
     @property
     def kind(self) -> ProgKind:
@@ -211,6 +212,14 @@ _IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
 # XDP attach modes as written in a spec -> XDP_FLAGS_* (uapi/linux/if_link.h).
 XDP_MODES: Mapping[str, int] = {"skb": 1 << 1, "native": 1 << 2, "hw": 1 << 3}
 
+# tcx hook directions -> enum bpf_attach_type (BPF_TCX_INGRESS, BPF_TCX_EGRESS).
+TC_DIRECTIONS: Mapping[str, int] = {"ingress": 46, "egress": 47}
+# A tc program's place among the programs on its hook (the kernel's multi-prog API): `first`
+# and `last` are where it goes when attached (a later `first` goes in front of it); `before`
+# and `after` name another loaderd program, `<spec>/<program>`, attached to the same hook.
+TC_ORDERS = ("first", "last", "before", "after")
+_ANCHOR = re.compile(f"({NAME_PATTERN})/({NAME_PATTERN})")
+
 
 class _Target:
     """What every attach record says about itself, from PROG_KINDS (one table)."""
@@ -284,6 +293,50 @@ class XdpAttach(_Target):
 
 
 @dataclass(frozen=True)
+class TcAttach(_Target):
+    interface: str
+    direction: str = "ingress"  # a key of TC_DIRECTIONS
+    order: str = "last"  # one of TC_ORDERS
+    anchor: str | None = None  # before/after: "<spec>/<program>"
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> TcAttach:
+        tc = raw["tc"]
+        order = tc.get("order", "last")
+        if isinstance(order, dict):  # {before: spec/prog} or {after: spec/prog}
+            (rel, anchor), = order.items()
+            return cls(tc["interface"], tc.get("direction", "ingress"), rel, anchor)
+        return cls(tc["interface"], tc.get("direction", "ingress"), order)
+
+    @property
+    def attach_type(self) -> int:
+        return TC_DIRECTIONS[self.direction]
+
+    @property
+    def anchor_parts(self) -> tuple[str, str] | None:
+        """(spec, program) this one is ordered against, for before/after."""
+        m = _ANCHOR.fullmatch(self.anchor or "")
+        return (m.group(1), m.group(2)) if m else None
+
+    def body(self) -> str:
+        order = f"{self.order}={self.anchor}" if self.anchor else self.order
+        return f"{self.interface}:{self.direction}:{order}"
+
+    @classmethod
+    def from_body(cls, text: str) -> TcAttach | None:
+        parts = text.rsplit(":", 2)
+        if len(parts) != 3:
+            return None
+        iface, direction, order = parts
+        rel, _, anchor = order.partition("=")
+        if not (_IFNAME.fullmatch(iface) and direction in TC_DIRECTIONS and rel in TC_ORDERS):
+            return None
+        if (rel in ("before", "after")) != bool(_ANCHOR.fullmatch(anchor)):
+            return None
+        return cls(iface, direction, rel, anchor or None)
+
+
+@dataclass(frozen=True)
 class NoAttach(_Target):
     """Loaded and pinned only (socket filters: consumers attach with SO_ATTACH_BPF)."""
 
@@ -299,8 +352,9 @@ class NoAttach(_Target):
         return None
 
 
-Attach = TracepointAttach | RawTracepointAttach | XdpAttach | NoAttach
-LinkTarget = TracepointAttach | RawTracepointAttach | XdpAttach  # what a link is made for
+Attach = TracepointAttach | RawTracepointAttach | XdpAttach | TcAttach | NoAttach
+# What a link is made for.
+LinkTarget = TracepointAttach | RawTracepointAttach | XdpAttach | TcAttach
 
 
 def target_text(a: Attach) -> str:
@@ -332,6 +386,9 @@ COMMON_HELPERS: frozenset[str] = frozenset({
     "perf_event_output",
 })
 _CURRENT_TASK = frozenset({"get_current_pid_tgid", "get_current_uid_gid", "get_current_comm"})
+# Reading a packet and its socket (tc and cgroup_skb).
+_SKB_HELPERS = frozenset({"skb_load_bytes", "get_socket_cookie", "get_cgroup_classid",
+                          "skb_cgroup_id"})
 
 # Off for every type by default, with the reason a refusal gives; the operator turns one on for
 # a type in loaderd.yaml (policy.helpers.by_type.<type>), or for all with policy.helpers.allow.
@@ -359,7 +416,9 @@ class ProgKind:
     attach: type[Attach]  # the record a spec's `attach:` becomes (bpf/attach.py attaches it)
     caps: frozenset[str]  # to load and attach it, on kernels with CAP_BPF (>= 5.8)
     helpers: frozenset[str]  # allowed by default (policy.helpers.allow replaces, by_type adds)
-    exclusive: bool = False  # one link per target: a replacement swaps it (BPF_LINK_UPDATE)
+    # A replacement swaps the program behind the old link (BPF_LINK_UPDATE) instead of making a
+    # new one: XDP takes one link per interface; a tcx link keeps its place in the hook's order.
+    exclusive: bool = False
 
 
 PROG_KINDS: Mapping[ProgType, ProgKind] = {
@@ -375,6 +434,12 @@ PROG_KINDS: Mapping[ProgType, ProgKind] = {
     ProgType.SOCKET_FILTER: ProgKind(
         1, NoAttach, frozenset({"CAP_BPF"}),
         COMMON_HELPERS | {"skb_load_bytes", "get_socket_cookie"}),
+    ProgType.TC: ProgKind(
+        3, TcAttach, frozenset({"CAP_BPF", "CAP_NET_ADMIN"}),
+        COMMON_HELPERS | _SKB_HELPERS | {"redirect", "skb_store_bytes", "skb_change_head",
+                                         "skb_change_tail", "l3_csum_replace",
+                                         "l4_csum_replace", "csum_diff"},
+        exclusive=True),
 }
 PROG_TYPE_BY_ID: Mapping[int, ProgType] = {k.kernel_id: t for t, k in PROG_KINDS.items()}
 

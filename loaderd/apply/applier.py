@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 
 from loaderd import faults, policy, privileges
 from loaderd.apply import killswitch, plan
-from loaderd.apply.commit import Transaction, link_holds, pin_link
+from loaderd.apply.commit import Transaction, anchor_opener, link_holds, pin_link
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import attach, pins
 from loaderd.config import spec
 from loaderd.errors import Kind, LoaderdError, Location, count
-from loaderd.model import ProgType, Settings, Spec, map_pin_mode
+from loaderd.model import ProgType, Settings, Spec, TcAttach, map_pin_mode
 from loaderd.observe import drift
 from loaderd.stage.pool import Progress, stage_all
 from loaderd.stage.worker import StagedSpec
@@ -93,6 +93,29 @@ def generation_files(specs: list[Spec]) -> dict[str, bytes]:
         if s.source_ref:
             files[os.path.normpath(s.source_ref)] = s.source_bytes
     return files
+
+
+def attach_order(staged: list[StagedSpec], spec_of: dict[str, Spec]) -> list[StagedSpec]:
+    """Staged specs in an order that attaches a tc order's anchor (`before:`/`after:` another
+    spec's program) before the program placed against it; otherwise as staged. A cycle is
+    left to the attach, which says the anchor is not attached."""
+    by_name = {st.name: st for st in staged}
+    out: list[StagedSpec] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen or name not in by_name:
+            return
+        seen.add(name)
+        for p in spec_of[name].programs:
+            parts = p.attach.anchor_parts if isinstance(p.attach, TcAttach) else None
+            if parts is not None and parts[0] != name:
+                visit(parts[0])
+        out.append(by_name[name])
+
+    for st in staged:
+        visit(st.name)
+    return out
 
 
 class _Refused(Exception):
@@ -217,7 +240,7 @@ class Applier:
             raise _Refused(errors)
         spec_of = {s.name: s for s in to_build}
         records = {n: current.specs[n] for n in adopted}
-        for st in staged:
+        for st in attach_order(staged, spec_of):
             try:
                 records[st.name] = self._attach_staged(txid, spec_of[st.name], st,
                                                        current.specs.get(st.name))
@@ -323,7 +346,8 @@ class Applier:
                 continue
             prog_fd = staging.get(staging.prog_path(s.name, prog.name))
             try:
-                link_fd = attach.create_link(prog, prog_fd)
+                link_fd = attach.create_link(prog, prog_fd,
+                                             anchor_opener(staging, self.layout))
             except LoaderdError as exc:
                 busy = " (another program already holds this target)" if getattr(
                     exc, "errno", 0) == errno.EBUSY else ""

@@ -5,16 +5,21 @@
 | tracepoint     | own perf_event_open + LINK_CREATE(BPF_PERF_EVENT)   | perf_event |
 | raw_tracepoint | BPF_RAW_TRACEPOINT_OPEN (returns a link fd)          | raw_tp     |
 | xdp            | LINK_CREATE(BPF_XDP) on the ifindex, mode flags      | xdp        |
+| tc             | LINK_CREATE(BPF_TCX_INGRESS/EGRESS) on the ifindex,  | tcx        |
+|                | placed by BPF_F_BEFORE/AFTER (+ BPF_F_LINK anchor)   |            |
 | socket_filter  | none: pinned program, consumers use SO_ATTACH_BPF    | -          |
 
-A replaced XDP program is swapped in place with BPF_LINK_UPDATE (an interface takes one XDP
-link, and an update has no gap); everything else gets a new link next to the old one, and the
-old link goes when its pin is removed at commit.
+A replaced XDP or tc program is swapped in place with BPF_LINK_UPDATE (an interface takes one
+XDP link; a tcx link keeps its place in the hook's order; an update has no gap); everything
+else gets a new link next to the old one, and the old link goes when its pin is removed at
+commit.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Callable
 
 from loaderd.bpf import btf, kernel
 from loaderd.errors import Kind, LoaderdError, Location
@@ -24,9 +29,14 @@ from loaderd.model import (
     ProgramSpec,
     RawTracepointAttach,
     Spec,
+    TcAttach,
     TracepointAttach,
     XdpAttach,
 )
+
+# Opens the pinned link of a loaderd program `(spec, program)` (a tc order's anchor); the
+# caller knows where pins are (staging of this apply first, then live).
+AnchorOpener = Callable[[str, str], int]
 
 
 def target(program: ProgramSpec) -> LinkTarget | None:
@@ -35,11 +45,20 @@ def target(program: ProgramSpec) -> LinkTarget | None:
     return None if isinstance(a, NoAttach) else a
 
 
-def create_link(program: ProgramSpec, prog_fd: int) -> int | None:
+def create_link(program: ProgramSpec, prog_fd: int, anchors: AnchorOpener | None = None
+                ) -> int | None:
     """A new link fd for the program (caller pins and closes it), or None for NoAttach."""
     a = program.attach
     if isinstance(a, NoAttach):
         return None
+    return link_for(a, prog_fd, anchors)
+
+
+def link_for(a: LinkTarget, prog_fd: int, anchors: AnchorOpener | None = None) -> int:
+    """A new link fd for `prog_fd` on the target `a` (also for a recorded target: commit
+    recovery has the manifest, not the spec)."""
+    if isinstance(a, TcAttach):
+        return _tcx_link(a, prog_fd, anchors)
     if isinstance(a, TracepointAttach):
         perf_fd = kernel.perf_event_open_tracepoint(kernel.tracepoint_id(a.category, a.event))
         try:
@@ -52,6 +71,38 @@ def create_link(program: ProgramSpec, prog_fd: int) -> int | None:
         return kernel.link_create(prog_fd, kernel.ifindex(a.interface), kernel.ATTACH_XDP,
                                   kernel.xdp_mode_flags(a.mode))
     raise AssertionError(f"unhandled attach {a!r}")
+
+
+_TCX_PLACE = {"first": kernel.BPF_F_BEFORE, "last": 0, "before": kernel.BPF_F_BEFORE,
+              "after": kernel.BPF_F_AFTER}
+
+
+def _tcx_link(a: TcAttach, prog_fd: int, anchors: AnchorOpener | None) -> int:
+    """first: BPF_F_BEFORE naming nothing (in front of the whole chain); last: appended;
+    before/after: BPF_F_LINK with the anchor's link fd, so the kernel places it relative to
+    exactly that attachment and refuses (ENOENT) if it is not on this hook."""
+    ifindex = kernel.ifindex(a.interface)
+    flags, rel_fd = _TCX_PLACE[a.order], -1
+    parts = a.anchor_parts
+    if parts is not None:
+        if anchors is None:
+            raise LoaderdError(Kind.ATTACH, f"order {a.order}: {a.anchor}: no pins to look the "
+                               "anchor up in")
+        rel_fd = anchors(*parts)
+        flags |= kernel.BPF_F_LINK
+    try:
+        return kernel.tcx_link_create(prog_fd, ifindex, a.attach_type, flags,
+                                      max(rel_fd, 0))
+    except kernel.KernelError as exc:
+        if parts is not None and exc.errno == errno.ENOENT:
+            raise LoaderdError(Kind.ATTACH, f"order {a.order}: {a.anchor} is not attached to "
+                               f"{a.interface} {a.direction}", value=a.anchor,
+                               allowed=f"a loaderd program on tc {a.interface} "
+                               f"{a.direction}") from None
+        raise
+    finally:
+        if rel_fd >= 0:
+            os.close(rel_fd)
 
 
 def resolve(program: ProgramSpec) -> str | None:
@@ -73,6 +124,8 @@ def resolve(program: ProgramSpec) -> str | None:
     elif isinstance(a, XdpAttach):
         kernel.ifindex(a.interface)
         kernel.xdp_mode_flags(a.mode)
+    elif isinstance(a, TcAttach):
+        kernel.ifindex(a.interface)
     return None
 
 
@@ -97,20 +150,17 @@ def check_targets(spec: Spec) -> tuple[list[LoaderdError], list[str]]:
     return errors, notes
 
 
-def relink_xdp(tgt: XdpAttach, prog_fd: int) -> int:
-    """A new XDP link for `prog_fd` on a recorded target (commit recovery has the manifest,
-    not the spec)."""
-    return kernel.link_create(prog_fd, kernel.ifindex(tgt.interface), kernel.ATTACH_XDP,
-                              kernel.xdp_mode_flags(tgt.mode))
-
-
 def target_difference(info: kernel.LinkInfo, tgt: LinkTarget, ifindex: int | None = None, *,
                       by_name: bool = False) -> str | None:
     """How a link's kernel facts disagree with the target it was made for (None: they agree).
-    An XDP link outlives its interface (ifindex 0 then) and does not follow a recreated one.
+    An XDP or tcx link outlives its interface (ifindex 0 then) and does not follow a recreated one.
     `ifindex`: the one recorded at attach. `by_name` looks the interface up again: only in
     the host's network namespace (the apply), never in the resident's private one."""
-    if isinstance(tgt, XdpAttach):
+    if isinstance(tgt, TcAttach) and info.attach_type is not None \
+            and info.attach_type != tgt.attach_type:
+        return (f"attached as {kernel.ATTACH_TYPE_NAMES.get(info.attach_type)}, not "
+                f"tcx_{tgt.direction}")
+    if isinstance(tgt, XdpAttach | TcAttach):
         iface = tgt.interface
         if not info.ifindex:
             return f"detached from {iface} (the interface went away)"
@@ -141,5 +191,5 @@ def update_link(link_pin: str, new_prog_fd: int) -> int:
         os.close(fd)
 
 
-__all__ = ["LoaderdError", "check_targets", "create_link", "relink_xdp", "resolve", "target",
-           "target_difference", "update_link"]
+__all__ = ["AnchorOpener", "LoaderdError", "check_targets", "create_link", "link_for",
+           "resolve", "target", "target_difference", "update_link"]

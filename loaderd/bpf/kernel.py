@@ -54,6 +54,7 @@ LINK_TYPE_NAMES: dict[int, str] = {
 LINK_TYPE_RAW_TRACEPOINT = 1
 LINK_TYPE_XDP = 6
 LINK_TYPE_PERF_EVENT = 7
+LINK_TYPE_TCX = 11
 
 # The kernel ids of loaderd's own types are facts of those types (model.MAP_KINDS,
 # model.PROG_KINDS); the tables above name any object the kernel holds, foreign ones too.
@@ -61,6 +62,9 @@ LINK_TYPE_PERF_EVENT = 7
 # Attach types (enum bpf_attach_type) used by loaderd.
 ATTACH_XDP = 37
 ATTACH_PERF_EVENT = 41
+ATTACH_TCX_INGRESS, ATTACH_TCX_EGRESS = 46, 47  # model.TC_DIRECTIONS
+ATTACH_TYPE_NAMES: dict[int, str] = {37: "xdp", 41: "perf_event", 46: "tcx_ingress",
+                                     47: "tcx_egress"}
 
 # Flags.
 BPF_F_NO_PREALLOC = 1 << 0
@@ -68,6 +72,9 @@ BPF_F_RDONLY = 1 << 3  # at map creation: binds to the returned fd only, not kep
 BPF_F_WRONLY = 1 << 4
 BPF_F_PATH_FD = 1 << 14  # OBJ_PIN/OBJ_GET relative to path_fd (kernel >= 6.5)
 BPF_F_REPLACE = 1 << 2
+# Multi-prog placement (tcx): before/after the program or link that relative_fd/_id names, or
+# the whole chain when it names none; BPF_F_ID: relative is an id; BPF_F_LINK: it is a link.
+BPF_F_BEFORE, BPF_F_AFTER, BPF_F_ID, BPF_F_LINK = 1 << 3, 1 << 4, 1 << 5, 1 << 13
 BPF_ANY, BPF_NOEXIST = 0, 1
 
 BPF_OBJ_NAME_LEN = 16
@@ -75,6 +82,7 @@ BPF_TAG_SIZE = 8
 _SYS_BPF = 321  # x86_64
 _SYS_PERF_EVENT_OPEN = 298  # x86_64
 _BPF_OBJ_PIN, _BPF_OBJ_GET = 6, 7
+_BPF_PROG_QUERY, _BPF_LINK_CREATE = 16, 28
 PERF_TYPE_TRACEPOINT = 2
 PERF_SAMPLE_RAW = 1 << 10
 PERF_FLAG_FD_CLOEXEC = 1 << 3
@@ -374,9 +382,14 @@ class _LinkPerfEvent(ctypes.Structure):
                 ("name", ctypes.c_uint64), ("name_len", ctypes.c_uint32)]
 
 
+class _LinkTcx(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32), ("attach_type", ctypes.c_uint32)]
+
+
 class _LinkUnion(ctypes.Union):
     _fields_ = [("raw_tracepoint", _LinkNamed), ("perf_event", _LinkPerfEvent),
-                ("xdp_ifindex", ctypes.c_uint32), ("_raw", ctypes.c_uint8 * 64)]
+                ("xdp_ifindex", ctypes.c_uint32), ("tcx", _LinkTcx),
+                ("_raw", ctypes.c_uint8 * 64)]
 
 
 class _LinkInfo(ctypes.Structure):
@@ -430,7 +443,8 @@ class LinkInfo:
     id: int
     type: int
     prog_id: int
-    ifindex: int | None = None  # xdp links
+    ifindex: int | None = None  # xdp and tcx links (0: the interface went away)
+    attach_type: int | None = None  # tcx links
     tp_name: str | None = None  # raw_tracepoint and perf_event tracepoint links
     perf_event_type: int | None = None  # perf_event links
 
@@ -510,6 +524,9 @@ def link_info(fd: int) -> LinkInfo:
         return LinkInfo(info.id, info.type, info.prog_id, tp_name=_cstr(name_buf))
     if first.type == LINK_TYPE_PERF_EVENT:
         return _perf_link_info(fd, first, name_buf)
+    if first.type == LINK_TYPE_TCX:
+        return LinkInfo(first.id, first.type, first.prog_id, ifindex=first.u.tcx.ifindex,
+                        attach_type=first.u.tcx.attach_type)
     ifindex = first.u.xdp_ifindex if first.type == LINK_TYPE_XDP else None
     return LinkInfo(first.id, first.type, first.prog_id, ifindex=ifindex)
 
@@ -557,6 +574,77 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) 
     return _check(ret, "BPF_LINK_CREATE",
                   f"prog fd {prog_fd} -> target {target_fd} (attach type {attach_type})",
                   _attach_caps(attach_type))
+
+
+class _LinkCreateTcxAttr(ctypes.Structure):
+    """union bpf_attr's link_create with its tcx part (libbpf 1.1 predates tcx)."""
+
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_ifindex", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("relative", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+                ("expected_revision", ctypes.c_uint64)]
+
+
+def _sys_bpf(cmd: int, attr: ctypes.Structure) -> int:
+    """The raw bpf() syscall: its result, or -errno."""
+    ctypes.set_errno(0)
+    ret = int(_libc.syscall(ctypes.c_long(_SYS_BPF), ctypes.c_long(cmd), ctypes.byref(attr),
+                            ctypes.c_uint(ctypes.sizeof(attr))))
+    return -ctypes.get_errno() if ret < 0 else ret
+
+
+def tcx_link_create(prog_fd: int, ifindex: int, attach_type: int, flags: int = 0,
+                    relative: int = 0, expected_revision: int = 0) -> int:
+    """BPF_LINK_CREATE of a tcx link on `ifindex`, placed by `flags` (BPF_F_BEFORE/AFTER,
+    with BPF_F_LINK/BPF_F_ID saying what `relative` is); `expected_revision` (not 0) refuses
+    with ESTALE if the hook changed since it was queried."""
+    attr = _LinkCreateTcxAttr(prog_fd, ifindex, attach_type, flags, relative, 0,
+                              expected_revision)
+    return _check(_sys_bpf(_BPF_LINK_CREATE, attr), "BPF_LINK_CREATE",
+                  f"prog fd {prog_fd} -> ifindex {ifindex} "
+                  f"({ATTACH_TYPE_NAMES.get(attach_type, attach_type)})", CAPS_NET)
+
+
+class _QueryAttr(ctypes.Structure):
+    """union bpf_attr's query (BPF_PROG_QUERY), with the multi-prog fields (kernel >= 6.6)."""
+
+    _fields_ = [("target", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("query_flags", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("prog_ids", ctypes.c_uint64), ("count", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32), ("prog_attach_flags", ctypes.c_uint64),
+                ("link_ids", ctypes.c_uint64), ("link_attach_flags", ctypes.c_uint64),
+                ("revision", ctypes.c_uint64)]
+
+
+@dataclass(frozen=True)
+class HookQuery:
+    """The programs on one multi-prog hook, in the order they run (bpftool net's order)."""
+
+    revision: int
+    prog_ids: tuple[int, ...]
+    link_ids: tuple[int, ...]  # 0 where a program is attached without a link
+
+
+def prog_query(target: int, attach_type: int) -> HookQuery:
+    """BPF_PROG_QUERY of a tcx hook (`target`: the ifindex)."""
+    what = f"target {target} ({ATTACH_TYPE_NAMES.get(attach_type, attach_type)})"
+    for _ in range(4):  # the count can grow between the two calls
+        attr = _QueryAttr(target=target, attach_type=attach_type)
+        _check(_sys_bpf(_BPF_PROG_QUERY, attr), "BPF_PROG_QUERY", what, CAPS_NET)
+        n = attr.count
+        if not n:
+            return HookQuery(attr.revision, (), ())
+        progs, links = (ctypes.c_uint32 * n)(), (ctypes.c_uint32 * n)()
+        attr = _QueryAttr(target=target, attach_type=attach_type, prog_ids=_addr(progs),
+                          count=n, link_ids=_addr(links))
+        ret = _sys_bpf(_BPF_PROG_QUERY, attr)
+        if ret == -errno.ENOSPC:
+            continue
+        _check(ret, "BPF_PROG_QUERY", what, CAPS_NET)
+        got = min(n, attr.count)
+        return HookQuery(attr.revision, tuple(progs[:got]), tuple(links[:got]))
+    raise KernelError(Kind.KERNEL, "BPF_PROG_QUERY: the hook kept changing", Location(
+        file=what), errno=errno.EAGAIN, op="BPF_PROG_QUERY")
 
 
 def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int | None = None) -> None:

@@ -13,7 +13,7 @@ from loaderd.config import yamlsafe
 from loaderd.config.yamlsafe import Marks, Path
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.layout import parse_layout
-from loaderd.model import CType, MapEntry, MapFlag, MapSpec, MapType, ProgramSpec
+from loaderd.model import CType, MapEntry, MapFlag, MapSpec, MapType, ProgramSpec, TcAttach
 
 PAGE_SIZE = resource.getpagesize()
 _EXCLUSIVE = ((MapFlag.RDONLY, MapFlag.WRONLY), (MapFlag.RDONLY_PROG, MapFlag.WRONLY_PROG))
@@ -208,3 +208,19 @@ def object_rules(c: Collector, programs: tuple[ProgramSpec, ...]) -> None:
             c.add(Kind.SEMANTIC, ("programs", i, "fallback"), "fallback is for C sources "
                   "(BCC compiles and retries each function); an object's programs load "
                   "together: build the variant you need")
+
+
+def tc_orders(c: Collector, spec: str, programs: tuple[ProgramSpec, ...]) -> None:
+    """A tc program placed before/after a program of its own spec names one attached before
+    it (programs attach in the order written), never itself."""
+    for i, p in enumerate(programs):
+        parts = p.attach.anchor_parts if isinstance(p.attach, TcAttach) else None
+        if parts is None or parts[0] != spec:
+            continue
+        earlier = [q.name for q in programs[:i] if isinstance(q.attach, TcAttach)]
+        if parts[1] not in earlier:
+            assert isinstance(p.attach, TcAttach)
+            c.add(Kind.SEMANTIC, ("programs", i, "attach", "tc", "order", p.attach.order),
+                  f"{p.attach.anchor}: a tc program of this spec written before this one",
+                  value=p.attach.anchor,
+                  allowed=", ".join(f"{spec}/{n}" for n in earlier) or "another spec's program")

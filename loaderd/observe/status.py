@@ -130,6 +130,8 @@ def link_facts(fd: int) -> dict[str, Any]:
         out["event_type"], out["tracepoint"] = "tracepoint", info.tp_name
     if info.ifindex is not None:
         out["ifindex"] = info.ifindex
+    if info.attach_type is not None:  # bpftool's spelling: tcx_ingress, tcx_egress
+        out["attach_type"] = kernel.ATTACH_TYPE_NAMES.get(info.attach_type, info.attach_type)
     return out
 
 

@@ -27,6 +27,7 @@ from loaderd.model import (
     NoAttach,
     ProgType,
     RawTracepointAttach,
+    TcAttach,
     TracepointAttach,
     XdpAttach,
 )
@@ -96,14 +97,17 @@ PROG_FACTS = {
     ProgType.RAW_TRACEPOINT: (17, RawTracepointAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
     ProgType.XDP: (6, XdpAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
     ProgType.SOCKET_FILTER: (1, NoAttach, {"CAP_BPF"}, False),
+    ProgType.TC: (3, TcAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
 }
+# Spec type names that are not the kernel's (bpftool's) name of the program type.
+KERNEL_NAME = {ProgType.TC: "sched_cls"}
 
 
 @pytest.mark.parametrize("ptype", list(ProgType))
 def test_prog_kind_facts(ptype: ProgType) -> None:
     k = ptype.kind
     assert (k.kernel_id, k.attach, set(k.caps), k.exclusive) == PROG_FACTS[ptype]
-    assert kernel.PROG_TYPES[ptype.value] == k.kernel_id
+    assert kernel.PROG_TYPES[KERNEL_NAME.get(ptype, ptype.value)] == k.kernel_id
     assert PROG_TYPE_BY_ID[k.kernel_id] is ptype
     assert privileges.required_caps(ptype, (6, 1)) == k.caps
     assert "CAP_SYS_ADMIN" in privileges.required_caps(ptype, (5, 4))
@@ -122,11 +126,12 @@ def test_default_helpers_per_type() -> None:
         assert not helpers & DANGEROUS_HELPERS, ptype
         assert not helpers & set(GATED_HELPERS), ptype  # kernel memory, tail_call: opt-in
     assert {"probe_read_kernel", "probe_read_kernel_str", "tail_call"} <= set(GATED_HELPERS)
-    only = {"redirect": ProgType.XDP, "xdp_adjust_head": ProgType.XDP,
-            "xdp_adjust_tail": ProgType.XDP, "skb_load_bytes": ProgType.SOCKET_FILTER,
-            "get_socket_cookie": ProgType.SOCKET_FILTER}
-    for helper, owner in only.items():
-        assert {t for t in ProgType if helper in t.kind.helpers} == {owner}, helper
+    only = {"redirect": {ProgType.XDP, ProgType.TC}, "xdp_adjust_head": {ProgType.XDP},
+            "xdp_adjust_tail": {ProgType.XDP}, "skb_store_bytes": {ProgType.TC},
+            "skb_load_bytes": {ProgType.SOCKET_FILTER, ProgType.TC},
+            "get_socket_cookie": {ProgType.SOCKET_FILTER, ProgType.TC}}
+    for helper, owners in only.items():
+        assert {t for t in ProgType if helper in t.kind.helpers} == owners, helper
     tracing = {ProgType.TRACEPOINT, ProgType.RAW_TRACEPOINT}
     assert {t for t in ProgType if "get_current_pid_tgid" in t.kind.helpers} == tracing
 
@@ -136,6 +141,9 @@ def test_default_helpers_per_type() -> None:
     ("raw_tracepoint:sched_switch", RawTracepointAttach("sched_switch")),
     ("xdp:eth0:skb", XdpAttach("eth0", "skb")),
     ("xdp:ve.th:1@x:native", XdpAttach("ve.th:1@x", "native")),
+    ("tc:eth0:ingress:last", TcAttach("eth0", "ingress", "last")),
+    ("tc:ve:1:egress:first", TcAttach("ve:1", "egress", "first")),
+    ("tc:eth0:ingress:before=web/count", TcAttach("eth0", "ingress", "before", "web/count")),
 ])
 def test_attach_target_text_round_trips(target: str, record: model.Attach) -> None:
     assert model.parse_target(target) == record
@@ -143,7 +151,9 @@ def test_attach_target_text_round_trips(target: str, record: model.Attach) -> No
 
 
 @pytest.mark.parametrize("bad", ["", "xdp", "xdp:eth0:turbo", "tracepoint:sched", "kprobe:x",
-                                 "socket_filter:", "raw_tracepoint:a/b", "tracepoint:a:b:c"])
+                                 "socket_filter:", "raw_tracepoint:a/b", "tracepoint:a:b:c",
+                                 "tc:eth0:ingress", "tc:eth0:up:first", "tc:eth0:ingress:before",
+                                 "tc:eth0:ingress:first=a/b", "tc:eth0:ingress:after=a"])
 def test_attach_target_parse_refuses(bad: str) -> None:
     with pytest.raises(ValueError):
         model.parse_target(bad)
