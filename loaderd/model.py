@@ -16,7 +16,7 @@ import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.sanitize import Rules
@@ -32,6 +32,11 @@ class ProgType(enum.StrEnum):
     XDP = "xdp"
     SOCKET_FILTER = "socket_filter"
     TC = "tc"  # the kernel's sched_cls, attached through tcx links
+    CGROUP_SKB = "cgroup_skb"
+    CGROUP_SOCK = "cgroup_sock"
+    CGROUP_SOCK_ADDR = "cgroup_sock_addr"
+    CGROUP_SYSCTL = "cgroup_sysctl"
+    CGROUP_DEVICE = "cgroup_device"
 
     @property
     def kind(self) -> ProgKind:
@@ -238,6 +243,11 @@ class _Target:
         """The manifest's and status's spelling of the target."""
         return target_text(cast(Attach, self))
 
+    @property
+    def load_attach_type(self) -> int | None:
+        """The expected_attach_type the program is loaded with (None: the kernel's default)."""
+        return None
+
 
 @dataclass(frozen=True)
 class TracepointAttach(_Target):
@@ -336,6 +346,81 @@ class TcAttach(_Target):
         return cls(iface, direction, rel, anchor or None)
 
 
+_CGROUP_PATH = re.compile(r"(?!.*(^|/)\.\.?(/|$))[A-Za-z0-9_.@:/-]{1,255}")
+_UNIT = re.compile(r"[A-Za-z0-9_.@:\\-]{1,255}\.(service|scope|slice)")
+
+
+@dataclass(frozen=True)
+class CgroupAttach(_Target):
+    """A cgroup hook: `path` below the cgroup2 mount, or the cgroup systemd gives `unit`.
+    One subclass per program type (the manifest names the type by its record); HOOKS maps a
+    hook name to its enum bpf_attach_type, also the program's expected_attach_type at load."""
+
+    hook: str
+    path: str | None = None
+    unit: str | None = None
+    HOOKS: ClassVar[Mapping[str, int]] = {}
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> CgroupAttach:
+        cg = raw["cgroup"]
+        return cls(cg.get("hook", next(iter(cls.HOOKS))), cg.get("path"), cg.get("unit"))
+
+    @property
+    def attach_type(self) -> int:
+        return self.HOOKS[self.hook]
+
+    @property
+    def load_attach_type(self) -> int | None:
+        return self.attach_type
+
+    @property
+    def where(self) -> str:
+        return f"unit {self.unit}" if self.unit else f"cgroup {self.path}"
+
+    def body(self) -> str:
+        return f"{self.hook}:unit={self.unit}" if self.unit else f"{self.hook}:path={self.path}"
+
+    @classmethod
+    def from_body(cls, text: str) -> CgroupAttach | None:
+        hook, _, rest = text.partition(":")
+        key, _, value = rest.partition("=")
+        if hook not in cls.HOOKS:
+            return None
+        if key == "path" and _CGROUP_PATH.fullmatch(value):
+            return cls(hook, path=value)
+        if key == "unit" and _UNIT.fullmatch(value):
+            return cls(hook, unit=value)
+        return None
+
+
+# enum bpf_attach_type of each hook; the first is the default.
+@dataclass(frozen=True)
+class CgroupSkbAttach(CgroupAttach):
+    HOOKS: ClassVar[Mapping[str, int]] = {"ingress": 0, "egress": 1}
+
+
+@dataclass(frozen=True)
+class CgroupSockAttach(CgroupAttach):
+    HOOKS: ClassVar[Mapping[str, int]] = {"create": 2, "post_bind4": 12, "post_bind6": 13}
+
+
+@dataclass(frozen=True)
+class CgroupSockAddrAttach(CgroupAttach):
+    HOOKS: ClassVar[Mapping[str, int]] = {"connect4": 10, "connect6": 11, "bind4": 8,
+                                          "bind6": 9, "sendmsg4": 14, "sendmsg6": 15}
+
+
+@dataclass(frozen=True)
+class CgroupSysctlAttach(CgroupAttach):
+    HOOKS: ClassVar[Mapping[str, int]] = {"sysctl": 18}
+
+
+@dataclass(frozen=True)
+class CgroupDeviceAttach(CgroupAttach):
+    HOOKS: ClassVar[Mapping[str, int]] = {"device": 6}
+
+
 @dataclass(frozen=True)
 class NoAttach(_Target):
     """Loaded and pinned only (socket filters: consumers attach with SO_ATTACH_BPF)."""
@@ -352,9 +437,9 @@ class NoAttach(_Target):
         return None
 
 
-Attach = TracepointAttach | RawTracepointAttach | XdpAttach | TcAttach | NoAttach
+Attach = TracepointAttach | RawTracepointAttach | XdpAttach | TcAttach | CgroupAttach | NoAttach
 # What a link is made for.
-LinkTarget = TracepointAttach | RawTracepointAttach | XdpAttach | TcAttach
+LinkTarget = TracepointAttach | RawTracepointAttach | XdpAttach | TcAttach | CgroupAttach
 
 
 def target_text(a: Attach) -> str:
@@ -386,6 +471,7 @@ COMMON_HELPERS: frozenset[str] = frozenset({
     "perf_event_output",
 })
 _CURRENT_TASK = frozenset({"get_current_pid_tgid", "get_current_uid_gid", "get_current_comm"})
+_CGROUP_CAPS = frozenset({"CAP_BPF", "CAP_NET_ADMIN"})
 # Reading a packet and its socket (tc and cgroup_skb).
 _SKB_HELPERS = frozenset({"skb_load_bytes", "get_socket_cookie", "get_cgroup_classid",
                           "skb_cgroup_id"})
@@ -440,6 +526,28 @@ PROG_KINDS: Mapping[ProgType, ProgKind] = {
                                          "skb_change_tail", "l3_csum_replace",
                                          "l4_csum_replace", "csum_diff"},
         exclusive=True),
+    # cgroup links: many per hook, run in the order attached; a replacement swaps the program
+    # behind its link (BPF_LINK_UPDATE), so it keeps its place. bpf_prog_load wants
+    # CAP_NET_ADMIN for every cgroup type (is_net_admin_prog_type).
+    ProgType.CGROUP_SKB: ProgKind(
+        8, CgroupSkbAttach, _CGROUP_CAPS, COMMON_HELPERS | _SKB_HELPERS, exclusive=True),
+    ProgType.CGROUP_SOCK: ProgKind(
+        9, CgroupSockAttach, _CGROUP_CAPS,
+        COMMON_HELPERS | _CURRENT_TASK | {"get_socket_cookie", "get_current_cgroup_id"},
+        exclusive=True),
+    ProgType.CGROUP_SOCK_ADDR: ProgKind(
+        18, CgroupSockAddrAttach, _CGROUP_CAPS,
+        COMMON_HELPERS | _CURRENT_TASK | {"get_socket_cookie", "get_current_cgroup_id",
+                                          "bind"},
+        exclusive=True),
+    ProgType.CGROUP_SYSCTL: ProgKind(
+        23, CgroupSysctlAttach, _CGROUP_CAPS,
+        COMMON_HELPERS | _CURRENT_TASK | {"sysctl_get_name", "sysctl_get_current_value",
+                                          "sysctl_get_new_value", "strtol", "strtoul",
+                                          "get_current_cgroup_id"}, exclusive=True),
+    ProgType.CGROUP_DEVICE: ProgKind(
+        15, CgroupDeviceAttach, _CGROUP_CAPS,
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}, exclusive=True),
 }
 PROG_TYPE_BY_ID: Mapping[int, ProgType] = {k.kernel_id: t for t, k in PROG_KINDS.items()}
 

@@ -7,6 +7,7 @@
 | xdp            | LINK_CREATE(BPF_XDP) on the ifindex, mode flags      | xdp        |
 | tc             | LINK_CREATE(BPF_TCX_INGRESS/EGRESS) on the ifindex,  | tcx        |
 |                | placed by BPF_F_BEFORE/AFTER (+ BPF_F_LINK anchor)   |            |
+| cgroup_*       | LINK_CREATE(hook's attach type) on the cgroup2 dir fd | cgroup    |
 | socket_filter  | none: pinned program, consumers use SO_ATTACH_BPF    | -          |
 
 A replaced XDP or tc program is swapped in place with BPF_LINK_UPDATE (an interface takes one
@@ -21,9 +22,10 @@ import errno
 import os
 from collections.abc import Callable
 
-from loaderd.bpf import btf, kernel
+from loaderd.bpf import btf, cgroup, kernel
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
+    CgroupAttach,
     LinkTarget,
     NoAttach,
     ProgramSpec,
@@ -59,6 +61,12 @@ def link_for(a: LinkTarget, prog_fd: int, anchors: AnchorOpener | None = None) -
     recovery has the manifest, not the spec)."""
     if isinstance(a, TcAttach):
         return _tcx_link(a, prog_fd, anchors)
+    if isinstance(a, CgroupAttach):
+        cg_fd = cgroup.open_cgroup(cgroup.resolve(a))
+        try:
+            return kernel.link_create(prog_fd, cg_fd, a.attach_type)
+        finally:
+            os.close(cg_fd)  # the link holds the cgroup
     if isinstance(a, TracepointAttach):
         perf_fd = kernel.perf_event_open_tracepoint(kernel.tracepoint_id(a.category, a.event))
         try:
@@ -126,6 +134,8 @@ def resolve(program: ProgramSpec) -> str | None:
         kernel.xdp_mode_flags(a.mode)
     elif isinstance(a, TcAttach):
         kernel.ifindex(a.interface)
+    elif isinstance(a, CgroupAttach):
+        cgroup.resolve(a)
     return None
 
 
@@ -156,6 +166,8 @@ def target_difference(info: kernel.LinkInfo, tgt: LinkTarget, ifindex: int | Non
     An XDP or tcx link outlives its interface (ifindex 0 then) and does not follow a recreated one.
     `ifindex`: the one recorded at attach. `by_name` looks the interface up again: only in
     the host's network namespace (the apply), never in the resident's private one."""
+    if isinstance(tgt, CgroupAttach):
+        return _cgroup_difference(info, tgt, by_name=by_name)
     if isinstance(tgt, TcAttach) and info.attach_type is not None \
             and info.attach_type != tgt.attach_type:
         return (f"attached as {kernel.ATTACH_TYPE_NAMES.get(info.attach_type)}, not "
@@ -178,6 +190,27 @@ def target_difference(info: kernel.LinkInfo, tgt: LinkTarget, ifindex: int | Non
     want = tgt.name if isinstance(tgt, RawTracepointAttach) else tgt.event
     if info.tp_name is not None and info.tp_name != want:
         return f"attached to {info.tp_name}, not {want}"
+    return None
+
+
+def _cgroup_difference(info: kernel.LinkInfo, tgt: CgroupAttach, *, by_name: bool
+                       ) -> str | None:
+    """A cgroup link is detached by the kernel when its cgroup goes away (cgroup_id 0 then),
+    and does not follow a cgroup made again under the same name (a restarted unit's)."""
+    if info.attach_type is not None and info.attach_type != tgt.attach_type:
+        return (f"attached as {kernel.ATTACH_TYPE_NAMES.get(info.attach_type)}, not "
+                f"{kernel.ATTACH_TYPE_NAMES.get(tgt.attach_type)}")
+    if not info.cgroup_id:
+        return f"detached from {tgt.where} (the cgroup went away)"
+    if not by_name:
+        return None
+    try:
+        now = cgroup.cgroup_id(cgroup.resolve(tgt))
+    except (LoaderdError, OSError):
+        return f"{tgt.where} is gone"
+    if now != info.cgroup_id:
+        return (f"attached to cgroup id {info.cgroup_id}, but {tgt.where} is now cgroup id "
+                f"{now} (made again)")
     return None
 
 

@@ -55,6 +55,7 @@ LINK_TYPE_RAW_TRACEPOINT = 1
 LINK_TYPE_XDP = 6
 LINK_TYPE_PERF_EVENT = 7
 LINK_TYPE_TCX = 11
+LINK_TYPE_CGROUP = 3
 
 # The kernel ids of loaderd's own types are facts of those types (model.MAP_KINDS,
 # model.PROG_KINDS); the tables above name any object the kernel holds, foreign ones too.
@@ -63,8 +64,13 @@ LINK_TYPE_TCX = 11
 ATTACH_XDP = 37
 ATTACH_PERF_EVENT = 41
 ATTACH_TCX_INGRESS, ATTACH_TCX_EGRESS = 46, 47  # model.TC_DIRECTIONS
-ATTACH_TYPE_NAMES: dict[int, str] = {37: "xdp", 41: "perf_event", 46: "tcx_ingress",
-                                     47: "tcx_egress"}
+# bpftool's names (libbpf_bpf_attach_type_str) of the attach types loaderd makes links for.
+ATTACH_TYPE_NAMES: dict[int, str] = {
+    0: "cgroup_inet_ingress", 1: "cgroup_inet_egress", 2: "cgroup_inet_sock_create",
+    6: "cgroup_device", 8: "cgroup_inet4_bind", 9: "cgroup_inet6_bind",
+    10: "cgroup_inet4_connect", 11: "cgroup_inet6_connect", 12: "cgroup_inet4_post_bind",
+    13: "cgroup_inet6_post_bind", 14: "cgroup_udp4_sendmsg", 15: "cgroup_udp6_sendmsg",
+    18: "cgroup_sysctl", 37: "xdp", 41: "perf_event", 46: "tcx_ingress", 47: "tcx_egress"}
 
 # Flags.
 BPF_F_NO_PREALLOC = 1 << 0
@@ -386,9 +392,13 @@ class _LinkTcx(ctypes.Structure):
     _fields_ = [("ifindex", ctypes.c_uint32), ("attach_type", ctypes.c_uint32)]
 
 
+class _LinkCgroup(ctypes.Structure):
+    _fields_ = [("cgroup_id", ctypes.c_uint64), ("attach_type", ctypes.c_uint32)]
+
+
 class _LinkUnion(ctypes.Union):
     _fields_ = [("raw_tracepoint", _LinkNamed), ("perf_event", _LinkPerfEvent),
-                ("xdp_ifindex", ctypes.c_uint32), ("tcx", _LinkTcx),
+                ("xdp_ifindex", ctypes.c_uint32), ("tcx", _LinkTcx), ("cgroup", _LinkCgroup),
                 ("_raw", ctypes.c_uint8 * 64)]
 
 
@@ -444,7 +454,8 @@ class LinkInfo:
     type: int
     prog_id: int
     ifindex: int | None = None  # xdp and tcx links (0: the interface went away)
-    attach_type: int | None = None  # tcx links
+    attach_type: int | None = None  # tcx and cgroup links
+    cgroup_id: int | None = None  # cgroup links (the cgroup2 directory's inode; 0: removed)
     tp_name: str | None = None  # raw_tracepoint and perf_event tracepoint links
     perf_event_type: int | None = None  # perf_event links
 
@@ -524,6 +535,10 @@ def link_info(fd: int) -> LinkInfo:
         return LinkInfo(info.id, info.type, info.prog_id, tp_name=_cstr(name_buf))
     if first.type == LINK_TYPE_PERF_EVENT:
         return _perf_link_info(fd, first, name_buf)
+    if first.type == LINK_TYPE_CGROUP:
+        return LinkInfo(first.id, first.type, first.prog_id,
+                        attach_type=first.u.cgroup.attach_type,
+                        cgroup_id=first.u.cgroup.cgroup_id)
     if first.type == LINK_TYPE_TCX:
         return LinkInfo(first.id, first.type, first.prog_id, ifindex=first.u.tcx.ifindex,
                         attach_type=first.u.tcx.attach_type)
@@ -563,7 +578,7 @@ class _LinkUpdateOpts(ctypes.Structure):
 
 
 def _attach_caps(attach_type: int) -> str:
-    return CAPS_NET if attach_type == ATTACH_XDP else CAPS_TRACING
+    return CAPS_TRACING if attach_type == ATTACH_PERF_EVENT else CAPS_NET
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> int:

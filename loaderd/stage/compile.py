@@ -214,11 +214,15 @@ class Module:
         """Exactly the bytes `load` would hand to the kernel."""
         return bytes(self.bpf.dump_func(function.encode()))
 
-    def load(self, function: str, ptype: ProgType, *, field: str) -> int:
-        """Load into the kernel; the verifier's reason ends up in the error. Returns the fd."""
+    def load(self, function: str, ptype: ProgType, *, field: str,
+             attach_type: int | None = None) -> int:
+        """Load into the kernel; the verifier's reason ends up in the error. Returns the fd.
+        `attach_type`: the expected_attach_type (cgroup hooks: the kernel checks the context
+        accesses against it and refuses another hook at attach)."""
         with captured_fd2() as log:
             try:
-                fn = self.bpf.load_func(function.encode(), ptype.kind.kernel_id)
+                fn = self.bpf.load_func(function.encode(), ptype.kind.kernel_id,
+                                        attach_type=-1 if attach_type is None else attach_type)
                 err = None
             except Exception as exc:
                 err = exc

@@ -98,6 +98,12 @@ PROG_FACTS = {
     ProgType.XDP: (6, XdpAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
     ProgType.SOCKET_FILTER: (1, NoAttach, {"CAP_BPF"}, False),
     ProgType.TC: (3, TcAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
+    ProgType.CGROUP_SKB: (8, model.CgroupSkbAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
+    ProgType.CGROUP_SOCK: (9, model.CgroupSockAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
+    ProgType.CGROUP_SOCK_ADDR: (18, model.CgroupSockAddrAttach, {"CAP_BPF", "CAP_NET_ADMIN"},
+                                True),
+    ProgType.CGROUP_SYSCTL: (23, model.CgroupSysctlAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
+    ProgType.CGROUP_DEVICE: (15, model.CgroupDeviceAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
 }
 # Spec type names that are not the kernel's (bpftool's) name of the program type.
 KERNEL_NAME = {ProgType.TC: "sched_cls"}
@@ -128,12 +134,16 @@ def test_default_helpers_per_type() -> None:
     assert {"probe_read_kernel", "probe_read_kernel_str", "tail_call"} <= set(GATED_HELPERS)
     only = {"redirect": {ProgType.XDP, ProgType.TC}, "xdp_adjust_head": {ProgType.XDP},
             "xdp_adjust_tail": {ProgType.XDP}, "skb_store_bytes": {ProgType.TC},
-            "skb_load_bytes": {ProgType.SOCKET_FILTER, ProgType.TC},
-            "get_socket_cookie": {ProgType.SOCKET_FILTER, ProgType.TC}}
+            "skb_load_bytes": {ProgType.SOCKET_FILTER, ProgType.TC, ProgType.CGROUP_SKB},
+            "sysctl_get_new_value": {ProgType.CGROUP_SYSCTL},
+            "bind": {ProgType.CGROUP_SOCK_ADDR}}
     for helper, owners in only.items():
         assert {t for t in ProgType if helper in t.kind.helpers} == owners, helper
-    tracing = {ProgType.TRACEPOINT, ProgType.RAW_TRACEPOINT}
-    assert {t for t in ProgType if "get_current_pid_tgid" in t.kind.helpers} == tracing
+    # The current task means something where a task acts: tracing, and cgroup hooks that run
+    # in the acting process's context (not cgroup_skb: a packet may be another's).
+    tasked = {ProgType.TRACEPOINT, ProgType.RAW_TRACEPOINT, ProgType.CGROUP_SOCK,
+              ProgType.CGROUP_SOCK_ADDR, ProgType.CGROUP_SYSCTL, ProgType.CGROUP_DEVICE}
+    assert {t for t in ProgType if "get_current_pid_tgid" in t.kind.helpers} == tasked
 
 
 @pytest.mark.parametrize("target, record", [
@@ -144,6 +154,11 @@ def test_default_helpers_per_type() -> None:
     ("tc:eth0:ingress:last", TcAttach("eth0", "ingress", "last")),
     ("tc:ve:1:egress:first", TcAttach("ve:1", "egress", "first")),
     ("tc:eth0:ingress:before=web/count", TcAttach("eth0", "ingress", "before", "web/count")),
+    ("cgroup_skb:egress:path=system.slice/web.service",
+     model.CgroupSkbAttach("egress", path="system.slice/web.service")),
+    ("cgroup_sock_addr:connect6:unit=web@1.service",
+     model.CgroupSockAddrAttach("connect6", unit="web@1.service")),
+    ("cgroup_device:device:path=/a:b", model.CgroupDeviceAttach("device", path="/a:b")),
 ])
 def test_attach_target_text_round_trips(target: str, record: model.Attach) -> None:
     assert model.parse_target(target) == record
@@ -153,7 +168,10 @@ def test_attach_target_text_round_trips(target: str, record: model.Attach) -> No
 @pytest.mark.parametrize("bad", ["", "xdp", "xdp:eth0:turbo", "tracepoint:sched", "kprobe:x",
                                  "socket_filter:", "raw_tracepoint:a/b", "tracepoint:a:b:c",
                                  "tc:eth0:ingress", "tc:eth0:up:first", "tc:eth0:ingress:before",
-                                 "tc:eth0:ingress:first=a/b", "tc:eth0:ingress:after=a"])
+                                 "tc:eth0:ingress:first=a/b", "tc:eth0:ingress:after=a",
+                                 "cgroup_skb:connect4:path=a", "cgroup_skb:ingress:path=../a",
+                                 "cgroup_skb:ingress:path=a/./b", "cgroup_sysctl:sysctl:unit=x",
+                                 "cgroup_device:device", "cgroup_sock:create:cwd=a"])
 def test_attach_target_parse_refuses(bad: str) -> None:
     with pytest.raises(ValueError):
         model.parse_target(bad)
