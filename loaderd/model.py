@@ -37,6 +37,7 @@ class ProgType(enum.StrEnum):
     CGROUP_SOCK_ADDR = "cgroup_sock_addr"
     CGROUP_SYSCTL = "cgroup_sysctl"
     CGROUP_DEVICE = "cgroup_device"
+    UPROBE = "uprobe"  # the kernel's kprobe type, on the uprobe PMU (retprobe: uretprobe)
 
     @property
     def kind(self) -> ProgKind:
@@ -421,6 +422,58 @@ class CgroupDeviceAttach(CgroupAttach):
     HOOKS: ClassVar[Mapping[str, int]] = {"device": 6}
 
 
+_BINARY = re.compile(r"/[A-Za-z0-9_.+/-]{1,4095}")
+_SYMBOL = re.compile(r"[A-Za-z_.][A-Za-z0-9_.$]{0,127}")
+
+
+@dataclass(frozen=True)
+class UprobeAttach(_Target):
+    """A function entry (or return) in an ELF binary, by symbol or file offset; every process
+    running it, or one pid."""
+
+    binary: str
+    symbol: str | None = None
+    offset: int | None = None
+    retprobe: bool = False
+    pid: int | None = None
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> UprobeAttach:
+        u = raw["uprobe"]
+        return cls(u["binary"], u.get("symbol"), u.get("offset"), u.get("retprobe", False),
+                   u.get("pid"))
+
+    @property
+    def where(self) -> str:
+        at = self.symbol if self.symbol is not None else f"{self.offset:#x}"
+        return f"{self.binary}:{at}"
+
+    def body(self) -> str:
+        at = f"sym={self.symbol}" if self.symbol is not None else f"off={self.offset:#x}"
+        return (f"{self.binary}:{at}:{'return' if self.retprobe else 'entry'}:"
+                f"pid={self.pid if self.pid is not None else 'all'}")
+
+    @classmethod
+    def from_body(cls, text: str) -> UprobeAttach | None:
+        parts = text.rsplit(":", 3)
+        if len(parts) != 4 or not _BINARY.fullmatch(parts[0]):
+            return None
+        binary, at, where, pid = parts
+        kind, _, value = at.partition("=")
+        if where not in ("entry", "return") or not pid.startswith("pid="):
+            return None
+        pid_text = pid[4:]
+        if pid_text != "all" and not pid_text.isdigit():
+            return None
+        pid_value = None if pid_text == "all" else int(pid_text)
+        ret = where == "return"
+        if kind == "sym" and _SYMBOL.fullmatch(value):
+            return cls(binary, value, None, ret, pid_value)
+        if kind == "off" and re.fullmatch(r"0x[0-9a-f]{1,16}", value):
+            return cls(binary, None, int(value, 16), ret, pid_value)
+        return None
+
+
 @dataclass(frozen=True)
 class NoAttach(_Target):
     """Loaded and pinned only (socket filters: consumers attach with SO_ATTACH_BPF)."""
@@ -437,9 +490,10 @@ class NoAttach(_Target):
         return None
 
 
-Attach = TracepointAttach | RawTracepointAttach | XdpAttach | TcAttach | CgroupAttach | NoAttach
 # What a link is made for.
-LinkTarget = TracepointAttach | RawTracepointAttach | XdpAttach | TcAttach | CgroupAttach
+LinkTarget = (TracepointAttach | RawTracepointAttach | XdpAttach | TcAttach | CgroupAttach
+              | UprobeAttach)
+Attach = LinkTarget | NoAttach
 
 
 def target_text(a: Attach) -> str:
@@ -484,6 +538,8 @@ GATED_HELPERS: Mapping[str, str] = {
     "probe_read": "reads arbitrary kernel or user memory",
     "probe_read_str": "reads arbitrary kernel or user memory",
     "tail_call": "jumps into another program, outside the bytecode checked here",
+    "probe_read_user": "reads the memory of the process it runs in",
+    "probe_read_user_str": "reads the memory of the process it runs in",
 }
 
 # Never allowed unless the operator's policy lists them explicitly in `helpers.allow`:
@@ -548,8 +604,13 @@ PROG_KINDS: Mapping[ProgType, ProgKind] = {
     ProgType.CGROUP_DEVICE: ProgKind(
         15, CgroupDeviceAttach, _CGROUP_CAPS,
         COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}, exclusive=True),
+    ProgType.UPROBE: ProgKind(
+        2, UprobeAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}),
 }
-PROG_TYPE_BY_ID: Mapping[int, ProgType] = {k.kernel_id: t for t, k in PROG_KINDS.items()}
+# The first type of each kernel id (uprobe and kprobe programs are both BPF_PROG_TYPE_KPROBE).
+PROG_TYPE_BY_ID: Mapping[int, ProgType] = {
+    k.kernel_id: t for t, k in reversed(list(PROG_KINDS.items()))}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ export DEBIAN_FRONTEND=noninteractive
 RUNTIME_PKGS="python3-bpfcc python3-systemd python3-prctl python3-yaml python3-structlog \
 python3-jsonschema bpftool iproute2 libbpf1"
 # clang/llvm/libbpf-dev: the tests build CO-RE objects (clang -target bpf, llvm-strip).
-TEST_PKGS="python3-pytest python3-hypothesis python3-venv clang llvm libbpf-dev"
+# gcc/binutils: the uprobe tests build a binary to probe and check offsets with nm/readelf.
+TEST_PKGS="python3-pytest python3-hypothesis python3-venv clang llvm libbpf-dev gcc binutils"
 missing=""
 for p in $RUNTIME_PKGS ${LOADERD_SETUP_TEST:+$TEST_PKGS}; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -16,9 +16,9 @@ import os
 from loaderd import faults
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
-from loaderd.bpf import attach, kernel, pins
+from loaderd.bpf import attach, kernel, pins, uprobe
 from loaderd.errors import Kind, LoaderdError
-from loaderd.model import LinkTarget, PinOwnership
+from loaderd.model import LinkTarget, PinOwnership, UprobeAttach
 from loaderd.store.manifest import LinkRecord, Manifest, SpecRecord, Status
 from loaderd.store.statedir import State
 
@@ -32,6 +32,9 @@ def pin_link(staging: pins.PinLayout, owner: PinOwnership, spec: str, prog: str,
         info = kernel.link_info(link_fd)
     finally:
         os.close(link_fd)
+    if isinstance(tgt, UprobeAttach):  # what drift compares the path with later
+        ident = uprobe.identity(tgt.binary)
+        return LinkRecord(tgt, info.id, None, ident.ino, ident.sha256)
     return LinkRecord(tgt, info.id, info.ifindex or None)
 
 

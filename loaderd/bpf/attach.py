@@ -8,6 +8,8 @@
 | tc             | LINK_CREATE(BPF_TCX_INGRESS/EGRESS) on the ifindex,  | tcx        |
 |                | placed by BPF_F_BEFORE/AFTER (+ BPF_F_LINK anchor)   |            |
 | cgroup_*       | LINK_CREATE(hook's attach type) on the cgroup2 dir fd | cgroup    |
+| uprobe         | perf_event_open on the uprobe PMU (path, file offset) | perf_event |
+|                | + LINK_CREATE(BPF_PERF_EVENT)                        |            |
 | socket_filter  | none: pinned program, consumers use SO_ATTACH_BPF    | -          |
 
 A replaced XDP or tc program is swapped in place with BPF_LINK_UPDATE (an interface takes one
@@ -22,7 +24,7 @@ import errno
 import os
 from collections.abc import Callable
 
-from loaderd.bpf import btf, cgroup, kernel
+from loaderd.bpf import btf, cgroup, kernel, uprobe
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
     CgroupAttach,
@@ -33,6 +35,7 @@ from loaderd.model import (
     Spec,
     TcAttach,
     TracepointAttach,
+    UprobeAttach,
     XdpAttach,
 )
 
@@ -67,6 +70,15 @@ def link_for(a: LinkTarget, prog_fd: int, anchors: AnchorOpener | None = None) -
             return kernel.link_create(prog_fd, cg_fd, a.attach_type)
         finally:
             os.close(cg_fd)  # the link holds the cgroup
+    if isinstance(a, UprobeAttach):
+        pmu_type, retbit, offset = _uprobe_place(a)
+        perf_fd = kernel.perf_event_open_uprobe(pmu_type, a.binary, offset,
+                                                1 << retbit if a.retprobe else 0,
+                                                -1 if a.pid is None else a.pid)
+        try:
+            return kernel.link_create(prog_fd, perf_fd, kernel.ATTACH_PERF_EVENT)
+        finally:
+            os.close(perf_fd)
     if isinstance(a, TracepointAttach):
         perf_fd = kernel.perf_event_open_tracepoint(kernel.tracepoint_id(a.category, a.event))
         try:
@@ -79,6 +91,16 @@ def link_for(a: LinkTarget, prog_fd: int, anchors: AnchorOpener | None = None) -
         return kernel.link_create(prog_fd, kernel.ifindex(a.interface), kernel.ATTACH_XDP,
                                   kernel.xdp_mode_flags(a.mode))
     raise AssertionError(f"unhandled attach {a!r}")
+
+
+def _uprobe_place(a: UprobeAttach) -> tuple[int, int, int]:
+    """(uprobe PMU type, its retprobe bit, file offset) after the binary's trust check."""
+    pmu_type, retbit = uprobe.pmu()
+    uprobe.trusted(a.binary)
+    if a.offset is not None:
+        return pmu_type, retbit, a.offset
+    assert a.symbol is not None  # the schema wants one of symbol, offset
+    return pmu_type, retbit, uprobe.symbol_offset(a.binary, a.symbol)
 
 
 _TCX_PLACE = {"first": kernel.BPF_F_BEFORE, "last": 0, "before": kernel.BPF_F_BEFORE,
@@ -136,6 +158,10 @@ def resolve(program: ProgramSpec) -> str | None:
         kernel.ifindex(a.interface)
     elif isinstance(a, CgroupAttach):
         cgroup.resolve(a)
+    elif isinstance(a, UprobeAttach):
+        _uprobe_place(a)
+        if a.pid is not None and not os.path.isdir(f"/proc/{a.pid}"):
+            raise LoaderdError(Kind.ATTACH, f"no process {a.pid} (uprobe pid:)", value=a.pid)
     return None
 
 
@@ -168,6 +194,12 @@ def target_difference(info: kernel.LinkInfo, tgt: LinkTarget, ifindex: int | Non
     the host's network namespace (the apply), never in the resident's private one."""
     if isinstance(tgt, CgroupAttach):
         return _cgroup_difference(info, tgt, by_name=by_name)
+    if isinstance(tgt, UprobeAttach):
+        kind = kernel.BPF_PERF_EVENT_URETPROBE if tgt.retprobe else kernel.BPF_PERF_EVENT_UPROBE
+        if info.perf_event_type is not None and info.perf_event_type != kind:
+            return (f"a {kernel.PERF_EVENT_TYPE_NAMES.get(info.perf_event_type)} link, not "
+                    f"{kernel.PERF_EVENT_TYPE_NAMES[kind]}")
+        return None
     if isinstance(tgt, TcAttach) and info.attach_type is not None \
             and info.attach_type != tgt.attach_type:
         return (f"attached as {kernel.ATTACH_TYPE_NAMES.get(info.attach_type)}, not "
@@ -214,6 +246,27 @@ def _cgroup_difference(info: kernel.LinkInfo, tgt: CgroupAttach, *, by_name: boo
     return None
 
 
+def binary_difference(tgt: UprobeAttach, ino: int, sha256: str | None, *, hashed: bool
+                      ) -> str | None:
+    """How the binary at a uprobe's path differs from the one it was attached to: another
+    inode (replaced: the uprobe stays on the old file) or, when `hashed`, other bytes."""
+    try:
+        st = os.stat(tgt.binary)
+    except OSError as exc:
+        return f"binary {tgt.binary} is gone ({exc.strerror})"
+    if st.st_ino != ino:
+        return (f"binary {tgt.binary} was replaced (inode {ino} -> {st.st_ino}); the uprobe "
+                "is on the old file")
+    if hashed and sha256 is not None:
+        try:
+            now = uprobe.identity(tgt.binary).sha256
+        except OSError as exc:
+            return f"binary {tgt.binary}: cannot read ({exc.strerror})"
+        if now != sha256:
+            return f"binary {tgt.binary} changed in place (sha256 {sha256[:12]} -> {now[:12]})"
+    return None
+
+
 def update_link(link_pin: str, new_prog_fd: int) -> int:
     """Swap the program behind an existing pinned link; returns the link id."""
     fd = kernel.obj_get(link_pin)
@@ -224,5 +277,5 @@ def update_link(link_pin: str, new_prog_fd: int) -> int:
         os.close(fd)
 
 
-__all__ = ["AnchorOpener", "LoaderdError", "check_targets", "create_link", "link_for",
-           "resolve", "target", "target_difference", "update_link"]
+__all__ = ["AnchorOpener", "LoaderdError", "binary_difference", "check_targets",
+           "create_link", "link_for", "resolve", "target", "target_difference", "update_link"]

@@ -382,10 +382,12 @@ class _LinkNamed(ctypes.Structure):
 
 
 class _LinkPerfEvent(ctypes.Structure):
-    """perf_event (kernel >= 6.6): type, then for tracepoints a tp_name buffer + length."""
+    """perf_event (kernel >= 6.6): type, then for tracepoints a tp_name buffer + length, for
+    uprobes a file_name buffer + length and the file offset."""
 
     _fields_ = [("type", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
-                ("name", ctypes.c_uint64), ("name_len", ctypes.c_uint32)]
+                ("name", ctypes.c_uint64), ("name_len", ctypes.c_uint32),
+                ("offset", ctypes.c_uint32)]
 
 
 class _LinkTcx(ctypes.Structure):
@@ -408,6 +410,9 @@ class _LinkInfo(ctypes.Structure):
 
 
 BPF_PERF_EVENT_TRACEPOINT = 5  # enum bpf_perf_event_type
+BPF_PERF_EVENT_UPROBE, BPF_PERF_EVENT_URETPROBE = 1, 2
+PERF_EVENT_TYPE_NAMES = {1: "uprobe", 2: "uretprobe", 3: "kprobe", 4: "kretprobe",
+                         5: "tracepoint", 6: "event"}
 
 
 @dataclass(frozen=True)
@@ -456,6 +461,8 @@ class LinkInfo:
     ifindex: int | None = None  # xdp and tcx links (0: the interface went away)
     attach_type: int | None = None  # tcx and cgroup links
     cgroup_id: int | None = None  # cgroup links (the cgroup2 directory's inode; 0: removed)
+    file: str | None = None  # uprobe perf_event links: the binary and the file offset
+    offset: int | None = None
     tp_name: str | None = None  # raw_tracepoint and perf_event tracepoint links
     perf_event_type: int | None = None  # perf_event links
 
@@ -549,6 +556,13 @@ def link_info(fd: int) -> LinkInfo:
 def _perf_link_info(fd: int, first: _LinkInfo, name_buf: ctypes.Array[ctypes.c_char]
                     ) -> LinkInfo:
     ptype = first.u.perf_event.type
+    if ptype in (BPF_PERF_EVENT_UPROBE, BPF_PERF_EVENT_URETPROBE):
+        path_buf = ctypes.create_string_buffer(4096)
+        info = _LinkInfo()
+        info.u.perf_event.name, info.u.perf_event.name_len = _addr(path_buf), len(path_buf)
+        _get_info(fd, info, "link")
+        return LinkInfo(first.id, first.type, first.prog_id, perf_event_type=ptype,
+                        file=_cstr(path_buf), offset=info.u.perf_event.offset)
     if ptype != BPF_PERF_EVENT_TRACEPOINT:
         return LinkInfo(first.id, first.type, first.prog_id, perf_event_type=ptype)
     info = _LinkInfo()
@@ -747,6 +761,25 @@ def perf_event_open_tracepoint(tp_id: int, cpu: int = 0) -> int:
         raise _fail("perf_event_open", f"tracepoint id {tp_id}", ctypes.get_errno(),
                     "needs CAP_PERFMON, and perf_event_open allowed by the unit's "
                     "SystemCallFilter= (it is in @debug)")
+    return ret
+
+
+def perf_event_open_uprobe(pmu_type: int, path: str, offset: int, config: int = 0,
+                           pid: int = -1) -> int:
+    """A uprobe perf event at file `offset` of `path` (config: the retprobe bit or 0): the
+    target of a BPF_PERF_EVENT link. pid -1: every process (anchored on CPU 0; the program
+    runs wherever the probe hits), else that process on any CPU."""
+    raw = os.fsencode(path)
+    attr = _PerfEventAttr(type=pmu_type, size=ctypes.sizeof(_PerfEventAttr), config=config,
+                          config1=ctypes.cast(ctypes.c_char_p(raw), ctypes.c_void_p).value or 0,
+                          config2=offset)
+    ctypes.set_errno(0)
+    ret = int(_libc.syscall(ctypes.c_long(_SYS_PERF_EVENT_OPEN), ctypes.byref(attr),
+                            ctypes.c_int(pid), ctypes.c_int(0 if pid == -1 else -1),
+                            ctypes.c_int(-1), ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC)))
+    if ret < 0:
+        raise _fail("perf_event_open", f"uprobe {path}+{offset:#x}", ctypes.get_errno(),
+                    "needs CAP_PERFMON (and read access to the binary)")
     return ret
 
 

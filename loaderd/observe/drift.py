@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from loaderd.bpf import attach, kernel
 from loaderd.errors import LoaderdError
+from loaderd.model import UprobeAttach
 from loaderd.store.manifest import SpecRecord
 
 T = TypeVar("T")
@@ -79,4 +80,10 @@ def differences(record: SpecRecord, *, by_name: bool = False) -> list[str]:
         off = attach.target_difference(linfo, link.target, link.ifindex, by_name=by_name)
         if off:
             diffs.append(f"link {path}: {off}")
+        if isinstance(link.target, UprobeAttach) and link.binary_ino is not None:
+            # Hashing only where the apply looks (by_name): the resident's tick stats it.
+            off = attach.binary_difference(link.target, link.binary_ino, link.binary_sha256,
+                                           hashed=by_name)
+            if off:
+                diffs.append(f"link {path}: {off}")
     return diffs

@@ -69,6 +69,9 @@ class LinkRecord:
     target: LinkTarget
     id: int
     ifindex: int | None = None  # XDP: the interface at attach time
+    # uprobe: the binary's inode and sha256 at attach (drift: replaced under the same path)
+    binary_ino: int | None = None
+    binary_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,9 @@ def _link(d: dict[str, Any], where: str) -> LinkRecord:
     except ValueError as exc:
         raise _Bad(f"{where}.target", str(exc)) from None
     return LinkRecord(tgt, _int(d.get("id"), f"{where}.id", minimum=1),
-                      _opt(d.get("ifindex"), f"{where}.ifindex", _int))
+                      _opt(d.get("ifindex"), f"{where}.ifindex", _int),
+                      _opt(d.get("binary_ino"), f"{where}.binary_ino", _int),
+                      _opt(d.get("binary_sha256"), f"{where}.binary_sha256", _str))
 
 
 def _spec(name: str, d: dict[str, Any], where: str, pin_root: str | None) -> SpecRecord:
@@ -350,7 +355,9 @@ def spec_dict(s: SpecRecord) -> dict[str, Any]:
         "maps": {k: {"name": m.name, "id": m.id, "frozen": m.frozen, "access": m.access}
                  for k, m in s.maps.items()},
         "links": {k: {"target": lk.target.text, "id": lk.id,
-                      **({"ifindex": lk.ifindex} if lk.ifindex else {})}
+                      **({"ifindex": lk.ifindex} if lk.ifindex else {}),
+                      **({"binary_ino": lk.binary_ino, "binary_sha256": lk.binary_sha256}
+                         if lk.binary_ino is not None else {})}
                   for k, lk in s.links.items()},
         "sources": list(s.sources), "txid": s.txid, "deferred_links": list(s.deferred_links),
         "events": dict(s.events),

@@ -104,9 +104,10 @@ PROG_FACTS = {
                                 True),
     ProgType.CGROUP_SYSCTL: (23, model.CgroupSysctlAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
     ProgType.CGROUP_DEVICE: (15, model.CgroupDeviceAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
+    ProgType.UPROBE: (2, model.UprobeAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
 }
 # Spec type names that are not the kernel's (bpftool's) name of the program type.
-KERNEL_NAME = {ProgType.TC: "sched_cls"}
+KERNEL_NAME = {ProgType.TC: "sched_cls", ProgType.UPROBE: "kprobe"}
 
 
 @pytest.mark.parametrize("ptype", list(ProgType))
@@ -114,7 +115,9 @@ def test_prog_kind_facts(ptype: ProgType) -> None:
     k = ptype.kind
     assert (k.kernel_id, k.attach, set(k.caps), k.exclusive) == PROG_FACTS[ptype]
     assert kernel.PROG_TYPES[KERNEL_NAME.get(ptype, ptype.value)] == k.kernel_id
-    assert PROG_TYPE_BY_ID[k.kernel_id] is ptype
+    # kernel id -> the first type of that id (uprobe and kprobe share BPF_PROG_TYPE_KPROBE)
+    assert PROG_TYPE_BY_ID[k.kernel_id] is next(t for t in ProgType
+                                                if t.kind.kernel_id == k.kernel_id)
     assert privileges.required_caps(ptype, (6, 1)) == k.caps
     assert "CAP_SYS_ADMIN" in privileges.required_caps(ptype, (5, 4))
 
@@ -142,7 +145,8 @@ def test_default_helpers_per_type() -> None:
     # The current task means something where a task acts: tracing, and cgroup hooks that run
     # in the acting process's context (not cgroup_skb: a packet may be another's).
     tasked = {ProgType.TRACEPOINT, ProgType.RAW_TRACEPOINT, ProgType.CGROUP_SOCK,
-              ProgType.CGROUP_SOCK_ADDR, ProgType.CGROUP_SYSCTL, ProgType.CGROUP_DEVICE}
+              ProgType.CGROUP_SOCK_ADDR, ProgType.CGROUP_SYSCTL, ProgType.CGROUP_DEVICE,
+              ProgType.UPROBE}
     assert {t for t in ProgType if "get_current_pid_tgid" in t.kind.helpers} == tasked
 
 
@@ -159,6 +163,9 @@ def test_default_helpers_per_type() -> None:
     ("cgroup_sock_addr:connect6:unit=web@1.service",
      model.CgroupSockAddrAttach("connect6", unit="web@1.service")),
     ("cgroup_device:device:path=/a:b", model.CgroupDeviceAttach("device", path="/a:b")),
+    ("uprobe:/usr/bin/app:sym=handle:entry:pid=all", model.UprobeAttach("/usr/bin/app", "handle")),
+    ("uprobe:/lib/libc.so.6:off=0x1f00:return:pid=42",
+     model.UprobeAttach("/lib/libc.so.6", None, 0x1F00, True, 42)),
 ])
 def test_attach_target_text_round_trips(target: str, record: model.Attach) -> None:
     assert model.parse_target(target) == record
@@ -171,7 +178,10 @@ def test_attach_target_text_round_trips(target: str, record: model.Attach) -> No
                                  "tc:eth0:ingress:first=a/b", "tc:eth0:ingress:after=a",
                                  "cgroup_skb:connect4:path=a", "cgroup_skb:ingress:path=../a",
                                  "cgroup_skb:ingress:path=a/./b", "cgroup_sysctl:sysctl:unit=x",
-                                 "cgroup_device:device", "cgroup_sock:create:cwd=a"])
+                                 "cgroup_device:device", "cgroup_sock:create:cwd=a",
+                                 "uprobe:bin:sym=a:entry:pid=all", "uprobe:/b:sym=a:entry",
+                                 "uprobe:/b:off=12:entry:pid=all", "uprobe:/b:sym=a:exit:pid=1",
+                                 "uprobe:/b:sym=a:entry:pid=x"])
 def test_attach_target_parse_refuses(bad: str) -> None:
     with pytest.raises(ValueError):
         model.parse_target(bad)
