@@ -38,6 +38,10 @@ class ProgType(enum.StrEnum):
     CGROUP_SYSCTL = "cgroup_sysctl"
     CGROUP_DEVICE = "cgroup_device"
     UPROBE = "uprobe"  # the kernel's kprobe type, on the uprobe PMU (retprobe: uretprobe)
+    KPROBE = "kprobe"  # on the kprobe PMU (retprobe: kretprobe)
+    FENTRY = "fentry"  # the kernel's tracing type (BPF trampoline), BCC KFUNC_PROBE
+    FEXIT = "fexit"  # tracing, BCC KRETFUNC_PROBE
+    LSM = "lsm"  # BCC LSM_PROBE
 
     @property
     def kind(self) -> ProgKind:
@@ -474,6 +478,73 @@ class UprobeAttach(_Target):
         return None
 
 
+_KSYM = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
+
+
+@dataclass(frozen=True)
+class KprobeAttach(_Target):
+    function: str
+    retprobe: bool = False
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> KprobeAttach:
+        return cls(raw["kprobe"]["function"], raw["kprobe"].get("retprobe", False))
+
+    def body(self) -> str:
+        return f"{self.function}:{'return' if self.retprobe else 'entry'}"
+
+    @classmethod
+    def from_body(cls, text: str) -> KprobeAttach | None:
+        fn, _, where = text.partition(":")
+        if not _KSYM.fullmatch(fn) or where not in ("entry", "return"):
+            return None
+        return cls(fn, where == "return")
+
+
+@dataclass(frozen=True)
+class BtfAttach(_Target):
+    """A kernel function (fentry/fexit) or LSM hook the program is bound to at load by its BTF
+    id. BCC finds the id from the C function's name (`PREFIX` + target: what its
+    KFUNC_PROBE/KRETFUNC_PROBE/LSM_PROBE macros name it), so the name must say the target."""
+
+    function: str
+    KEY: ClassVar[str] = ""
+    PREFIX: ClassVar[str] = ""
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> BtfAttach:
+        return cls(raw[cls.KEY])
+
+    @property
+    def bcc_name(self) -> str:
+        return self.PREFIX + self.function
+
+    def body(self) -> str:
+        return self.function
+
+    @classmethod
+    def from_body(cls, text: str) -> BtfAttach | None:
+        return cls(text) if _KSYM.fullmatch(text) else None
+
+
+@dataclass(frozen=True)
+class FentryAttach(BtfAttach):
+    KEY: ClassVar[str] = "fentry"
+    PREFIX: ClassVar[str] = "kfunc__"
+
+
+@dataclass(frozen=True)
+class FexitAttach(BtfAttach):
+    KEY: ClassVar[str] = "fexit"
+    PREFIX: ClassVar[str] = "kretfunc__"
+
+
+@dataclass(frozen=True)
+class LsmAttach(BtfAttach):
+    KEY: ClassVar[str] = "lsm"
+    PREFIX: ClassVar[str] = "lsm__"
+
+
 @dataclass(frozen=True)
 class NoAttach(_Target):
     """Loaded and pinned only (socket filters: consumers attach with SO_ATTACH_BPF)."""
@@ -492,7 +563,7 @@ class NoAttach(_Target):
 
 # What a link is made for.
 LinkTarget = (TracepointAttach | RawTracepointAttach | XdpAttach | TcAttach | CgroupAttach
-              | UprobeAttach)
+              | UprobeAttach | KprobeAttach | BtfAttach)
 Attach = LinkTarget | NoAttach
 
 
@@ -606,6 +677,20 @@ PROG_KINDS: Mapping[ProgType, ProgKind] = {
         COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}, exclusive=True),
     ProgType.UPROBE: ProgKind(
         2, UprobeAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}),
+    # Kernel-function types: in schema and policy everywhere; attachable where the kernel
+    # has them (bpf/attach.py probes: this project's 6.18 test kernel has none of them).
+    ProgType.KPROBE: ProgKind(
+        2, KprobeAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}),
+    ProgType.FENTRY: ProgKind(
+        26, FentryAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}),
+    ProgType.FEXIT: ProgKind(
+        26, FexitAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}),
+    ProgType.LSM: ProgKind(
+        29, LsmAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),  # is_perfmon_prog_type
         COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}),
 }
 # The first type of each kernel id (uprobe and kprobe programs are both BPF_PROG_TYPE_KPROBE).

@@ -204,6 +204,8 @@ class Applier:
                 privileges.check((s.path, p.type, p.name) for s in specs for p in s.programs)
             except LoaderdError as exc:
                 errors.append(exc)
+        if not errors:  # a type this kernel cannot run: one sentence, before any compile
+            errors += [e for s in specs for e in attach.support_errors(s)]
         if errors:
             raise _Refused(errors)
         for s in specs:

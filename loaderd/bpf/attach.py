@@ -10,6 +10,12 @@
 | cgroup_*       | LINK_CREATE(hook's attach type) on the cgroup2 dir fd | cgroup    |
 | uprobe         | perf_event_open on the uprobe PMU (path, file offset) | perf_event |
 |                | + LINK_CREATE(BPF_PERF_EVENT)                        |            |
+| kprobe         | the same on the kprobe PMU (function name)           | perf_event |
+| fentry, fexit, | BPF_RAW_TRACEPOINT_OPEN without a name: the BTF id   | tracing    |
+| lsm            | the program was loaded for (BCC's name prefix)       |            |
+
+Kernels without the kprobe PMU, BPF trampolines or the BPF LSM refuse those types up front
+(`kernel_refusal`, from `check` and from the apply before anything compiles), in one sentence.
 | socket_filter  | none: pinned program, consumers use SO_ATTACH_BPF    | -          |
 
 A replaced XDP or tc program is swapped in place with BPF_LINK_UPDATE (an interface takes one
@@ -27,8 +33,14 @@ from collections.abc import Callable
 from loaderd.bpf import btf, cgroup, kernel, uprobe
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import (
+    Attach,
+    BtfAttach,
     CgroupAttach,
+    FentryAttach,
+    FexitAttach,
+    KprobeAttach,
     LinkTarget,
+    LsmAttach,
     NoAttach,
     ProgramSpec,
     RawTracepointAttach,
@@ -72,13 +84,23 @@ def link_for(a: LinkTarget, prog_fd: int, anchors: AnchorOpener | None = None) -
             os.close(cg_fd)  # the link holds the cgroup
     if isinstance(a, UprobeAttach):
         pmu_type, retbit, offset = _uprobe_place(a)
-        perf_fd = kernel.perf_event_open_uprobe(pmu_type, a.binary, offset,
+        perf_fd = kernel.perf_event_open_probe(pmu_type, a.binary, offset,
                                                 1 << retbit if a.retprobe else 0,
                                                 -1 if a.pid is None else a.pid)
         try:
             return kernel.link_create(prog_fd, perf_fd, kernel.ATTACH_PERF_EVENT)
         finally:
             os.close(perf_fd)
+    if isinstance(a, KprobeAttach):
+        pmu_type, retbit = uprobe.pmu("kprobe")
+        perf_fd = kernel.perf_event_open_probe(pmu_type, a.function, 0,
+                                               1 << retbit if a.retprobe else 0)
+        try:
+            return kernel.link_create(prog_fd, perf_fd, kernel.ATTACH_PERF_EVENT)
+        finally:
+            os.close(perf_fd)
+    if isinstance(a, BtfAttach):
+        return kernel.raw_tracepoint_open(None, prog_fd)
     if isinstance(a, TracepointAttach):
         perf_fd = kernel.perf_event_open_tracepoint(kernel.tracepoint_id(a.category, a.event))
         try:
@@ -135,12 +157,61 @@ def _tcx_link(a: TcAttach, prog_fd: int, anchors: AnchorOpener | None) -> int:
             os.close(rel_fd)
 
 
+_BTF = "/sys/kernel/btf/vmlinux"
+_LSM_LIST = "/sys/kernel/security/lsm"
+
+
+def kernel_refusal(a: Attach) -> str | None:
+    """Why this kernel cannot run a program with this attach, found by probing it (None: it
+    can, as far as a probe tells): the kprobe PMU, kernel BTF and a tracing/LSM program load
+    (libbpf's probe, what bpftool reports), the active LSM list."""
+    if isinstance(a, KprobeAttach):
+        try:
+            uprobe.pmu("kprobe")
+        except LoaderdError as exc:
+            return exc.message
+    if isinstance(a, FentryAttach | FexitAttach | LsmAttach):
+        what = "lsm" if isinstance(a, LsmAttach) else "fentry/fexit"
+        if not os.path.exists(_BTF):
+            return f"this kernel has no BTF ({_BTF}): {what} programs cannot load here"
+        ptype = a.kind.kernel_id
+        if not kernel.prog_type_supported(ptype):
+            return (f"this kernel cannot load {what} programs (a probe load of "
+                    f"{kernel.PROG_TYPE_NAMES[ptype]} programs fails, as bpftool feature "
+                    "probe reports)")
+    if isinstance(a, LsmAttach):
+        try:
+            with open(_LSM_LIST, encoding="ascii") as fh:
+                active = fh.read().strip().split(",")
+        except OSError:
+            return None  # securityfs not mounted: the load/attach says it
+        if "bpf" not in active:
+            return (f"the BPF LSM is not active ({_LSM_LIST}: {','.join(active)}): boot with "
+                    "bpf in lsm=")
+    return None
+
+
+def support_errors(spec: Spec) -> list[LoaderdError]:
+    """`kernel_refusal` for every program of `spec`, located at its type."""
+    out = []
+    for i, prog in enumerate(spec.programs):
+        why = kernel_refusal(prog.attach)
+        if why:
+            out.append(LoaderdError(Kind.ATTACH, f"{prog.name}: {why}", Location(
+                spec.path, spec.line_of("programs", i, "type"), None, f"programs[{i}].type"),
+                value=prog.type.value))
+    return out
+
+
 def resolve(program: ProgramSpec) -> str | None:
     """Look the program's target up as `create_link` does, attaching nothing: the tracepoint's
     id in tracefs, the raw tracepoint among those the kernel's BTF lists (what
     BPF_RAW_TRACEPOINT_OPEN looks the name up in), the interface's index and the XDP mode.
     Raises what the attach would (Kind.ATTACH); returns a note when it could not tell."""
     a = program.attach
+    why = kernel_refusal(a)
+    if why:
+        raise LoaderdError(Kind.ATTACH, why, value=program.type.value)
     if isinstance(a, TracepointAttach):
         kernel.tracepoint_id(a.category, a.event)
     elif isinstance(a, RawTracepointAttach):
@@ -219,6 +290,8 @@ def target_difference(info: kernel.LinkInfo, tgt: LinkTarget, ifindex: int | Non
         if info.ifindex != now:
             return f"attached to ifindex {info.ifindex}, but {iface} is now ifindex {now}"
         return None
+    if isinstance(tgt, KprobeAttach | BtfAttach):
+        return None  # the kernel reports no more than the program (checked by the caller)
     want = tgt.name if isinstance(tgt, RawTracepointAttach) else tgt.event
     if info.tp_name is not None and info.tp_name != want:
         return f"attached to {info.tp_name}, not {want}"
@@ -278,4 +351,5 @@ def update_link(link_pin: str, new_prog_fd: int) -> int:
 
 
 __all__ = ["AnchorOpener", "LoaderdError", "binary_difference", "check_targets",
-           "create_link", "link_for", "resolve", "target", "target_difference", "update_link"]
+           "create_link", "kernel_refusal", "link_for", "resolve", "support_errors", "target",
+           "target_difference", "update_link"]

@@ -151,6 +151,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_link_detach": (ctypes.c_int, [ctypes.c_int]),
     "bpf_obj_get_info_by_fd": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, _c_u32_p]),
     "bpf_raw_tracepoint_open": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_int]),
+    "libbpf_probe_bpf_prog_type": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p]),
     "bpf_prog_get_next_id": (ctypes.c_int, [ctypes.c_uint32, _c_u32_p]),
     "bpf_map_get_next_id": (ctypes.c_int, [ctypes.c_uint32, _c_u32_p]),
     "bpf_link_get_next_id": (ctypes.c_int, [ctypes.c_uint32, _c_u32_p]),
@@ -693,10 +694,17 @@ def link_detach(link_fd: int) -> None:
     _check(_call("bpf_link_detach", link_fd), "BPF_LINK_DETACH", f"link fd {link_fd}")
 
 
-def raw_tracepoint_open(name: str, prog_fd: int) -> int:
-    """Attach a RAW_TRACEPOINT program; returns a link fd (pin it to outlive the process)."""
-    ret = _call("bpf_raw_tracepoint_open", name.encode(), prog_fd)
-    return _check(ret, "BPF_RAW_TRACEPOINT_OPEN", f"raw tracepoint {name}", CAPS_TRACING)
+def raw_tracepoint_open(name: str | None, prog_fd: int) -> int:
+    """Attach a RAW_TRACEPOINT program; returns a link fd (pin it to outlive the process).
+    name None: a tracing (fentry/fexit) or LSM program, at the BTF id it was loaded for."""
+    ret = _call("bpf_raw_tracepoint_open", name.encode() if name else None, prog_fd)
+    return _check(ret, "BPF_RAW_TRACEPOINT_OPEN", f"raw tracepoint {name or '(btf id)'}",
+                  CAPS_TRACING)
+
+
+def prog_type_supported(prog_type: int) -> bool:
+    """libbpf's probe (a minimal load of that type; what `bpftool feature probe` reports)."""
+    return _call("libbpf_probe_bpf_prog_type", prog_type, None) == 1
 
 
 # --- tracepoints / perf -----------------------------------------------------------------------
@@ -764,11 +772,12 @@ def perf_event_open_tracepoint(tp_id: int, cpu: int = 0) -> int:
     return ret
 
 
-def perf_event_open_uprobe(pmu_type: int, path: str, offset: int, config: int = 0,
-                           pid: int = -1) -> int:
-    """A uprobe perf event at file `offset` of `path` (config: the retprobe bit or 0): the
-    target of a BPF_PERF_EVENT link. pid -1: every process (anchored on CPU 0; the program
-    runs wherever the probe hits), else that process on any CPU."""
+def perf_event_open_probe(pmu_type: int, path: str, offset: int, config: int = 0,
+                          pid: int = -1) -> int:
+    """A uprobe (kprobe) perf event at file `offset` of `path` (at `offset` into the kernel
+    function named `path`); config: the retprobe bit or 0. The target of a BPF_PERF_EVENT
+    link. pid -1: every process (anchored on CPU 0; the program runs wherever the probe
+    hits), else that process on any CPU."""
     raw = os.fsencode(path)
     attr = _PerfEventAttr(type=pmu_type, size=ctypes.sizeof(_PerfEventAttr), config=config,
                           config1=ctypes.cast(ctypes.c_char_p(raw), ctypes.c_void_p).value or 0,
@@ -778,7 +787,7 @@ def perf_event_open_uprobe(pmu_type: int, path: str, offset: int, config: int = 
                             ctypes.c_int(pid), ctypes.c_int(0 if pid == -1 else -1),
                             ctypes.c_int(-1), ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC)))
     if ret < 0:
-        raise _fail("perf_event_open", f"uprobe {path}+{offset:#x}", ctypes.get_errno(),
+        raise _fail("perf_event_open", f"probe {path}+{offset:#x}", ctypes.get_errno(),
                     "needs CAP_PERFMON (and read access to the binary)")
     return ret
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from loaderd.errors import Kind, LoaderdError
 
-PMU_DIR = "/sys/bus/event_source/devices/uprobe"
+PMU_DIRS = "/sys/bus/event_source/devices"
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 _SHT_SYMTAB, _SHT_DYNSYM = 2, 11
 _PT_LOAD = 1
@@ -105,14 +105,16 @@ def symbol_offset(path: str, symbol: str) -> int:
     raise _bad(f"{symbol} in {path}: address {addr:#x} is in no loaded segment", symbol)
 
 
-def pmu() -> tuple[int, int]:
-    """(perf type of the uprobe PMU, the config bit that makes it a uretprobe)."""
+def pmu(name: str = "uprobe") -> tuple[int, int]:
+    """(perf type of the uprobe or kprobe PMU, the config bit that makes it a return probe)."""
+    where = f"{PMU_DIRS}/{name}"
     try:
-        with open(f"{PMU_DIR}/type", encoding="ascii") as fh:
+        with open(f"{where}/type", encoding="ascii") as fh:
             ptype = int(fh.read())
-        with open(f"{PMU_DIR}/format/retprobe", encoding="ascii") as fh:
+        with open(f"{where}/format/retprobe", encoding="ascii") as fh:
             bit = int(fh.read().strip().partition(":")[2])
     except (OSError, ValueError):
-        raise LoaderdError(Kind.ATTACH, f"this kernel has no uprobe PMU ({PMU_DIR} is missing)",
-                           allowed="a kernel with CONFIG_UPROBE_EVENTS") from None
+        raise LoaderdError(Kind.ATTACH, f"this kernel has no {name} PMU ({where} is missing): "
+                           f"{name} programs cannot attach here",
+                           allowed=f"a kernel with CONFIG_{name.upper()}_EVENTS") from None
     return ptype, bit

@@ -13,7 +13,16 @@ from loaderd.config import yamlsafe
 from loaderd.config.yamlsafe import Marks, Path
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.layout import parse_layout
-from loaderd.model import CType, MapEntry, MapFlag, MapSpec, MapType, ProgramSpec, TcAttach
+from loaderd.model import (
+    BtfAttach,
+    CType,
+    MapEntry,
+    MapFlag,
+    MapSpec,
+    MapType,
+    ProgramSpec,
+    TcAttach,
+)
 
 PAGE_SIZE = resource.getpagesize()
 _EXCLUSIVE = ((MapFlag.RDONLY, MapFlag.WRONLY), (MapFlag.RDONLY_PROG, MapFlag.WRONLY_PROG))
@@ -224,3 +233,15 @@ def tc_orders(c: Collector, spec: str, programs: tuple[ProgramSpec, ...]) -> Non
                   f"{p.attach.anchor}: a tc program of this spec written before this one",
                   value=p.attach.anchor,
                   allowed=", ".join(f"{spec}/{n}" for n in earlier) or "another spec's program")
+
+
+def btf_names(c: Collector, programs: tuple[ProgramSpec, ...]) -> None:
+    """fentry/fexit/lsm from C: BCC finds the target's BTF id by the function's name (its
+    KFUNC_PROBE/KRETFUNC_PROBE/LSM_PROBE macros' prefix + the target), so the program's
+    name must be that name; a precompiled object says it in its section instead."""
+    for i, p in enumerate(programs):
+        if isinstance(p.attach, BtfAttach) and p.name != p.attach.bcc_name:
+            c.add(Kind.SEMANTIC, ("programs", i, "name"), f"a {p.type} program for "
+                  f"{p.attach.function} is the C function {p.attach.bcc_name} (BCC's "
+                  "macros name it so and load it by that name)", value=p.name,
+                  allowed=p.attach.bcc_name)

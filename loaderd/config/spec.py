@@ -156,6 +156,7 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
         semantic.object_rules(f, programs)
     elif got and text is not None:
         semantic.fallbacks(f, maps, programs, text)
+        semantic.btf_names(f, programs)
         field = None if got[1] else "source.inline"
         found = srccheck.check_source(text, file=got[1] or path, first_line=got[2],
                                       field=field)

@@ -105,9 +105,14 @@ PROG_FACTS = {
     ProgType.CGROUP_SYSCTL: (23, model.CgroupSysctlAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
     ProgType.CGROUP_DEVICE: (15, model.CgroupDeviceAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
     ProgType.UPROBE: (2, model.UprobeAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
+    ProgType.KPROBE: (2, model.KprobeAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
+    ProgType.FENTRY: (26, model.FentryAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
+    ProgType.FEXIT: (26, model.FexitAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
+    ProgType.LSM: (29, model.LsmAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
 }
 # Spec type names that are not the kernel's (bpftool's) name of the program type.
-KERNEL_NAME = {ProgType.TC: "sched_cls", ProgType.UPROBE: "kprobe"}
+KERNEL_NAME = {ProgType.TC: "sched_cls", ProgType.UPROBE: "kprobe", ProgType.FENTRY: "tracing",
+               ProgType.FEXIT: "tracing"}
 
 
 @pytest.mark.parametrize("ptype", list(ProgType))
@@ -146,7 +151,7 @@ def test_default_helpers_per_type() -> None:
     # in the acting process's context (not cgroup_skb: a packet may be another's).
     tasked = {ProgType.TRACEPOINT, ProgType.RAW_TRACEPOINT, ProgType.CGROUP_SOCK,
               ProgType.CGROUP_SOCK_ADDR, ProgType.CGROUP_SYSCTL, ProgType.CGROUP_DEVICE,
-              ProgType.UPROBE}
+              ProgType.UPROBE, ProgType.KPROBE, ProgType.FENTRY, ProgType.FEXIT, ProgType.LSM}
     assert {t for t in ProgType if "get_current_pid_tgid" in t.kind.helpers} == tasked
 
 
@@ -166,6 +171,10 @@ def test_default_helpers_per_type() -> None:
     ("uprobe:/usr/bin/app:sym=handle:entry:pid=all", model.UprobeAttach("/usr/bin/app", "handle")),
     ("uprobe:/lib/libc.so.6:off=0x1f00:return:pid=42",
      model.UprobeAttach("/lib/libc.so.6", None, 0x1F00, True, 42)),
+    ("kprobe:do_sys_openat2:return", model.KprobeAttach("do_sys_openat2", True)),
+    ("fentry:do_unlinkat", model.FentryAttach("do_unlinkat")),
+    ("fexit:vfs_read.isra.0", model.FexitAttach("vfs_read.isra.0")),
+    ("lsm:file_open", model.LsmAttach("file_open")),
 ])
 def test_attach_target_text_round_trips(target: str, record: model.Attach) -> None:
     assert model.parse_target(target) == record
@@ -181,7 +190,8 @@ def test_attach_target_text_round_trips(target: str, record: model.Attach) -> No
                                  "cgroup_device:device", "cgroup_sock:create:cwd=a",
                                  "uprobe:bin:sym=a:entry:pid=all", "uprobe:/b:sym=a:entry",
                                  "uprobe:/b:off=12:entry:pid=all", "uprobe:/b:sym=a:exit:pid=1",
-                                 "uprobe:/b:sym=a:entry:pid=x"])
+                                 "uprobe:/b:sym=a:entry:pid=x", "kprobe:f", "kprobe:f:exit",
+                                 "fentry:a:b", "lsm:", "fexit:1x"])
 def test_attach_target_parse_refuses(bad: str) -> None:
     with pytest.raises(ValueError):
         model.parse_target(bad)
