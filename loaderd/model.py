@@ -39,6 +39,7 @@ class ProgType(enum.StrEnum):
     CGROUP_DEVICE = "cgroup_device"
     UPROBE = "uprobe"  # the kernel's kprobe type, on the uprobe PMU (retprobe: uretprobe)
     KPROBE = "kprobe"  # on the kprobe PMU (retprobe: kretprobe)
+    SK_LOOKUP = "sk_lookup"
     FENTRY = "fentry"  # the kernel's tracing type (BPF trampoline), BCC KFUNC_PROBE
     FEXIT = "fexit"  # tracing, BCC KRETFUNC_PROBE
     LSM = "lsm"  # BCC LSM_PROBE
@@ -57,6 +58,7 @@ class MapType(enum.StrEnum):
     LRU_PERCPU_HASH = "lru_percpu_hash"
     RINGBUF = "ringbuf"
     PERF_EVENT_ARRAY = "perf_event_array"
+    SOCKMAP = "sockmap"  # sockets by index (sk_lookup steering); userspace adds them by fd
 
     @property
     def kind(self) -> MapKind:
@@ -113,8 +115,9 @@ class MapKind:
     array: bool = False  # indexed by u32 0..max_entries-1, every slot exists
     no_prealloc: bool = False  # accepts BPF_F_NO_PREALLOC (the kernel refuses it elsewhere)
     freezable: bool = False  # BPF_MAP_FREEZE leaves it usable (array and hash families)
-    # The kernel fixes the layout (no key, value, flags or initial entries; it carries events,
-    # not entries): bytes per max_entries unit, for the memory estimate. None: a key/value map.
+    # The kernel fixes the layout (no key, value, flags or initial entries; it carries events
+    # or socket references, not entries): bytes per max_entries unit, for the memory estimate.
+    # None: a key/value map.
     fixed_entry_bytes: int | None = None
 
     @property
@@ -142,6 +145,8 @@ MAP_KINDS: Mapping[MapType, MapKind] = {
     MapType.LRU_PERCPU_HASH: MapKind(10, "lru_percpu_hash", percpu=True, freezable=True),
     MapType.RINGBUF: MapKind(27, None, fixed_entry_bytes=1),  # max_entries: the ring's bytes
     MapType.PERF_EVENT_ARRAY: MapKind(4, None, fixed_entry_bytes=8),  # u32 cpu -> u32 perf fd
+    # u32 index -> socket: updated with a u64 fd, looked up (syscall side) as its u64 cookie.
+    MapType.SOCKMAP: MapKind(15, "sockmap", fixed_entry_bytes=12),
 }
 MAP_TYPE_BY_ID: Mapping[int, MapType] = {k.kernel_id: t for t, k in MAP_KINDS.items()}
 
@@ -478,6 +483,47 @@ class UprobeAttach(_Target):
         return None
 
 
+_NETNS = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+NETNS_DIR = "/run/netns"  # where `ip netns add` pins named network namespaces
+
+
+@dataclass(frozen=True)
+class SkLookupAttach(_Target):
+    """A network namespace's socket lookup: a named one (`ip netns`), or None: the host's (the
+    apply's own)."""
+
+    netns: str | None = None
+    ATTACH_TYPE: ClassVar[int] = 36  # BPF_SK_LOOKUP, also the expected attach type at load
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> SkLookupAttach:
+        return cls((raw["sk_lookup"] or {}).get("netns"))
+
+    @property
+    def load_attach_type(self) -> int | None:
+        return self.ATTACH_TYPE
+
+    @property
+    def path(self) -> str:
+        return f"{NETNS_DIR}/{self.netns}" if self.netns else "/proc/self/ns/net"
+
+    @property
+    def where(self) -> str:
+        return f"network namespace {self.netns}" if self.netns else "the host network namespace"
+
+    def body(self) -> str:
+        return f"netns={self.netns or '-'}"
+
+    @classmethod
+    def from_body(cls, text: str) -> SkLookupAttach | None:
+        key, _, name = text.partition("=")
+        if key != "netns":
+            return None
+        if name == "-":
+            return cls()
+        return cls(name) if _NETNS.fullmatch(name) and name not in (".", "..") else None
+
+
 _KSYM = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 
 
@@ -563,7 +609,7 @@ class NoAttach(_Target):
 
 # What a link is made for.
 LinkTarget = (TracepointAttach | RawTracepointAttach | XdpAttach | TcAttach | CgroupAttach
-              | UprobeAttach | KprobeAttach | BtfAttach)
+              | UprobeAttach | KprobeAttach | BtfAttach | SkLookupAttach)
 Attach = LinkTarget | NoAttach
 
 
@@ -678,6 +724,11 @@ PROG_KINDS: Mapping[ProgType, ProgKind] = {
     ProgType.UPROBE: ProgKind(
         2, UprobeAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
         COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}),
+    # Steers a connection or datagram to a socket from a sockmap (sk_assign) before the
+    # kernel's own lookup; many per netns, run in attach order; updated in place.
+    ProgType.SK_LOOKUP: ProgKind(
+        30, SkLookupAttach, frozenset({"CAP_BPF", "CAP_NET_ADMIN"}),
+        COMMON_HELPERS | {"sk_assign", "sk_release"}, exclusive=True),
     # Kernel-function types: in schema and policy everywhere; attachable where the kernel
     # has them (bpf/attach.py probes: this project's 6.18 test kernel has none of them).
     ProgType.KPROBE: ProgKind(

@@ -11,6 +11,7 @@
 | uprobe         | perf_event_open on the uprobe PMU (path, file offset) | perf_event |
 |                | + LINK_CREATE(BPF_PERF_EVENT)                        |            |
 | kprobe         | the same on the kprobe PMU (function name)           | perf_event |
+| sk_lookup      | LINK_CREATE(BPF_SK_LOOKUP) on the netns fd           | netns      |
 | fentry, fexit, | BPF_RAW_TRACEPOINT_OPEN without a name: the BTF id   | tracing    |
 | lsm            | the program was loaded for (BCC's name prefix)       |            |
 
@@ -44,6 +45,7 @@ from loaderd.model import (
     NoAttach,
     ProgramSpec,
     RawTracepointAttach,
+    SkLookupAttach,
     Spec,
     TcAttach,
     TracepointAttach,
@@ -101,6 +103,12 @@ def link_for(a: LinkTarget, prog_fd: int, anchors: AnchorOpener | None = None) -
             os.close(perf_fd)
     if isinstance(a, BtfAttach):
         return kernel.raw_tracepoint_open(None, prog_fd)
+    if isinstance(a, SkLookupAttach):
+        ns_fd = _open_netns(a)
+        try:
+            return kernel.link_create(prog_fd, ns_fd, a.ATTACH_TYPE)
+        finally:
+            os.close(ns_fd)  # the link holds the namespace
     if isinstance(a, TracepointAttach):
         perf_fd = kernel.perf_event_open_tracepoint(kernel.tracepoint_id(a.category, a.event))
         try:
@@ -113,6 +121,15 @@ def link_for(a: LinkTarget, prog_fd: int, anchors: AnchorOpener | None = None) -
         return kernel.link_create(prog_fd, kernel.ifindex(a.interface), kernel.ATTACH_XDP,
                                   kernel.xdp_mode_flags(a.mode))
     raise AssertionError(f"unhandled attach {a!r}")
+
+
+def _open_netns(a: SkLookupAttach) -> int:
+    try:
+        return os.open(a.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LoaderdError(Kind.ATTACH, f"no {a.where} ({a.path}: {exc.strerror})",
+                           value=a.netns, allowed="a name `ip netns list` shows (under "
+                           "/run/netns), or no netns: for the host's") from None
 
 
 def _uprobe_place(a: UprobeAttach) -> tuple[int, int, int]:
@@ -229,6 +246,8 @@ def resolve(program: ProgramSpec) -> str | None:
         kernel.ifindex(a.interface)
     elif isinstance(a, CgroupAttach):
         cgroup.resolve(a)
+    elif isinstance(a, SkLookupAttach):
+        os.close(_open_netns(a))
     elif isinstance(a, UprobeAttach):
         _uprobe_place(a)
         if a.pid is not None and not os.path.isdir(f"/proc/{a.pid}"):
@@ -265,6 +284,17 @@ def target_difference(info: kernel.LinkInfo, tgt: LinkTarget, ifindex: int | Non
     the host's network namespace (the apply), never in the resident's private one."""
     if isinstance(tgt, CgroupAttach):
         return _cgroup_difference(info, tgt, by_name=by_name)
+    if isinstance(tgt, SkLookupAttach):
+        if not info.netns_ino:
+            return f"detached from {tgt.where} (the namespace went away)"
+        if by_name:
+            try:
+                now = os.stat(tgt.path).st_ino
+            except OSError:
+                return f"{tgt.where} is gone"
+            if now != info.netns_ino:
+                return f"attached to netns inode {info.netns_ino}, not {tgt.where} ({now})"
+        return None
     if isinstance(tgt, UprobeAttach):
         kind = kernel.BPF_PERF_EVENT_URETPROBE if tgt.retprobe else kernel.BPF_PERF_EVENT_UPROBE
         if info.perf_event_type is not None and info.perf_event_type != kind:

@@ -56,6 +56,7 @@ LINK_TYPE_XDP = 6
 LINK_TYPE_PERF_EVENT = 7
 LINK_TYPE_TCX = 11
 LINK_TYPE_CGROUP = 3
+LINK_TYPE_NETNS = 5
 
 # The kernel ids of loaderd's own types are facts of those types (model.MAP_KINDS,
 # model.PROG_KINDS); the tables above name any object the kernel holds, foreign ones too.
@@ -70,7 +71,8 @@ ATTACH_TYPE_NAMES: dict[int, str] = {
     6: "cgroup_device", 8: "cgroup_inet4_bind", 9: "cgroup_inet6_bind",
     10: "cgroup_inet4_connect", 11: "cgroup_inet6_connect", 12: "cgroup_inet4_post_bind",
     13: "cgroup_inet6_post_bind", 14: "cgroup_udp4_sendmsg", 15: "cgroup_udp6_sendmsg",
-    18: "cgroup_sysctl", 37: "xdp", 41: "perf_event", 46: "tcx_ingress", 47: "tcx_egress"}
+    18: "cgroup_sysctl", 36: "sk_lookup", 37: "xdp", 41: "perf_event", 46: "tcx_ingress",
+    47: "tcx_egress"}
 
 # Flags.
 BPF_F_NO_PREALLOC = 1 << 0
@@ -399,9 +401,14 @@ class _LinkCgroup(ctypes.Structure):
     _fields_ = [("cgroup_id", ctypes.c_uint64), ("attach_type", ctypes.c_uint32)]
 
 
+class _LinkNetns(ctypes.Structure):
+    _fields_ = [("netns_ino", ctypes.c_uint32), ("attach_type", ctypes.c_uint32)]
+
+
 class _LinkUnion(ctypes.Union):
     _fields_ = [("raw_tracepoint", _LinkNamed), ("perf_event", _LinkPerfEvent),
                 ("xdp_ifindex", ctypes.c_uint32), ("tcx", _LinkTcx), ("cgroup", _LinkCgroup),
+                ("netns", _LinkNetns),
                 ("_raw", ctypes.c_uint8 * 64)]
 
 
@@ -462,6 +469,7 @@ class LinkInfo:
     ifindex: int | None = None  # xdp and tcx links (0: the interface went away)
     attach_type: int | None = None  # tcx and cgroup links
     cgroup_id: int | None = None  # cgroup links (the cgroup2 directory's inode; 0: removed)
+    netns_ino: int | None = None  # netns links (sk_lookup; 0: the namespace went away)
     file: str | None = None  # uprobe perf_event links: the binary and the file offset
     offset: int | None = None
     tp_name: str | None = None  # raw_tracepoint and perf_event tracepoint links
@@ -547,6 +555,9 @@ def link_info(fd: int) -> LinkInfo:
         return LinkInfo(first.id, first.type, first.prog_id,
                         attach_type=first.u.cgroup.attach_type,
                         cgroup_id=first.u.cgroup.cgroup_id)
+    if first.type == LINK_TYPE_NETNS:
+        return LinkInfo(first.id, first.type, first.prog_id,
+                        attach_type=first.u.netns.attach_type, netns_ino=first.u.netns.netns_ino)
     if first.type == LINK_TYPE_TCX:
         return LinkInfo(first.id, first.type, first.prog_id, ifindex=first.u.tcx.ifindex,
                         attach_type=first.u.tcx.attach_type)

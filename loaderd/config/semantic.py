@@ -33,6 +33,7 @@ _UNFREEZABLE_WHY = {
                      "mmap of the consumer position",
     MapType.PERF_EVENT_ARRAY: "userspace could never install the per-CPU perf event fds "
                               "it is read through",
+    MapType.SOCKMAP: "userspace could never add the sockets it holds",
 }
 
 

@@ -42,6 +42,8 @@ def map_declaration(m: MapSpec) -> str:
         return f"BPF_RINGBUF_OUTPUT({m.name}, {max(1, m.max_entries // PAGE_SIZE)});\n"
     if m.type is MapType.PERF_EVENT_ARRAY:
         return f"BPF_PERF_OUTPUT({m.name});\n"
+    if m.type is MapType.SOCKMAP:  # u64 values: the syscall side reads socket cookies
+        return f"BPF_F_TABLE(\"sockmap\", u32, u64, {m.name}, {m.max_entries}, 0);\n"
     key_def, key_t = c_type(m.name, "key", m.key)
     val_def, val_t = c_type(m.name, "value", m.value)
     return (f"{key_def}{val_def}BPF_F_TABLE(\"{m.type.kind.bcc}\", {key_t}, {val_t}, "

@@ -50,6 +50,7 @@ MAP_FACTS = {
     MapType.LRU_PERCPU_HASH: (10, "lru_percpu_hash", True, False, False, True, False),
     MapType.RINGBUF: (27, None, False, False, False, False, True),
     MapType.PERF_EVENT_ARRAY: (4, None, False, False, False, False, True),
+    MapType.SOCKMAP: (15, "sockmap", False, False, False, False, True),
 }
 
 
@@ -106,6 +107,7 @@ PROG_FACTS = {
     ProgType.CGROUP_DEVICE: (15, model.CgroupDeviceAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
     ProgType.UPROBE: (2, model.UprobeAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
     ProgType.KPROBE: (2, model.KprobeAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
+    ProgType.SK_LOOKUP: (30, model.SkLookupAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
     ProgType.FENTRY: (26, model.FentryAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
     ProgType.FEXIT: (26, model.FexitAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
     ProgType.LSM: (29, model.LsmAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
@@ -175,6 +177,8 @@ def test_default_helpers_per_type() -> None:
     ("fentry:do_unlinkat", model.FentryAttach("do_unlinkat")),
     ("fexit:vfs_read.isra.0", model.FexitAttach("vfs_read.isra.0")),
     ("lsm:file_open", model.LsmAttach("file_open")),
+    ("sk_lookup:netns=-", model.SkLookupAttach()),
+    ("sk_lookup:netns=blue", model.SkLookupAttach("blue")),
 ])
 def test_attach_target_text_round_trips(target: str, record: model.Attach) -> None:
     assert model.parse_target(target) == record
@@ -191,7 +195,8 @@ def test_attach_target_text_round_trips(target: str, record: model.Attach) -> No
                                  "uprobe:bin:sym=a:entry:pid=all", "uprobe:/b:sym=a:entry",
                                  "uprobe:/b:off=12:entry:pid=all", "uprobe:/b:sym=a:exit:pid=1",
                                  "uprobe:/b:sym=a:entry:pid=x", "kprobe:f", "kprobe:f:exit",
-                                 "fentry:a:b", "lsm:", "fexit:1x"])
+                                 "fentry:a:b", "lsm:", "fexit:1x", "sk_lookup:", "sk_lookup:ns=a",
+                                 "sk_lookup:netns=..", "sk_lookup:netns=a/b"])
 def test_attach_target_parse_refuses(bad: str) -> None:
     with pytest.raises(ValueError):
         model.parse_target(bad)
