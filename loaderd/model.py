@@ -40,6 +40,7 @@ class ProgType(enum.StrEnum):
     UPROBE = "uprobe"  # the kernel's kprobe type, on the uprobe PMU (retprobe: uretprobe)
     KPROBE = "kprobe"  # on the kprobe PMU (retprobe: kretprobe)
     SK_LOOKUP = "sk_lookup"
+    PERF_EVENT = "perf_event"  # sampled software events, one perf event and link per CPU
     FENTRY = "fentry"  # the kernel's tracing type (BPF trampoline), BCC KFUNC_PROBE
     FEXIT = "fexit"  # tracing, BCC KRETFUNC_PROBE
     LSM = "lsm"  # BCC LSM_PROBE
@@ -524,6 +525,55 @@ class SkLookupAttach(_Target):
         return cls(name) if _NETNS.fullmatch(name) and name not in (".", "..") else None
 
 
+# Software perf events (PERF_TYPE_SOFTWARE configs, perf's names).
+SOFTWARE_EVENTS: Mapping[str, int] = {
+    "cpu-clock": 0, "task-clock": 1, "page-faults": 2, "context-switches": 3,
+    "cpu-migrations": 4, "minor-faults": 5, "major-faults": 6, "alignment-faults": 7,
+    "emulation-faults": 8}
+# A perf_event program has one link per CPU, pinned and recorded as `<program>__cpu<N>`.
+PERF_LINK_SEP = "__cpu"
+_PER_CPU_LINK = re.compile(f"({NAME_PATTERN}){PERF_LINK_SEP}([0-9]{{1,4}})")
+
+
+def link_program(key: str) -> str:
+    """The program a link key belongs to (a per-CPU link's key names its CPU too)."""
+    m = _PER_CPU_LINK.fullmatch(key)
+    return m.group(1) if m else key
+
+
+@dataclass(frozen=True)
+class PerfEventAttach(_Target):
+    """A software event sampled on every online CPU, `frequency` times a second or every
+    `period` events."""
+
+    event: str
+    frequency: int | None = None
+    period: int | None = None
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> PerfEventAttach:
+        p = raw["perf_event"]
+        return cls(p["event"], p.get("frequency"), p.get("period"))
+
+    @property
+    def config(self) -> int:
+        return SOFTWARE_EVENTS[self.event]
+
+    def body(self) -> str:
+        rate = f"freq={self.frequency}" if self.frequency is not None else f"period={self.period}"
+        return f"{self.event}:{rate}"
+
+    @classmethod
+    def from_body(cls, text: str) -> PerfEventAttach | None:
+        event, _, rate = text.partition(":")
+        key, _, value = rate.partition("=")
+        if event not in SOFTWARE_EVENTS or not value.isdigit() or not 0 < int(value) < 1 << 63:
+            return None
+        if key == "freq":
+            return cls(event, frequency=int(value))
+        return cls(event, period=int(value)) if key == "period" else None
+
+
 _KSYM = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 
 
@@ -609,7 +659,7 @@ class NoAttach(_Target):
 
 # What a link is made for.
 LinkTarget = (TracepointAttach | RawTracepointAttach | XdpAttach | TcAttach | CgroupAttach
-              | UprobeAttach | KprobeAttach | BtfAttach | SkLookupAttach)
+              | UprobeAttach | KprobeAttach | BtfAttach | SkLookupAttach | PerfEventAttach)
 Attach = LinkTarget | NoAttach
 
 
@@ -729,6 +779,9 @@ PROG_KINDS: Mapping[ProgType, ProgKind] = {
     ProgType.SK_LOOKUP: ProgKind(
         30, SkLookupAttach, frozenset({"CAP_BPF", "CAP_NET_ADMIN"}),
         COMMON_HELPERS | {"sk_assign", "sk_release"}, exclusive=True),
+    ProgType.PERF_EVENT: ProgKind(
+        7, PerfEventAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id", "perf_prog_read_value"}),
     # Kernel-function types: in schema and policy everywhere; attachable where the kernel
     # has them (bpf/attach.py probes: this project's 6.18 test kernel has none of them).
     ProgType.KPROBE: ProgKind(

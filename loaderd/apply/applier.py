@@ -25,7 +25,15 @@ from loaderd.audit.log import Event
 from loaderd.bpf import attach, pins
 from loaderd.config import spec
 from loaderd.errors import Kind, LoaderdError, Location, count
-from loaderd.model import ProgType, Settings, Spec, TcAttach, map_pin_mode
+from loaderd.model import (
+    PERF_LINK_SEP,
+    PerfEventAttach,
+    ProgType,
+    Settings,
+    Spec,
+    TcAttach,
+    map_pin_mode,
+)
 from loaderd.observe import drift
 from loaderd.stage.pool import Progress, stage_all
 from loaderd.stage.worker import StagedSpec
@@ -348,8 +356,12 @@ class Applier:
                 continue
             prog_fd = staging.get(staging.prog_path(s.name, prog.name))
             try:
-                link_fd = attach.create_link(prog, prog_fd,
-                                             anchor_opener(staging, self.layout))
+                if isinstance(tgt, PerfEventAttach):  # a link per CPU, pinned as one
+                    made = attach.per_cpu_links(tgt, prog_fd)
+                    link_fd = None
+                else:
+                    link_fd = attach.create_link(prog, prog_fd,
+                                                 anchor_opener(staging, self.layout))
             except LoaderdError as exc:
                 busy = " (another program already holds this target)" if getattr(
                     exc, "errno", 0) == errno.EBUSY else ""
@@ -359,12 +371,20 @@ class Applier:
                                        f"programs[{s.programs.index(prog)}].attach")) from None
             finally:
                 os.close(prog_fd)
-            assert link_fd is not None
-            link = links[prog.name] = pin_link(staging, self.settings.pins, s.name, prog.name,
-                                               link_fd, tgt)
-            audit.emit(Event.ATTACHED, f"{s.name}/{prog.name}: attached to {tgt.text} (link "
-                       f"{link.id})", spec=s.name, program=prog.name, link_id=link.id,
-                       target=tgt.text, prog_id=st.programs[prog.name].id)
+            pinned = [(prog.name, link_fd)] if link_fd is not None else [
+                (f"{prog.name}{PERF_LINK_SEP}{cpu}", fd) for cpu, fd in made]
+            for i, (key, fd) in enumerate(pinned):
+                try:
+                    link = links[key] = pin_link(staging, self.settings.pins, s.name, key, fd,
+                                                 tgt)
+                except BaseException:
+                    for _key, rest in pinned[i + 1:]:
+                        os.close(rest)
+                    raise
+                audit.emit(Event.ATTACHED, f"{s.name}/{prog.name}: attached to {tgt.text} "
+                           f"(link {link.id}{'' if key == prog.name else ', ' + key})",
+                           spec=s.name, program=prog.name, link_id=link.id, target=tgt.text,
+                           prog_id=st.programs[prog.name].id)
         return SpecRecord(
             name=st.name, file=st.file, sha256=st.sha256, pin_dir=self.layout.spec_dir(s.name),
             programs={n: ProgramRecord(

@@ -12,6 +12,8 @@
 |                | + LINK_CREATE(BPF_PERF_EVENT)                        |            |
 | kprobe         | the same on the kprobe PMU (function name)           | perf_event |
 | sk_lookup      | LINK_CREATE(BPF_SK_LOOKUP) on the netns fd           | netns      |
+| perf_event     | a software perf event per online CPU, each with a    | perf_event |
+|                | LINK_CREATE(BPF_PERF_EVENT): `<program>__cpu<N>`      |            |
 | fentry, fexit, | BPF_RAW_TRACEPOINT_OPEN without a name: the BTF id   | tracing    |
 | lsm            | the program was loaded for (BCC's name prefix)       |            |
 
@@ -43,6 +45,7 @@ from loaderd.model import (
     LinkTarget,
     LsmAttach,
     NoAttach,
+    PerfEventAttach,
     ProgramSpec,
     RawTracepointAttach,
     SkLookupAttach,
@@ -73,9 +76,31 @@ def create_link(program: ProgramSpec, prog_fd: int, anchors: AnchorOpener | None
     return link_for(a, prog_fd, anchors)
 
 
+def per_cpu_links(a: PerfEventAttach, prog_fd: int) -> list[tuple[int, int]]:
+    """(cpu, link fd) for every online CPU: a sampling perf event belongs to one CPU. All or
+    nothing: on a failure the links made so far are closed (never pinned)."""
+    made: list[tuple[int, int]] = []
+    try:
+        for cpu in kernel.online_cpus():
+            perf_fd = kernel.perf_event_open_software(a.config, cpu, frequency=a.frequency,
+                                                      period=a.period)
+            try:
+                made.append((cpu, kernel.link_create(prog_fd, perf_fd,
+                                                     kernel.ATTACH_PERF_EVENT)))
+            finally:
+                os.close(perf_fd)
+    except BaseException:
+        for _cpu, fd in made:
+            os.close(fd)
+        raise
+    return made
+
+
 def link_for(a: LinkTarget, prog_fd: int, anchors: AnchorOpener | None = None) -> int:
     """A new link fd for `prog_fd` on the target `a` (also for a recorded target: commit
     recovery has the manifest, not the spec)."""
+    if isinstance(a, PerfEventAttach):
+        raise AssertionError("perf_event programs have a link per CPU: per_cpu_links")
     if isinstance(a, TcAttach):
         return _tcx_link(a, prog_fd, anchors)
     if isinstance(a, CgroupAttach):
@@ -320,6 +345,10 @@ def target_difference(info: kernel.LinkInfo, tgt: LinkTarget, ifindex: int | Non
         if info.ifindex != now:
             return f"attached to ifindex {info.ifindex}, but {iface} is now ifindex {now}"
         return None
+    if isinstance(tgt, PerfEventAttach):
+        if info.perf_event_type is not None and info.perf_event_type != 6:  # BPF_PERF_EVENT_EVENT
+            return f"a {kernel.PERF_EVENT_TYPE_NAMES.get(info.perf_event_type)} link, not event"
+        return None
     if isinstance(tgt, KprobeAttach | BtfAttach):
         return None  # the kernel reports no more than the program (checked by the caller)
     want = tgt.name if isinstance(tgt, RawTracepointAttach) else tgt.event
@@ -381,5 +410,5 @@ def update_link(link_pin: str, new_prog_fd: int) -> int:
 
 
 __all__ = ["AnchorOpener", "LoaderdError", "binary_difference", "check_targets",
-           "create_link", "kernel_refusal", "link_for", "resolve", "support_errors", "target",
-           "target_difference", "update_link"]
+           "create_link", "kernel_refusal", "link_for", "per_cpu_links", "resolve",
+           "support_errors", "target", "target_difference", "update_link"]

@@ -91,7 +91,8 @@ _SYS_BPF = 321  # x86_64
 _SYS_PERF_EVENT_OPEN = 298  # x86_64
 _BPF_OBJ_PIN, _BPF_OBJ_GET = 6, 7
 _BPF_PROG_QUERY, _BPF_LINK_CREATE = 16, 28
-PERF_TYPE_TRACEPOINT = 2
+PERF_TYPE_SOFTWARE, PERF_TYPE_TRACEPOINT = 1, 2
+PERF_ATTR_FREQ = 1 << 10  # perf_event_attr.freq: sample_period holds sample_freq
 PERF_SAMPLE_RAW = 1 << 10
 PERF_FLAG_FD_CLOEXEC = 1 << 3
 
@@ -781,6 +782,34 @@ def perf_event_open_tracepoint(tp_id: int, cpu: int = 0) -> int:
                     "needs CAP_PERFMON, and perf_event_open allowed by the unit's "
                     "SystemCallFilter= (it is in @debug)")
     return ret
+
+
+def perf_event_open_software(config: int, cpu: int, *, frequency: int | None = None,
+                             period: int | None = None) -> int:
+    """A sampling software event (PERF_COUNT_SW_*) on one CPU, every process: the target of a
+    BPF_PERF_EVENT link; the program runs at each sample."""
+    attr = _PerfEventAttr(type=PERF_TYPE_SOFTWARE, size=ctypes.sizeof(_PerfEventAttr),
+                          config=config, sample_period=frequency or period or 0,
+                          flags=PERF_ATTR_FREQ if frequency else 0)
+    ctypes.set_errno(0)
+    ret = int(_libc.syscall(ctypes.c_long(_SYS_PERF_EVENT_OPEN), ctypes.byref(attr),
+                            ctypes.c_int(-1), ctypes.c_int(cpu), ctypes.c_int(-1),
+                            ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC)))
+    if ret < 0:
+        raise _fail("perf_event_open", f"software event {config} on cpu {cpu}",
+                    ctypes.get_errno(), "needs CAP_PERFMON (a frequency above "
+                    "kernel.perf_event_max_sample_rate is refused with EINVAL)")
+    return ret
+
+
+def online_cpus() -> list[int]:
+    """The CPUs a per-CPU event can be opened on (/sys/devices/system/cpu/online)."""
+    with open("/sys/devices/system/cpu/online", encoding="ascii") as fh:
+        out: list[int] = []
+        for part in fh.read().strip().split(","):
+            lo, _, hi = part.partition("-")
+            out += range(int(lo), int(hi or lo) + 1)
+        return out
 
 
 def perf_event_open_probe(pmu_type: int, path: str, offset: int, config: int = 0,

@@ -14,6 +14,7 @@ from loaderd.config.yamlsafe import Marks, Path
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.layout import parse_layout
 from loaderd.model import (
+    PERF_LINK_SEP,
     BtfAttach,
     CType,
     MapEntry,
@@ -22,6 +23,7 @@ from loaderd.model import (
     MapType,
     ProgramSpec,
     TcAttach,
+    link_program,
 )
 
 PAGE_SIZE = resource.getpagesize()
@@ -189,6 +191,9 @@ def names(c: Collector, maps: tuple[MapSpec, ...], programs: tuple[ProgramSpec, 
     items = [(("maps", i, "name"), m.name) for i, m in enumerate(maps)]
     items += [(("programs", i, "name"), p.name) for i, p in enumerate(programs)]
     for at, name in items:
+        if link_program(name) != name:
+            c.add(Kind.SEMANTIC, at, f"name '{name}' ends like a per-CPU link's pin "
+                  f"(<program>{PERF_LINK_SEP}<cpu>)", value=name)
         if name in seen:
             c.add(Kind.SEMANTIC, at, f"name '{name}' is already used by {seen[name]}")
         else:

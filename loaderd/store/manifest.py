@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import NAME_RE, LinkTarget, ProgType, parse_target
+from loaderd.model import NAME_RE, LinkTarget, ProgType, link_program, parse_target
 
 MAX_BYTES = 16 * 1024 * 1024  # a manifest of 64 specs x 64 objects is well under 1 MB
 SAFE_NAME = NAME_RE  # spec, program, map names: pin names (model: the schema's `name`)
@@ -229,7 +229,7 @@ def _spec(name: str, d: dict[str, Any], where: str, pin_root: str | None) -> Spe
              for k, v in _keyed(d.get("links", {}), f"{where}.links").items()}
     deferred = _names(d.get("deferred_links", []), f"{where}.deferred_links")
     for k in (*links, *deferred):
-        if k not in programs:
+        if link_program(k) not in programs:
             raise _Bad(f"{where}.links", f"link for unknown program {k!r}")
     for k in deferred:
         if k not in links or not links[k].target.exclusive:

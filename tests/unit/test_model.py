@@ -108,6 +108,7 @@ PROG_FACTS = {
     ProgType.UPROBE: (2, model.UprobeAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
     ProgType.KPROBE: (2, model.KprobeAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
     ProgType.SK_LOOKUP: (30, model.SkLookupAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
+    ProgType.PERF_EVENT: (7, model.PerfEventAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
     ProgType.FENTRY: (26, model.FentryAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
     ProgType.FEXIT: (26, model.FexitAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
     ProgType.LSM: (29, model.LsmAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
@@ -153,7 +154,8 @@ def test_default_helpers_per_type() -> None:
     # in the acting process's context (not cgroup_skb: a packet may be another's).
     tasked = {ProgType.TRACEPOINT, ProgType.RAW_TRACEPOINT, ProgType.CGROUP_SOCK,
               ProgType.CGROUP_SOCK_ADDR, ProgType.CGROUP_SYSCTL, ProgType.CGROUP_DEVICE,
-              ProgType.UPROBE, ProgType.KPROBE, ProgType.FENTRY, ProgType.FEXIT, ProgType.LSM}
+              ProgType.UPROBE, ProgType.KPROBE, ProgType.FENTRY, ProgType.FEXIT, ProgType.LSM,
+              ProgType.PERF_EVENT}
     assert {t for t in ProgType if "get_current_pid_tgid" in t.kind.helpers} == tasked
 
 
@@ -179,6 +181,8 @@ def test_default_helpers_per_type() -> None:
     ("lsm:file_open", model.LsmAttach("file_open")),
     ("sk_lookup:netns=-", model.SkLookupAttach()),
     ("sk_lookup:netns=blue", model.SkLookupAttach("blue")),
+    ("perf_event:cpu-clock:freq=99", model.PerfEventAttach("cpu-clock", frequency=99)),
+    ("perf_event:page-faults:period=1000", model.PerfEventAttach("page-faults", period=1000)),
 ])
 def test_attach_target_text_round_trips(target: str, record: model.Attach) -> None:
     assert model.parse_target(target) == record
@@ -196,7 +200,9 @@ def test_attach_target_text_round_trips(target: str, record: model.Attach) -> No
                                  "uprobe:/b:off=12:entry:pid=all", "uprobe:/b:sym=a:exit:pid=1",
                                  "uprobe:/b:sym=a:entry:pid=x", "kprobe:f", "kprobe:f:exit",
                                  "fentry:a:b", "lsm:", "fexit:1x", "sk_lookup:", "sk_lookup:ns=a",
-                                 "sk_lookup:netns=..", "sk_lookup:netns=a/b"])
+                                 "sk_lookup:netns=..", "sk_lookup:netns=a/b",
+                                 "perf_event:cycles:freq=1", "perf_event:cpu-clock:freq=0",
+                                 "perf_event:cpu-clock:rate=5", "perf_event:cpu-clock"])
 def test_attach_target_parse_refuses(bad: str) -> None:
     with pytest.raises(ValueError):
         model.parse_target(bad)
@@ -232,3 +238,10 @@ def test_settings_schema_enums_are_the_tables() -> None:
         t.value for t in ProgType]
     assert policy["map_types"]["items"]["enum"] == [t.value for t in MapType]
     assert policy["map_flags"]["items"]["enum"] == [f.value for f in MapFlag]
+
+
+def test_per_cpu_link_keys_name_their_program() -> None:
+    assert model.link_program("on_sample__cpu0") == "on_sample"
+    assert model.link_program("on_sample__cpu17") == "on_sample"
+    assert model.link_program("on_sample") == "on_sample"
+    assert model.link_program("a__cpux") == "a__cpux"
