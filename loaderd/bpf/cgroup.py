@@ -19,14 +19,31 @@ from loaderd.model import CgroupAttach
 SYSTEMD_RUNNING = "/run/systemd/system"  # sd_booted(3)
 
 
-def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str:
-    """Where cgroup2 is mounted, or an error saying it is not."""
+def _visible(point: str, dev: str) -> bool:
+    """The mount at `point` is the one mountinfo lists with `dev` (major:minor), not one
+    hidden under a later mount on a parent (a container's fresh /sys/fs/cgroup)."""
+    try:
+        st = os.stat(point)
+    except OSError:
+        return False
+    major, _, minor = dev.partition(":")
+    return (os.major(st.st_dev), os.minor(st.st_dev)) == (int(major), int(minor))
+
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo", *, check_visible: bool = True
+                  ) -> str:
+    """Where cgroup2 is mounted (the first visible cgroup2 mount), or an error saying it is
+    not."""
     try:
         with open(mountinfo, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 left, sep, right = line.partition(" - ")
-                if sep and right.split(" ", 1)[0] == "cgroup2":
-                    return left.split(" ")[4].replace("\\040", " ")
+                fields = left.split(" ")
+                if not sep or right.split(" ", 1)[0] != "cgroup2" or len(fields) < 5:
+                    continue
+                point = fields[4].replace("\\040", " ")
+                if not check_visible or _visible(point, fields[2]):
+                    return point
     except OSError as exc:
         raise LoaderdError(Kind.ATTACH, f"cannot read {mountinfo}: {exc.strerror}") from None
     raise LoaderdError(Kind.ATTACH, "cgroup2 is not mounted (no cgroup2 line in "

@@ -3,6 +3,7 @@ kept below it, and a unit refused in one sentence where systemd is not running."
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,23 @@ HYBRID = """31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
 def test_cgroup2_mount_is_read_from_mountinfo(tmp_path: Path) -> None:
     info = tmp_path / "mountinfo"
     info.write_text(HYBRID)
-    assert cgroup.cgroup2_mount(str(info)) == "/sys/fs/cgroup/unified"
+    assert cgroup.cgroup2_mount(str(info), check_visible=False) == "/sys/fs/cgroup/unified"
     info.write_text(HYBRID.splitlines()[0] + "\n")
     with pytest.raises(LoaderdError, match="cgroup2 is not mounted"):
-        cgroup.cgroup2_mount(str(info))
+        cgroup.cgroup2_mount(str(info), check_visible=False)
+
+
+def test_a_cgroup2_mount_hidden_under_a_later_one_is_skipped(tmp_path: Path) -> None:
+    # A container's view: the host's hybrid mount is still listed, under a tmpfs mounted over
+    # /sys/fs/cgroup, then its own cgroup2 on /sys/fs/cgroup. The listed device of the hidden
+    # one is not what its path shows now.
+    info = tmp_path / "mountinfo"
+    info.write_text(HYBRID.replace("0:38", "0:9999") + "99 31 0:77 / "
+                    f"{tmp_path} rw - cgroup2 cgroup2 rw\n")
+    st = os.stat(tmp_path)
+    info.write_text(info.read_text().replace("0:77", f"{os.major(st.st_dev)}:"
+                                             f"{os.minor(st.st_dev)}"))
+    assert cgroup.cgroup2_mount(str(info)) == str(tmp_path)
 
 
 def test_unit_without_systemd_is_one_sentence(monkeypatch: pytest.MonkeyPatch,
