@@ -16,7 +16,7 @@ import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.sanitize import Rules
@@ -31,6 +31,19 @@ class ProgType(enum.StrEnum):
     RAW_TRACEPOINT = "raw_tracepoint"
     XDP = "xdp"
     SOCKET_FILTER = "socket_filter"
+    TC = "tc"  # the kernel's sched_cls, attached through tcx links
+    CGROUP_SKB = "cgroup_skb"
+    CGROUP_SOCK = "cgroup_sock"
+    CGROUP_SOCK_ADDR = "cgroup_sock_addr"
+    CGROUP_SYSCTL = "cgroup_sysctl"
+    CGROUP_DEVICE = "cgroup_device"
+    UPROBE = "uprobe"  # the kernel's kprobe type, on the uprobe PMU (retprobe: uretprobe)
+    KPROBE = "kprobe"  # on the kprobe PMU (retprobe: kretprobe)
+    SK_LOOKUP = "sk_lookup"
+    PERF_EVENT = "perf_event"  # sampled software events, one perf event and link per CPU
+    FENTRY = "fentry"  # the kernel's tracing type (BPF trampoline), BCC KFUNC_PROBE
+    FEXIT = "fexit"  # tracing, BCC KRETFUNC_PROBE
+    LSM = "lsm"  # BCC LSM_PROBE
 
     @property
     def kind(self) -> ProgKind:
@@ -46,6 +59,7 @@ class MapType(enum.StrEnum):
     LRU_PERCPU_HASH = "lru_percpu_hash"
     RINGBUF = "ringbuf"
     PERF_EVENT_ARRAY = "perf_event_array"
+    SOCKMAP = "sockmap"  # sockets by index (sk_lookup steering); userspace adds them by fd
 
     @property
     def kind(self) -> MapKind:
@@ -102,8 +116,9 @@ class MapKind:
     array: bool = False  # indexed by u32 0..max_entries-1, every slot exists
     no_prealloc: bool = False  # accepts BPF_F_NO_PREALLOC (the kernel refuses it elsewhere)
     freezable: bool = False  # BPF_MAP_FREEZE leaves it usable (array and hash families)
-    # The kernel fixes the layout (no key, value, flags or initial entries; it carries events,
-    # not entries): bytes per max_entries unit, for the memory estimate. None: a key/value map.
+    # The kernel fixes the layout (no key, value, flags or initial entries; it carries events
+    # or socket references, not entries): bytes per max_entries unit, for the memory estimate.
+    # None: a key/value map.
     fixed_entry_bytes: int | None = None
 
     @property
@@ -131,6 +146,8 @@ MAP_KINDS: Mapping[MapType, MapKind] = {
     MapType.LRU_PERCPU_HASH: MapKind(10, "lru_percpu_hash", percpu=True, freezable=True),
     MapType.RINGBUF: MapKind(27, None, fixed_entry_bytes=1),  # max_entries: the ring's bytes
     MapType.PERF_EVENT_ARRAY: MapKind(4, None, fixed_entry_bytes=8),  # u32 cpu -> u32 perf fd
+    # u32 index -> socket: updated with a u64 fd, looked up (syscall side) as its u64 cookie.
+    MapType.SOCKMAP: MapKind(15, "sockmap", fixed_entry_bytes=12),
 }
 MAP_TYPE_BY_ID: Mapping[int, MapType] = {k.kernel_id: t for t, k in MAP_KINDS.items()}
 
@@ -211,6 +228,14 @@ _IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
 # XDP attach modes as written in a spec -> XDP_FLAGS_* (uapi/linux/if_link.h).
 XDP_MODES: Mapping[str, int] = {"skb": 1 << 1, "native": 1 << 2, "hw": 1 << 3}
 
+# tcx hook directions -> enum bpf_attach_type (BPF_TCX_INGRESS, BPF_TCX_EGRESS).
+TC_DIRECTIONS: Mapping[str, int] = {"ingress": 46, "egress": 47}
+# A tc program's place among the programs on its hook (the kernel's multi-prog API): `first`
+# and `last` are where it goes when attached (a later `first` goes in front of it); `before`
+# and `after` name another loaderd program, `<spec>/<program>`, attached to the same hook.
+TC_ORDERS = ("first", "last", "before", "after")
+_ANCHOR = re.compile(f"({NAME_PATTERN})/({NAME_PATTERN})")
+
 
 class _Target:
     """What every attach record says about itself, from PROG_KINDS (one table)."""
@@ -228,6 +253,11 @@ class _Target:
     def text(self) -> str:
         """The manifest's and status's spelling of the target."""
         return target_text(cast(Attach, self))
+
+    @property
+    def load_attach_type(self) -> int | None:
+        """The expected_attach_type the program is loaded with (None: the kernel's default)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -284,6 +314,334 @@ class XdpAttach(_Target):
 
 
 @dataclass(frozen=True)
+class TcAttach(_Target):
+    interface: str
+    direction: str = "ingress"  # a key of TC_DIRECTIONS
+    order: str = "last"  # one of TC_ORDERS
+    anchor: str | None = None  # before/after: "<spec>/<program>"
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> TcAttach:
+        tc = raw["tc"]
+        order = tc.get("order", "last")
+        if isinstance(order, dict):  # {before: spec/prog} or {after: spec/prog}
+            (rel, anchor), = order.items()
+            return cls(tc["interface"], tc.get("direction", "ingress"), rel, anchor)
+        return cls(tc["interface"], tc.get("direction", "ingress"), order)
+
+    @property
+    def attach_type(self) -> int:
+        return TC_DIRECTIONS[self.direction]
+
+    @property
+    def anchor_parts(self) -> tuple[str, str] | None:
+        """(spec, program) this one is ordered against, for before/after."""
+        m = _ANCHOR.fullmatch(self.anchor or "")
+        return (m.group(1), m.group(2)) if m else None
+
+    def body(self) -> str:
+        order = f"{self.order}={self.anchor}" if self.anchor else self.order
+        return f"{self.interface}:{self.direction}:{order}"
+
+    @classmethod
+    def from_body(cls, text: str) -> TcAttach | None:
+        parts = text.rsplit(":", 2)
+        if len(parts) != 3:
+            return None
+        iface, direction, order = parts
+        rel, _, anchor = order.partition("=")
+        if not (_IFNAME.fullmatch(iface) and direction in TC_DIRECTIONS and rel in TC_ORDERS):
+            return None
+        if (rel in ("before", "after")) != bool(_ANCHOR.fullmatch(anchor)):
+            return None
+        return cls(iface, direction, rel, anchor or None)
+
+
+_CGROUP_PATH = re.compile(r"(?!.*(^|/)\.\.?(/|$))[A-Za-z0-9_.@:/-]{1,255}")
+_UNIT = re.compile(r"[A-Za-z0-9_.@:\\-]{1,255}\.(service|scope|slice)")
+
+
+@dataclass(frozen=True)
+class CgroupAttach(_Target):
+    """A cgroup hook: `path` below the cgroup2 mount, or the cgroup systemd gives `unit`.
+    One subclass per program type (the manifest names the type by its record); HOOKS maps a
+    hook name to its enum bpf_attach_type, also the program's expected_attach_type at load."""
+
+    hook: str
+    path: str | None = None
+    unit: str | None = None
+    HOOKS: ClassVar[Mapping[str, int]] = {}
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> CgroupAttach:
+        cg = raw["cgroup"]
+        return cls(cg.get("hook", next(iter(cls.HOOKS))), cg.get("path"), cg.get("unit"))
+
+    @property
+    def attach_type(self) -> int:
+        return self.HOOKS[self.hook]
+
+    @property
+    def load_attach_type(self) -> int | None:
+        return self.attach_type
+
+    @property
+    def where(self) -> str:
+        return f"unit {self.unit}" if self.unit else f"cgroup {self.path}"
+
+    def body(self) -> str:
+        return f"{self.hook}:unit={self.unit}" if self.unit else f"{self.hook}:path={self.path}"
+
+    @classmethod
+    def from_body(cls, text: str) -> CgroupAttach | None:
+        hook, _, rest = text.partition(":")
+        key, _, value = rest.partition("=")
+        if hook not in cls.HOOKS:
+            return None
+        if key == "path" and _CGROUP_PATH.fullmatch(value):
+            return cls(hook, path=value)
+        if key == "unit" and _UNIT.fullmatch(value):
+            return cls(hook, unit=value)
+        return None
+
+
+# enum bpf_attach_type of each hook; the first is the default.
+@dataclass(frozen=True)
+class CgroupSkbAttach(CgroupAttach):
+    HOOKS: ClassVar[Mapping[str, int]] = {"ingress": 0, "egress": 1}
+
+
+@dataclass(frozen=True)
+class CgroupSockAttach(CgroupAttach):
+    HOOKS: ClassVar[Mapping[str, int]] = {"create": 2, "post_bind4": 12, "post_bind6": 13}
+
+
+@dataclass(frozen=True)
+class CgroupSockAddrAttach(CgroupAttach):
+    HOOKS: ClassVar[Mapping[str, int]] = {"connect4": 10, "connect6": 11, "bind4": 8,
+                                          "bind6": 9, "sendmsg4": 14, "sendmsg6": 15}
+
+
+@dataclass(frozen=True)
+class CgroupSysctlAttach(CgroupAttach):
+    HOOKS: ClassVar[Mapping[str, int]] = {"sysctl": 18}
+
+
+@dataclass(frozen=True)
+class CgroupDeviceAttach(CgroupAttach):
+    HOOKS: ClassVar[Mapping[str, int]] = {"device": 6}
+
+
+_BINARY = re.compile(r"/[A-Za-z0-9_.+/-]{1,4095}")
+_SYMBOL = re.compile(r"[A-Za-z_.][A-Za-z0-9_.$]{0,127}")
+
+
+@dataclass(frozen=True)
+class UprobeAttach(_Target):
+    """A function entry (or return) in an ELF binary, by symbol or file offset; every process
+    running it, or one pid."""
+
+    binary: str
+    symbol: str | None = None
+    offset: int | None = None
+    retprobe: bool = False
+    pid: int | None = None
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> UprobeAttach:
+        u = raw["uprobe"]
+        return cls(u["binary"], u.get("symbol"), u.get("offset"), u.get("retprobe", False),
+                   u.get("pid"))
+
+    @property
+    def where(self) -> str:
+        at = self.symbol if self.symbol is not None else f"{self.offset:#x}"
+        return f"{self.binary}:{at}"
+
+    def body(self) -> str:
+        at = f"sym={self.symbol}" if self.symbol is not None else f"off={self.offset:#x}"
+        return (f"{self.binary}:{at}:{'return' if self.retprobe else 'entry'}:"
+                f"pid={self.pid if self.pid is not None else 'all'}")
+
+    @classmethod
+    def from_body(cls, text: str) -> UprobeAttach | None:
+        parts = text.rsplit(":", 3)
+        if len(parts) != 4 or not _BINARY.fullmatch(parts[0]):
+            return None
+        binary, at, where, pid = parts
+        kind, _, value = at.partition("=")
+        if where not in ("entry", "return") or not pid.startswith("pid="):
+            return None
+        pid_text = pid[4:]
+        if pid_text != "all" and not pid_text.isdigit():
+            return None
+        pid_value = None if pid_text == "all" else int(pid_text)
+        ret = where == "return"
+        if kind == "sym" and _SYMBOL.fullmatch(value):
+            return cls(binary, value, None, ret, pid_value)
+        if kind == "off" and re.fullmatch(r"0x[0-9a-f]{1,16}", value):
+            return cls(binary, None, int(value, 16), ret, pid_value)
+        return None
+
+
+_NETNS = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+NETNS_DIR = "/run/netns"  # where `ip netns add` pins named network namespaces
+
+
+@dataclass(frozen=True)
+class SkLookupAttach(_Target):
+    """A network namespace's socket lookup: a named one (`ip netns`), or None: the host's (the
+    apply's own)."""
+
+    netns: str | None = None
+    ATTACH_TYPE: ClassVar[int] = 36  # BPF_SK_LOOKUP, also the expected attach type at load
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> SkLookupAttach:
+        return cls((raw["sk_lookup"] or {}).get("netns"))
+
+    @property
+    def load_attach_type(self) -> int | None:
+        return self.ATTACH_TYPE
+
+    @property
+    def path(self) -> str:
+        return f"{NETNS_DIR}/{self.netns}" if self.netns else "/proc/self/ns/net"
+
+    @property
+    def where(self) -> str:
+        return f"network namespace {self.netns}" if self.netns else "the host network namespace"
+
+    def body(self) -> str:
+        return f"netns={self.netns or '-'}"
+
+    @classmethod
+    def from_body(cls, text: str) -> SkLookupAttach | None:
+        key, _, name = text.partition("=")
+        if key != "netns":
+            return None
+        if name == "-":
+            return cls()
+        return cls(name) if _NETNS.fullmatch(name) and name not in (".", "..") else None
+
+
+# Software perf events (PERF_TYPE_SOFTWARE configs, perf's names).
+SOFTWARE_EVENTS: Mapping[str, int] = {
+    "cpu-clock": 0, "task-clock": 1, "page-faults": 2, "context-switches": 3,
+    "cpu-migrations": 4, "minor-faults": 5, "major-faults": 6, "alignment-faults": 7,
+    "emulation-faults": 8}
+# A perf_event program has one link per CPU, pinned and recorded as `<program>__cpu<N>`.
+PERF_LINK_SEP = "__cpu"
+_PER_CPU_LINK = re.compile(f"({NAME_PATTERN}){PERF_LINK_SEP}([0-9]{{1,4}})")
+
+
+def link_program(key: str) -> str:
+    """The program a link key belongs to (a per-CPU link's key names its CPU too)."""
+    m = _PER_CPU_LINK.fullmatch(key)
+    return m.group(1) if m else key
+
+
+@dataclass(frozen=True)
+class PerfEventAttach(_Target):
+    """A software event sampled on every online CPU, `frequency` times a second or every
+    `period` events."""
+
+    event: str
+    frequency: int | None = None
+    period: int | None = None
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> PerfEventAttach:
+        p = raw["perf_event"]
+        return cls(p["event"], p.get("frequency"), p.get("period"))
+
+    @property
+    def config(self) -> int:
+        return SOFTWARE_EVENTS[self.event]
+
+    def body(self) -> str:
+        rate = f"freq={self.frequency}" if self.frequency is not None else f"period={self.period}"
+        return f"{self.event}:{rate}"
+
+    @classmethod
+    def from_body(cls, text: str) -> PerfEventAttach | None:
+        event, _, rate = text.partition(":")
+        key, _, value = rate.partition("=")
+        if event not in SOFTWARE_EVENTS or not value.isdigit() or not 0 < int(value) < 1 << 63:
+            return None
+        if key == "freq":
+            return cls(event, frequency=int(value))
+        return cls(event, period=int(value)) if key == "period" else None
+
+
+_KSYM = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
+
+
+@dataclass(frozen=True)
+class KprobeAttach(_Target):
+    function: str
+    retprobe: bool = False
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> KprobeAttach:
+        return cls(raw["kprobe"]["function"], raw["kprobe"].get("retprobe", False))
+
+    def body(self) -> str:
+        return f"{self.function}:{'return' if self.retprobe else 'entry'}"
+
+    @classmethod
+    def from_body(cls, text: str) -> KprobeAttach | None:
+        fn, _, where = text.partition(":")
+        if not _KSYM.fullmatch(fn) or where not in ("entry", "return"):
+            return None
+        return cls(fn, where == "return")
+
+
+@dataclass(frozen=True)
+class BtfAttach(_Target):
+    """A kernel function (fentry/fexit) or LSM hook the program is bound to at load by its BTF
+    id. BCC finds the id from the C function's name (`PREFIX` + target: what its
+    KFUNC_PROBE/KRETFUNC_PROBE/LSM_PROBE macros name it), so the name must say the target."""
+
+    function: str
+    KEY: ClassVar[str] = ""
+    PREFIX: ClassVar[str] = ""
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> BtfAttach:
+        return cls(raw[cls.KEY])
+
+    @property
+    def bcc_name(self) -> str:
+        return self.PREFIX + self.function
+
+    def body(self) -> str:
+        return self.function
+
+    @classmethod
+    def from_body(cls, text: str) -> BtfAttach | None:
+        return cls(text) if _KSYM.fullmatch(text) else None
+
+
+@dataclass(frozen=True)
+class FentryAttach(BtfAttach):
+    KEY: ClassVar[str] = "fentry"
+    PREFIX: ClassVar[str] = "kfunc__"
+
+
+@dataclass(frozen=True)
+class FexitAttach(BtfAttach):
+    KEY: ClassVar[str] = "fexit"
+    PREFIX: ClassVar[str] = "kretfunc__"
+
+
+@dataclass(frozen=True)
+class LsmAttach(BtfAttach):
+    KEY: ClassVar[str] = "lsm"
+    PREFIX: ClassVar[str] = "lsm__"
+
+
+@dataclass(frozen=True)
 class NoAttach(_Target):
     """Loaded and pinned only (socket filters: consumers attach with SO_ATTACH_BPF)."""
 
@@ -299,8 +657,10 @@ class NoAttach(_Target):
         return None
 
 
-Attach = TracepointAttach | RawTracepointAttach | XdpAttach | NoAttach
-LinkTarget = TracepointAttach | RawTracepointAttach | XdpAttach  # what a link is made for
+# What a link is made for.
+LinkTarget = (TracepointAttach | RawTracepointAttach | XdpAttach | TcAttach | CgroupAttach
+              | UprobeAttach | KprobeAttach | BtfAttach | SkLookupAttach | PerfEventAttach)
+Attach = LinkTarget | NoAttach
 
 
 def target_text(a: Attach) -> str:
@@ -332,6 +692,10 @@ COMMON_HELPERS: frozenset[str] = frozenset({
     "perf_event_output",
 })
 _CURRENT_TASK = frozenset({"get_current_pid_tgid", "get_current_uid_gid", "get_current_comm"})
+_CGROUP_CAPS = frozenset({"CAP_BPF", "CAP_NET_ADMIN"})
+# Reading a packet and its socket (tc and cgroup_skb).
+_SKB_HELPERS = frozenset({"skb_load_bytes", "get_socket_cookie", "get_cgroup_classid",
+                          "skb_cgroup_id"})
 
 # Off for every type by default, with the reason a refusal gives; the operator turns one on for
 # a type in loaderd.yaml (policy.helpers.by_type.<type>), or for all with policy.helpers.allow.
@@ -341,6 +705,8 @@ GATED_HELPERS: Mapping[str, str] = {
     "probe_read": "reads arbitrary kernel or user memory",
     "probe_read_str": "reads arbitrary kernel or user memory",
     "tail_call": "jumps into another program, outside the bytecode checked here",
+    "probe_read_user": "reads the memory of the process it runs in",
+    "probe_read_user_str": "reads the memory of the process it runs in",
 }
 
 # Never allowed unless the operator's policy lists them explicitly in `helpers.allow`:
@@ -359,7 +725,9 @@ class ProgKind:
     attach: type[Attach]  # the record a spec's `attach:` becomes (bpf/attach.py attaches it)
     caps: frozenset[str]  # to load and attach it, on kernels with CAP_BPF (>= 5.8)
     helpers: frozenset[str]  # allowed by default (policy.helpers.allow replaces, by_type adds)
-    exclusive: bool = False  # one link per target: a replacement swaps it (BPF_LINK_UPDATE)
+    # A replacement swaps the program behind the old link (BPF_LINK_UPDATE) instead of making a
+    # new one: XDP takes one link per interface; a tcx link keeps its place in the hook's order.
+    exclusive: bool = False
 
 
 PROG_KINDS: Mapping[ProgType, ProgKind] = {
@@ -375,8 +743,63 @@ PROG_KINDS: Mapping[ProgType, ProgKind] = {
     ProgType.SOCKET_FILTER: ProgKind(
         1, NoAttach, frozenset({"CAP_BPF"}),
         COMMON_HELPERS | {"skb_load_bytes", "get_socket_cookie"}),
+    ProgType.TC: ProgKind(
+        3, TcAttach, frozenset({"CAP_BPF", "CAP_NET_ADMIN"}),
+        COMMON_HELPERS | _SKB_HELPERS | {"redirect", "skb_store_bytes", "skb_change_head",
+                                         "skb_change_tail", "l3_csum_replace",
+                                         "l4_csum_replace", "csum_diff"},
+        exclusive=True),
+    # cgroup links: many per hook, run in the order attached; a replacement swaps the program
+    # behind its link (BPF_LINK_UPDATE), so it keeps its place. bpf_prog_load wants
+    # CAP_NET_ADMIN for every cgroup type (is_net_admin_prog_type).
+    ProgType.CGROUP_SKB: ProgKind(
+        8, CgroupSkbAttach, _CGROUP_CAPS, COMMON_HELPERS | _SKB_HELPERS, exclusive=True),
+    ProgType.CGROUP_SOCK: ProgKind(
+        9, CgroupSockAttach, _CGROUP_CAPS,
+        COMMON_HELPERS | _CURRENT_TASK | {"get_socket_cookie", "get_current_cgroup_id"},
+        exclusive=True),
+    ProgType.CGROUP_SOCK_ADDR: ProgKind(
+        18, CgroupSockAddrAttach, _CGROUP_CAPS,
+        COMMON_HELPERS | _CURRENT_TASK | {"get_socket_cookie", "get_current_cgroup_id",
+                                          "bind"},
+        exclusive=True),
+    ProgType.CGROUP_SYSCTL: ProgKind(
+        23, CgroupSysctlAttach, _CGROUP_CAPS,
+        COMMON_HELPERS | _CURRENT_TASK | {"sysctl_get_name", "sysctl_get_current_value",
+                                          "sysctl_get_new_value", "strtol", "strtoul",
+                                          "get_current_cgroup_id"}, exclusive=True),
+    ProgType.CGROUP_DEVICE: ProgKind(
+        15, CgroupDeviceAttach, _CGROUP_CAPS,
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}, exclusive=True),
+    ProgType.UPROBE: ProgKind(
+        2, UprobeAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}),
+    # Steers a connection or datagram to a socket from a sockmap (sk_assign) before the
+    # kernel's own lookup; many per netns, run in attach order; updated in place.
+    ProgType.SK_LOOKUP: ProgKind(
+        30, SkLookupAttach, frozenset({"CAP_BPF", "CAP_NET_ADMIN"}),
+        COMMON_HELPERS | {"sk_assign", "sk_release"}, exclusive=True),
+    ProgType.PERF_EVENT: ProgKind(
+        7, PerfEventAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id", "perf_prog_read_value"}),
+    # Kernel-function types: in schema and policy everywhere; attachable where the kernel
+    # has them (bpf/attach.py probes: this project's 6.18 test kernel has none of them).
+    ProgType.KPROBE: ProgKind(
+        2, KprobeAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}),
+    ProgType.FENTRY: ProgKind(
+        26, FentryAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}),
+    ProgType.FEXIT: ProgKind(
+        26, FexitAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}),
+    ProgType.LSM: ProgKind(
+        29, LsmAttach, frozenset({"CAP_BPF", "CAP_PERFMON"}),  # is_perfmon_prog_type
+        COMMON_HELPERS | _CURRENT_TASK | {"get_current_cgroup_id"}),
 }
-PROG_TYPE_BY_ID: Mapping[int, ProgType] = {k.kernel_id: t for t, k in PROG_KINDS.items()}
+# The first type of each kernel id (uprobe and kprobe programs are both BPF_PROG_TYPE_KPROBE).
+PROG_TYPE_BY_ID: Mapping[int, ProgType] = {
+    k.kernel_id: t for t, k in reversed(list(PROG_KINDS.items()))}
 
 
 @dataclass(frozen=True)

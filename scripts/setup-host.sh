@@ -15,12 +15,13 @@ python3-jsonschema bpftool iproute2 libbpf1 python3-cryptography"
 # prometheus (promtool), prometheus-node-exporter, systemd-journal-remote, ansible, ansible-lint:
 # the fleet tests (tests/e2e/test_fleet.py, tests/unit/test_metrics_render.py).
 # faketime: the clock-step test.
+# gcc/binutils: the uprobe tests build a binary to probe and check offsets with nm/readelf.
 # debhelper, dh-python, pybuild-plugin-pyproject, python3-setuptools: packaging/build-deb.sh (the
 # e2e tests install the .deb it builds); lintian: the package test; man-db: the man page test.
 TEST_PKGS="python3-pytest python3-hypothesis python3-venv clang llvm libbpf-dev openssh-client \
 prometheus prometheus-node-exporter systemd-journal-remote ansible ansible-lint \
 debhelper dh-python pybuild-plugin-pyproject python3-setuptools python3-all lintian man-db \
-faketime"
+faketime gcc binutils"
 missing=""
 for p in $RUNTIME_PKGS ${LOADERD_SETUP_TEST:+$TEST_PKGS}; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -22,18 +22,21 @@ from dataclasses import dataclass, field
 
 from loaderd import faults, policy, privileges
 from loaderd.apply import killswitch, plan
-from loaderd.apply.commit import Transaction, link_holds, pin_link
+from loaderd.apply.commit import Transaction, anchor_opener, link_holds, pin_link
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import attach, pins
 from loaderd.config import signature, spec
 from loaderd.errors import Kind, LoaderdError, Location, count, names, plural
 from loaderd.model import (
+    PERF_LINK_SEP,
+    PerfEventAttach,
     ProgType,
     Settings,
     SignatureMode,
     SignatureStatus,
     Spec,
+    TcAttach,
     map_pin_mode,
     settings_changes,
 )
@@ -167,6 +170,29 @@ def signature_fields(s: Spec) -> dict[str, str | int]:
            "key_type": f.key_type, "signature_namespace": f.namespace,
            "signed_sha256": f.signed_sha256, "sk_counter": f.counter}
     return {k: v for k, v in got.items() if v is not None}
+
+
+def attach_order(staged: list[StagedSpec], spec_of: dict[str, Spec]) -> list[StagedSpec]:
+    """Staged specs in an order that attaches a tc order's anchor (`before:`/`after:` another
+    spec's program) before the program placed against it; otherwise as staged. A cycle is
+    left to the attach, which says the anchor is not attached."""
+    by_name = {st.name: st for st in staged}
+    out: list[StagedSpec] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen or name not in by_name:
+            return
+        seen.add(name)
+        for p in spec_of[name].programs:
+            parts = p.attach.anchor_parts if isinstance(p.attach, TcAttach) else None
+            if parts is not None and parts[0] != name:
+                visit(parts[0])
+        out.append(by_name[name])
+
+    for st in staged:
+        visit(st.name)
+    return out
 
 
 class _Refused(Exception):
@@ -347,6 +373,8 @@ class Applier:
                 privileges.check((s.path, p.type, p.name) for s in specs for p in s.programs)
             except LoaderdError as exc:
                 errors.append(exc)
+        if not errors:  # a type this kernel cannot run: one sentence, before any compile
+            errors += [e for s in specs for e in attach.support_errors(s)]
         if errors:
             raise _Refused(errors)
         return specs
@@ -379,7 +407,7 @@ class Applier:
             raise _Refused(errors)
         spec_of = {s.name: s for s in to_build}
         records = {n: current.specs[n] for n in adopted}
-        for st in staged:
+        for st in attach_order(staged, spec_of):
             try:
                 records[st.name] = self._attach_staged(txid, spec_of[st.name], st,
                                                        current.specs.get(st.name))
@@ -502,7 +530,12 @@ class Applier:
                 continue
             prog_fd = staging.get(staging.prog_path(s.name, prog.name))
             try:
-                link_fd = attach.create_link(prog, prog_fd)
+                if isinstance(tgt, PerfEventAttach):  # a link per CPU, pinned as one
+                    made = attach.per_cpu_links(tgt, prog_fd)
+                    link_fd = None
+                else:
+                    link_fd = attach.create_link(prog, prog_fd,
+                                                 anchor_opener(staging, self.layout))
             except LoaderdError as exc:
                 busy = " (another program already holds this target)" if getattr(
                     exc, "errno", 0) == errno.EBUSY else ""
@@ -512,12 +545,20 @@ class Applier:
                                        f"programs[{s.programs.index(prog)}].attach")) from None
             finally:
                 os.close(prog_fd)
-            assert link_fd is not None
-            link = links[prog.name] = pin_link(staging, self.settings.pins, s.name, prog.name,
-                                               link_fd, tgt)
-            audit.emit(Event.ATTACHED, f"{s.name}/{prog.name}: attached to {tgt.text} (link "
-                       f"{link.id})", spec=s.name, program=prog.name, link_id=link.id,
-                       target=tgt.text, prog_id=st.programs[prog.name].id)
+            pinned = [(prog.name, link_fd)] if link_fd is not None else [
+                (f"{prog.name}{PERF_LINK_SEP}{cpu}", fd) for cpu, fd in made]
+            for i, (key, fd) in enumerate(pinned):
+                try:
+                    link = links[key] = pin_link(staging, self.settings.pins, s.name, key, fd,
+                                                 tgt)
+                except BaseException:
+                    for _key, rest in pinned[i + 1:]:
+                        os.close(rest)
+                    raise
+                audit.emit(Event.ATTACHED, f"{s.name}/{prog.name}: attached to {tgt.text} "
+                           f"(link {link.id}{'' if key == prog.name else ', ' + key})",
+                           spec=s.name, program=prog.name, link_id=link.id, target=tgt.text,
+                           prog_id=st.programs[prog.name].id)
         return SpecRecord(
             name=st.name, file=st.file, sha256=st.sha256, pin_dir=self.layout.spec_dir(s.name),
             programs={n: ProgramRecord(

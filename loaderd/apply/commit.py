@@ -2,7 +2,7 @@
 
 The new manifest is written with `status: pending` first (the caller's commit point); then each
 changed spec's staged directory is swapped with its live one (RENAME_EXCHANGE), exclusive links
-(XDP) are moved over after BPF_LINK_UPDATE; the staging directory, now holding the old objects,
+(XDP, tc) are moved over after BPF_LINK_UPDATE; the staging directory, now holding the old objects,
 is removed (unpinning old links detaches them); the manifest becomes `committed`. A re-run after
 a crash at any step (recovery rolls a pending manifest forward) finishes the same swap.
 """
@@ -16,22 +16,25 @@ import os
 from loaderd import faults
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
-from loaderd.bpf import attach, kernel, pins
-from loaderd.errors import LoaderdError
-from loaderd.model import LinkTarget, PinOwnership, XdpAttach
+from loaderd.bpf import attach, kernel, pins, uprobe
+from loaderd.errors import Kind, LoaderdError
+from loaderd.model import LinkTarget, PinOwnership, UprobeAttach
 from loaderd.store.manifest import LinkRecord, Manifest, SpecRecord, Status
 from loaderd.store.statedir import State
 
 
 def pin_link(staging: pins.PinLayout, owner: PinOwnership, spec: str, prog: str, link_fd: int,
              tgt: LinkTarget) -> LinkRecord:
-    """Pin a new link in staging (closing the fd); its record. XDP links record their
+    """Pin a new link in staging (closing the fd); its record. XDP and tcx links record their
     ifindex: what the resident, in its own network namespace, can compare with."""
     try:
         staging.pin(link_fd, staging.link_path(spec, prog), owner.mode, owner.gid)
         info = kernel.link_info(link_fd)
     finally:
         os.close(link_fd)
+    if isinstance(tgt, UprobeAttach):  # what drift compares the path with later
+        ident = uprobe.identity(tgt.binary)
+        return LinkRecord(tgt, info.id, None, ident.ino, ident.sha256)
     return LinkRecord(tgt, info.id, info.ifindex or None)
 
 
@@ -47,6 +50,19 @@ def link_holds(layout: pins.PinLayout, link_pin: str, tgt: LinkTarget) -> bool:
         return attach.target_difference(kernel.link_info(fd), tgt, by_name=True) is None
     finally:
         os.close(fd)
+
+
+def anchor_opener(staging: pins.PinLayout, live: pins.PinLayout) -> attach.AnchorOpener:
+    """Open a tc order's anchor link: this apply's new link if it made one, else the live."""
+    def opener(spec: str, prog: str) -> int:
+        for layout in (staging, live):
+            path = layout.link_path(spec, prog)
+            if layout.exists(path):
+                return layout.get(path)
+        raise LoaderdError(Kind.ATTACH, f"{spec}/{prog} is not attached", value=f"{spec}/{prog}",
+                           allowed="a loaderd program with a link (spec name/program name) "
+                           "on the same tc hook")
+    return opener
 
 
 class Transaction:
@@ -111,9 +127,9 @@ class Transaction:
         if staging.exists(staging.link_path(name, prog)):
             return link  # a re-run after a crash right here: already attached anew
         tgt = link.target
-        assert isinstance(tgt, XdpAttach)  # manifest.parse: only exclusive links are deferred
+        assert tgt.exclusive  # manifest.parse: only exclusive links are deferred
         try:
-            link_fd = attach.relink_xdp(tgt, prog_fd)
+            link_fd = attach.link_for(tgt, prog_fd, anchor_opener(self.layout, self.layout))
         except LoaderdError as exc:  # the commit goes on; the missing link is drift, said
             audit.emit(Event.DEGRADED, f"{name}/{prog}: its link was severed and it cannot be "
                        f"attached again: {exc}", spec=name, program=prog)

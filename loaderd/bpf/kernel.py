@@ -54,6 +54,9 @@ LINK_TYPE_NAMES: dict[int, str] = {
 LINK_TYPE_RAW_TRACEPOINT = 1
 LINK_TYPE_XDP = 6
 LINK_TYPE_PERF_EVENT = 7
+LINK_TYPE_TCX = 11
+LINK_TYPE_CGROUP = 3
+LINK_TYPE_NETNS = 5
 
 # The kernel ids of loaderd's own types are facts of those types (model.MAP_KINDS,
 # model.PROG_KINDS); the tables above name any object the kernel holds, foreign ones too.
@@ -61,6 +64,15 @@ LINK_TYPE_PERF_EVENT = 7
 # Attach types (enum bpf_attach_type) used by loaderd.
 ATTACH_XDP = 37
 ATTACH_PERF_EVENT = 41
+ATTACH_TCX_INGRESS, ATTACH_TCX_EGRESS = 46, 47  # model.TC_DIRECTIONS
+# bpftool's names (libbpf_bpf_attach_type_str) of the attach types loaderd makes links for.
+ATTACH_TYPE_NAMES: dict[int, str] = {
+    0: "cgroup_inet_ingress", 1: "cgroup_inet_egress", 2: "cgroup_inet_sock_create",
+    6: "cgroup_device", 8: "cgroup_inet4_bind", 9: "cgroup_inet6_bind",
+    10: "cgroup_inet4_connect", 11: "cgroup_inet6_connect", 12: "cgroup_inet4_post_bind",
+    13: "cgroup_inet6_post_bind", 14: "cgroup_udp4_sendmsg", 15: "cgroup_udp6_sendmsg",
+    18: "cgroup_sysctl", 36: "sk_lookup", 37: "xdp", 41: "perf_event", 46: "tcx_ingress",
+    47: "tcx_egress"}
 
 # Flags.
 BPF_F_NO_PREALLOC = 1 << 0
@@ -68,6 +80,9 @@ BPF_F_RDONLY = 1 << 3  # at map creation: binds to the returned fd only, not kep
 BPF_F_WRONLY = 1 << 4
 BPF_F_PATH_FD = 1 << 14  # OBJ_PIN/OBJ_GET relative to path_fd (kernel >= 6.5)
 BPF_F_REPLACE = 1 << 2
+# Multi-prog placement (tcx): before/after the program or link that relative_fd/_id names, or
+# the whole chain when it names none; BPF_F_ID: relative is an id; BPF_F_LINK: it is a link.
+BPF_F_BEFORE, BPF_F_AFTER, BPF_F_ID, BPF_F_LINK = 1 << 3, 1 << 4, 1 << 5, 1 << 13
 BPF_ANY, BPF_NOEXIST = 0, 1
 
 BPF_OBJ_NAME_LEN = 16
@@ -75,7 +90,9 @@ BPF_TAG_SIZE = 8
 _SYS_BPF = 321  # x86_64
 _SYS_PERF_EVENT_OPEN = 298  # x86_64
 _BPF_OBJ_PIN, _BPF_OBJ_GET = 6, 7
-PERF_TYPE_TRACEPOINT = 2
+_BPF_PROG_QUERY, _BPF_LINK_CREATE = 16, 28
+PERF_TYPE_SOFTWARE, PERF_TYPE_TRACEPOINT = 1, 2
+PERF_ATTR_FREQ = 1 << 10  # perf_event_attr.freq: sample_period holds sample_freq
 PERF_SAMPLE_RAW = 1 << 10
 PERF_FLAG_FD_CLOEXEC = 1 << 3
 
@@ -137,6 +154,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_link_detach": (ctypes.c_int, [ctypes.c_int]),
     "bpf_obj_get_info_by_fd": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, _c_u32_p]),
     "bpf_raw_tracepoint_open": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_int]),
+    "libbpf_probe_bpf_prog_type": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p]),
     "bpf_prog_get_next_id": (ctypes.c_int, [ctypes.c_uint32, _c_u32_p]),
     "bpf_map_get_next_id": (ctypes.c_int, [ctypes.c_uint32, _c_u32_p]),
     "bpf_link_get_next_id": (ctypes.c_int, [ctypes.c_uint32, _c_u32_p]),
@@ -370,15 +388,31 @@ class _LinkNamed(ctypes.Structure):
 
 
 class _LinkPerfEvent(ctypes.Structure):
-    """perf_event (kernel >= 6.6): type, then for tracepoints a tp_name buffer + length."""
+    """perf_event (kernel >= 6.6): type, then for tracepoints a tp_name buffer + length, for
+    uprobes a file_name buffer + length and the file offset."""
 
     _fields_ = [("type", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
-                ("name", ctypes.c_uint64), ("name_len", ctypes.c_uint32)]
+                ("name", ctypes.c_uint64), ("name_len", ctypes.c_uint32),
+                ("offset", ctypes.c_uint32)]
+
+
+class _LinkTcx(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32), ("attach_type", ctypes.c_uint32)]
+
+
+class _LinkCgroup(ctypes.Structure):
+    _fields_ = [("cgroup_id", ctypes.c_uint64), ("attach_type", ctypes.c_uint32)]
+
+
+class _LinkNetns(ctypes.Structure):
+    _fields_ = [("netns_ino", ctypes.c_uint32), ("attach_type", ctypes.c_uint32)]
 
 
 class _LinkUnion(ctypes.Union):
     _fields_ = [("raw_tracepoint", _LinkNamed), ("perf_event", _LinkPerfEvent),
-                ("xdp_ifindex", ctypes.c_uint32), ("_raw", ctypes.c_uint8 * 64)]
+                ("xdp_ifindex", ctypes.c_uint32), ("tcx", _LinkTcx), ("cgroup", _LinkCgroup),
+                ("netns", _LinkNetns),
+                ("_raw", ctypes.c_uint8 * 64)]
 
 
 class _LinkInfo(ctypes.Structure):
@@ -387,6 +421,9 @@ class _LinkInfo(ctypes.Structure):
 
 
 BPF_PERF_EVENT_TRACEPOINT = 5  # enum bpf_perf_event_type
+BPF_PERF_EVENT_UPROBE, BPF_PERF_EVENT_URETPROBE = 1, 2
+PERF_EVENT_TYPE_NAMES = {1: "uprobe", 2: "uretprobe", 3: "kprobe", 4: "kretprobe",
+                         5: "tracepoint", 6: "event"}
 
 
 @dataclass(frozen=True)
@@ -432,7 +469,12 @@ class LinkInfo:
     id: int
     type: int
     prog_id: int
-    ifindex: int | None = None  # xdp links
+    ifindex: int | None = None  # xdp and tcx links (0: the interface went away)
+    attach_type: int | None = None  # tcx and cgroup links
+    cgroup_id: int | None = None  # cgroup links (the cgroup2 directory's inode; 0: removed)
+    netns_ino: int | None = None  # netns links (sk_lookup; 0: the namespace went away)
+    file: str | None = None  # uprobe perf_event links: the binary and the file offset
+    offset: int | None = None
     tp_name: str | None = None  # raw_tracepoint and perf_event tracepoint links
     perf_event_type: int | None = None  # perf_event links
 
@@ -512,6 +554,16 @@ def link_info(fd: int) -> LinkInfo:
         return LinkInfo(info.id, info.type, info.prog_id, tp_name=_cstr(name_buf))
     if first.type == LINK_TYPE_PERF_EVENT:
         return _perf_link_info(fd, first, name_buf)
+    if first.type == LINK_TYPE_CGROUP:
+        return LinkInfo(first.id, first.type, first.prog_id,
+                        attach_type=first.u.cgroup.attach_type,
+                        cgroup_id=first.u.cgroup.cgroup_id)
+    if first.type == LINK_TYPE_NETNS:
+        return LinkInfo(first.id, first.type, first.prog_id,
+                        attach_type=first.u.netns.attach_type, netns_ino=first.u.netns.netns_ino)
+    if first.type == LINK_TYPE_TCX:
+        return LinkInfo(first.id, first.type, first.prog_id, ifindex=first.u.tcx.ifindex,
+                        attach_type=first.u.tcx.attach_type)
     ifindex = first.u.xdp_ifindex if first.type == LINK_TYPE_XDP else None
     return LinkInfo(first.id, first.type, first.prog_id, ifindex=ifindex)
 
@@ -519,6 +571,13 @@ def link_info(fd: int) -> LinkInfo:
 def _perf_link_info(fd: int, first: _LinkInfo, name_buf: ctypes.Array[ctypes.c_char]
                     ) -> LinkInfo:
     ptype = first.u.perf_event.type
+    if ptype in (BPF_PERF_EVENT_UPROBE, BPF_PERF_EVENT_URETPROBE):
+        path_buf = ctypes.create_string_buffer(4096)
+        info = _LinkInfo()
+        info.u.perf_event.name, info.u.perf_event.name_len = _addr(path_buf), len(path_buf)
+        _get_info(fd, info, "link")
+        return LinkInfo(first.id, first.type, first.prog_id, perf_event_type=ptype,
+                        file=_cstr(path_buf), offset=info.u.perf_event.offset)
     if ptype != BPF_PERF_EVENT_TRACEPOINT:
         return LinkInfo(first.id, first.type, first.prog_id, perf_event_type=ptype)
     info = _LinkInfo()
@@ -548,7 +607,7 @@ class _LinkUpdateOpts(ctypes.Structure):
 
 
 def _attach_caps(attach_type: int) -> str:
-    return CAPS_NET if attach_type == ATTACH_XDP else CAPS_TRACING
+    return CAPS_TRACING if attach_type == ATTACH_PERF_EVENT else CAPS_NET
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> int:
@@ -559,6 +618,77 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) 
     return _check(ret, "BPF_LINK_CREATE",
                   f"prog fd {prog_fd} -> target {target_fd} (attach type {attach_type})",
                   _attach_caps(attach_type))
+
+
+class _LinkCreateTcxAttr(ctypes.Structure):
+    """union bpf_attr's link_create with its tcx part (libbpf 1.1 predates tcx)."""
+
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_ifindex", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("relative", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+                ("expected_revision", ctypes.c_uint64)]
+
+
+def _sys_bpf(cmd: int, attr: ctypes.Structure) -> int:
+    """The raw bpf() syscall: its result, or -errno."""
+    ctypes.set_errno(0)
+    ret = int(_libc.syscall(ctypes.c_long(_SYS_BPF), ctypes.c_long(cmd), ctypes.byref(attr),
+                            ctypes.c_uint(ctypes.sizeof(attr))))
+    return -ctypes.get_errno() if ret < 0 else ret
+
+
+def tcx_link_create(prog_fd: int, ifindex: int, attach_type: int, flags: int = 0,
+                    relative: int = 0, expected_revision: int = 0) -> int:
+    """BPF_LINK_CREATE of a tcx link on `ifindex`, placed by `flags` (BPF_F_BEFORE/AFTER,
+    with BPF_F_LINK/BPF_F_ID saying what `relative` is); `expected_revision` (not 0) refuses
+    with ESTALE if the hook changed since it was queried."""
+    attr = _LinkCreateTcxAttr(prog_fd, ifindex, attach_type, flags, relative, 0,
+                              expected_revision)
+    return _check(_sys_bpf(_BPF_LINK_CREATE, attr), "BPF_LINK_CREATE",
+                  f"prog fd {prog_fd} -> ifindex {ifindex} "
+                  f"({ATTACH_TYPE_NAMES.get(attach_type, attach_type)})", CAPS_NET)
+
+
+class _QueryAttr(ctypes.Structure):
+    """union bpf_attr's query (BPF_PROG_QUERY), with the multi-prog fields (kernel >= 6.6)."""
+
+    _fields_ = [("target", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("query_flags", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("prog_ids", ctypes.c_uint64), ("count", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32), ("prog_attach_flags", ctypes.c_uint64),
+                ("link_ids", ctypes.c_uint64), ("link_attach_flags", ctypes.c_uint64),
+                ("revision", ctypes.c_uint64)]
+
+
+@dataclass(frozen=True)
+class HookQuery:
+    """The programs on one multi-prog hook, in the order they run (bpftool net's order)."""
+
+    revision: int
+    prog_ids: tuple[int, ...]
+    link_ids: tuple[int, ...]  # 0 where a program is attached without a link
+
+
+def prog_query(target: int, attach_type: int) -> HookQuery:
+    """BPF_PROG_QUERY of a multi-prog hook (`target`: a tcx ifindex, or a cgroup directory fd)."""
+    what = f"target {target} ({ATTACH_TYPE_NAMES.get(attach_type, attach_type)})"
+    for _ in range(4):  # the count can grow between the two calls
+        attr = _QueryAttr(target=target, attach_type=attach_type)
+        _check(_sys_bpf(_BPF_PROG_QUERY, attr), "BPF_PROG_QUERY", what, CAPS_NET)
+        n = attr.count
+        if not n:
+            return HookQuery(attr.revision, (), ())
+        progs, links = (ctypes.c_uint32 * n)(), (ctypes.c_uint32 * n)()
+        attr = _QueryAttr(target=target, attach_type=attach_type, prog_ids=_addr(progs),
+                          count=n, link_ids=_addr(links))
+        ret = _sys_bpf(_BPF_PROG_QUERY, attr)
+        if ret == -errno.ENOSPC:
+            continue
+        _check(ret, "BPF_PROG_QUERY", what, CAPS_NET)
+        got = min(n, attr.count)
+        return HookQuery(attr.revision, tuple(progs[:got]), tuple(links[:got]))
+    raise KernelError(Kind.KERNEL, "BPF_PROG_QUERY: the hook kept changing", Location(
+        file=what), errno=errno.EAGAIN, op="BPF_PROG_QUERY")
 
 
 def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int | None = None) -> None:
@@ -578,10 +708,17 @@ def link_detach(link_fd: int) -> None:
     _check(_call("bpf_link_detach", link_fd), "BPF_LINK_DETACH", f"link fd {link_fd}")
 
 
-def raw_tracepoint_open(name: str, prog_fd: int) -> int:
-    """Attach a RAW_TRACEPOINT program; returns a link fd (pin it to outlive the process)."""
-    ret = _call("bpf_raw_tracepoint_open", name.encode(), prog_fd)
-    return _check(ret, "BPF_RAW_TRACEPOINT_OPEN", f"raw tracepoint {name}", CAPS_TRACING)
+def raw_tracepoint_open(name: str | None, prog_fd: int) -> int:
+    """Attach a RAW_TRACEPOINT program; returns a link fd (pin it to outlive the process).
+    name None: a tracing (fentry/fexit) or LSM program, at the BTF id it was loaded for."""
+    ret = _call("bpf_raw_tracepoint_open", name.encode() if name else None, prog_fd)
+    return _check(ret, "BPF_RAW_TRACEPOINT_OPEN", f"raw tracepoint {name or '(btf id)'}",
+                  CAPS_TRACING)
+
+
+def prog_type_supported(prog_type: int) -> bool:
+    """libbpf's probe (a minimal load of that type; what `bpftool feature probe` reports)."""
+    return _call("libbpf_probe_bpf_prog_type", prog_type, None) == 1
 
 
 # --- tracepoints / perf -----------------------------------------------------------------------
@@ -646,6 +783,54 @@ def perf_event_open_tracepoint(tp_id: int, cpu: int = 0) -> int:
         raise _fail("perf_event_open", f"tracepoint id {tp_id}", ctypes.get_errno(),
                     "needs CAP_PERFMON, and perf_event_open allowed by the unit's "
                     "SystemCallFilter= (it is in @debug)")
+    return ret
+
+
+def perf_event_open_software(config: int, cpu: int, *, frequency: int | None = None,
+                             period: int | None = None) -> int:
+    """A sampling software event (PERF_COUNT_SW_*) on one CPU, every process: the target of a
+    BPF_PERF_EVENT link; the program runs at each sample."""
+    attr = _PerfEventAttr(type=PERF_TYPE_SOFTWARE, size=ctypes.sizeof(_PerfEventAttr),
+                          config=config, sample_period=frequency or period or 0,
+                          flags=PERF_ATTR_FREQ if frequency else 0)
+    ctypes.set_errno(0)
+    ret = int(_libc.syscall(ctypes.c_long(_SYS_PERF_EVENT_OPEN), ctypes.byref(attr),
+                            ctypes.c_int(-1), ctypes.c_int(cpu), ctypes.c_int(-1),
+                            ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC)))
+    if ret < 0:
+        raise _fail("perf_event_open", f"software event {config} on cpu {cpu}",
+                    ctypes.get_errno(), "needs CAP_PERFMON (a frequency above "
+                    "kernel.perf_event_max_sample_rate is refused with EINVAL)")
+    return ret
+
+
+def online_cpus() -> list[int]:
+    """The CPUs a per-CPU event can be opened on (/sys/devices/system/cpu/online)."""
+    with open("/sys/devices/system/cpu/online", encoding="ascii") as fh:
+        out: list[int] = []
+        for part in fh.read().strip().split(","):
+            lo, _, hi = part.partition("-")
+            out += range(int(lo), int(hi or lo) + 1)
+        return out
+
+
+def perf_event_open_probe(pmu_type: int, path: str, offset: int, config: int = 0,
+                          pid: int = -1) -> int:
+    """A uprobe (kprobe) perf event at file `offset` of `path` (at `offset` into the kernel
+    function named `path`); config: the retprobe bit or 0. The target of a BPF_PERF_EVENT
+    link. pid -1: every process (anchored on CPU 0; the program runs wherever the probe
+    hits), else that process on any CPU."""
+    raw = os.fsencode(path)
+    attr = _PerfEventAttr(type=pmu_type, size=ctypes.sizeof(_PerfEventAttr), config=config,
+                          config1=ctypes.cast(ctypes.c_char_p(raw), ctypes.c_void_p).value or 0,
+                          config2=offset)
+    ctypes.set_errno(0)
+    ret = int(_libc.syscall(ctypes.c_long(_SYS_PERF_EVENT_OPEN), ctypes.byref(attr),
+                            ctypes.c_int(pid), ctypes.c_int(0 if pid == -1 else -1),
+                            ctypes.c_int(-1), ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC)))
+    if ret < 0:
+        raise _fail("perf_event_open", f"probe {path}+{offset:#x}", ctypes.get_errno(),
+                    "needs CAP_PERFMON (and read access to the binary)")
     return ret
 
 
@@ -715,16 +900,3 @@ ATTACH_TYPES: dict[str, int] = {
     "cgroup_inet_ingress": 0, "cgroup_inet_egress": 1, "cgroup_device": 6,
     "cgroup_inet4_bind": 8, "cgroup_inet6_bind": 9,
 }
-_QUERY_MAX = 64  # BPF_F_ALLOW_MULTI allows 64 programs per hook and cgroup
-
-
-def prog_query(target_fd: int, attach_type: int) -> list[int]:
-    """Ids of the programs attached to `target_fd` (a cgroup directory) at `attach_type`
-    (BPF_PROG_QUERY: CAP_NET_ADMIN or CAP_SYS_ADMIN)."""
-    ids = (ctypes.c_uint32 * _QUERY_MAX)()
-    cnt = ctypes.c_uint32(_QUERY_MAX)
-    flags = ctypes.c_uint32(0)
-    _check(_call("bpf_prog_query", target_fd, attach_type, 0, ctypes.byref(flags),
-                 ctypes.cast(ids, _c_u32_p), ctypes.byref(cnt)), "BPF_PROG_QUERY",
-           f"attach type {attach_type}", CAPS_BY_ID)
-    return [ids[i] for i in range(min(cnt.value, _QUERY_MAX))]

@@ -119,6 +119,9 @@ def _describe(err: Any) -> list[tuple[Path, str, Any, str | None]]:
         return [(path, f"exactly one of {keys} is required", None, None)]
     if kw == "not":
         return [(path, desc or "not allowed here", None, None)]
+    if kw == "oneOf" and all(list(sub) == ["required"] for sub in want):  # one key of several
+        keys = " or ".join(f"'{k}'" for sub in want for k in sub["required"])
+        return [(path, f"exactly one of {keys} is required", None, None)]
     return [(path, err.message[:120], None, None)]
 
 

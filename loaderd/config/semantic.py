@@ -13,7 +13,18 @@ from loaderd.config import yamlsafe
 from loaderd.config.yamlsafe import Marks, Path
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.layout import parse_layout
-from loaderd.model import CType, MapEntry, MapFlag, MapSpec, MapType, ProgramSpec
+from loaderd.model import (
+    PERF_LINK_SEP,
+    BtfAttach,
+    CType,
+    MapEntry,
+    MapFlag,
+    MapSpec,
+    MapType,
+    ProgramSpec,
+    TcAttach,
+    link_program,
+)
 
 PAGE_SIZE = resource.getpagesize()
 _EXCLUSIVE = ((MapFlag.RDONLY, MapFlag.WRONLY), (MapFlag.RDONLY_PROG, MapFlag.WRONLY_PROG))
@@ -24,6 +35,7 @@ _UNFREEZABLE_WHY = {
                      "mmap of the consumer position",
     MapType.PERF_EVENT_ARRAY: "userspace could never install the per-CPU perf event fds "
                               "it is read through",
+    MapType.SOCKMAP: "userspace could never add the sockets it holds",
 }
 
 
@@ -179,6 +191,9 @@ def names(c: Collector, maps: tuple[MapSpec, ...], programs: tuple[ProgramSpec, 
     items = [(("maps", i, "name"), m.name) for i, m in enumerate(maps)]
     items += [(("programs", i, "name"), p.name) for i, p in enumerate(programs)]
     for at, name in items:
+        if link_program(name) != name:
+            c.add(Kind.SEMANTIC, at, f"name '{name}' ends like a per-CPU link's pin "
+                  f"(<program>{PERF_LINK_SEP}<cpu>)", value=name)
         if name in seen:
             c.add(Kind.SEMANTIC, at, f"name '{name}' is already used by {seen[name]}")
         else:
@@ -208,3 +223,31 @@ def object_rules(c: Collector, programs: tuple[ProgramSpec, ...]) -> None:
             c.add(Kind.SEMANTIC, ("programs", i, "fallback"), "fallback is for C sources "
                   "(BCC compiles and retries each function); an object's programs load "
                   "together: build the variant you need")
+
+
+def tc_orders(c: Collector, spec: str, programs: tuple[ProgramSpec, ...]) -> None:
+    """A tc program placed before/after a program of its own spec names one attached before
+    it (programs attach in the order written), never itself."""
+    for i, p in enumerate(programs):
+        parts = p.attach.anchor_parts if isinstance(p.attach, TcAttach) else None
+        if parts is None or parts[0] != spec:
+            continue
+        earlier = [q.name for q in programs[:i] if isinstance(q.attach, TcAttach)]
+        if parts[1] not in earlier:
+            assert isinstance(p.attach, TcAttach)
+            c.add(Kind.SEMANTIC, ("programs", i, "attach", "tc", "order", p.attach.order),
+                  f"{p.attach.anchor}: a tc program of this spec written before this one",
+                  value=p.attach.anchor,
+                  allowed=", ".join(f"{spec}/{n}" for n in earlier) or "another spec's program")
+
+
+def btf_names(c: Collector, programs: tuple[ProgramSpec, ...]) -> None:
+    """fentry/fexit/lsm from C: BCC finds the target's BTF id by the function's name (its
+    KFUNC_PROBE/KRETFUNC_PROBE/LSM_PROBE macros' prefix + the target), so the program's
+    name must be that name; a precompiled object says it in its section instead."""
+    for i, p in enumerate(programs):
+        if isinstance(p.attach, BtfAttach) and p.name != p.attach.bcc_name:
+            c.add(Kind.SEMANTIC, ("programs", i, "name"), f"a {p.type} program for "
+                  f"{p.attach.function} is the C function {p.attach.bcc_name} (BCC's "
+                  "macros name it so and load it by that name)", value=p.name,
+                  allowed=p.attach.bcc_name)

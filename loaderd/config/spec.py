@@ -189,10 +189,12 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
     is_object = "object" in data["source"]
     text = ("" if is_object else _decode_source(f, got[0], got[1])) if got else None
     semantic.names(f, maps, programs)
+    semantic.tc_orders(f, name, programs)
     if is_object:
         semantic.object_rules(f, programs)
     elif got and text is not None:
         semantic.fallbacks(f, maps, programs, text)
+        semantic.btf_names(f, programs)
         field = None if got[1] else "source.inline"
         found = srccheck.check_source(text, file=got[1] or path, first_line=got[2],
                                       field=field)

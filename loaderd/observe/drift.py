@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from loaderd.bpf import attach, kernel
 from loaderd.errors import LoaderdError
+from loaderd.model import UprobeAttach, link_program
 from loaderd.store.manifest import SpecRecord
 
 T = TypeVar("T")
@@ -70,13 +71,20 @@ def differences(record: SpecRecord, *, by_name: bool = False) -> list[str]:
     for name, link in record.links.items():
         path = os.path.join(base, "links", name)
         linfo = _read(path, kernel.link_info, diffs, "link",
-                      note=f" (program {name} is detached)")
+                      note=f" (program {link_program(name)} is detached)")
         if linfo is None:
             continue
-        if name in prog_ids and linfo.prog_id != prog_ids[name]:
+        owner = link_program(name)  # a per-CPU link (perf_event) names its CPU too
+        if owner in prog_ids and linfo.prog_id != prog_ids[owner]:
             diffs.append(f"link {path}: runs program id {linfo.prog_id}, expected "
-                         f"{prog_ids[name]}")
+                         f"{prog_ids[owner]}")
         off = attach.target_difference(linfo, link.target, link.ifindex, by_name=by_name)
         if off:
             diffs.append(f"link {path}: {off}")
+        if isinstance(link.target, UprobeAttach) and link.binary_ino is not None:
+            # Hashing only where the apply looks (by_name): the resident's tick stats it.
+            off = attach.binary_difference(link.target, link.binary_ino, link.binary_sha256,
+                                           hashed=by_name)
+            if off:
+                diffs.append(f"link {path}: {off}")
     return diffs

@@ -133,6 +133,15 @@ def link_facts(fd: int) -> dict[str, Any]:
         out["event_type"], out["tracepoint"] = "tracepoint", info.tp_name
     if info.ifindex is not None:
         out["ifindex"] = info.ifindex
+    if info.file is not None:  # bpftool's uprobe fields
+        out["event_type"] = kernel.PERF_EVENT_TYPE_NAMES.get(info.perf_event_type or 0)
+        out["file"], out["offset"] = info.file, info.offset
+    if info.cgroup_id:
+        out["cgroup_id"] = info.cgroup_id
+    if info.netns_ino is not None:
+        out["netns_ino"] = info.netns_ino
+    if info.attach_type is not None:  # bpftool's spelling: tcx_ingress, tcx_egress
+        out["attach_type"] = kernel.ATTACH_TYPE_NAMES.get(info.attach_type, info.attach_type)
     return out
 
 

@@ -89,7 +89,7 @@ def _unit_attachments(notes: list[str]) -> dict[tuple[int, str], str]:
         try:
             for hook in hooks:
                 try:
-                    ids = kernel.prog_query(fd, kernel.ATTACH_TYPES[hook])
+                    ids = kernel.prog_query(fd, kernel.ATTACH_TYPES[hook]).prog_ids
                 except LoaderdError:
                     denied += 1
                     continue

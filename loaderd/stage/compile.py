@@ -42,6 +42,8 @@ def map_declaration(m: MapSpec) -> str:
         return f"BPF_RINGBUF_OUTPUT({m.name}, {max(1, m.max_entries // PAGE_SIZE)});\n"
     if m.type is MapType.PERF_EVENT_ARRAY:
         return f"BPF_PERF_OUTPUT({m.name});\n"
+    if m.type is MapType.SOCKMAP:  # u64 values: the syscall side reads socket cookies
+        return f"BPF_F_TABLE(\"sockmap\", u32, u64, {m.name}, {m.max_entries}, 0);\n"
     key_def, key_t = c_type(m.name, "key", m.key)
     val_def, val_t = c_type(m.name, "value", m.value)
     return (f"{key_def}{val_def}BPF_F_TABLE(\"{m.type.kind.bcc}\", {key_t}, {val_t}, "
@@ -214,11 +216,15 @@ class Module:
         """Exactly the bytes `load` would hand to the kernel."""
         return bytes(self.bpf.dump_func(function.encode()))
 
-    def load(self, function: str, ptype: ProgType, *, field: str) -> int:
-        """Load into the kernel; the verifier's reason ends up in the error. Returns the fd."""
+    def load(self, function: str, ptype: ProgType, *, field: str,
+             attach_type: int | None = None) -> int:
+        """Load into the kernel; the verifier's reason ends up in the error. Returns the fd.
+        `attach_type`: the expected_attach_type (cgroup hooks: the kernel checks the context
+        accesses against it and refuses another hook at attach)."""
         with captured_fd2() as log:
             try:
-                fn = self.bpf.load_func(function.encode(), ptype.kind.kernel_id)
+                fn = self.bpf.load_func(function.encode(), ptype.kind.kernel_id,
+                                        attach_type=-1 if attach_type is None else attach_type)
                 err = None
             except Exception as exc:
                 err = exc

@@ -28,6 +28,7 @@ from loaderd.model import (
     ProgType,
     SignatureFacts,
     SignatureStatus,
+    link_program,
     parse_target,
 )
 
@@ -76,6 +77,9 @@ class LinkRecord:
     target: LinkTarget
     id: int
     ifindex: int | None = None  # XDP: the interface at attach time
+    # uprobe: the binary's inode and sha256 at attach (drift: replaced under the same path)
+    binary_ino: int | None = None
+    binary_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,9 @@ def _link(d: dict[str, Any], where: str) -> LinkRecord:
         raise _Bad(f"{where}.target", str(exc)) from None
     # ifindex 0 is no interface: the writer leaves it out, so read it as absent (round trip)
     return LinkRecord(tgt, _int(d.get("id"), f"{where}.id", minimum=1),
-                      _opt(d.get("ifindex"), f"{where}.ifindex", _int) or None)
+                      _opt(d.get("ifindex"), f"{where}.ifindex", _int) or None,
+                      _opt(d.get("binary_ino"), f"{where}.binary_ino", _int),
+                      _opt(d.get("binary_sha256"), f"{where}.binary_sha256", _str))
 
 
 _PRINTABLE = re.compile(r"[\x20-\x7e]{1,512}")
@@ -260,7 +266,7 @@ def _spec(name: str, d: dict[str, Any], where: str, pin_root: str | None) -> Spe
              for k, v in _keyed(d.get("links", {}), f"{where}.links").items()}
     deferred = _names(d.get("deferred_links", []), f"{where}.deferred_links")
     for k in (*links, *deferred):
-        if k not in programs:
+        if link_program(k) not in programs:
             raise _Bad(f"{where}.links", f"link for unknown program {k!r}")
     for k in deferred:
         if k not in links or not links[k].target.exclusive:
@@ -392,7 +398,9 @@ def spec_dict(s: SpecRecord) -> dict[str, Any]:
         "maps": {k: {"name": m.name, "id": m.id, "frozen": m.frozen, "access": m.access}
                  for k, m in s.maps.items()},
         "links": {k: {"target": lk.target.text, "id": lk.id,
-                      **({"ifindex": lk.ifindex} if lk.ifindex else {})}
+                      **({"ifindex": lk.ifindex} if lk.ifindex else {}),
+                      **({"binary_ino": lk.binary_ino, "binary_sha256": lk.binary_sha256}
+                         if lk.binary_ino is not None else {})}
                   for k, lk in s.links.items()},
         "sources": list(s.sources), "txid": s.txid, "deferred_links": list(s.deferred_links),
         "events": dict(s.events),

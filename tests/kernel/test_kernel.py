@@ -189,8 +189,10 @@ def test_model_type_tables() -> None:
     """The model's kernel ids agree with kernel.py's uapi name tables."""
     for mt in MapType:
         assert kernel.MAP_TYPES[mt.value] == mt.kind.kernel_id
+    from tests.unit.test_model import KERNEL_NAME  # tc is sched_cls, uprobe kprobe, ...
+
     for pt in ProgType:
-        assert kernel.PROG_TYPES[pt.value] == pt.kind.kernel_id
+        assert kernel.PROG_TYPES[KERNEL_NAME.get(pt, pt.value)] == pt.kind.kernel_id
     assert kernel.PROG_TYPE_NAMES[5] == "tracepoint"
 
 

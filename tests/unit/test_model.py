@@ -27,6 +27,7 @@ from loaderd.model import (
     NoAttach,
     ProgType,
     RawTracepointAttach,
+    TcAttach,
     TracepointAttach,
     XdpAttach,
 )
@@ -49,6 +50,7 @@ MAP_FACTS = {
     MapType.LRU_PERCPU_HASH: (10, "lru_percpu_hash", True, False, False, True, False),
     MapType.RINGBUF: (27, None, False, False, False, False, True),
     MapType.PERF_EVENT_ARRAY: (4, None, False, False, False, False, True),
+    MapType.SOCKMAP: (15, "sockmap", False, False, False, False, True),
 }
 
 
@@ -96,15 +98,34 @@ PROG_FACTS = {
     ProgType.RAW_TRACEPOINT: (17, RawTracepointAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
     ProgType.XDP: (6, XdpAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
     ProgType.SOCKET_FILTER: (1, NoAttach, {"CAP_BPF"}, False),
+    ProgType.TC: (3, TcAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
+    ProgType.CGROUP_SKB: (8, model.CgroupSkbAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
+    ProgType.CGROUP_SOCK: (9, model.CgroupSockAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
+    ProgType.CGROUP_SOCK_ADDR: (18, model.CgroupSockAddrAttach, {"CAP_BPF", "CAP_NET_ADMIN"},
+                                True),
+    ProgType.CGROUP_SYSCTL: (23, model.CgroupSysctlAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
+    ProgType.CGROUP_DEVICE: (15, model.CgroupDeviceAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
+    ProgType.UPROBE: (2, model.UprobeAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
+    ProgType.KPROBE: (2, model.KprobeAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
+    ProgType.SK_LOOKUP: (30, model.SkLookupAttach, {"CAP_BPF", "CAP_NET_ADMIN"}, True),
+    ProgType.PERF_EVENT: (7, model.PerfEventAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
+    ProgType.FENTRY: (26, model.FentryAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
+    ProgType.FEXIT: (26, model.FexitAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
+    ProgType.LSM: (29, model.LsmAttach, {"CAP_BPF", "CAP_PERFMON"}, False),
 }
+# Spec type names that are not the kernel's (bpftool's) name of the program type.
+KERNEL_NAME = {ProgType.TC: "sched_cls", ProgType.UPROBE: "kprobe", ProgType.FENTRY: "tracing",
+               ProgType.FEXIT: "tracing"}
 
 
 @pytest.mark.parametrize("ptype", list(ProgType))
 def test_prog_kind_facts(ptype: ProgType) -> None:
     k = ptype.kind
     assert (k.kernel_id, k.attach, set(k.caps), k.exclusive) == PROG_FACTS[ptype]
-    assert kernel.PROG_TYPES[ptype.value] == k.kernel_id
-    assert PROG_TYPE_BY_ID[k.kernel_id] is ptype
+    assert kernel.PROG_TYPES[KERNEL_NAME.get(ptype, ptype.value)] == k.kernel_id
+    # kernel id -> the first type of that id (uprobe and kprobe share BPF_PROG_TYPE_KPROBE)
+    assert PROG_TYPE_BY_ID[k.kernel_id] is next(t for t in ProgType
+                                                if t.kind.kernel_id == k.kernel_id)
     assert privileges.required_caps(ptype, (6, 1)) == k.caps
     assert "CAP_SYS_ADMIN" in privileges.required_caps(ptype, (5, 4))
 
@@ -122,13 +143,20 @@ def test_default_helpers_per_type() -> None:
         assert not helpers & DANGEROUS_HELPERS, ptype
         assert not helpers & set(GATED_HELPERS), ptype  # kernel memory, tail_call: opt-in
     assert {"probe_read_kernel", "probe_read_kernel_str", "tail_call"} <= set(GATED_HELPERS)
-    only = {"redirect": ProgType.XDP, "xdp_adjust_head": ProgType.XDP,
-            "xdp_adjust_tail": ProgType.XDP, "skb_load_bytes": ProgType.SOCKET_FILTER,
-            "get_socket_cookie": ProgType.SOCKET_FILTER}
-    for helper, owner in only.items():
-        assert {t for t in ProgType if helper in t.kind.helpers} == {owner}, helper
-    tracing = {ProgType.TRACEPOINT, ProgType.RAW_TRACEPOINT}
-    assert {t for t in ProgType if "get_current_pid_tgid" in t.kind.helpers} == tracing
+    only = {"redirect": {ProgType.XDP, ProgType.TC}, "xdp_adjust_head": {ProgType.XDP},
+            "xdp_adjust_tail": {ProgType.XDP}, "skb_store_bytes": {ProgType.TC},
+            "skb_load_bytes": {ProgType.SOCKET_FILTER, ProgType.TC, ProgType.CGROUP_SKB},
+            "sysctl_get_new_value": {ProgType.CGROUP_SYSCTL},
+            "bind": {ProgType.CGROUP_SOCK_ADDR}}
+    for helper, owners in only.items():
+        assert {t for t in ProgType if helper in t.kind.helpers} == owners, helper
+    # The current task means something where a task acts: tracing, and cgroup hooks that run
+    # in the acting process's context (not cgroup_skb: a packet may be another's).
+    tasked = {ProgType.TRACEPOINT, ProgType.RAW_TRACEPOINT, ProgType.CGROUP_SOCK,
+              ProgType.CGROUP_SOCK_ADDR, ProgType.CGROUP_SYSCTL, ProgType.CGROUP_DEVICE,
+              ProgType.UPROBE, ProgType.KPROBE, ProgType.FENTRY, ProgType.FEXIT, ProgType.LSM,
+              ProgType.PERF_EVENT}
+    assert {t for t in ProgType if "get_current_pid_tgid" in t.kind.helpers} == tasked
 
 
 @pytest.mark.parametrize("target, record", [
@@ -136,6 +164,25 @@ def test_default_helpers_per_type() -> None:
     ("raw_tracepoint:sched_switch", RawTracepointAttach("sched_switch")),
     ("xdp:eth0:skb", XdpAttach("eth0", "skb")),
     ("xdp:ve.th:1@x:native", XdpAttach("ve.th:1@x", "native")),
+    ("tc:eth0:ingress:last", TcAttach("eth0", "ingress", "last")),
+    ("tc:ve:1:egress:first", TcAttach("ve:1", "egress", "first")),
+    ("tc:eth0:ingress:before=web/count", TcAttach("eth0", "ingress", "before", "web/count")),
+    ("cgroup_skb:egress:path=system.slice/web.service",
+     model.CgroupSkbAttach("egress", path="system.slice/web.service")),
+    ("cgroup_sock_addr:connect6:unit=web@1.service",
+     model.CgroupSockAddrAttach("connect6", unit="web@1.service")),
+    ("cgroup_device:device:path=/a:b", model.CgroupDeviceAttach("device", path="/a:b")),
+    ("uprobe:/usr/bin/app:sym=handle:entry:pid=all", model.UprobeAttach("/usr/bin/app", "handle")),
+    ("uprobe:/lib/libc.so.6:off=0x1f00:return:pid=42",
+     model.UprobeAttach("/lib/libc.so.6", None, 0x1F00, True, 42)),
+    ("kprobe:do_sys_openat2:return", model.KprobeAttach("do_sys_openat2", True)),
+    ("fentry:do_unlinkat", model.FentryAttach("do_unlinkat")),
+    ("fexit:vfs_read.isra.0", model.FexitAttach("vfs_read.isra.0")),
+    ("lsm:file_open", model.LsmAttach("file_open")),
+    ("sk_lookup:netns=-", model.SkLookupAttach()),
+    ("sk_lookup:netns=blue", model.SkLookupAttach("blue")),
+    ("perf_event:cpu-clock:freq=99", model.PerfEventAttach("cpu-clock", frequency=99)),
+    ("perf_event:page-faults:period=1000", model.PerfEventAttach("page-faults", period=1000)),
 ])
 def test_attach_target_text_round_trips(target: str, record: model.Attach) -> None:
     assert model.parse_target(target) == record
@@ -143,7 +190,19 @@ def test_attach_target_text_round_trips(target: str, record: model.Attach) -> No
 
 
 @pytest.mark.parametrize("bad", ["", "xdp", "xdp:eth0:turbo", "tracepoint:sched", "kprobe:x",
-                                 "socket_filter:", "raw_tracepoint:a/b", "tracepoint:a:b:c"])
+                                 "socket_filter:", "raw_tracepoint:a/b", "tracepoint:a:b:c",
+                                 "tc:eth0:ingress", "tc:eth0:up:first", "tc:eth0:ingress:before",
+                                 "tc:eth0:ingress:first=a/b", "tc:eth0:ingress:after=a",
+                                 "cgroup_skb:connect4:path=a", "cgroup_skb:ingress:path=../a",
+                                 "cgroup_skb:ingress:path=a/./b", "cgroup_sysctl:sysctl:unit=x",
+                                 "cgroup_device:device", "cgroup_sock:create:cwd=a",
+                                 "uprobe:bin:sym=a:entry:pid=all", "uprobe:/b:sym=a:entry",
+                                 "uprobe:/b:off=12:entry:pid=all", "uprobe:/b:sym=a:exit:pid=1",
+                                 "uprobe:/b:sym=a:entry:pid=x", "kprobe:f", "kprobe:f:exit",
+                                 "fentry:a:b", "lsm:", "fexit:1x", "sk_lookup:", "sk_lookup:ns=a",
+                                 "sk_lookup:netns=..", "sk_lookup:netns=a/b",
+                                 "perf_event:cycles:freq=1", "perf_event:cpu-clock:freq=0",
+                                 "perf_event:cpu-clock:rate=5", "perf_event:cpu-clock"])
 def test_attach_target_parse_refuses(bad: str) -> None:
     with pytest.raises(ValueError):
         model.parse_target(bad)
@@ -179,3 +238,10 @@ def test_settings_schema_enums_are_the_tables() -> None:
         t.value for t in ProgType]
     assert policy["map_types"]["items"]["enum"] == [t.value for t in MapType]
     assert policy["map_flags"]["items"]["enum"] == [f.value for f in MapFlag]
+
+
+def test_per_cpu_link_keys_name_their_program() -> None:
+    assert model.link_program("on_sample__cpu0") == "on_sample"
+    assert model.link_program("on_sample__cpu17") == "on_sample"
+    assert model.link_program("on_sample") == "on_sample"
+    assert model.link_program("a__cpux") == "a__cpux"

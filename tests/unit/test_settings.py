@@ -66,7 +66,8 @@ def test_documented_example(tmp_path: Path) -> None:
     assert s.policy == Policy(
         program_types=frozenset({ProgType.TRACEPOINT, ProgType.RAW_TRACEPOINT, ProgType.XDP,
                                  ProgType.SOCKET_FILTER}),
-        map_types=frozenset(MapType) - {MapType.LRU_PERCPU_HASH, MapType.PERF_EVENT_ARRAY},
+        map_types=frozenset(MapType) - {MapType.LRU_PERCPU_HASH, MapType.PERF_EVENT_ARRAY,
+                                        MapType.SOCKMAP},
         map_flags=frozenset(MapFlag),
         helpers=frozenset({"map_lookup_elem", "map_update_elem", "trace_printk"}),
         helpers_by_type={ProgType.XDP: frozenset({"xdp_adjust_head"})},

@@ -470,7 +470,7 @@ def test_function_names() -> None:
 
 @pytest.mark.parametrize("mtype", list(MapType))
 def test_freeze_only_where_the_map_stays_usable(folder: Path, mtype: MapType) -> None:
-    fixed = mtype in (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY)
+    fixed = mtype.kind.fixed  # ringbuf, perf_event_array, sockmap
     kv = "" if fixed else "    key: u32\n    value: u64\n"
     size = 4096 if mtype is MapType.RINGBUF else 4
     text = inline_spec("int count(void *ctx) { return 0; }\n",

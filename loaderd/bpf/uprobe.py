@@ -1,0 +1,120 @@
+"""Uprobe targets: a trusted ELF binary, the file offset of a symbol in it, its identity.
+
+The kernel's uprobe PMU takes a path and a file offset (config1, config2), so loaderd reads the
+symbol from the ELF's .symtab or .dynsym itself and turns its address into a file offset by the
+PT_LOAD segment that holds it. The binary must be a regular file (not a symlink), owned by root
+(or `config_owner`) and writable by nobody else: a program attached to it runs with whatever
+code is at that offset. Its inode and sha256 are recorded with the link, so drift notices a
+binary replaced under the same path (the uprobe stays on the old inode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+from loaderd.errors import Kind, LoaderdError
+
+PMU_DIRS = "/sys/bus/event_source/devices"
+_STT_FUNC, _STT_GNU_IFUNC = 2, 10
+_SHT_SYMTAB, _SHT_DYNSYM = 2, 11
+_PT_LOAD = 1
+
+
+@dataclass(frozen=True)
+class Identity:
+    ino: int
+    sha256: str
+
+
+def _bad(msg: str, path: str, allowed: str | None = None) -> LoaderdError:
+    return LoaderdError(Kind.ATTACH, msg, value=path, allowed=allowed)
+
+
+def trusted(path: str, owners: frozenset[int] = frozenset({0})) -> os.stat_result:
+    """lstat of a binary a uprobe may be placed in, or the reason it may not."""
+    if not os.path.isabs(path):
+        raise _bad("uprobe binary: not an absolute path", path)
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise _bad(f"uprobe binary {path}: {exc.strerror}", path) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise _bad(f"uprobe binary {path} is a symlink", path,
+                   f"the file it points to: {os.path.realpath(path)}")
+    if not stat.S_ISREG(st.st_mode):
+        raise _bad(f"uprobe binary {path} is not a regular file", path)
+    if st.st_uid not in owners:
+        raise _bad(f"uprobe binary {path} is owned by uid {st.st_uid}", path,
+                   "a binary owned by root (or config_owner)")
+    if st.st_mode & 0o022:
+        raise _bad(f"uprobe binary {path} is writable by group or others "
+                   f"(mode {stat.S_IMODE(st.st_mode):04o})", path, "mode without g+w, o+w")
+    return st
+
+
+def identity(path: str) -> Identity:
+    """Inode and sha256 of the binary (opened without following a symlink)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        h = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+        return Identity(os.fstat(fd).st_ino, h.hexdigest())
+    finally:
+        os.close(fd)
+
+
+def symbol_offset(path: str, symbol: str) -> int:
+    """File offset of function `symbol` in the ELF64 little-endian binary at `path`."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise _bad(f"uprobe binary {path} is not a 64-bit little-endian ELF file", path)
+    (phoff, shoff) = struct.unpack_from("<QQ", data, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 0x36)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+                for i in range(shnum)]
+    want = symbol.encode()
+    addr = None
+    for sh in sections:
+        if sh[1] not in (_SHT_SYMTAB, _SHT_DYNSYM) or not sh[9]:
+            continue
+        strtab = sections[sh[6]]
+        for off in range(sh[4], sh[4] + sh[5], sh[9]):
+            name, info, _other, shndx, value, _size = struct.unpack_from("<IBBHQQ", data, off)
+            if info & 0xF not in (_STT_FUNC, _STT_GNU_IFUNC) or not shndx or not value:
+                continue
+            start = strtab[4] + name
+            if data[start:data.index(b"\0", start)] == want:
+                addr = value
+                break
+        if addr is not None:
+            break
+    if addr is None:
+        raise _bad(f"no function {symbol} in {path} (.symtab/.dynsym)", symbol,
+                   "a function symbol of the binary (nm -D / nm), or give offset:")
+    for i in range(phnum):
+        ptype, _flags, p_off, vaddr, _pa, filesz = struct.unpack_from("<IIQQQQ", data,
+                                                                      phoff + i * phentsize)
+        if ptype == _PT_LOAD and vaddr <= addr < vaddr + filesz:
+            return int(addr - vaddr + p_off)
+    raise _bad(f"{symbol} in {path}: address {addr:#x} is in no loaded segment", symbol)
+
+
+def pmu(name: str = "uprobe") -> tuple[int, int]:
+    """(perf type of the uprobe or kprobe PMU, the config bit that makes it a return probe)."""
+    where = f"{PMU_DIRS}/{name}"
+    try:
+        with open(f"{where}/type", encoding="ascii") as fh:
+            ptype = int(fh.read())
+        with open(f"{where}/format/retprobe", encoding="ascii") as fh:
+            bit = int(fh.read().strip().partition(":")[2])
+    except (OSError, ValueError):
+        raise LoaderdError(Kind.ATTACH, f"this kernel has no {name} PMU ({where} is missing): "
+                           f"{name} programs cannot attach here",
+                           allowed=f"a kernel with CONFIG_{name.upper()}_EVENTS") from None
+    return ptype, bit

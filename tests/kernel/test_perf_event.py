@@ -1,0 +1,103 @@
+"""perf_event programs on the real kernel: a software event (cpu-clock) sampled on every online
+CPU at a frequency, one perf event and pinned link per CPU; every CPU's count grows; a restart
+adopts every link (same ids, counts keep growing); a period works as well as a frequency; the
+kill switch detaches all of them."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from loaderd.bpf import kernel
+from loaderd.config.settings import load_settings
+from loaderd.observe import drift
+from loaderd.store.statedir import State
+from tests.conftest import loaderd, make_conf
+
+pytestmark = pytest.mark.kernel
+
+SPEC = """loaderd: 1
+source:
+  inline: |
+    int on_sample(struct bpf_perf_event_data *ctx) {{
+        u32 cpu = bpf_get_smp_processor_id();
+        u64 *v = samples.lookup(&cpu);
+        if (v) __sync_fetch_and_add(v, 1);
+        return 0;
+    }}
+maps:
+  - {{name: samples, type: array, key: u32, value: u64, max_entries: 64}}
+programs:
+  - {{name: on_sample, type: perf_event, attach: {{perf_event: {{event: cpu-clock, {rate}}}}}}}
+"""
+
+
+def per_cpu(pin: str, cpus: list[int]) -> dict[int, int]:
+    fd = kernel.obj_get(pin, rdonly=True)
+    try:
+        out = {}
+        for c in cpus:
+            raw = kernel.map_lookup(fd, c.to_bytes(4, "little"), 8)
+            assert raw is not None
+            out[c] = int.from_bytes(raw, "little")
+        return out
+    finally:
+        os.close(fd)
+
+
+def link_ids(links_dir: str) -> dict[str, int]:
+    out = {}
+    for name in sorted(os.listdir(links_dir)):
+        fd = kernel.obj_get(os.path.join(links_dir, name))
+        try:
+            out[name] = kernel.link_info(fd).id
+        finally:
+            os.close(fd)
+    return out
+
+
+@pytest.mark.parametrize("rate", ["frequency: 200", "period: 2000000"])
+def test_samples_on_every_cpu_and_survive_a_restart(tmp_path: Path, bpffs_root: str,
+                                                    rate: str) -> None:
+    cpus = kernel.online_cpus()
+    conf = make_conf(tmp_path, bpffs_root, {"prof": SPEC.format(rate=rate)})
+    loaderd("--config", str(conf), "apply")
+    links_dir = f"{bpffs_root}/prof/links"
+    ids = link_ids(links_dir)
+    assert set(ids) == {f"on_sample__cpu{c}" for c in cpus}  # one link per online CPU
+    pin = f"{bpffs_root}/prof/maps/samples"
+    time.sleep(1.0)
+    first = per_cpu(pin, cpus)
+    assert all(first[c] > 0 for c in cpus), first  # sampled on every CPU
+
+    record = State(load_settings(str(conf)).state_dir).manifest().specs["prof"]
+    assert set(record.links) == set(ids)
+    assert drift.differences(record, by_name=True) == []
+
+    out = loaderd("--config", str(conf), "apply")
+    assert "compiles 0" in out.stdout
+    assert link_ids(links_dir) == ids  # adopted: the same links
+    time.sleep(0.5)
+    later = per_cpu(pin, cpus)
+    assert all(later[c] > first[c] for c in cpus), (first, later)
+
+    loaderd("--config", str(conf), "disable")
+    assert not os.path.exists(links_dir)
+
+
+def test_a_missing_cpu_link_is_drift(tmp_path: Path, bpffs_root: str) -> None:
+    conf = make_conf(tmp_path, bpffs_root, {"prof": SPEC.format(rate="frequency: 50")})
+    loaderd("--config", str(conf), "apply")
+    cpu = kernel.online_cpus()[-1]
+    os.unlink(f"{bpffs_root}/prof/links/on_sample__cpu{cpu}")
+    record = State(load_settings(str(conf)).state_dir).manifest().specs["prof"]
+    diffs = drift.differences(record)
+    assert any(f"on_sample__cpu{cpu}" in d and "(program on_sample is detached)" in d
+               for d in diffs), diffs
+    out = loaderd("--config", str(conf), "apply")  # drift: rebuilt, every CPU linked again
+    assert "built ['prof']" in out.stdout
+    assert os.path.exists(f"{bpffs_root}/prof/links/on_sample__cpu{cpu}")
+    loaderd("--config", str(conf), "disable")

@@ -1,0 +1,54 @@
+"""Cgroup targets resolved without a kernel: the cgroup2 mount from a mountinfo text, paths
+kept below it, and a unit refused in one sentence where systemd is not running."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from loaderd.bpf import cgroup
+from loaderd.errors import LoaderdError
+from loaderd.model import CgroupSkbAttach
+
+HYBRID = """31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+
+
+def test_cgroup2_mount_is_read_from_mountinfo(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(HYBRID)
+    assert cgroup.cgroup2_mount(str(info), check_visible=False) == "/sys/fs/cgroup/unified"
+    info.write_text(HYBRID.splitlines()[0] + "\n")
+    with pytest.raises(LoaderdError, match="cgroup2 is not mounted"):
+        cgroup.cgroup2_mount(str(info), check_visible=False)
+
+
+def test_a_cgroup2_mount_hidden_under_a_later_one_is_skipped(tmp_path: Path) -> None:
+    # A container's view: the host's hybrid mount is still listed, under a tmpfs mounted over
+    # /sys/fs/cgroup, then its own cgroup2 on /sys/fs/cgroup. The listed device of the hidden
+    # one is not what its path shows now.
+    info = tmp_path / "mountinfo"
+    info.write_text(HYBRID.replace("0:38", "0:9999") + "99 31 0:77 / "
+                    f"{tmp_path} rw - cgroup2 cgroup2 rw\n")
+    st = os.stat(tmp_path)
+    info.write_text(info.read_text().replace("0:77", f"{os.major(st.st_dev)}:"
+                                             f"{os.minor(st.st_dev)}"))
+    assert cgroup.cgroup2_mount(str(info)) == str(tmp_path)
+
+
+def test_unit_without_systemd_is_one_sentence(monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    monkeypatch.setattr(cgroup, "SYSTEMD_RUNNING", str(tmp_path / "absent"))
+    with pytest.raises(LoaderdError) as exc:
+        cgroup.resolve(CgroupSkbAttach("ingress", unit="web.service"))
+    assert exc.value.message == (f"systemd is not running (no {tmp_path}/absent): unit "
+                                 "web.service cannot be resolved to its cgroup")
+
+
+def test_missing_cgroup_names_the_directory() -> None:
+    with pytest.raises(LoaderdError, match=r"no such cgroup: .*/ldtest_never_made"):
+        cgroup.resolve(CgroupSkbAttach("ingress", path="ldtest_never_made"))
