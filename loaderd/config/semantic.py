@@ -12,7 +12,6 @@ from loaderd.config import source as srccheck
 from loaderd.config import yamlsafe
 from loaderd.config.yamlsafe import Marks, Path
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.layout import parse_layout
 from loaderd.model import CType, MapEntry, MapFlag, MapSpec, MapType, ProgramSpec
 
 PAGE_SIZE = resource.getpagesize()
@@ -153,16 +152,23 @@ def _initial(c: Collector, i: int, m: MapSpec, raw: list[Any]) -> list[MapEntry]
 def _event_rules(c: Collector, i: int, m: MapSpec) -> None:
     if m.events is None:
         return
-    if m.type is not MapType.RINGBUF:
-        c.add(Kind.SEMANTIC, ("maps", i, "events"), "events: only a ringbuf map carries "
-              "events the daemon journals", value=m.type.value, allowed="ringbuf")
-        return
+    if not m.type.kind.fixed:
+        c.add(Kind.SEMANTIC, ("maps", i, "events"), "events: only a ringbuf or "
+              "perf_event_array map carries events the daemon journals", value=m.type.value,
+              allowed="ringbuf, perf_event_array")
 
-    try:
-        parse_layout(m.events)
-    except LoaderdError as exc:
-        c.add(Kind.SEMANTIC, ("maps", i, "events", "layout"), exc.message, value=exc.value,
-              allowed=exc.allowed)
+
+def _histogram_rules(c: Collector, i: int, m: MapSpec) -> None:
+    if m.histogram is None:
+        return
+    at: Path = ("maps", i, "histogram")
+    if m.type.kind.fixed:
+        c.add(Kind.SEMANTIC, at, f"a {m.type} map holds events, not slots: it cannot be a "
+              "histogram", allowed="array, percpu_array, hash, percpu_hash, lru_hash")
+    elif m.key.name is None or m.value.name is None:
+        c.add(Kind.SEMANTIC, at, "a histogram's key is the slot and its value the count: "
+              "both scalars", value=f"key {m.key.name or 'struct/bytes'}, value "
+              f"{m.value.name or 'struct/bytes'}", allowed="key: u32 (or u64), value: u64")
 
 
 def map_rules(c: Collector, i: int, m: MapSpec, initial: list[Any]) -> tuple[MapEntry, ...]:
@@ -170,6 +176,7 @@ def map_rules(c: Collector, i: int, m: MapSpec, initial: list[Any]) -> tuple[Map
     _flag_rules(c, i, m)
     _size_rules(c, i, m)
     _event_rules(c, i, m)
+    _histogram_rules(c, i, m)
     return tuple(_initial(c, i, m, initial))
 
 

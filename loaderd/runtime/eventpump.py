@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from loaderd import sanitize
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
-from loaderd.bpf import kernel
+from loaderd.bpf import btf, kernel
 from loaderd.errors import LoaderdError
-from loaderd.layout import Field, decode, parse_layout
+from loaderd.layout import Field, decode, enum_names, parse_layout
 from loaderd.model import Settings
 from loaderd.runtime import ringbuf
 from loaderd.store.manifest import Manifest
@@ -44,6 +44,7 @@ class EventPump:
         self.rate = settings.policy.limits.max_event_rate
         self.clean = sanitize.Sanitizer(sanitize.load_key(settings.state_dir), settings.sanitize)
         self.rings: list[_Ring] = []
+        self.enums: dict[str, dict[int, str]] = {}
 
     def sync(self, manifest: Manifest) -> None:
         """(Re)open the rings the applied specs declare; after a reload the maps may be new.
@@ -64,8 +65,20 @@ class EventPump:
                                spec=name, map=mname)
                     continue
                 limit, reported = limits.get((name, mname), (ringbuf.RateLimit(self.rate), 0))
-                self.rings.append(_Ring(name, mname, fd, ring, parse_layout(layout),
-                                        limit, reported))
+                fields = parse_layout(layout)
+                self._enums(fields)
+                self.rings.append(_Ring(name, mname, fd, ring, fields, limit, reported))
+
+    def _enums(self, fields: tuple[Field, ...]) -> None:
+        """BTF enums the layout names, read once (the kernel's enums do not change)."""
+        wanted = enum_names(fields) - set(self.enums)
+        if wanted:
+            found, missing = btf.enum_labels(wanted)
+            self.enums.update(found)
+            for name in missing:
+                self.enums[name] = {}
+                audit.emit(Event.DAEMON, f"enum {name} is not in the kernel's BTF: its "
+                           "event fields are journaled as numbers")
 
     def fds(self) -> list[int]:
         """Ring fds to poll: readable when records are waiting."""
@@ -92,7 +105,7 @@ class EventPump:
                 layout: tuple[Field, ...]) -> None:
         """One record: decoded by its layout, sanitized, journaled (bench/ times this)."""
         # The address fields the settings name are read in network order too (sanitize.ip_fields).
-        fields = self.clean(decode(record, layout, self.clean.rules.ip_fields))
+        fields = self.clean(decode(record, layout, self.clean.rules.ip_fields, self.enums))
         audit.emit(Event.BPF_EVENT, f"{spec}/{map_name}: "
                    + json.dumps(fields, default=str, sort_keys=True), spec=spec,
                    map=map_name, **{f"event_{k.lstrip('_')}": v for k, v in fields.items()})

@@ -21,7 +21,7 @@ import os
 import select
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from loaderd.bpf import kernel
@@ -113,7 +113,8 @@ class RingBuffer:
 def stream(path: str, *, layout: tuple[Field, ...] | None, rate: int,
            sanitize: Callable[[Any], Any] | None, count: int | None = None,
            duration: float | None = None, poll: float = 0.2,
-           addresses: frozenset[str] = IP_FIELDS) -> Iterator[dict[str, Any]]:
+           addresses: frozenset[str] = IP_FIELDS,
+           enums: Mapping[str, Mapping[int, str]] | None = None) -> Iterator[dict[str, Any]]:
     """Decoded (and sanitized) events from the ring buffer pinned at `path`. A `_dropped`
     record reports events consumed over the rate limit since the previous report."""
     fd = kernel.obj_get(path)
@@ -127,7 +128,7 @@ def stream(path: str, *, layout: tuple[Field, ...] | None, rate: int,
             for record in ring.consume():
                 if not limit.allow():
                     continue
-                event = decode(record, layout, addresses)
+                event = decode(record, layout, addresses, enums)
                 yield sanitize(event) if sanitize else event
                 emitted += 1
                 if count is not None and emitted >= count:

@@ -23,17 +23,35 @@ from collections.abc import Iterator
 from typing import Any
 
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import MAP_FLAG_BITS, CType, MapSpec, MapType, ProgType, Spec
+from loaderd.model import MAP_FLAG_BITS, CType, Field, MapSpec, MapType, ProgType, Spec
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
+def _member(f: Field, names: set[str], index: int) -> str:
+    name = f.name if f.name not in names else f"{f.name}{index}"  # `_pad` may repeat
+    names.add(name)
+    if f.type == "char":
+        return f"char {name}[{f.size}];"
+    if f.type == "bytes":
+        return f"u8 {name}[{f.size}];"
+    return f"{f.type} {name}[{f.count}];" if f.count != 1 else f"{f.type} {name};"
+
+
 def c_type(map_name: str, role: str, ctype: CType) -> tuple[str, str]:
-    """(typedef needed or "", C type name) for a key or value."""
+    """(typedef needed or "", C type name) for a key or value: a scalar by its name, anything
+    else as `loaderd_<map>_<key|value>_t` (docs/spec-format.md, "Generated C names"). A
+    struct's members are the declared fields in order: C lays them out at the offsets the
+    layout computed (natural alignment), so the program and the readers agree."""
     if ctype.name is not None:
         return "", ctype.name
-    tname = f"loaderd_{map_name}_{role}_t"
-    return f"typedef struct {{ u8 bytes[{ctype.size}]; }} {tname};\n", tname
+    tag = f"loaderd_{map_name}_{role}"
+    if ctype.fields:
+        names: set[str] = set()
+        body = " ".join(_member(f, names, i) for i, f in enumerate(ctype.fields))
+    else:
+        body = f"u8 bytes[{ctype.size}];"
+    return f"typedef struct {tag} {{ {body} }} {tag}_t;\n", f"{tag}_t"
 
 
 def map_declaration(m: MapSpec) -> str:

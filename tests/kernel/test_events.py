@@ -39,7 +39,7 @@ maps:
   - name: exec_events
     type: ringbuf
     max_entries: 16384
-    events: {layout: "pid:u32,uid:u32,comm:bytes16,note:bytes32,saddr:u32,peer:u32"}
+    events: {layout: "pid:u32,uid:u32,comm:char16:comm,note:char32,saddr:u32,peer:u32"}
 programs:
   - {name: on_exec, type: tracepoint, attach: {tracepoint: "sched:sched_process_exec"}}
 """
@@ -106,7 +106,7 @@ def test_consume_is_bounded_and_loses_nothing(tmp_path: Path, bpffs_root: str) -
         rest = list(ring.consume())
         assert len(first) == 10 and len(rest) >= 20
         mine = [r for r in first + rest if layout.decode(r, layout.parse_layout(
-            "pid:u32,uid:u32,comm:bytes16,note:bytes32,saddr:u32"))["comm"].startswith(b"true")]
+            "pid:u32,uid:u32,comm:char16,note:char32,saddr:u32"))["comm"] == "true"]
         assert len(mine) == 30  # every exec of ours, none skipped, none twice
     finally:
         ring.close()
