@@ -52,6 +52,7 @@ class Event(enum.Enum):
     FOREIGN_LOAD = ("bf1c0e481b4144f3baeeab240e3bc892", 2)
     BPF_EVENT = ("ae4170c9644a4b758feac1c0faf6c4b1", 6)
     EVENTS_DROPPED = ("097238fbfadb44ee9490cee1a47a7794", 4)
+    EVENTS_LOST = ("752292fea5c24542aab2bddc4e994655", 4)
 
     @property
     def message_id(self) -> str:

@@ -121,6 +121,10 @@ class Daemon:
             audit.emit(Event.DAEMON, "initial apply failed and no earlier set exists; exiting",
                        rc=rc)
             return 1
+        # Perf buffers are CPU-wide perf events (CAP_PERFMON): open the event readers while
+        # the unit's capabilities are still here; they stay open after the drop.
+        self.pump = EventPump(self.settings)
+        self.pump.sync(self.manifest)
         caps = privileges.drop_all()
         left = ("" if not caps.bounding else "; bounding set kept "
                 + ",".join(privileges.names(caps.bounding))
@@ -156,6 +160,11 @@ class Daemon:
                 "the set before it stays applied" if n else "nothing was applied before it")
         elif self.apply_rc != 0:
             text += "; last apply FAILED, old set kept (see journal)"
+        lost = {k: c["lost"] for k, c in (self.pump.counters() if self.pump else {}).items()
+                if c["lost"]}
+        if lost:
+            text += f"; {sum(lost.values())} events lost by the kernel in " + ", ".join(
+                sorted(lost)) + " (see journal)"
         if self.known_drift:
             names = sorted(self.known_drift)
             text += f"; DRIFT in {len(names)}: {', '.join(names)} (see journal)"
@@ -176,8 +185,9 @@ class Daemon:
             wd_usec = 0
         tick = min(wd_usec / 2e6 if wd_usec else 5.0, 5.0, self.drift_interval)
         next_drift = time.monotonic() + self.drift_interval
-        self.pump = EventPump(self.settings)
-        self.pump.sync(self.manifest)
+        if self.pump is None:
+            self.pump = EventPump(self.settings)
+            self.pump.sync(self.manifest)
         while not self.stop:
             if wd_usec:
                 notify("WATCHDOG=1")

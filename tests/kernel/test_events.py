@@ -114,7 +114,7 @@ def test_consume_is_bounded_and_loses_nothing(tmp_path: Path, bpffs_root: str) -
 
 
 def test_rate_limit_survives_a_reload(tmp_path: Path, bpffs_root: str) -> None:
-    """sync() after SIGHUP reopens the rings but keeps each one's token bucket and drop count:
+    """sync() after SIGHUP keeps each ring's token bucket and drop count:
     a reload must not hand a flood a fresh burst or forget drops not yet reported."""
     from loaderd.config.settings import load_settings
     from loaderd.runtime.eventpump import EventPump
@@ -132,7 +132,9 @@ def test_rate_limit_survives_a_reload(tmp_path: Path, bpffs_root: str) -> None:
         ring.limit.tokens, ring.limit.dropped, ring.reported = 0.0, 7, 5
         pump.sync(manifest)
         (again,) = pump.rings
-        assert again.ring is not ring.ring  # reopened...
-        assert again.limit is ring.limit and again.reported == 5  # ...same bucket and count
+        # the same map (its id): the reader is kept (a perf buffer could not be reopened
+        # without CAP_PERFMON), with its bucket and count
+        assert again.reader is ring.reader
+        assert again.limit is ring.limit and again.reported == 5
     finally:
         pump.close()
