@@ -178,9 +178,17 @@ def inline_indent(spec: Spec) -> int:
     return len(line) - len(line.lstrip(b" "))
 
 
-def bcc_compile(text: str, where: Location, indent: int = 0) -> Any:
+def clang_warnings(diagnostics: str) -> str | None:
+    """clang's warnings of a compile that succeeded (what `check` shows the author), or None."""
+    text = _strip_diagnostics(diagnostics)
+    return text if "warning:" in text else None
+
+
+def bcc_compile(text: str, where: Location, indent: int = 0,
+                warnings: list[str] | None = None) -> Any:
     """BPF(text) with nothing auto-attached, no RLIMIT_MEMLOCK change, a private TMPDIR and
-    clang's diagnostics in the error (located at `where`)."""
+    clang's diagnostics in the error (located at `where`); on success clang's warnings are
+    appended to `warnings`."""
     from bcc import BPF
 
     class _NoAutoAttach(BPF):  # type: ignore[misc]
@@ -193,11 +201,18 @@ def bcc_compile(text: str, where: Location, indent: int = 0) -> Any:
     old_tmp = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = private_tmp
     try:
+        bpf: Any = None
+        err: Exception | None = None
         with captured_fd2() as diag:
             try:
-                return _NoAutoAttach(text=text.encode(), allow_rlimit=False)
+                bpf = _NoAutoAttach(text=text.encode(), allow_rlimit=False)
             except Exception as exc:  # bcc raises bare Exception
                 err = exc
+        if err is None:
+            found = clang_warnings(diag[0])
+            if found and warnings is not None:
+                warnings.append(found)
+            return bpf
         raise compile_error(_strip_diagnostics(diag[0]) or str(err), where, indent) from None
     finally:
         if old_tmp is None:
@@ -213,8 +228,11 @@ class Module:
 
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
+        found: list[str] = []
         self.bpf = bcc_compile(render(spec), Location(spec.source_path or spec.path,
-                                                      field="source"), inline_indent(spec))
+                                                      field="source"), inline_indent(spec),
+                               found)
+        self.warnings = found[0] if found else None  # clang's, on success: `check` shows them
 
     def functions(self) -> list[str]:
         lib = _lib()
