@@ -53,6 +53,7 @@ class Event(enum.Enum):
     BPF_EVENT = ("ae4170c9644a4b758feac1c0faf6c4b1", 6)
     EVENTS_DROPPED = ("097238fbfadb44ee9490cee1a47a7794", 4)
     EVENTS_LOST = ("752292fea5c24542aab2bddc4e994655", 4)
+    MAP_FILLING = ("cb2e232e1c5a4eaa86a17b144402c3b0", 4)
 
     @property
     def message_id(self) -> str:

@@ -26,9 +26,14 @@ def _map_line(m: dict[str, Any]) -> str:
     if m["facts"] != "kernel":
         return f"  map  {m['name']:<20} id {m.get('id', '-'):<6} [{m['facts']}: {m.get('note')}]"
     frozen = " frozen" if m["frozen"] else ""
+    full = ""
+    if "entries" in m:
+        full = f" {m['entries']}/{m['max_entries']} entries ({m['fill']:.0%} full)"
+    elif "bytes_pending" in m:
+        full = f" {m['bytes_pending']} bytes unread ({m['fill']:.0%} full)"
     return (f"  map  {m['name']:<20} id {m['id']:<6} {m['type']:<15} key {m['bytes_key']}B "
             f"value {m['bytes_value']}B max_entries {m['max_entries']} flags {m['flags']:#x}"
-            f"{frozen}")
+            f"{frozen}{full}")
 
 
 def _link_line(lk: dict[str, Any]) -> str:

@@ -23,14 +23,17 @@ from types import FrameType
 from loaderd import privileges
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
+from loaderd.bpf import kernel
 from loaderd.errors import LoaderdError
 from loaderd.model import Settings
 from loaderd.observe import drift
+from loaderd.observe.status import fill
 from loaderd.runtime.eventpump import EventPump
 from loaderd.store.manifest import EMPTY, Manifest, Status
 from loaderd.store.statedir import Refusal, State
 
 DRIFT_INTERVAL = 30.0
+FILL_WARN = 0.9  # a map this full is journaled (MAP_FILLING) once, until it empties below
 PROGRESS = "progress: "  # prefix of the apply child's progress lines on stdout
 
 
@@ -82,6 +85,7 @@ class Daemon:
         self.apply_rc = 0  # the apply child's exit code (run without --no-apply)
         self._shown = ""  # the STATUS= last sent
         self.reloaded = False  # the set shown is the one a `systemctl reload` re-read
+        self.filling: set[tuple[str, str]] = set()  # maps journaled as >= FILL_WARN full
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -216,6 +220,7 @@ class Daemon:
                            specs=len(self.manifest.specs))
             if time.monotonic() >= next_drift:
                 self.check_drift()
+                self.check_fill()
                 next_drift = time.monotonic() + self.drift_interval
                 self._show()
             self._wait(tick)  # wakes on events, signals or the tick
@@ -267,6 +272,40 @@ class Daemon:
                 return False
             manifest = self._manifest_changed()
             return self._refused_changed() or manifest
+
+    def check_fill(self) -> None:
+        """Journal once when a map crosses FILL_WARN (again after it fell below it): a full
+        hash silently stops counting, a full ring silently drops."""
+        for name, record in self.manifest.specs.items():
+            for mname in record.maps:
+                fd = -1
+                try:
+                    path = os.path.join(record.pin_dir, "maps", mname)
+                    fd = kernel.obj_get(path, rdonly=True)
+                    info = kernel.map_info(fd)
+                    facts = fill(fd, info, path)
+                except LoaderdError:
+                    continue  # a WRONLY map, or gone: drift says so
+                finally:
+                    if fd >= 0:
+                        os.close(fd)
+                ratio = facts.get("fill")
+                key = (name, mname)
+                if ratio is None or ratio < FILL_WARN:
+                    self.filling.discard(key)
+                elif key not in self.filling:
+                    self.filling.add(key)
+                    if "entries" in facts:
+                        what = (f"{facts['entries']} of {info.max_entries} entries; a full "
+                                "hash refuses new keys and its program silently stops "
+                                "counting: use lru_hash for keys that come and go, or delete "
+                                "entries")
+                    else:
+                        what = (f"{facts['bytes_pending']} bytes unread; a full ring drops "
+                                "new records uncounted: give it a reader (events: lets the "
+                                "daemon read it)")
+                    audit.emit(Event.MAP_FILLING, f"{name}/{mname}: {ratio:.0%} full ({what})",
+                               spec=name, map=mname, fill=ratio, entries=facts.get("entries"))
 
     def check_drift(self) -> dict[str, list[str]]:
         """Journal each new difference between the manifest and the kernel once. Not while an
