@@ -453,6 +453,31 @@ class ProgramSpec:
     line: int | None = None
 
 
+class ParamType(enum.StrEnum):
+    INT = "int"
+    BOOL = "bool"
+    STRING = "string"  # one of the declared `enum` values
+
+
+@dataclass(frozen=True)
+class Param:
+    """A spec `params:` entry: a typed, validated value the C code reads as a macro."""
+
+    name: str  # [A-Z][A-Z0-9_]{0,31}: the macro name
+    type: ParamType
+    value: int | bool | str
+
+    @property
+    def c_value(self) -> str:
+        """The macro body: an integer, 1/0, or a C string literal (the schema restricts a
+        string to [A-Za-z0-9_.:/+-], so nothing in it needs escaping)."""
+        if self.type is ParamType.BOOL:
+            return "1" if self.value else "0"
+        if self.type is ParamType.STRING:
+            return f'"{self.value}"'
+        return str(self.value)
+
+
 @dataclass(frozen=True)
 class Spec:
     name: str  # pin directory name under the bpffs root
@@ -479,6 +504,8 @@ class Spec:
     # `source.object`: a precompiled BPF ELF (CO-RE) in source_bytes, loaded through libbpf
     # instead of compiled by BCC (source is then ""); its sha256 goes into the record.
     object_sha256: str | None = None
+    # `params:` (in the YAML, so in sha256): `#define NAME value` ahead of the source
+    params: tuple[Param, ...] = ()
 
     @property
     def is_object(self) -> bool:

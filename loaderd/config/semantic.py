@@ -12,7 +12,16 @@ from loaderd.config import source as srccheck
 from loaderd.config import yamlsafe
 from loaderd.config.yamlsafe import Marks, Path
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import CType, MapEntry, MapFlag, MapSpec, MapType, ProgramSpec
+from loaderd.model import (
+    CType,
+    MapEntry,
+    MapFlag,
+    MapSpec,
+    MapType,
+    Param,
+    ParamType,
+    ProgramSpec,
+)
 
 PAGE_SIZE = resource.getpagesize()
 _EXCLUSIVE = ((MapFlag.RDONLY, MapFlag.WRONLY), (MapFlag.RDONLY_PROG, MapFlag.WRONLY_PROG))
@@ -215,3 +224,54 @@ def object_rules(c: Collector, programs: tuple[ProgramSpec, ...]) -> None:
             c.add(Kind.SEMANTIC, ("programs", i, "fallback"), "fallback is for C sources "
                   "(BCC compiles and retries each function); an object's programs load "
                   "together: build the variant you need")
+
+
+_S64 = (-(1 << 63), (1 << 63) - 1)
+_RESERVED_MACRO = re.compile(r"(?:BPF_|LOADERD_|__)")
+
+
+def params(c: Collector, raw: dict[str, Any], is_object: bool) -> tuple[Param, ...]:
+    """`params:` typed and range-checked; each becomes `#define NAME value` ahead of the C."""
+    out: list[Param] = []
+    if raw and is_object:
+        c.add(Kind.SEMANTIC, ("params",), "params are for C sources (BCC compiles them in as "
+              "macros); a precompiled object's constants are fixed: build the variant")
+        return ()
+    for name, p in raw.items():
+        at: Path = ("params", name)
+        ptype, value = ParamType(p["type"]), p["value"]
+        if _RESERVED_MACRO.match(name):
+            c.add(Kind.SEMANTIC, at, "param names starting with BPF_, LOADERD_ or __ are "
+                  "taken by BCC, loaderd and the compiler", value=name)
+            continue
+        extra = sorted(set(p) & {"min", "max", "enum"} - (
+            {"min", "max"} if ptype is ParamType.INT else
+            {"enum"} if ptype is ParamType.STRING else set()))
+        if extra:
+            c.add(Kind.SEMANTIC, (*at, extra[0]), f"a {ptype} param takes no {extra[0]}",
+                  allowed="int: min, max; string: enum")
+            continue
+        if ptype is ParamType.INT:
+            low, high = p.get("min", _S64[0]), p.get("max", _S64[1])
+            if not isinstance(value, int) or isinstance(value, bool) or \
+                    not low <= value <= high:
+                c.add(Kind.SEMANTIC, (*at, "value"), "int param out of range or not an "
+                      "integer", value=value, allowed=f"{low}..{high}")
+                continue
+        elif ptype is ParamType.BOOL:
+            if not isinstance(value, bool):
+                c.add(Kind.SEMANTIC, (*at, "value"), "bool param is not true/false",
+                      value=value, allowed="true, false")
+                continue
+        else:
+            choices = p.get("enum")
+            if choices is None:
+                c.add(Kind.SEMANTIC, at, "a string param lists its allowed values",
+                      allowed="enum: [a, b, ...]")
+                continue
+            if value not in choices:
+                c.add(Kind.SEMANTIC, (*at, "value"), "string param not one of its enum",
+                      value=value, allowed=", ".join(choices))
+                continue
+        out.append(Param(name, ptype, value))
+    return tuple(out)

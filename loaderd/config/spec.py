@@ -177,6 +177,7 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
     is_object = "object" in data["source"]
     text = ("" if is_object else _decode_source(f, got[0], got[1])) if got else None
     semantic.names(f, maps, programs)
+    params = semantic.params(f, data.get("params", {}), is_object)
     if is_object:
         semantic.object_rules(f, programs)
     elif got and text is not None:
@@ -198,6 +199,7 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
                 source_bytes=got[0] if got[1] else b"",
                 source_ref=data["source"].get("file", data["source"].get("object")),
                 object_sha256=hashlib.sha256(got[0]).hexdigest() if is_object else None,
+                params=params,
                 source_line=got[2] if got[1] or ("source", "inline") in f.marks.literal
                 else 1), []
 

@@ -68,7 +68,10 @@ def map_declaration(m: MapSpec) -> str:
 
 def render(spec: Spec) -> str:
     """The exact C text BCC compiles: generated map prelude, then the author's source."""
-    prelude = "".join(map_declaration(m) for m in spec.maps)
+    # params: `#define NAME value`, what `-DNAME=value` would give clang (values typed and
+    # checked by config.semantic; the YAML they come from is in the spec's sha256)
+    prelude = "".join(f"#define {p.name} {p.c_value}\n" for p in spec.params)
+    prelude += "".join(map_declaration(m) for m in spec.maps)
     origin = spec.source_path or spec.path
     # #line keeps clang's diagnostics pointing at the author's file and line numbers.
     return f"{prelude}#line {spec.source_line} \"{_c_string(origin)}\"\n{spec.source}"
