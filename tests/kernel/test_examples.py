@@ -95,3 +95,21 @@ def test_opensnoop_reports_the_files_opened(tmp_path: Path, bpffs_root: str) -> 
     mine = [e["fname"] for e in events if e.get("comm") == cat.name]
     # cat's own opens (libc, locale) come first; the two files in order, the dotted name kept
     assert mine[-2:] == [str(p) for p in wanted], (len(events), events[:3])
+
+
+def test_runqlat_histogram_counts_every_wakeup(tmp_path: Path, bpffs_root: str) -> None:
+    text = (EXAMPLES / "runqlat.yaml").read_text().replace('value: ""', "value: ldrq")
+    conf = make_conf(tmp_path, bpffs_root, {"runqlat": text})
+    loaderd("--config", str(conf), "apply")
+    py = named(tmp_path, "ldrq", sys.executable)
+    # 200 timed sleeps: each one ends in a wakeup and a switch back onto a CPU
+    subprocess.run([str(py), "-c", "import time\nfor _ in range(200): time.sleep(0.002)"],
+                   check=True)
+    out = ctl(conf, "dump", "runqlat/dist", "--json")
+    assert out.returncode == 0, out.stderr
+    hist = json.loads(out.stdout)["histogram"]
+    assert hist["unit"] == "usecs" and 200 <= hist["total"] <= 260, hist
+    assert sum(b["count"] for b in hist["buckets"]) == hist["total"]
+    text_out = ctl(conf, "dump", "runqlat/dist").stdout.splitlines()
+    assert text_out[1] == "     usecs               : count     distribution", text_out
+    assert text_out[2].startswith("         0 -> 1          : ")
