@@ -181,10 +181,18 @@ def inline_indent(spec: Spec) -> int:
     return len(line) - len(line.lstrip(b" "))
 
 
-def clang_warnings(diagnostics: str) -> str | None:
-    """clang's warnings of a compile that succeeded (what `check` shows the author), or None."""
+def clang_warnings(diagnostics: str, where: Location | None = None,
+                   indent: int = 0) -> str | None:
+    """clang's warnings of a compile that succeeded (what `check` shows the author), or None;
+    columns in the spec's own file shifted by `indent` (an `inline: |` block's), as errors."""
     text = _strip_diagnostics(diagnostics)
-    return text if "warning:" in text else None
+    if "warning:" not in text:
+        return None
+    if indent and where is not None and where.file is not None:
+        head = re.escape(where.file)
+        text = re.sub(rf"^({head}):(\d+):(\d+):",
+                      lambda m: f"{m[1]}:{m[2]}:{int(m[3]) + indent}:", text, flags=re.M)
+    return text
 
 
 def bcc_compile(text: str, where: Location, indent: int = 0,
@@ -212,7 +220,7 @@ def bcc_compile(text: str, where: Location, indent: int = 0,
             except Exception as exc:  # bcc raises bare Exception
                 err = exc
         if err is None:
-            found = clang_warnings(diag[0])
+            found = clang_warnings(diag[0], where, indent)
             if found and warnings is not None:
                 warnings.append(found)
             return bpf

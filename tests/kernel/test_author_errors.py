@@ -100,4 +100,6 @@ def test_clang_warnings_shown_when_check_succeeds(tmp_path: Path, bpffs_root: st
     rc, out = check(tmp_path, bpffs_root, WARNS)
     assert rc == 0, out
     assert "warning: s: clang warnings:" in out
-    assert "s.yaml:5:" in out and "changes value from 5000000000" in out
+    # at the line and column of the YAML file (the inline block's indent added)
+    assert "s.yaml:5:19: warning: implicit conversion" in out, out
+    assert "changes value from 5000000000" in out
