@@ -108,8 +108,38 @@ def test_runqlat_histogram_counts_every_wakeup(tmp_path: Path, bpffs_root: str) 
     out = ctl(conf, "dump", "runqlat/dist", "--json")
     assert out.returncode == 0, out.stderr
     hist = json.loads(out.stdout)["histogram"]
-    assert hist["unit"] == "usecs" and 200 <= hist["total"] <= 260, hist
+    # (a sleep whose timer fires before the task is off the CPU needs no wakeup: a few less)
+    assert hist["unit"] == "usecs" and 190 <= hist["total"] <= 260, hist
     assert sum(b["count"] for b in hist["buckets"]) == hist["total"]
     text_out = ctl(conf, "dump", "runqlat/dist").stdout.splitlines()
     assert text_out[1] == "     usecs               : count     distribution", text_out
     assert text_out[2].startswith("         0 -> 1          : ")
+
+
+def test_softirqs_count_net_rx_for_loopback_datagrams(tmp_path: Path, bpffs_root: str) -> None:
+    import socket
+
+    conf = make_conf(tmp_path, bpffs_root,
+                     {"softirqs": (EXAMPLES / "softirqs.yaml").read_text()})
+    loaderd("--config", str(conf), "apply")
+
+    def net_rx() -> int:
+        out = ctl(conf, "dump", "softirqs/softirqs", "--json")
+        assert out.returncode == 0, out.stderr
+        rows = {e["key"]["vec"]: e["value"] for e in json.loads(out.stdout)["entries"]}
+        assert set(rows) <= {"HI", "TIMER", "NET_TX", "NET_RX", "BLOCK", "IRQ_POLL",
+                             "TASKLET", "SCHED", "HRTIMER", "RCU"}  # by name, not number
+        return int(rows.get("NET_RX", {}).get("count", 0))
+
+    before = net_rx()
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        for _ in range(200):  # each loopback datagram is received in a NET_RX softirq
+            tx.sendto(b"x", rx.getsockname())
+            rx.recv(16)
+    finally:
+        rx.close()
+        tx.close()
+    assert net_rx() - before >= 200
