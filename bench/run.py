@@ -231,7 +231,7 @@ def audit_throughput(events: int = 20000, rounds: int = 3, *,
     return res
 
 
-LAYOUT = "pid:u32,uid:u32,comm:bytes16,note:bytes32,saddr:u32"
+LAYOUT = "pid:u32,uid:u32,comm:char16:comm,note:char32,saddr:u32"
 
 
 def event_throughput(events: int = 20000, rounds: int = 3) -> dict[str, Any]:

@@ -159,16 +159,80 @@ SCALAR_TYPES: dict[str, tuple[int, bool]] = {
 }
 
 
+class FieldKind(enum.StrEnum):
+    """How a record field is shown and sanitized (layout.py decodes, sanitize.py applies)."""
+
+    INT = "int"  # a scalar: a number
+    HEX = "hex"  # opaque bytes: hex, never read as text (the default for bytesN)
+    STRING = "string"  # a C string (charN default): text, scanned for addresses and secrets
+    PATH = "path"  # a file name: a C string whose dotted parts are not addresses
+    COMM = "comm"  # a task name: as PATH
+    IPV4 = "ipv4"  # u32 or bytes4 in network order
+    IPV6 = "ipv6"  # bytes16 in network order
+    ENUM = "enum"  # a scalar shown by name: a BTF enum (`enum`) or an inline table (`table`)
+
+
+# Which kinds a field type may take: scalars, byte blobs, C char arrays.
+FIELD_KINDS: Mapping[str, frozenset[FieldKind]] = {
+    "scalar": frozenset({FieldKind.INT, FieldKind.HEX, FieldKind.IPV4, FieldKind.ENUM}),
+    "bytes": frozenset({FieldKind.HEX, FieldKind.IPV4, FieldKind.IPV6, FieldKind.STRING,
+                        FieldKind.PATH, FieldKind.COMM}),
+    "char": frozenset({FieldKind.STRING, FieldKind.PATH, FieldKind.COMM, FieldKind.HEX}),
+}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a struct layout (a map key/value or an event record), C-aligned."""
+
+    name: str  # a leading `_` (`_pad`): padding, decoded but not shown
+    offset: int
+    size: int  # bytes of one element
+    type: str  # a SCALAR_TYPES name, "bytes" or "char"
+    kind: FieldKind
+    count: int = 1  # an array of `count` scalars (`u32[4]`); 1: a single one
+    enum: str | None = None  # a BTF enum type name, resolved where the record is read
+    table: tuple[tuple[int, str], ...] = ()  # an inline enum: value -> label
+
+    @property
+    def total(self) -> int:
+        return self.size * self.count
+
+    @property
+    def align(self) -> int:
+        return self.size if self.type in SCALAR_TYPES else 1
+
+    @property
+    def hidden(self) -> bool:
+        return self.name.startswith("_")
+
+
 @dataclass(frozen=True)
 class CType:
-    """A key or value type: a scalar name (`u32`) or an opaque byte blob of `size` bytes."""
+    """A key or value type: a scalar name (`u32`), an opaque byte blob of `size` bytes, or a
+    struct of `fields` (C layout, `size` includes the tail padding)."""
 
-    name: str | None  # scalar name from SCALAR_TYPES, or None for bytes
+    name: str | None  # scalar name from SCALAR_TYPES, or None for bytes / a struct
     size: int
+    fields: tuple[Field, ...] = ()  # a struct's fields (name None)
 
     @property
     def signed(self) -> bool:
         return self.name is not None and SCALAR_TYPES[self.name][1]
+
+
+class HistKind(enum.StrEnum):
+    LOG2 = "log2"  # slot i counts values in [2^(i-1), 2^i - 1] (BCC's bpf_log2l; slot 0: 0)
+    LINEAR = "linear"  # slot i counts values in [i*step, (i+1)*step - 1]
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A map whose key is a slot and whose value is a count: shown like BCC's print_*_hist."""
+
+    kind: HistKind
+    unit: str = "value"  # the column header (usecs, nsecs, bytes...)
+    step: int = 1  # linear bucket width
 
 
 @dataclass(frozen=True)
@@ -189,7 +253,8 @@ class MapSpec:
     freeze: bool = False
     preserve: bool = False  # keep contents when the spec's programs are replaced
     initial: tuple[MapEntry, ...] = ()
-    events: str | None = None  # ringbuf only: record layout; the daemon journals its events
+    events: str | None = None  # ringbuf/perf: record layout (layout.py text form)
+    histogram: Histogram | None = None  # the key is a slot, the value a count
     line: int | None = None
 
 
@@ -811,6 +876,31 @@ class ProgramSpec:
     line: int | None = None
 
 
+class ParamType(enum.StrEnum):
+    INT = "int"
+    BOOL = "bool"
+    STRING = "string"  # one of the declared `enum` values
+
+
+@dataclass(frozen=True)
+class Param:
+    """A spec `params:` entry: a typed, validated value the C code reads as a macro."""
+
+    name: str  # [A-Z][A-Z0-9_]{0,31}: the macro name
+    type: ParamType
+    value: int | bool | str
+
+    @property
+    def c_value(self) -> str:
+        """The macro body: an integer, 1/0, or a C string literal (the schema restricts a
+        string to [A-Za-z0-9_.:/+-], so nothing in it needs escaping)."""
+        if self.type is ParamType.BOOL:
+            return "1" if self.value else "0"
+        if self.type is ParamType.STRING:
+            return f'"{self.value}"'
+        return str(self.value)
+
+
 @dataclass(frozen=True)
 class Spec:
     name: str  # pin directory name under the bpffs root
@@ -841,6 +931,8 @@ class Spec:
     # check found; not part of identity: re-signing an unchanged spec rebuilds nothing.
     signature_bytes: bytes | None = field(default=None, compare=False, repr=False)
     signature: SignatureFacts | None = field(default=None, compare=False)
+    # `params:` (in the YAML, so in sha256): `#define NAME value` ahead of the source
+    params: tuple[Param, ...] = ()
 
     @property
     def is_object(self) -> bool:

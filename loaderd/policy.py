@@ -141,6 +141,14 @@ def helper_hints(refused: Iterable[str], ptype: ProgType) -> str:
     for why, names in gated.items():
         out += (f"; {', '.join(names)}: {why}, off by default; to allow it for {ptype} "
                 f"programs, {where}")
+        reads = [n for n in names if n in ("probe_read", "probe_read_str")]
+        if reads:
+            # BCC writes these calls itself: the author never typed bpf_probe_read
+            out += (f" ({ptype}: [{', '.join(reads)}]); the call may be BCC's own: it "
+                    "rewrites a dereference of a kernel pointer (`p->field` on a struct "
+                    "pointer, e.g. from bpf_get_current_task() or a raw tracepoint's args) into "
+                    "bpf_probe_read; read the value from a tracepoint's `args->field` instead "
+                    "where there is one")
     if other:
         out += f"; to allow {', '.join(other)} for {ptype} programs, {where}"
     return out

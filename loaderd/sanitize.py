@@ -53,6 +53,28 @@ IP_FIELDS = _names({"saddr", "daddr", "src_ip", "dst_ip", "ip", "addr"})
 
 
 @dataclass(frozen=True)
+class Opaque:
+    """Bytes declared opaque (`bytesN`, `{bytes: N}`): shown as hex, never read as text. A
+    first printable byte and a NUL are not a C string (a 16-byte count+total printed as `;`)."""
+
+    data: bytes
+
+    def __str__(self) -> str:
+        return self.data.hex()
+
+
+@dataclass(frozen=True)
+class Name:
+    """A path or task name (kind path/comm): secrets are redacted, but dotted parts are file
+    name text, not addresses (`/tmp/x/10.1.2.3.log` stays)."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
 class Rules:
     """What to do with which field. Field names match case-insensitively, `-` == `_`."""
 
@@ -261,6 +283,10 @@ class Sanitizer:
         if isinstance(value, Mapping):
             return {str(k): self._value(v, _norm(str(k))) for k, v in value.items()
                     if _norm(str(k)) not in self.rules.drop}
+        if isinstance(value, Opaque):
+            return value.data.hex()
+        if isinstance(value, Name):
+            return self.text(value.text, addresses=False)
         if isinstance(value, bytes | bytearray | memoryview):
             raw = bytes(value)
             text = _as_text(raw)
@@ -275,6 +301,10 @@ class Sanitizer:
 
     def pseudonym(self, value: Any) -> str:
         """Keyed, stable, not reversible without the key (HMAC-SHA-256, 96 bits shown)."""
+        if isinstance(value, Opaque):
+            value = value.data
+        elif isinstance(value, Name):
+            value = value.text
         if isinstance(value, bytes | bytearray):
             msg = bytes(value)
         elif isinstance(value, str | int):
@@ -285,15 +315,16 @@ class Sanitizer:
             msg = json.dumps(value, sort_keys=True, default=str).encode()
         return PSEUDONYM_PREFIX + hmac.new(self.key.secret, msg, hashlib.sha256).hexdigest()[:24]
 
-    def text(self, text: str) -> str:
+    def text(self, text: str, *, addresses: bool = True) -> str:
         if self.rules.secrets_in_text:
             text = _PRIVATE_KEY.sub(REDACTED, text)
             text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
             text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
             text = _KEY_VALUE.sub(_key_value, text)
             text = _TOKEN.sub(REDACTED, text)
-        text = _IPV6.sub(self._ip_text, text)
-        text = _IPV4.sub(self._ip_text, text)
+        if addresses:
+            text = _IPV6.sub(self._ip_text, text)
+            text = _IPV4.sub(self._ip_text, text)
         if self.rules.secrets_in_text:
             text = _CARD.sub(_card, text)
         return text
@@ -311,6 +342,8 @@ class Sanitizer:
         return self._mask(ip)
 
     def _ip_value(self, value: Any) -> str | None:
+        if isinstance(value, Opaque):
+            value = value.data
         try:
             if isinstance(value, bytes | bytearray) and len(value) in (4, 16):
                 return self._mask(ipaddress.ip_address(bytes(value)))

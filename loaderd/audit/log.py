@@ -56,6 +56,8 @@ class Event(enum.Enum):
     SETTINGS_CHANGED = ("cbf9bde5ac734fbea24737df54d57c3e", 5)
     PRIVILEGED_READ = ("cb4477063c014d02b2097081b049f5fd", 5)
     INTERNAL_ERROR = ("acef51f86e3c4200b4feecd38aed1623", 3)
+    EVENTS_LOST = ("752292fea5c24542aab2bddc4e994655", 4)
+    MAP_FILLING = ("cb2e232e1c5a4eaa86a17b144402c3b0", 4)
 
     @property
     def message_id(self) -> str:

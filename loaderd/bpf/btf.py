@@ -137,6 +137,34 @@ def helper_names(path: str = VMLINUX_BTF) -> dict[int, str]:
             if k.startswith("BPF_FUNC_") and k != "BPF_FUNC_unspec"}
 
 
+def enum_labels(names: Iterable[str], path: str = VMLINUX_BTF
+                ) -> tuple[dict[str, dict[int, str]], list[str]]:
+    """value -> member name for each named enum of the running kernel (a layout's
+    `enum=NAME`), and the names not found (their fields are shown as numbers). The first
+    member of a value wins (enums alias values: TCP_MAX_STATES)."""
+    wanted = sorted(set(names))
+    if not wanted:
+        return {}, []
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return {}, wanted
+    found: dict[str, dict[int, str]] = {}
+    missing: list[str] = []
+    for name in wanted:
+        try:
+            members = enum_values(data, name)
+        except (BTFError, struct.error, ValueError):
+            missing.append(name)
+            continue
+        table: dict[int, str] = {}
+        for label, value in members.items():
+            table.setdefault(value, label)
+        found[name] = table
+    return found, missing
+
+
 # Kinds an anonymous member's type passes through on the way to its struct/union.
 _MODIFIERS = frozenset({8, 9, 10, 11, 18})  # TYPEDEF VOLATILE CONST RESTRICT TYPE_TAG
 STRUCT, UNION = 4, 5

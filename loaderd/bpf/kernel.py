@@ -834,6 +834,38 @@ def perf_event_open_probe(pmu_type: int, path: str, offset: int, config: int = 0
     return ret
 
 
+PERF_COUNT_SW_BPF_OUTPUT = 10
+PERF_EVENT_IOC_ENABLE = 0x2400
+
+
+def perf_event_open_output(cpu: int, wakeup_events: int = 1) -> int:
+    """A software BPF_OUTPUT perf event on one CPU (pid -1), disabled until enabled: the
+    target bpf_perf_event_output writes to, through a perf_event_array slot (BCC's
+    open_perf_buffer makes the same one)."""
+    attr = _PerfEventAttr(type=PERF_TYPE_SOFTWARE, size=ctypes.sizeof(_PerfEventAttr),
+                          config=PERF_COUNT_SW_BPF_OUTPUT, sample_period=1,
+                          sample_type=PERF_SAMPLE_RAW, wakeup_events=wakeup_events)
+    ctypes.set_errno(0)
+    ret = int(_libc.syscall(ctypes.c_long(_SYS_PERF_EVENT_OPEN), ctypes.byref(attr),
+                            ctypes.c_int(-1), ctypes.c_int(cpu), ctypes.c_int(-1),
+                            ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC)))
+    if ret < 0:
+        raise _fail("perf_event_open", f"BPF output event on CPU {cpu}", ctypes.get_errno(),
+                    "needs CAP_PERFMON (a CPU-wide perf event), and perf_event_open allowed "
+                    "by the unit's SystemCallFilter= (it is in @debug)")
+    return ret
+
+
+def perf_event_enable(fd: int) -> None:
+    import fcntl
+
+    try:
+        fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
+    except OSError as exc:
+        raise _fail("PERF_EVENT_IOC_ENABLE", f"perf event fd {fd}", exc.errno or errno.EIO,
+                    "") from None
+
+
 # --- xdp --------------------------------------------------------------------------------------
 
 def ifindex(name: str) -> int:

@@ -67,24 +67,35 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     from loaderd import sanitize
-    from loaderd.layout import parse_layout
+    from loaderd.bpf import btf
+    from loaderd.layout import enum_names, parse_layout
     from loaderd.runtime import ringbuf as events
 
     view = load_view(args.config)
-    _spec, _map, path = map_pin(view, args.target)
+    spec, mname, path = map_pin(view, args.target)
     check_raw(args.raw)
     if args.raw:
         privileged_read(f"events --raw {args.target}", args.target)
     notes: list[str] = []
     clean = None if args.raw else sanitize.Sanitizer(sanitize_key(view, notes),
                                                      view.settings.sanitize)
+    # --layout wins; else the layout the applied spec declares (as the daemon decodes them)
+    entry = view.entry(spec)
+    declared = entry.events.get(mname) if entry is not None else None
+    text = args.layout or declared
+    layout = parse_layout(text) if text else None
+    if layout is None:
+        notes.append(f"{spec}/{mname} declares no events layout: records shown as hex "
+                     "(--layout name:type,...)")
+    enums, missing = btf.enum_labels(enum_names(layout or ()))
+    notes += [f"enum {n} is not in the running kernel's BTF: shown as numbers"
+              for n in missing]
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    layout = parse_layout(args.layout) if args.layout else None
     rate = args.rate or view.settings.policy.limits.max_event_rate
     for event in events.stream(path, layout=layout, rate=rate, sanitize=clean,
                                count=args.count, duration=args.duration,
-                               addresses=view.settings.sanitize.ip_fields):
+                               addresses=view.settings.sanitize.ip_fields, enums=enums):
         print(json.dumps(event, sort_keys=True,
                          default=lambda o: o.hex() if isinstance(o, bytes) else str(o)),
               flush=True)
@@ -168,7 +179,8 @@ def parser() -> argparse.ArgumentParser:
              "and sanitized (root or the pin's owner: consuming needs a read-write fd)",
              json_flag=False)
     sp.add_argument("target", metavar="SPEC/MAP")
-    sp.add_argument("--layout", help="record fields in C order, e.g. pid:u32,comm:bytes16")
+    sp.add_argument("--layout", help="record fields in C order, e.g. pid:u32,comm:char16:comm "
+                    "(default: the spec's events layout)")
     sp.add_argument("--count", type=int, help="stop after this many events")
     sp.add_argument("--duration", type=float, help="stop after this many seconds")
     sp.add_argument("--rate", type=int, help="events/s emitted (default limits.max_event_rate)")

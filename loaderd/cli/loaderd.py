@@ -127,6 +127,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"warning: {degraded}")
         staged, errors = stage_all(specs, settings, "check", pin=False, jobs=args.jobs)
         for st in staged:
+            if st.warnings:  # the compile succeeded; what clang said about it still counts
+                print(f"warning: {st.name}: clang warnings:\n{st.warnings}")
             for p in st.programs.values():
                 extra = f" (degraded: {p.degraded})" if p.degraded else ""
                 print(f"ok: {st.name}/{p.name}: verifier accepted '{p.function}', helpers "

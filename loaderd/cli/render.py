@@ -28,9 +28,14 @@ def _map_line(m: dict[str, Any]) -> str:
     if m["facts"] != "kernel":
         return f"  map  {m['name']:<20} id {m.get('id', '-'):<6} [{m['facts']}: {m.get('note')}]"
     frozen = " frozen" if m["frozen"] else ""
+    full = ""
+    if "entries" in m:
+        full = f" {m['entries']}/{m['max_entries']} entries ({m['fill']:.0%} full)"
+    elif "bytes_pending" in m:
+        full = f" {m['bytes_pending']} bytes unread ({m['fill']:.0%} full)"
     return (f"  map  {m['name']:<20} id {m['id']:<6} {m['type']:<15} key {m['bytes_key']}B "
             f"value {m['bytes_value']}B max_entries {m['max_entries']} flags {m['flags']:#x}"
-            f"{frozen}")
+            f"{frozen}{full}")
 
 
 def _link_line(lk: dict[str, Any]) -> str:
@@ -138,12 +143,51 @@ def render_dump(d: dict[str, Any]) -> str:
              + (", sanitized" if d["sanitized"] else ", RAW (unsanitized)")]
 
     def fmt(v: Any) -> str:
+        if isinstance(v, dict):  # a struct: its fields in order
+            return "{" + ", ".join(f"{k}={fmt(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
         return v.hex() if isinstance(v, bytes) else str(v)
 
-    for e in d["entries"]:
-        value = e["value"] if "value" in e else "[" + ", ".join(fmt(v) for v in e["values"]) + "]"
-        lines.append(f"{fmt(e['key'])}: {fmt(value)}")
+    if "histogram" in d:
+        lines += render_histogram(d["histogram"])
+    else:
+        for e in d["entries"]:
+            lines.append(f"{fmt(e['key'])}: {fmt(e['value'] if 'value' in e else e['values'])}")
     lines += [f"# note: {n}" for n in d["notes"]]
     return "\n".join(lines)
+
+
+STARS_MAX = 40  # BCC's table.stars_max
+
+
+def _stars(val: int, val_max: int, width: int) -> str:
+    """BCC's _stars: `width` stars for the largest count, `+` when a count exceeds it."""
+    n = 0 if val_max == 0 else min(width, width * val // val_max)
+    text = "*" * n
+    return text[:-1] + "+" if val > val_max else text
+
+
+def render_histogram(h: dict[str, Any]) -> list[str]:
+    """Text like BCC's print_log2_hist / print_linear_hist (the same columns and stars)."""
+    buckets = h["buckets"]
+    val_max = max((b["count"] for b in buckets), default=0)
+    if h["kind"] == "linear":
+        out = [f"     {h['unit']:<13} : count     distribution"]
+        for b in buckets:
+            low = b["low"]
+            out.append(f"        {low:<10d} : {b['count']:<8d} |"
+                       f"{_stars(b['count'], val_max, STARS_MAX):<{STARS_MAX}}|")
+        return out
+    wide = len(buckets) > 32
+    stars = STARS_MAX // 2 if wide else STARS_MAX
+    out = [(f"               {h['unit']:<29} : count     distribution" if wide else
+            f"     {h['unit']:<19} : count     distribution")] if buckets else []
+    for b in buckets:
+        lo, hi = (f"{b['low']:20d}", f"{b['high']:<20d}") if wide else (
+            f"{b['low']:10d}", f"{b['high']:<10d}")
+        out.append(f"{lo} -> {hi} : {b['count']:<8d} |"
+                   f"{_stars(b['count'], val_max, stars):<{stars}}|")
+    return out
 
 

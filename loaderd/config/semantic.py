@@ -12,7 +12,6 @@ from loaderd.config import source as srccheck
 from loaderd.config import yamlsafe
 from loaderd.config.yamlsafe import Marks, Path
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.layout import parse_layout
 from loaderd.model import (
     PERF_LINK_SEP,
     BtfAttach,
@@ -21,6 +20,8 @@ from loaderd.model import (
     MapFlag,
     MapSpec,
     MapType,
+    Param,
+    ParamType,
     ProgramSpec,
     TcAttach,
     link_program,
@@ -165,16 +166,23 @@ def _initial(c: Collector, i: int, m: MapSpec, raw: list[Any]) -> list[MapEntry]
 def _event_rules(c: Collector, i: int, m: MapSpec) -> None:
     if m.events is None:
         return
-    if m.type is not MapType.RINGBUF:
-        c.add(Kind.SEMANTIC, ("maps", i, "events"), "events: only a ringbuf map carries "
-              "events the daemon journals", value=m.type.value, allowed="ringbuf")
-        return
+    if not m.type.kind.fixed:
+        c.add(Kind.SEMANTIC, ("maps", i, "events"), "events: only a ringbuf or "
+              "perf_event_array map carries events the daemon journals", value=m.type.value,
+              allowed="ringbuf, perf_event_array")
 
-    try:
-        parse_layout(m.events)
-    except LoaderdError as exc:
-        c.add(Kind.SEMANTIC, ("maps", i, "events", "layout"), exc.message, value=exc.value,
-              allowed=exc.allowed)
+
+def _histogram_rules(c: Collector, i: int, m: MapSpec) -> None:
+    if m.histogram is None:
+        return
+    at: Path = ("maps", i, "histogram")
+    if m.type.kind.fixed:
+        c.add(Kind.SEMANTIC, at, f"a {m.type} map holds events, not slots: it cannot be a "
+              "histogram", allowed="array, percpu_array, hash, percpu_hash, lru_hash")
+    elif m.key.name is None or m.value.name is None:
+        c.add(Kind.SEMANTIC, at, "a histogram's key is the slot and its value the count: "
+              "both scalars", value=f"key {m.key.name or 'struct/bytes'}, value "
+              f"{m.value.name or 'struct/bytes'}", allowed="key: u32 (or u64), value: u64")
 
 
 def map_rules(c: Collector, i: int, m: MapSpec, initial: list[Any]) -> tuple[MapEntry, ...]:
@@ -182,6 +190,7 @@ def map_rules(c: Collector, i: int, m: MapSpec, initial: list[Any]) -> tuple[Map
     _flag_rules(c, i, m)
     _size_rules(c, i, m)
     _event_rules(c, i, m)
+    _histogram_rules(c, i, m)
     return tuple(_initial(c, i, m, initial))
 
 
@@ -251,3 +260,54 @@ def btf_names(c: Collector, programs: tuple[ProgramSpec, ...]) -> None:
                   f"{p.attach.function} is the C function {p.attach.bcc_name} (BCC's "
                   "macros name it so and load it by that name)", value=p.name,
                   allowed=p.attach.bcc_name)
+
+
+_S64 = (-(1 << 63), (1 << 63) - 1)
+_RESERVED_MACRO = re.compile(r"(?:BPF_|LOADERD_|__)")
+
+
+def params(c: Collector, raw: dict[str, Any], is_object: bool) -> tuple[Param, ...]:
+    """`params:` typed and range-checked; each becomes `#define NAME value` ahead of the C."""
+    out: list[Param] = []
+    if raw and is_object:
+        c.add(Kind.SEMANTIC, ("params",), "params are for C sources (BCC compiles them in as "
+              "macros); a precompiled object's constants are fixed: build the variant")
+        return ()
+    for name, p in raw.items():
+        at: Path = ("params", name)
+        ptype, value = ParamType(p["type"]), p["value"]
+        if _RESERVED_MACRO.match(name):
+            c.add(Kind.SEMANTIC, at, "param names starting with BPF_, LOADERD_ or __ are "
+                  "taken by BCC, loaderd and the compiler", value=name)
+            continue
+        extra = sorted(set(p) & {"min", "max", "enum"} - (
+            {"min", "max"} if ptype is ParamType.INT else
+            {"enum"} if ptype is ParamType.STRING else set()))
+        if extra:
+            c.add(Kind.SEMANTIC, (*at, extra[0]), f"a {ptype} param takes no {extra[0]}",
+                  allowed="int: min, max; string: enum")
+            continue
+        if ptype is ParamType.INT:
+            low, high = p.get("min", _S64[0]), p.get("max", _S64[1])
+            if not isinstance(value, int) or isinstance(value, bool) or \
+                    not low <= value <= high:
+                c.add(Kind.SEMANTIC, (*at, "value"), "int param out of range or not an "
+                      "integer", value=value, allowed=f"{low}..{high}")
+                continue
+        elif ptype is ParamType.BOOL:
+            if not isinstance(value, bool):
+                c.add(Kind.SEMANTIC, (*at, "value"), "bool param is not true/false",
+                      value=value, allowed="true, false")
+                continue
+        else:
+            choices = p.get("enum")
+            if choices is None:
+                c.add(Kind.SEMANTIC, at, "a string param lists its allowed values",
+                      allowed="enum: [a, b, ...]")
+                continue
+            if value not in choices:
+                c.add(Kind.SEMANTIC, (*at, "value"), "string param not one of its enum",
+                      value=value, allowed=", ".join(choices))
+                continue
+        out.append(Param(name, ptype, value))
+    return tuple(out)

@@ -60,6 +60,23 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
          "barrier asm volatile(\"\" ::: \"memory\")"),
     )
 )
+# BCC's map macros: the spec declares maps (loaderd generates the declaration), so a kept
+# macro would be a second definition (`redefinition of 'dist_table_t'` in a prelude the author
+# never sees). Refused before clang, with the spec's equivalent.
+_BCC_MAPS: dict[str, str] = {
+    "BPF_HASH": "type: hash, key: u64, value: u64, max_entries: 10240",
+    "BPF_ARRAY": "type: array, key: u32, value: u64, max_entries: 10240",
+    "BPF_HISTOGRAM": "type: array, key: u32, value: u64, max_entries: 64, "
+                     "histogram: {kind: log2, unit: usecs}",
+    "BPF_PERCPU_HASH": "type: percpu_hash, key: u64, value: u64, max_entries: 10240",
+    "BPF_PERCPU_ARRAY": "type: percpu_array, key: u32, value: u64, max_entries: 10240",
+    "BPF_LRU_HASH": "type: lru_hash, key: u64, value: u64, max_entries: 10240",
+    "BPF_LRU_PERCPU_HASH": "type: lru_percpu_hash, key: u64, value: u64, max_entries: 10240",
+    "BPF_PERF_OUTPUT": "type: perf_event_array, max_entries: 64, events: {layout: ...}",
+    "BPF_RINGBUF_OUTPUT": "type: ringbuf, max_entries: <pages x 4096>, events: {layout: ...}",
+}
+_BCC_MAP = re.compile(r"\b(" + "|".join(sorted(_BCC_MAPS, key=len, reverse=True))
+                      + r")\s*\(\s*([A-Za-z_]\w*)?")
 _DIRECTIVE = re.compile(r"^[ \t]*#[ \t]*(include_next|include|import|embed)\b(.*)$", re.M)
 # `#line N "file"` and the GNU linemarker `# N "file"`: BCC reads the named file into the
 # program's BTF line info (bpftool prog dump ... linum shows it); loaderd writes its own.
@@ -161,6 +178,15 @@ def check_source(text: str, *, file: str | None, first_line: int = 1,
             found.append((m.start(), problem, allowed))
     found.extend((m.start(), "#line directives are not allowed: BCC reads the file one names "
                   "into the program's line info", None) for m in _LINE_DIRECTIVE.finditer(code))
+    for m in _BCC_MAP.finditer(code):
+        name = m.group(2) or "NAME"
+        found.append((m.start(), f"{m.group(1)}({name}, ...) declares a map in the C text; "
+                      "the spec declares maps (loaderd generates the declaration, and the C "
+                      f"code uses `{name}` as before): remove the macro and add under maps: "
+                      f"`- {{name: {name}, {_BCC_MAPS[m.group(1)]}}}` (key/value types and "
+                      "size as the macro's arguments say; a struct key or value: "
+                      f"{{struct: ...}}, used as loaderd_{name}_key_t / loaderd_{name}_value_t)",
+                      None))
     errors: list[LoaderdError] = []
     seen: set[tuple[int, str]] = set()
     for offset, message, allow in sorted(found):

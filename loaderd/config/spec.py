@@ -14,15 +14,19 @@ import os
 import re
 from typing import Any
 
+from loaderd import layout
 from loaderd.config import schema as schemacheck
 from loaderd.config import semantic, signature, trust, yamlsafe
 from loaderd.config import source as srccheck
 from loaderd.config.semantic import Collector
+from loaderd.config.yamlsafe import Path
 from loaderd.errors import Kind, LoaderdError, Location, cap_per_file
 from loaderd.model import (
     NAME_RE,
     SCALAR_TYPES,
     CType,
+    HistKind,
+    Histogram,
     Limits,
     MapFlag,
     MapSpec,
@@ -41,22 +45,44 @@ SCHEMA = "spec.schema.json"
 _NO_KEY_VALUE = CType(None, 0)  # ringbuf / perf_event_array: the kernel fixes the sizes
 
 
-def _ctype(raw: Any) -> CType:
+def _ctype(f: Collector, at: Path, raw: Any) -> CType:
     if isinstance(raw, str):
         return CType(raw, SCALAR_TYPES[raw][0])
+    if "struct" in raw:
+        try:
+            return layout.struct_ctype(layout.parse_fields(raw["struct"]))
+        except LoaderdError as exc:
+            f.add(Kind.SEMANTIC, (*at, "struct"), exc.message, value=exc.value,
+                  allowed=exc.allowed)
+            return CType(None, 1)
     return CType(None, int(raw["bytes"]))
+
+
+def _events(f: Collector, i: int, raw: dict[str, Any]) -> str | None:
+    """The events layout in its text form (the manifest keeps it; the daemon parses it)."""
+    if "events" not in raw:
+        return None
+    try:
+        return layout.layout_text(layout.parse_fields(raw["events"]["layout"]))
+    except LoaderdError as exc:
+        f.add(Kind.SEMANTIC, ("maps", i, "events", "layout"), exc.message, value=exc.value,
+              allowed=exc.allowed)
+        return None
 
 
 def _build_map(f: Collector, i: int, raw: dict[str, Any]) -> MapSpec:
     mtype = MapType(raw["type"])
     fixed = mtype.kind.fixed
-    key = _NO_KEY_VALUE if fixed else _ctype(raw["key"])
-    value = _NO_KEY_VALUE if fixed else _ctype(raw["value"])
+    key = _NO_KEY_VALUE if fixed else _ctype(f, ("maps", i, "key"), raw["key"])
+    value = _NO_KEY_VALUE if fixed else _ctype(f, ("maps", i, "value"), raw["value"])
+    hist = raw.get("histogram")
     m = MapSpec(name=raw["name"], type=mtype, key=key, value=value,
                 max_entries=raw["max_entries"],
                 flags=frozenset(MapFlag(x) for x in raw.get("flags", [])),
                 freeze=raw.get("freeze", False), preserve=raw.get("preserve", False),
-                events=raw["events"]["layout"] if "events" in raw else None,
+                events=_events(f, i, raw),
+                histogram=None if hist is None else Histogram(
+                    HistKind(hist["kind"]), hist.get("unit", "value"), hist.get("step", 1)),
                 line=f.line(("maps", i)))
     return dataclasses.replace(m, initial=semantic.map_rules(f, i, m, raw.get("initial", [])))
 
@@ -190,6 +216,7 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
     text = ("" if is_object else _decode_source(f, got[0], got[1])) if got else None
     semantic.names(f, maps, programs)
     semantic.tc_orders(f, name, programs)
+    params = semantic.params(f, data.get("params", {}), is_object)
     if is_object:
         semantic.object_rules(f, programs)
     elif got and text is not None:
@@ -212,6 +239,7 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
                 source_bytes=got[0] if got[1] else b"",
                 source_ref=data["source"].get("file", data["source"].get("object")),
                 object_sha256=hashlib.sha256(got[0]).hexdigest() if is_object else None,
+                params=params,
                 source_line=got[2] if got[1] or ("source", "inline") in f.marks.literal
                 else 1, signature_bytes=sig_bytes, signature=sig_facts), []
 

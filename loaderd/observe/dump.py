@@ -4,31 +4,65 @@ sanitized unless raw (root only)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from loaderd import sanitize
-from loaderd.bpf import kernel, pins
+from loaderd import layout, sanitize
+from loaderd.bpf import btf, kernel, pins
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import MAP_TYPE_BY_ID, CType, percpu_slot
+from loaderd.model import MAP_TYPE_BY_ID, CType, HistKind, Histogram, MapSpec, percpu_slot
 from loaderd.observe.status import View, applied_spec, map_facts
-from loaderd.sanitize import Key
+from loaderd.sanitize import Key, Opaque
 
 # Maps of other types than loaderd's (MAP_TYPE_BY_ID) that hold events, not entries, too.
 _UNDUMPABLE = {kernel.MAP_TYPES["user_ringbuf"]}
 
 # --- dump -------------------------------------------------------------------------------------
 
-def _decode(raw: bytes, ctype: CType | None) -> int | bytes:
-    if ctype is None or ctype.name is None:
-        return raw
+def _decode(raw: bytes, ctype: CType | None, enums: Mapping[str, Mapping[int, str]]) -> Any:
+    """A key or value as its declared type says: a number, a struct's fields, or opaque bytes
+    (hex: never a C string by guessing)."""
+    if ctype is None:
+        return Opaque(raw)
+    if ctype.fields:
+        return layout.decode(raw[:ctype.size], ctype.fields, frozenset(), enums)
+    if ctype.name is None:
+        return Opaque(raw)
     return int.from_bytes(raw[:ctype.size], "little", signed=ctype.signed)
 
 
 def _type_name(ctype: CType | None) -> str | None:
     if ctype is None:
         return None
+    if ctype.fields:
+        return "struct{" + layout.layout_text(ctype.fields) + "}"
     return ctype.name or f"bytes[{ctype.size}]"
+
+
+def histogram(hist: Histogram, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Buckets from slot -> count entries (per-CPU counts summed), like BCC's
+    print_log2_hist/print_linear_hist: every slot up to the highest non-empty one."""
+    counts: dict[int, int] = {}
+    for e in entries:
+        slot = e["key"]
+        count = e["value"] if "value" in e else sum(e["values"])
+        if isinstance(slot, int) and isinstance(count, int) and 0 <= slot < 1 << 16:
+            counts[slot] = counts.get(slot, 0) + count
+    top = max((s for s, c in counts.items() if c), default=-1)
+    buckets = []
+    first = 1 if hist.kind is HistKind.LOG2 else 0
+    for i in range(first, top + 1):
+        if hist.kind is HistKind.LOG2:
+            low, high = (1 << i) >> 1, (1 << i) - 1
+            if low == high:
+                low -= 1
+            n = counts.get(i, 0) + (counts.get(0, 0) if i == 1 else 0)  # slot 0: the value 0
+        else:
+            low, high = i * hist.step, (i + 1) * hist.step - 1
+            n = counts.get(i, 0)
+        buckets.append({"low": low, "high": high, "count": n})
+    return {"kind": hist.kind.value, "unit": hist.unit, "step": hist.step,
+            "total": sum(counts.values()), "buckets": buckets}
 
 
 def map_pin(view: View, target: str) -> tuple[str, str, str]:
@@ -76,35 +110,43 @@ def dump(view: View, target: str, *, raw: bool, ip: Sequence[str] = (),
         if info.type in _UNDUMPABLE or (mtype is not None and mtype.kind.fixed):
             raise LoaderdError(Kind.KERNEL, f"a {info.type_name} map holds events, not "
                                "entries: nothing to dump", Location(path))
-        key_t, val_t = _declared_types(view, spec_name, map_name, info, notes)
-        entries = list(_entries(fd, info, key_t, val_t, ip))
+        decl = _declared(view, spec_name, map_name, info, notes)
+        key_t, val_t = (decl.key, decl.value) if decl else (None, None)
+        fields = (key_t.fields if key_t else ()) + (val_t.fields if val_t else ())
+        enums, missing = btf.enum_labels(layout.enum_names(fields))
+        notes += [f"enum {name} is not in the running kernel's BTF: shown as numbers"
+                  for name in missing]
+        entries = list(_entries(fd, info, key_t, val_t, ip, enums))
     finally:
         os.close(fd)
     out: dict[str, Any] = {"spec": spec_name, "map": map_name, "pin": path, **facts,
                            "types": {"key": _type_name(key_t), "value": _type_name(val_t)},
                            "sanitized": not raw, "entries": entries, "notes": notes}
+    if decl is not None and decl.histogram is not None:
+        out["histogram"] = histogram(decl.histogram, entries)
     if not raw:
         out["entries"], out["key_source"] = _sanitize_entries(
             view, entries, ip, pseudonymize, ipv4_prefix, ipv6_prefix, notes)
     return out
 
 
-def _declared_types(view: View, spec_name: str, map_name: str, info: kernel.MapInfo,
-                    notes: list[str]) -> tuple[CType | None, CType | None]:
+def _declared(view: View, spec_name: str, map_name: str, info: kernel.MapInfo,
+              notes: list[str]) -> MapSpec | None:
     parsed, why = applied_spec(view, spec_name)
     if parsed is None:
         notes.append(why or "spec unavailable")
-        return None, None
+        return None
     decl = next((m for m in parsed.maps if m.name == map_name), None)
     if decl is None or (decl.key.size, decl.value.size) != (info.key_size, info.value_size):
         notes.append(f"the pinned map's sizes differ from the spec's declaration of "
                      f"'{map_name}': keys and values shown as raw bytes")
-        return None, None
-    return decl.key, decl.value
+        return None
+    return decl
 
 
 def _entries(fd: int, info: kernel.MapInfo, key_t: CType | None, val_t: CType | None,
-             ip: Sequence[str]) -> Iterator[dict[str, Any]]:
+             ip: Sequence[str], enums: Mapping[str, Mapping[int, str]]
+             ) -> Iterator[dict[str, Any]]:
     # Fields named for --ip stay raw bytes (network order) for the sanitizer to mask.
     key_t = None if "key" in ip else key_t
     val_t = None if "value" in ip else val_t
@@ -117,12 +159,12 @@ def _entries(fd: int, info: kernel.MapInfo, key_t: CType | None, val_t: CType | 
         value = kernel.map_lookup(fd, key, size)
         if value is None:
             continue  # deleted while we walked
-        row: dict[str, Any] = {"key": _decode(key, key_t)}
+        row: dict[str, Any] = {"key": _decode(key, key_t, enums)}
         if percpu:
-            row["values"] = [_decode(value[i * slot:i * slot + info.value_size], val_t)
+            row["values"] = [_decode(value[i * slot:i * slot + info.value_size], val_t, enums)
                              for i in range(ncpus)]
         else:
-            row["value"] = _decode(value, val_t)
+            row["value"] = _decode(value, val_t, enums)
         yield row
 
 

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
+import mmap
 import os
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from loaderd.bpf import kernel, offsets, pins
 from loaderd.config import spec as spec_mod
 from loaderd.config.settings import load_default
 from loaderd.errors import LoaderdError
-from loaderd.model import Settings, Spec
+from loaderd.model import MAP_TYPE_BY_ID, MapType, Settings, Spec
 from loaderd.observe.drift import differences
 from loaderd.store import manifest
 from loaderd.store import statedir as state
@@ -110,7 +113,56 @@ def prog_facts(fd: int) -> dict[str, Any]:
     return out
 
 
-def map_facts(fd: int) -> dict[str, Any]:
+def _ring_positions(fd: int, path: str | None) -> tuple[int, int] | None:
+    """(consumer, producer) of a ring buffer. The kernel maps a ring only through a
+    read-write fd (measured: EINVAL for BPF_F_RDONLY), so the pin is opened read-write for
+    this read-only mapping where this user may (root, the pin's owner); else None."""
+    rw = -1
+    try:
+        try:
+            pos = mmap.mmap(fd, 2 * mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+        except OSError:
+            if path is None:
+                return None
+            rw = kernel.obj_get(path)
+            pos = mmap.mmap(rw, 2 * mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+    except (OSError, LoaderdError):
+        return None
+    finally:
+        if rw >= 0:
+            os.close(rw)
+    try:
+        cons, prod = (struct.unpack_from("<Q", pos, at)[0] for at in (0, mmap.PAGESIZE))
+    finally:
+        pos.close()
+    return int(cons), int(prod)
+
+
+def fill(fd: int, info: kernel.MapInfo, path: str | None = None) -> dict[str, Any]:
+    """How full a map is: a hash's entries over max_entries (a full hash refuses new keys:
+    the program's update fails and it silently stops counting), a ring buffer's unread bytes
+    over its size (a full ring drops new records; the kernel counts none). Arrays are always
+    full (every slot exists): nothing to say."""
+    mtype = MAP_TYPE_BY_ID.get(info.type)
+    if mtype is None:
+        return {}
+    if mtype is MapType.RINGBUF:
+        got = _ring_positions(fd, path)
+        if got is None:
+            return {}
+        pending = max(0, got[1] - got[0])
+        return {"bytes_pending": pending, "fill": round(pending / info.max_entries, 4)}
+    if mtype.kind.array or mtype.kind.fixed:
+        return {}
+    n = 0
+    for _ in kernel.map_keys(fd, info.key_size):
+        n += 1
+        if n >= info.max_entries:
+            break
+    return {"entries": n, "fill": round(n / info.max_entries, 4)}
+
+
+def map_facts(fd: int, path: str | None = None) -> dict[str, Any]:
     info = kernel.map_info(fd)
     out: dict[str, Any] = {
         "id": info.id, "type": info.type_name, "name": info.name, "flags": info.map_flags,
@@ -121,6 +173,8 @@ def map_facts(fd: int) -> dict[str, Any]:
     out["frozen"] = int(fdi.get("frozen", "0") or 0)
     if info.btf_id:
         out["btf_id"] = info.btf_id
+    with contextlib.suppress(LoaderdError):
+        out.update(fill(fd, info, path))
     return out
 
 
@@ -234,8 +288,10 @@ def _object_rows(spec: Recorded, unchecked: list[str]
     maps = []
     for name in sorted(spec.maps):
         m = r.maps.get(name) if r else None
-        maps.append(_row({**common, "pin": pin("maps", name), "freeze": m.frozen if m else None},
-                         map_facts, "map", rdonly=True, fallback={"name": name},
+        path = pin("maps", name)
+        maps.append(_row({**common, "pin": path, "freeze": m.frozen if m else None},
+                         functools.partial(map_facts, path=path), "map", rdonly=True,
+                         fallback={"name": name},
                          recorded=None if m is None else {"id": m.id}, unchecked=unchecked))
     links = []
     for name in sorted(spec.links):

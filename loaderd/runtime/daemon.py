@@ -23,16 +23,19 @@ from types import FrameType
 from loaderd import privileges
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
+from loaderd.bpf import kernel
 from loaderd.errors import LoaderdError, plural
 from loaderd.model import Settings
 from loaderd.observe import drift, metrics
 from loaderd.observe import status as status_report
+from loaderd.observe.status import fill
 from loaderd.runtime.eventpump import EventPump
 from loaderd.store import textfile
 from loaderd.store.manifest import EMPTY, Manifest, Status
 from loaderd.store.statedir import Refusal, State, tree_digest
 
 DRIFT_INTERVAL = 30.0
+FILL_WARN = 0.9  # a map this full is journaled (MAP_FILLING) once, until it empties below
 PROGRESS = "progress: "  # prefix of the apply child's progress lines on stdout
 
 
@@ -87,6 +90,7 @@ class Daemon:
         self._applying_ident: tuple[int, int] | None = None
         self.reloaded = False  # the set shown is the one a `systemctl reload` re-read
         self._metrics_error: str | None = None  # the write failure last journaled
+        self.filling: set[tuple[str, str]] = set()  # maps journaled as >= FILL_WARN full
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -126,6 +130,10 @@ class Daemon:
             audit.emit(Event.DAEMON, "initial apply failed and no earlier set exists; exiting",
                        rc=rc)
             return 1
+        # Perf buffers are CPU-wide perf events (CAP_PERFMON): open the event readers while
+        # the unit's capabilities are still here; they stay open after the drop.
+        self.pump = EventPump(self.settings)
+        self.pump.sync(self.manifest)
         caps = privileges.drop_all()
         left = ("" if not caps.bounding else "; bounding set kept "
                 + ",".join(privileges.names(caps.bounding))
@@ -174,6 +182,11 @@ class Daemon:
         if hold is not None:
             text += "; " + hold.sentence(tree_digest(self.settings.programs_dir)
                                          != hold.programs_sha256)
+        lost = {k: c["lost"] for k, c in (self.pump.counters() if self.pump else {}).items()
+                if c["lost"]}
+        if lost:
+            text += f"; {sum(lost.values())} events lost by the kernel in " + ", ".join(
+                sorted(lost)) + " (see journal)"
         if self.known_drift:
             names = sorted(self.known_drift)
             text += f"; DRIFT in {len(names)}: {', '.join(names)} (see journal)"
@@ -194,8 +207,9 @@ class Daemon:
             wd_usec = 0
         tick = min(wd_usec / 2e6 if wd_usec else 5.0, 5.0, self.drift_interval)
         next_drift = time.monotonic() + self.drift_interval
-        self.pump = EventPump(self.settings)
-        self.pump.sync(self.manifest)
+        if self.pump is None:
+            self.pump = EventPump(self.settings)
+            self.pump.sync(self.manifest)
         while not self.stop:
             if wd_usec:
                 notify("WATCHDOG=1")
@@ -226,6 +240,7 @@ class Daemon:
                            specs=len(self.manifest.specs))
             if time.monotonic() >= next_drift:
                 self.check_drift()
+                self.check_fill()
                 next_drift = time.monotonic() + self.drift_interval
                 self._show()
                 self.write_metrics()
@@ -305,6 +320,40 @@ class Daemon:
             hold = self._hold_changed()
             refused = self._refused_changed()
             return self._applying_changed() or refused or manifest or hold
+
+    def check_fill(self) -> None:
+        """Journal once when a map crosses FILL_WARN (again after it fell below it): a full
+        hash silently stops counting, a full ring silently drops."""
+        for name, record in self.manifest.specs.items():
+            for mname in record.maps:
+                fd = -1
+                try:
+                    path = os.path.join(record.pin_dir, "maps", mname)
+                    fd = kernel.obj_get(path, rdonly=True)
+                    info = kernel.map_info(fd)
+                    facts = fill(fd, info, path)
+                except LoaderdError:
+                    continue  # a WRONLY map, or gone: drift says so
+                finally:
+                    if fd >= 0:
+                        os.close(fd)
+                ratio = facts.get("fill")
+                key = (name, mname)
+                if ratio is None or ratio < FILL_WARN:
+                    self.filling.discard(key)
+                elif key not in self.filling:
+                    self.filling.add(key)
+                    if "entries" in facts:
+                        what = (f"{facts['entries']} of {info.max_entries} entries; a full "
+                                "hash refuses new keys and its program silently stops "
+                                "counting: use lru_hash for keys that come and go, or delete "
+                                "entries")
+                    else:
+                        what = (f"{facts['bytes_pending']} bytes unread; a full ring drops "
+                                "new records uncounted: give it a reader (events: lets the "
+                                "daemon read it)")
+                    audit.emit(Event.MAP_FILLING, f"{name}/{mname}: {ratio:.0%} full ({what})",
+                               spec=name, map=mname, fill=ratio, entries=facts.get("entries"))
 
     def check_drift(self) -> dict[str, list[str]]:
         """Journal each new difference between the manifest and the kernel once. Not while an

@@ -1,4 +1,5 @@
-"""Journal the events of ring buffers whose spec declares `events: {layout: ...}`.
+"""Journal the events of ring buffers and perf event arrays whose spec declares
+`events: {layout: ...}`.
 
 Runs inside the resident daemon (no capabilities: it opens the pins it owns). Every record is
 decoded by the declared layout, sanitized (IPs masked, ids pseudonymized with the daemon's HMAC
@@ -16,12 +17,12 @@ from dataclasses import dataclass
 from loaderd import sanitize
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
-from loaderd.bpf import kernel
+from loaderd.bpf import btf, kernel
 from loaderd.errors import LoaderdError
-from loaderd.layout import Field, decode, parse_layout
+from loaderd.layout import Field, decode, enum_names, parse_layout
 from loaderd.model import Settings
 from loaderd.observe.metrics import RingCount
-from loaderd.runtime import ringbuf
+from loaderd.runtime import perfbuf, ringbuf
 from loaderd.store.manifest import Manifest
 
 # Records taken from one ring per pump(): a flood (or a producer faster than the journal) must
@@ -34,11 +35,26 @@ class _Ring:
     spec: str
     map: str
     fd: int
-    ring: ringbuf.RingBuffer
+    map_id: int
+    reader: ringbuf.RingBuffer | perfbuf.PerfBuffer
     layout: tuple[Field, ...]
     limit: ringbuf.RateLimit
     reported: int = 0
     read: int = 0  # records consumed (journaled + dropped by the rate limit)
+    lost_reported: int = 0
+
+    @property
+    def end(self) -> int:
+        """Where the layout ends (perf samples carry the kernel's alignment padding)."""
+        return ringbuf.layout_end(self.layout) if isinstance(
+            self.reader, perfbuf.PerfBuffer) else 0
+
+
+_PERF_NO_CAPS = ("a perf_event_array is read through CPU-wide perf events (CAP_PERFMON): the "
+                 "resident opens them before it drops its capabilities, so one applied by a "
+                 "reload is read after `systemctl restart loaderd`, and none is read by a "
+                 "resident started without CAP_PERFMON (loaderd-apply.service + `run "
+                 "--no-apply`); a ringbuf map is read without capabilities")
 
 
 class EventPump:
@@ -46,44 +62,84 @@ class EventPump:
         self.rate = settings.policy.limits.max_event_rate
         self.clean = sanitize.Sanitizer(sanitize.load_key(settings.state_dir), settings.sanitize)
         self.rings: list[_Ring] = []
+        self.enums: dict[str, dict[int, str]] = {}
 
     def sync(self, manifest: Manifest) -> None:
-        """(Re)open the rings the applied specs declare; after a reload the maps may be new.
-        Rate limits carry over: a reload must not grant a fresh burst."""
-        limits = {(r.spec, r.map): (r.limit, r.reported, r.read) for r in self.rings}
-        self.close()
+        """(Re)open the event maps the applied specs declare; after a reload the maps may be
+        new. A map that is still the same (its id) keeps its reader: a perf buffer could not be
+        opened again without CAP_PERFMON. Rate limits carry over: a reload must not grant a
+        fresh burst."""
+        old = {(r.spec, r.map): r for r in self.rings}
+        self.rings = []
         for name, record in manifest.specs.items():
             for mname, layout in record.events.items():
                 path = os.path.join(record.pin_dir, "maps", mname)
                 fd = -1
                 try:
                     fd = kernel.obj_get(path)
-                    ring = ringbuf.RingBuffer(fd, path)
+                    map_id = kernel.map_info(fd).id
+                    prev = old.get((name, mname))
+                    if prev is not None and prev.map_id == map_id:
+                        os.close(fd)
+                        del old[(name, mname)]
+                        prev.layout = parse_layout(layout)
+                        self.rings.append(prev)
+                        continue
+                    reader = ringbuf.open_reader(fd, path)
                 except LoaderdError as exc:
                     if fd >= 0:
                         os.close(fd)
-                    audit.emit(Event.DAEMON, f"{name}/{mname}: cannot read events: {exc}",
+                    hint = f"; {_PERF_NO_CAPS}" if "CAP_PERFMON" in str(exc) else ""
+                    audit.emit(Event.DAEMON, f"{name}/{mname}: cannot read events: {exc}{hint}",
                                spec=name, map=mname)
                     continue
-                limit, reported, read = limits.get((name, mname),
-                                                   (ringbuf.RateLimit(self.rate), 0, 0))
-                self.rings.append(_Ring(name, mname, fd, ring, parse_layout(layout),
-                                        limit, reported, read))
+                prev = old.get((name, mname))
+                limit, reported, read = (prev.limit, prev.reported, prev.read) if prev else (
+                    ringbuf.RateLimit(self.rate), 0, 0)
+                fields = parse_layout(layout)
+                self._enums(fields)
+                self.rings.append(_Ring(name, mname, fd, map_id, reader, fields, limit,
+                                        reported, read))
+        for r in old.values():
+            self._close(r)
+
+    def _enums(self, fields: tuple[Field, ...]) -> None:
+        """BTF enums the layout names, read once (the kernel's enums do not change)."""
+        wanted = enum_names(fields) - set(self.enums)
+        if wanted:
+            found, missing = btf.enum_labels(wanted)
+            self.enums.update(found)
+            for name in missing:
+                self.enums[name] = {}
+                audit.emit(Event.DAEMON, f"enum {name} is not in the kernel's BTF: its "
+                           "event fields are journaled as numbers")
 
     def fds(self) -> list[int]:
-        """Ring fds to poll: readable when records are waiting."""
-        return [r.fd for r in self.rings]
+        """Fds to poll: readable when records are waiting (a ring's map fd, a perf buffer's
+        per-CPU event fds)."""
+        return [fd for r in self.rings for fd in (
+            r.reader.fds() if isinstance(r.reader, perfbuf.PerfBuffer) else [r.fd])]
 
     def pump(self) -> int:
         """Journal what is available now; returns the number of events journaled."""
         sent = 0
         for r in self.rings:
-            for record in r.ring.consume(MAX_PER_PUMP):
+            end = r.end
+            for record in r.reader.consume(MAX_PER_PUMP):
                 r.read += 1
                 if not r.limit.allow():
                     continue
+                if end:
+                    record = perfbuf.trim_padding(record, end)
                 self.journal(r.spec, r.map, record, r.layout)
                 sent += 1
+            lost = r.reader.lost if isinstance(r.reader, perfbuf.PerfBuffer) else 0
+            if lost > r.lost_reported:
+                audit.emit(Event.EVENTS_LOST, f"{r.spec}/{r.map}: the kernel lost "
+                           f"{lost - r.lost_reported} samples (a per-CPU perf ring was full; "
+                           f"{lost} since opened)", spec=r.spec, map=r.map,
+                           lost=lost - r.lost_reported, lost_total=lost)
+                r.lost_reported = lost
             if r.limit.dropped > r.reported:
                 audit.emit(Event.EVENTS_DROPPED, f"{r.spec}/{r.map}: "
                            f"{r.limit.dropped - r.reported} events over the rate limit of "
@@ -100,14 +156,23 @@ class EventPump:
                 layout: tuple[Field, ...]) -> None:
         """One record: decoded by its layout, sanitized, journaled (bench/ times this)."""
         # The address fields the settings name are read in network order too (sanitize.ip_fields).
-        fields = self.clean(decode(record, layout, self.clean.rules.ip_fields))
+        fields = self.clean(decode(record, layout, self.clean.rules.ip_fields, self.enums))
         audit.emit(Event.BPF_EVENT, f"{spec}/{map_name}: "
                    + json.dumps(fields, default=str, sort_keys=True), spec=spec,
                    map=map_name, **{f"event_{k.lstrip('_')}": v for k, v in fields.items()})
 
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Per event map (`spec/map`): events over the rate limit, samples the kernel lost."""
+        return {f"{r.spec}/{r.map}": {"dropped": r.limit.dropped, "lost": r.lost_reported}
+                for r in self.rings}
+
+    @staticmethod
+    def _close(r: _Ring) -> None:
+        r.reader.close()
+        with contextlib.suppress(OSError):
+            os.close(r.fd)
+
     def close(self) -> None:
         for r in self.rings:
-            r.ring.close()
-            with contextlib.suppress(OSError):
-                os.close(r.fd)
+            self._close(r)
         self.rings = []

@@ -21,12 +21,13 @@ import os
 import select
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from loaderd.bpf import kernel
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.layout import Field, decode
+from loaderd.runtime import perfbuf
 from loaderd.sanitize import IP_FIELDS
 
 _BUSY = 1 << 31
@@ -61,8 +62,8 @@ class RingBuffer:
     def __init__(self, fd: int, where: str = "ring buffer") -> None:
         info = kernel.map_info(fd)
         if info.type != kernel.MAP_TYPES["ringbuf"]:
-            raise LoaderdError(Kind.KERNEL, f"not a ring buffer but a {info.type_name} map "
-                               "(perf event arrays are not supported)", Location(where))
+            raise LoaderdError(Kind.KERNEL, f"not a ring buffer but a {info.type_name} map",
+                               Location(where))
         self.fd, self.size, self.mask = fd, info.max_entries, info.max_entries - 1
         try:
             self.cons = mmap.mmap(fd, _PAGE, mmap.MAP_SHARED,
@@ -110,24 +111,41 @@ class RingBuffer:
         poller.poll(int(timeout * 1000))
 
 
+def open_reader(fd: int, path: str) -> RingBuffer | perfbuf.PerfBuffer:
+    """The reader for an event map fd: a ring buffer, or per-CPU perf rings (CAP_PERFMON)."""
+    if kernel.map_info(fd).type == kernel.MAP_TYPES["perf_event_array"]:
+        return perfbuf.PerfBuffer(fd, path)
+    return RingBuffer(fd, path)
+
+
+def layout_end(layout: tuple[Field, ...] | None) -> int:
+    return 0 if not layout else max(f.offset + f.total for f in layout)
+
+
 def stream(path: str, *, layout: tuple[Field, ...] | None, rate: int,
            sanitize: Callable[[Any], Any] | None, count: int | None = None,
            duration: float | None = None, poll: float = 0.2,
-           addresses: frozenset[str] = IP_FIELDS) -> Iterator[dict[str, Any]]:
-    """Decoded (and sanitized) events from the ring buffer pinned at `path`. A `_dropped`
-    record reports events consumed over the rate limit since the previous report."""
+           addresses: frozenset[str] = IP_FIELDS,
+           enums: Mapping[str, Mapping[int, str]] | None = None) -> Iterator[dict[str, Any]]:
+    """Decoded (and sanitized) events from the ring buffer or perf event array pinned at
+    `path`. A `_dropped` record reports events consumed over the rate limit since the previous
+    report; a `_lost` record samples the kernel lost (a perf ring was full)."""
     fd = kernel.obj_get(path)
-    ring: RingBuffer | None = None
+    reader: RingBuffer | perfbuf.PerfBuffer | None = None
+    end = layout_end(layout)
     try:
-        ring = RingBuffer(fd, path)
+        reader = open_reader(fd, path)
+        perf = isinstance(reader, perfbuf.PerfBuffer)
         limit = RateLimit(rate)
         deadline = None if duration is None else time.monotonic() + duration
-        emitted = reported = 0
+        emitted = reported = lost = 0
         while count is None or emitted < count:
-            for record in ring.consume():
+            for record in reader.consume():
                 if not limit.allow():
                     continue
-                event = decode(record, layout, addresses)
+                if perf and end:
+                    record = perfbuf.trim_padding(record, end)
+                event = decode(record, layout, addresses, enums)
                 yield sanitize(event) if sanitize else event
                 emitted += 1
                 if count is not None and emitted >= count:
@@ -135,10 +153,13 @@ def stream(path: str, *, layout: tuple[Field, ...] | None, rate: int,
             if limit.dropped > reported:
                 yield {"_dropped": limit.dropped - reported, "rate_limit": rate}
                 reported = limit.dropped
+            if isinstance(reader, perfbuf.PerfBuffer) and reader.lost > lost:
+                yield {"_lost": reader.lost - lost}
+                lost = reader.lost
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            ring.wait(poll)
+            reader.wait(poll)
     finally:
-        if ring is not None:
-            ring.close()
+        if reader is not None:
+            reader.close()
         os.close(fd)

@@ -23,17 +23,35 @@ from collections.abc import Iterator
 from typing import Any
 
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.model import MAP_FLAG_BITS, CType, MapSpec, MapType, ProgType, Spec
+from loaderd.model import MAP_FLAG_BITS, CType, Field, MapSpec, MapType, ProgType, Spec
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
+def _member(f: Field, names: set[str], index: int) -> str:
+    name = f.name if f.name not in names else f"{f.name}{index}"  # `_pad` may repeat
+    names.add(name)
+    if f.type == "char":
+        return f"char {name}[{f.size}];"
+    if f.type == "bytes":
+        return f"u8 {name}[{f.size}];"
+    return f"{f.type} {name}[{f.count}];" if f.count != 1 else f"{f.type} {name};"
+
+
 def c_type(map_name: str, role: str, ctype: CType) -> tuple[str, str]:
-    """(typedef needed or "", C type name) for a key or value."""
+    """(typedef needed or "", C type name) for a key or value: a scalar by its name, anything
+    else as `loaderd_<map>_<key|value>_t` (docs/spec-format.md, "Generated C names"). A
+    struct's members are the declared fields in order: C lays them out at the offsets the
+    layout computed (natural alignment), so the program and the readers agree."""
     if ctype.name is not None:
         return "", ctype.name
-    tname = f"loaderd_{map_name}_{role}_t"
-    return f"typedef struct {{ u8 bytes[{ctype.size}]; }} {tname};\n", tname
+    tag = f"loaderd_{map_name}_{role}"
+    if ctype.fields:
+        names: set[str] = set()
+        body = " ".join(_member(f, names, i) for i, f in enumerate(ctype.fields))
+    else:
+        body = f"u8 bytes[{ctype.size}];"
+    return f"typedef struct {tag} {{ {body} }} {tag}_t;\n", f"{tag}_t"
 
 
 def map_declaration(m: MapSpec) -> str:
@@ -52,7 +70,10 @@ def map_declaration(m: MapSpec) -> str:
 
 def render(spec: Spec) -> str:
     """The exact C text BCC compiles: generated map prelude, then the author's source."""
-    prelude = "".join(map_declaration(m) for m in spec.maps)
+    # params: `#define NAME value`, what `-DNAME=value` would give clang (values typed and
+    # checked by config.semantic; the YAML they come from is in the spec's sha256)
+    prelude = "".join(f"#define {p.name} {p.c_value}\n" for p in spec.params)
+    prelude += "".join(map_declaration(m) for m in spec.maps)
     origin = spec.source_path or spec.path
     # #line keeps clang's diagnostics pointing at the author's file and line numbers.
     return f"{prelude}#line {spec.source_line} \"{_c_string(origin)}\"\n{spec.source}"
@@ -162,9 +183,25 @@ def inline_indent(spec: Spec) -> int:
     return len(line) - len(line.lstrip(b" "))
 
 
-def bcc_compile(text: str, where: Location, indent: int = 0) -> Any:
+def clang_warnings(diagnostics: str, where: Location | None = None,
+                   indent: int = 0) -> str | None:
+    """clang's warnings of a compile that succeeded (what `check` shows the author), or None;
+    columns in the spec's own file shifted by `indent` (an `inline: |` block's), as errors."""
+    text = _strip_diagnostics(diagnostics)
+    if "warning:" not in text:
+        return None
+    if indent and where is not None and where.file is not None:
+        head = re.escape(where.file)
+        text = re.sub(rf"^({head}):(\d+):(\d+):",
+                      lambda m: f"{m[1]}:{m[2]}:{int(m[3]) + indent}:", text, flags=re.M)
+    return text
+
+
+def bcc_compile(text: str, where: Location, indent: int = 0,
+                warnings: list[str] | None = None) -> Any:
     """BPF(text) with nothing auto-attached, no RLIMIT_MEMLOCK change, a private TMPDIR and
-    clang's diagnostics in the error (located at `where`)."""
+    clang's diagnostics in the error (located at `where`); on success clang's warnings are
+    appended to `warnings`."""
     from bcc import BPF
 
     class _NoAutoAttach(BPF):  # type: ignore[misc]
@@ -177,11 +214,18 @@ def bcc_compile(text: str, where: Location, indent: int = 0) -> Any:
     old_tmp = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = private_tmp
     try:
+        bpf: Any = None
+        err: Exception | None = None
         with captured_fd2() as diag:
             try:
-                return _NoAutoAttach(text=text.encode(), allow_rlimit=False)
+                bpf = _NoAutoAttach(text=text.encode(), allow_rlimit=False)
             except Exception as exc:  # bcc raises bare Exception
                 err = exc
+        if err is None:
+            found = clang_warnings(diag[0], where, indent)
+            if found and warnings is not None:
+                warnings.append(found)
+            return bpf
         raise compile_error(_strip_diagnostics(diag[0]) or str(err), where, indent) from None
     finally:
         if old_tmp is None:
@@ -197,8 +241,11 @@ class Module:
 
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
+        found: list[str] = []
         self.bpf = bcc_compile(render(spec), Location(spec.source_path or spec.path,
-                                                      field="source"), inline_indent(spec))
+                                                      field="source"), inline_indent(spec),
+                               found)
+        self.warnings = found[0] if found else None  # clang's, on success: `check` shows them
 
     def functions(self) -> list[str]:
         lib = _lib()

@@ -100,7 +100,8 @@ def decode_built(msg: dict[str, Any], spec: Spec) -> tuple[StagedSpec, list[str]
     want_progs = [p.name for p in spec.programs]
     if sorted(progs) != sorted(want_progs) or sorted(maps) != sorted(m.name for m in spec.maps):
         raise WireError("built: programs or maps are not the spec's")
-    staged = StagedSpec(spec.name, spec.path, spec.sha256, object_sha256=spec.object_sha256)
+    staged = StagedSpec(spec.name, spec.path, spec.sha256, object_sha256=spec.object_sha256,
+                        warnings=_text(raw.get("warnings"), "warnings", optional=True))
     programs = raw.get("programs")
     if not isinstance(programs, dict) or sorted(programs) != sorted(want_progs):
         raise WireError("built: staged.programs are not the spec's")

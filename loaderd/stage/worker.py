@@ -67,6 +67,7 @@ class StagedSpec:
     programs: dict[str, StagedProgram] = field(default_factory=dict)
     maps: dict[str, StagedMap] = field(default_factory=dict)
     object_sha256: str | None = None  # source.object: the ELF that was loaded
+    warnings: str | None = None  # clang's warnings of a compile that succeeded
 
 
 def encode(ctype: CType, value: int | bytes) -> bytes:
@@ -89,9 +90,13 @@ def _map_loc(spec: Spec, index: int, m: MapSpec) -> Location:
 def check_map_facts(spec: Spec, tables: dict[str, int]) -> dict[str, int]:
     """Every declared map exists with the declared shape; no undeclared map exists."""
     declared = {m.name for m in spec.maps}
-    for name in sorted(set(tables) - declared):
-        raise LoaderdError(Kind.SEMANTIC, f"source defines map '{name}' that the spec does not "
-                           "declare; declare it under maps:", Location(spec.path, field="maps"))
+    undeclared = sorted(set(tables) - declared)
+    if undeclared:  # every one at once: the author fixes them in one edit
+        names = ", ".join(f"'{n}'" for n in undeclared)
+        raise LoaderdError(Kind.SEMANTIC, f"source defines map{'s' * (len(undeclared) > 1)} "
+                           f"{names} that the spec does not declare; declare each under maps: "
+                           "(name, type, key, value, max_entries) and remove its definition "
+                           "from the C text", Location(spec.path, field="maps"))
     fds: dict[str, int] = {}
     for i, m in enumerate(spec.maps):
         if m.name not in tables:
@@ -166,6 +171,20 @@ def _load_program(spec: Spec, index: int, module: Module, pol: Policy,
     raise first_error
 
 
+def all_refused(refused: list[tuple[str, LoaderdError]]) -> LoaderdError:
+    """One error for every refused program of a spec: the first located as it was, the others
+    named with their reasons (the verifier logs joined in the detail)."""
+    first = refused[0][1]
+    if len(refused) == 1:
+        return first
+    rest = "; ".join(f"program '{name}' ({exc.location.field}): {exc.message}"
+                     for name, exc in refused[1:])
+    detail = "\n\n".join(f"--- {name}\n{exc.detail}" for name, exc in refused if exc.detail)
+    return LoaderdError(first.kind, f"{first.message}; {len(refused) - 1} more refused: {rest}",
+                        first.location, value=first.value, allowed=first.allowed,
+                        detail=detail[:60000] or None)
+
+
 def _fill(m: MapSpec, fd: int, layout: pins.PinLayout, old_pin: str, spec: str) -> None:
     ncpus = kernel.possible_cpus()
     if m.preserve and layout.exists(old_pin):
@@ -214,14 +233,24 @@ def build(spec: Spec, pol: Policy) -> tuple[Built, Callable[[], None]]:
 def _build_bcc(spec: Spec, pol: Policy, staged: StagedSpec
                ) -> tuple[Built, Callable[[], None]]:
     module = Module(spec)
+    staged.warnings = module.warnings
     try:
         map_fds = check_map_facts(spec, module.tables())
         prog_fds: dict[str, int] = {}
+        refused: list[tuple[str, LoaderdError]] = []
         for i, prog in enumerate(spec.programs):
-            fd, function, (helpers, calls), degraded = _load_program(
-                spec, i, module, pol, set(map_fds.values()))
+            try:
+                fd, function, (helpers, calls), degraded = _load_program(
+                    spec, i, module, pol, set(map_fds.values()))
+            except LoaderdError as exc:
+                if exc.kind not in (Kind.POLICY, Kind.HELPER, Kind.VERIFIER, Kind.SEMANTIC):
+                    raise
+                refused.append((prog.name, exc))  # go on: every refused program in one run
+                continue
             prog_fds[prog.name] = fd
             _record(staged, prog.name, prog.type.value, fd, function, helpers, calls, degraded)
+        if refused:
+            raise all_refused(refused)  # the module's close (below) releases the loaded ones
     except BaseException:
         module.close()
         raise

@@ -16,6 +16,7 @@ from loaderd.sanitize import (
     REDACTED,
     REDACTED_CARD,
     Key,
+    Opaque,
     Rules,
     Sanitizer,
     ephemeral_key,
@@ -213,7 +214,7 @@ def test_key_readable_by_others_or_short_is_refused(tmp_path: Path,
 def test_event_layout_decode_then_sanitize(san: Sanitizer) -> None:
     from loaderd.layout import decode, parse_layout
 
-    layout = parse_layout("kind:u8, pid:u32,uid:u32,saddr:bytes4,delta:s16,comm:bytes8")
+    layout = parse_layout("kind:u8, pid:u32,uid:u32,saddr:bytes4,delta:s16,comm:char8")
     assert [(f.name, f.offset, f.size) for f in layout] == [
         ("kind", 0, 1), ("pid", 4, 4), ("uid", 8, 4), ("saddr", 12, 4), ("delta", 16, 2),
         ("comm", 18, 8)]
@@ -221,12 +222,12 @@ def test_event_layout_decode_then_sanitize(san: Sanitizer) -> None:
               + bytes([10, 9, 8, 7]) + (-5).to_bytes(2, "little", signed=True) + b"curl\0\0\0\0"
               + b"\xff\xee")
     event = decode(record, layout)
-    assert event == {"kind": 3, "pid": 42, "uid": 1000, "saddr": bytes([10, 9, 8, 7]),
-                     "delta": -5, "comm": b"curl\0\0\0\0", "_rest": b"\xff\xee"}
+    assert event == {"kind": 3, "pid": 42, "uid": 1000, "saddr": Opaque(bytes([10, 9, 8, 7])),
+                     "delta": -5, "comm": "curl", "_rest": Opaque(b"\xff\xee")}
     assert san(event) == {"kind": 3, "pid": 42, "uid": san.pseudonym(1000),
                           "saddr": "10.9.8.0/24", "delta": -5, "comm": "curl", "_rest": "ffee"}
     assert decode(record[:6], layout) == {"kind": 3, "_short": True}
-    assert decode(b"password=x", None) == {"data": b"password=x"}
+    assert decode(b"password=x", None) == {"data": Opaque(b"password=x")}
     for bad in ("pid:u33", "pid", "Pid:u32", "x:bytes0", ""):
         with pytest.raises(LoaderdError):
             parse_layout(bad)

@@ -351,7 +351,6 @@ def test_every_object_in_the_schemas_is_closed() -> None:
     "#include   <linux/if_ether.h>   // trailing comment\n",
     "int external_count; int sectional;\n",
     "#pragma unroll\n",
-    "BPF_HASH(h, u32, u64, 16);\n",
     "#include <linux/sched.h>\r\nint a;\r\n",  # CRLF line endings
     "// a comment \\\r\n#include \"x.h\"\n",  # spliced into the comment, for clang too
     "int a;\f\vint b;\n",
