@@ -161,6 +161,14 @@ def signed_text(s: Spec, mode: SignatureMode) -> str:
     return f"; signature intact, signer not checked ({f.fingerprint}: no allowed_signers)"
 
 
+def unsigned_names(specs: list[Spec], mode: SignatureMode) -> list[str]:
+    """The specs a signature mode other than off admitted without a signature."""
+    if mode is SignatureMode.OFF:
+        return []
+    return sorted(s.name for s in specs
+                  if s.signature is None or s.signature.status is SignatureStatus.UNSIGNED)
+
+
 def signature_fields(s: Spec) -> dict[str, str | int]:
     """Journal fields of a spec's signature check (LOADERD_SIGNATURE, LOADERD_SIGNER, ...)."""
     f = s.signature
@@ -300,10 +308,18 @@ class Applier:
                 # apply that changed the set) unless its owner/mode are not the service's.
                 misfit = self.state.manifest_misfit()
                 if result.adopted:
+                    # Admitted unsigned by a permissive mode: said on every apply that admits
+                    # them, built or adopted (the mode may have changed since they were built)
+                    unsigned = unsigned_names([spec_of[n] for n in result.adopted],
+                                              self.settings.signatures.mode)
                     audit.emit(Event.ADOPTED, f"{plural(len(result.adopted), 'spec')} "
                                "unchanged, adopted as applied; nothing to compile" + (
-                                   f"; manifest rewritten: {misfit}" if misfit else ""),
-                               specs=result.adopted, compiles=0)
+                                   f"; manifest rewritten: {misfit}" if misfit else "") + (
+                                   f"; UNSIGNED (signatures.mode "
+                                   f"{self.settings.signatures.mode.value}): "
+                                   f"{names(unsigned)}" if unsigned else ""),
+                               specs=result.adopted, compiles=0,
+                               **({"unsigned": unsigned} if unsigned else {}))
                 if misfit:
                     self._record_last(current, result)
                 else:

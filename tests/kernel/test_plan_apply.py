@@ -41,12 +41,11 @@ def _by_action(p: dict[str, Any], action: str) -> list[str]:
 
 
 def _applied(stdout: str) -> dict[str, Any]:
-    m = re.search(r"built (\S+|\[.*?\]); adopted (\S+|\[.*?\]); removed (\S+|\[.*?\]); "
-                  r"compiles (\d+)", stdout)
+    m = re.search(r"built (.*?); adopted (.*?); removed (.*?); compiles (\d+)", stdout)
     assert m, stdout
 
-    def names(text: str) -> list[str]:
-        return [] if text == "-" else sorted(re.findall(r"'([a-z0-9_]+)'", text))
+    def names(text: str) -> list[str]:  # "a, b" or "none" (cli.common.apply_summary)
+        return [] if text == "none" else sorted(text.split(", "))
     return {"build": names(m.group(1)), "adopt": names(m.group(2)),
             "remove": names(m.group(3)), "compiles": int(m.group(4))}
 

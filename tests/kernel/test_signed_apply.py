@@ -137,8 +137,9 @@ def test_enforce_mode_end_to_end(tmp_path: Path, bpffs_root: str) -> None:
                for g in gens)
     loaderd("--config", str(conf), "rollback")
     assert prog_tag(prog)[1] == old_tag
-    # Revoking the key: the signed generations no longer verify; rollback refuses.
-    _write(specs, key, 100)
+    # Revoking the key: the signed generations no longer verify; rollback refuses. (The
+    # rollback holds until released: released, the apply applies /etc's signed set again.)
+    loaderd("--config", str(conf), "rollback", "--release")
     loaderd("--config", str(conf), "apply")
     revoked.write_text(pub)
     back = loaderd("--config", str(conf), "rollback", check=False)
@@ -181,6 +182,13 @@ def test_settings_change_is_journaled_once_with_its_summary(tmp_path: Path,
     out = loaderd("--config", str(conf), "apply")
     (changed,) = _events(out, "settings_changed")
     assert "signatures.mode: off -> permissive" in changed["changes"], changed
+    # unchanged, so adopted: the adoption says it was admitted unsigned
+    (adopted,) = _events(out, "adopted")
+    assert adopted["unsigned"] == ["counter"]
+    assert "UNSIGNED (signatures.mode permissive): counter" in adopted["message"]
+    # built: its acceptance says so
+    (tmp_path / "specs" / "counter.yaml").write_text(COUNTER.format(step=2))
+    out = loaderd("--config", str(conf), "apply")
     (accepted,) = _events(out, "spec_accepted")
     assert accepted["signature"] == "unsigned"
     assert "UNSIGNED (signatures.mode permissive)" in accepted["message"]
