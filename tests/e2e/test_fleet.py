@@ -12,10 +12,10 @@ import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO
 from sysd import Systemd
 
 pytestmark = pytest.mark.systemd
@@ -25,6 +25,7 @@ TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 EXPORTER = "prometheus-node-exporter.service"
 SCRAPE = "http://127.0.0.1:9100/metrics"
 ROOT = "/sys/fs/bpf/loaderd"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def scrape(sysd: Systemd) -> str:
