@@ -40,6 +40,7 @@ class RingCount:
     map: str
     read: int
     dropped: int  # over limits.max_event_rate: consumed, not journaled
+    lost: int = 0  # samples the kernel lost (a perf_event_array's per-CPU ring was full)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "loaderd_events_read_total": ("counter", "Ring buffer records read by the resident."),
     "loaderd_events_dropped_total": ("counter", "Ring buffer records over the rate limit "
                                      "(read, not journaled)."),
+    "loaderd_events_lost_total": ("counter", "Perf buffer samples the kernel lost (its "
+                                  "per-CPU ring was full when the program wrote)."),
+    "loaderd_map_fill_ratio": ("gauge", "Entries over max_entries of a hash map (unread bytes "
+                               "over size for a ring buffer); a full hash refuses new keys."),
     "loaderd_program_runs_total": ("counter", "Program runs the kernel counted (run_cnt)."),
     "loaderd_program_run_time_seconds_total": ("counter", "Program run time the kernel "
                                                "counted (run_time_ns)."),
@@ -135,6 +140,10 @@ def samples(inp: Inputs) -> list[Sample]:
         sig = _signature(spec)
         if sig is not None:
             out.append(_s("loaderd_spec_signature", 1, spec=name, status=sig))
+        for m in spec["maps"]:
+            if "fill" in m:
+                out.append(_s("loaderd_map_fill_ratio", m["fill"], spec=name,
+                              map=str(m.get("name")), type=str(m.get("type"))))
         for p in spec["programs"]:
             if "run_cnt" in p:
                 labels = {"spec": name, "program": p["name"], "type": str(p.get("type"))}
@@ -156,6 +165,7 @@ def samples(inp: Inputs) -> list[Sample]:
     for r in inp.rings:
         out.append(_s("loaderd_events_read_total", r.read, spec=r.spec, map=r.map))
         out.append(_s("loaderd_events_dropped_total", r.dropped, spec=r.spec, map=r.map))
+        out.append(_s("loaderd_events_lost_total", r.lost, spec=r.spec, map=r.map))
     return out
 
 

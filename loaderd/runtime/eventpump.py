@@ -149,8 +149,9 @@ class EventPump:
         return sent
 
     def counts(self) -> tuple[RingCount, ...]:
-        """Records read and dropped per ring since the resident started (metrics)."""
-        return tuple(RingCount(r.spec, r.map, r.read, r.limit.dropped) for r in self.rings)
+        """Records read, dropped and lost per event map since the resident started (metrics)."""
+        return tuple(RingCount(r.spec, r.map, r.read, r.limit.dropped, r.lost_reported)
+                     for r in self.rings)
 
     def journal(self, spec: str, map_name: str, record: bytes,
                 layout: tuple[Field, ...]) -> None:

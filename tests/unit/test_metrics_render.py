@@ -24,7 +24,8 @@ def _report(status: str = "committed", drift: list[str] | None = None) -> dict[s
     return {"manifest": {"readable": True, "status": status},
             "specs": [{"spec": "exec_counter", "drift": drift or [], "degraded": False,
                        "programs": [prog, {"name": "b", "type": "tracepoint", "facts": "kernel"}],
-                       "maps": [{"name": "m", "type": "hash"}, {"name": "n", "facts": "none"}],
+                       "maps": [{"name": "m", "type": "hash", "entries": 9, "fill": 0.9},
+                                {"name": "n", "facts": "none"}],
                        "links": [{"program": "count_exec", "type": "perf_event"}],
                        "signature": {"status": "verified"}}]}
 
@@ -38,7 +39,7 @@ def test_values_follow_the_report() -> None:
     last = LastApply(1000.0, 2, ("a", "b"), (), 1.25)
     text = metrics.render(metrics.samples(metrics.Inputs(
         _report(drift=["map pin missing: /x"]), last, None,
-        (metrics.RingCount("exec_counter", "events", 10, 3),), 2000.0)))
+        (metrics.RingCount("exec_counter", "events", 10, 3, 5),), 2000.0)))
     got = _parse(text)
     assert got['loaderd_programs{spec="exec_counter",type="tracepoint"}'] == 2
     assert got['loaderd_maps{spec="exec_counter",type="hash"}'] == 1
@@ -51,6 +52,9 @@ def test_values_follow_the_report() -> None:
     assert got["loaderd_last_apply_compiles"] == 2
     assert got["loaderd_kill_switch_pulled"] == 0
     assert got['loaderd_events_dropped_total{map="events",spec="exec_counter"}'] == 3
+    assert got['loaderd_events_lost_total{map="events",spec="exec_counter"}'] == 5
+    assert got['loaderd_map_fill_ratio{map="m",spec="exec_counter",type="hash"}'] == 0.9
+    assert 'loaderd_map_fill_ratio{map="n"' not in text  # not read: no fill to report
     assert got['loaderd_program_runs_total{program="count_exec",spec="exec_counter",'
                'type="tracepoint"}'] == 7
     assert got['loaderd_program_run_time_seconds_total{program="count_exec",'
@@ -85,7 +89,7 @@ def test_label_values_are_escaped() -> None:
 def test_promtool_lints_nothing(tmp_path: Path) -> None:
     text = metrics.render(metrics.samples(metrics.Inputs(
         _report(), LastApply(1000.0, 2, (), (), 0.5), Refusal(1001.0, 3, "x"),
-        (metrics.RingCount("exec_counter", "events", 10, 3),), 2000.0)))
+        (metrics.RingCount("exec_counter", "events", 10, 3, 5),), 2000.0)))
     proc = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
                           capture_output=True)
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), (
