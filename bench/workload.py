@@ -164,6 +164,7 @@ class Workspace:
         self.config.write_text(f"loaderd: 1\nprograms_dir: {self.specs}\n"
                                f"bpffs_root: {self.root}\nstate_dir: {self.state}\n")
         self.log = self.dir / "loaderd.log"
+        self._marked_at: float | None = None  # manifest's last_apply.at at mark()
 
     def __enter__(self) -> Workspace:
         return self
@@ -219,6 +220,7 @@ class Workspace:
     # --- CLI ------------------------------------------------------------------------------
     def loaderd(self, *args: str, check: bool = True) -> Timed:
         """`loaderd --config <ws> ARGS` in a fresh interpreter; wall time from spawn to exit."""
+        self.mark()
         cmd = [sys.executable, "-m", "loaderd", "--config", str(self.config), *args]
         with open(self.log, "a") as log:
             log.write(f"--- {' '.join(args)}\n")
@@ -247,7 +249,23 @@ class Workspace:
         data: dict[str, Any] = json.loads((self.state / "manifest.json").read_text())
         return data
 
+    def _last_apply_at(self) -> float | None:
+        try:
+            last = self.manifest().get("last_apply")
+        except (OSError, ValueError):
+            return None
+        return float(last["at"]) if isinstance(last, dict) else None
+
+    def mark(self) -> None:
+        """Before an apply (CLI or resident): what last_compiles() compares against."""
+        self._marked_at = self._last_apply_at()
+
     def last_compiles(self) -> int:
+        """Compiles of the apply since mark(): an apply that changed nothing leaves the
+        manifest's last_apply as it was (the last apply that changed the set), so 0."""
+        at = self._last_apply_at()
+        if at is None or at == self._marked_at:
+            return 0
         return int(self.manifest()["last_apply"]["compiles"])
 
     def log_tail(self, chars: int = 3000) -> str:
@@ -290,6 +308,7 @@ class Resident:
 
     @classmethod
     def of(cls, ws: Workspace, drift_interval: float = 3600.0) -> Resident:
+        ws.mark()
         return cls(ws.config, ws.dir, drift_interval)
 
     def log_tail(self, chars: int = 3000) -> str:

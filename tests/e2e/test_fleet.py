@@ -26,6 +26,7 @@ EXPORTER = "prometheus-node-exporter.service"
 SCRAPE = "http://127.0.0.1:9100/metrics"
 ROOT = "/sys/fs/bpf/loaderd"
 REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = len(list((REPO / "configs" / "programs.d").glob("*.yaml")))  # the shipped set
 
 
 def scrape(sysd: Systemd) -> str:
@@ -93,7 +94,7 @@ def test_metrics_match_status_json(serving: Systemd) -> None:
     assert got, text[-2000:]
     # node_exporter read the file without complaint (an unparsable file sets this to 1)
     assert 'node_textfile_scrape_error 0' in text
-    assert got["loaderd_specs"] == len(report["specs"]) == 4
+    assert got["loaderd_specs"] == len(report["specs"]) == EXAMPLES
     for spec in report["specs"]:
         name = spec["spec"]
         for kind in ("programs", "maps", "links"):
@@ -149,13 +150,13 @@ def test_kill_switch_and_a_refused_apply_in_the_metrics(serving: Systemd) -> Non
     sysd.run("loaderd", "enable")
     sysd.systemctl("reload", UNIT, timeout=300)
     got = scraped_until(sysd, "loaderd_kill_switch_pulled", 0)
-    assert got["loaderd_specs"] == 4 and got["loaderd_last_apply_success"] == 1
+    assert got["loaderd_specs"] == EXAMPLES and got["loaderd_last_apply_success"] == 1
     sysd.sh("printf 'loaderd: 1\\nname: broken\\nprograms: [\\n' "
             "> /etc/loaderd/programs.d/zz_broken.yaml")
     assert sysd.systemctl("reload", UNIT, check=False, timeout=300).returncode != 0
     got = scraped_until(sysd, "loaderd_last_apply_success", 0)
     assert got["loaderd_last_apply_success"] == 0 and got["loaderd_last_refusal_errors"] >= 1
-    assert got["loaderd_specs"] == 4  # the set before it stays applied
+    assert got["loaderd_specs"] == EXAMPLES  # the set before it stays applied
     sysd.run("rm", "/etc/loaderd/programs.d/zz_broken.yaml")
     sysd.systemctl("reload", UNIT, timeout=300)
     got = scraped_until(sysd, "loaderd_last_apply_success", 1)
@@ -316,8 +317,8 @@ def test_ansible_refuses_an_empty_specs_dir(serving: Systemd) -> None:
                    "local -i localhost, empty.yml", check=False, timeout=600,
                    env={"ANSIBLE_NOCOLOR": "1"})
     assert out.returncode != 0 and "no *.yaml specs in /nonexistent" in out.stdout, out.stdout
-    assert len(status_json(sysd)["specs"]) == 4
-    assert sysd.run("ls", "/etc/loaderd/programs.d").stdout.count(".yaml") == 4
+    assert len(status_json(sysd)["specs"]) == EXAMPLES
+    assert sysd.run("ls", "/etc/loaderd/programs.d").stdout.count(".yaml") == EXAMPLES
 
 # --- audit shipping: loaderd-journal-upload -> systemd-journal-remote on 127.0.0.1 ----------
 

@@ -36,13 +36,13 @@ def _events(sysd: Systemd, event: Event) -> list[dict[str, object]]:
 def test_enforce_mode_under_the_real_units(installed: Systemd) -> None:
     sysd = installed
     sysd.sh(f"rm -f {PROGRAMS}/*")
-    sysd.sh("mkdir -p /root/keys && ssh-keygen -q -t ed25519 -N '' -C author "
-            "-f /root/keys/author </dev/null")
+    sysd.sh("mkdir -p /tmp/keys && ssh-keygen -q -t ed25519 -N '' -C author "
+            "-f /tmp/keys/author </dev/null")
     sysd.write(f"{PROGRAMS}/counter.yaml", SPEC)
-    sysd.run("ssh-keygen", "-q", "-Y", "sign", "-n", "loaderd-spec", "-f", "/root/keys/author",
+    sysd.run("ssh-keygen", "-q", "-Y", "sign", "-n", "loaderd-spec", "-f", "/tmp/keys/author",
              f"{PROGRAMS}/counter.yaml")
-    pub = sysd.run("cat", "/root/keys/author.pub").stdout.strip()
-    fp = sysd.run("ssh-keygen", "-lf", "/root/keys/author.pub").stdout.split()[1]
+    pub = sysd.run("cat", "/tmp/keys/author.pub").stdout.strip()
+    fp = sysd.run("ssh-keygen", "-lf", "/tmp/keys/author.pub").stdout.split()[1]
     sysd.write("/etc/loaderd/allowed_signers",
                f'author@example.com namespaces="loaderd-spec" {pub}\n')
     sysd.sh("printf 'signatures: {mode: enforce, allowed_signers: /etc/loaderd/allowed_signers}"

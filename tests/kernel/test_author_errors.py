@@ -76,7 +76,7 @@ def test_probe_read_from_bcc_rewrite_and_every_refused_program(tmp_path: Path,
     assert "policy.helpers.by_type.raw_tracepoint (raw_tracepoint: [probe_read])" in out
     # the second program's refusal in the same run
     assert "1 more refused: program 'second' (programs[1])" in out and "trace_printk" in out
-    assert "1 specs, 1 errors" in out
+    assert "1 spec, 1 error" in out
 
 
 def test_every_undeclared_map_in_one_error(tmp_path: Path, bpffs_root: str) -> None:
