@@ -98,6 +98,6 @@ def test_a_missing_cpu_link_is_drift(tmp_path: Path, bpffs_root: str) -> None:
     assert any(f"on_sample__cpu{cpu}" in d and "(program on_sample is detached)" in d
                for d in diffs), diffs
     out = loaderd("--config", str(conf), "apply")  # drift: rebuilt, every CPU linked again
-    assert "built ['prof']" in out.stdout
+    assert "built prof;" in out.stdout
     assert os.path.exists(f"{bpffs_root}/prof/links/on_sample__cpu{cpu}")
     loaderd("--config", str(conf), "disable")

@@ -165,7 +165,7 @@ def test_replaced_binary_is_drift(tmp_path: Path, bpffs_root: str, binary: Path)
     diffs = drift.differences(record)
     assert any(f"binary {binary} was replaced" in d for d in diffs), diffs
     out = loaderd("--config", str(conf), "apply")  # drift: rebuilt on the new file
-    assert "built ['ticks']" in out.stdout
+    assert "built ticks;" in out.stdout
     run(binary, 4)
     assert read_u64(f"{bpffs_root}/ticks/maps/calls") == 4
     loaderd("--config", str(conf), "disable")
