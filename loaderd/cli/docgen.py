@@ -295,6 +295,9 @@ def fields(schema: dict[str, Any]) -> Iterator[Field]:
             add = part.get("additionalProperties")
             if isinstance(add, dict):
                 yield from walk(add, f"{path}.*", seen)
+            for sub in part.get("patternProperties", {}).values():  # params: NAME -> {...}
+                if isinstance(sub, dict):
+                    yield from walk(sub, f"{path}.*", seen)
 
     yield from walk(schema, "", ())
 
