@@ -196,7 +196,10 @@ def test_purge_runs_the_kill_switch_before_the_tools_go(host: Systemd, deb: Path
     assert gone(sysd, ids) == [], "programs still loaded after purge"
     assert kill_switch_events(sysd, since), "no kill switch event journaled"
     assert "loaderctl" not in out.stdout + out.stderr
-    for path in ("/var/lib/loaderd", ROOT, "/usr/bin/loaderd", "/etc/loaderd/loaderd.yaml"):
+    assert "not empty so not removed" not in out.stdout + out.stderr  # no bytecode left
+    for path in ("/var/lib/loaderd", ROOT, "/usr/bin/loaderd", "/etc/loaderd/loaderd.yaml",
+                 "/usr/lib/python3/dist-packages/loaderd",
+                 "/var/lib/prometheus/node-exporter/loaderd.prom"):
         assert sysd.run("test", "-e", path, check=False).returncode == 1, path
     assert loaderd_units(sysd) == []
     assert enablement_links(sysd) == ""
