@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import calendar
-import fnmatch
 import hashlib
 import re
 import struct
@@ -330,10 +329,28 @@ def parse_revoked(data: bytes, path: str) -> frozenset[bytes]:
 
 # --- the verdict on one spec ---------------------------------------------------------------
 
+def _match_pattern(text: str, pattern: str) -> bool:
+    """OpenSSH's match_pattern: `*` and `?` are the only wildcards (no [] classes)."""
+    rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(rx, text, re.S) is not None
+
+
+def match_pattern_list(text: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """OpenSSH's match_pattern_list (how ssh-keygen -Y verify reads namespaces=): a matching
+    `!pattern` denies whatever else matches; otherwise any matching pattern allows."""
+    allowed = False
+    for p in patterns:
+        if p.startswith("!"):
+            if _match_pattern(text, p[1:]):
+                return False
+        elif _match_pattern(text, p):
+            allowed = True
+    return allowed
+
+
 def _principal_ok(s: AllowedSigner, now: float) -> str | None:
     """Why signer line `s` does not vouch for a loaderd-spec signature now (None: it does)."""
-    if s.namespaces is not None and not any(fnmatch.fnmatchcase(NAMESPACE, p)
-                                            for p in s.namespaces):
+    if s.namespaces is not None and not match_pattern_list(NAMESPACE, s.namespaces):
         return f"the key is not allowed for namespace {NAMESPACE} (namespaces=" \
                f"\"{','.join(s.namespaces)}\")"
     if s.valid_before is not None and now > s.valid_before:

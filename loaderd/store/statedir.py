@@ -15,6 +15,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -165,24 +166,32 @@ def tree_digest(root: str) -> str:
     return h.hexdigest()
 
 
-def read_hold(path: str) -> Hold | None:
+def _sane_time(at: Any) -> bool:
+    """A Unix time a record of ours can carry (finite, after 1970, before year 5138)."""
+    return (isinstance(at, int | float) and not isinstance(at, bool) and math.isfinite(at)
+            and 0 <= at < 1e11)
+
+
+def read_hold(path: str, owners: frozenset[int] = frozenset({0})) -> Hold | None:
     """The hold record (untrusted input, like the refusal record); None when absent or not a
-    record loaderd wrote."""
+    record loaderd wrote. It decides what the next apply loads, so only a file owned by
+    `owners` (root, the state dir's service user) counts."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > REFUSED_MAX_BYTES:
+        if (not stat.S_ISREG(st.st_mode) or st.st_size > REFUSED_MAX_BYTES
+                or st.st_uid not in owners or st.st_mode & 0o022):
             return None
         d = json.loads(os.read(fd, REFUSED_MAX_BYTES + 1))
         gen, at, digest = d["generation"], d["at"], d["programs_sha256"]
         if not (isinstance(gen, str) and records.TXID.fullmatch(gen)
-                and isinstance(at, (int, float)) and isinstance(digest, str)):
+                and _sane_time(at) and isinstance(digest, str)):
             return None
         return Hold(gen, float(at), digest)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     finally:
         os.close(fd)
@@ -206,11 +215,11 @@ def read_refusal(path: str) -> Refusal | None:
             return None
         d = json.loads(os.read(fd, REFUSED_MAX_BYTES + 1))
         at, errors, reason = d["at"], d["errors"], d["reason"]
-        if not (isinstance(at, (int, float)) and isinstance(errors, int)
+        if not (_sane_time(at) and isinstance(errors, int)
                 and isinstance(reason, str)):
             return None
         return Refusal(float(at), errors, one_line(reason))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     finally:
         os.close(fd)
@@ -299,10 +308,13 @@ class State:
                 return None
             d = json.loads(os.read(fd, SETTINGS_SEEN_MAX_BYTES + 1))
             sha, summary = d["sha256"], d["summary"]
-            if not isinstance(sha, str) or not isinstance(summary, dict):
+            if not isinstance(sha, str) or not isinstance(summary, dict) or not all(
+                    isinstance(v, str) or (isinstance(v, list)
+                                           and all(isinstance(x, str) for x in v))
+                    for v in summary.values()):
                 return None
             return sha, summary
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None
         finally:
             os.close(fd)
@@ -324,7 +336,12 @@ class State:
         return os.path.join(self.dir, HOLD)
 
     def hold(self) -> Hold | None:
-        return read_hold(self.hold_path)
+        return read_hold(self.hold_path, self.owners)
+
+    @property
+    def owners(self) -> frozenset[int]:
+        """Who may own the state loaderd acts on: root and the state dir's service user."""
+        return frozenset({0, self.uid}) if self.uid >= 0 else frozenset({0, os.geteuid()})
 
     def save_hold(self, hold: Hold) -> None:
         """Owned by the service user whoever writes it (the apply unit reads it as that user)."""
@@ -366,11 +383,11 @@ class State:
             if not stat.S_ISREG(st.st_mode) or st.st_size > REFUSED_MAX_BYTES:
                 return None
             at = json.loads(os.read(fd, REFUSED_MAX_BYTES + 1)).get("at")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             return None
         finally:
             os.close(fd)
-        if isinstance(at, bool) or not isinstance(at, int | float):
+        if not _sane_time(at):
             return None
         with self.quiet() as quiet:
             return float(at) if quiet else None
@@ -509,22 +526,24 @@ class State:
                 os.fchown(fd, self.uid, -1)
 
     def generations(self) -> list[str]:
-        """Generation txids, oldest first: real directories with loaderd's txid names only."""
+        """Generation txids, oldest first: real directories with loaderd's txid names only,
+        owned by root or the service user (a rollback trusts the specs in it as theirs)."""
         gfd = self._generations_fd(create=False)
         if gfd is None:
             return []
         try:
-            return _txids(gfd)
+            return _txids(gfd, self.owners)
         finally:
             os.close(gfd)
 
 
-def _txids(gfd: int) -> list[str]:
+def _txids(gfd: int, owners: frozenset[int] | None = None) -> list[str]:
     out = []
     for name in os.listdir(gfd):
         if records.TXID.fullmatch(name):
             with contextlib.suppress(OSError):
-                if stat.S_ISDIR(os.stat(name, dir_fd=gfd, follow_symlinks=False).st_mode):
+                st = os.stat(name, dir_fd=gfd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) and (owners is None or st.st_uid in owners):
                     out.append(name)
     return sorted(out)  # txids sort by time
 

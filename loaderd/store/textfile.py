@@ -29,8 +29,16 @@ def write(directory: str, name: str, text: str) -> str:
     tmp = f".{name}.{os.getpid()}.tmp"  # ignored by the collector: no .prom suffix
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     MODE, dir_fd=dfd)
+        # The directory's parent is another user's on Debian (prometheus): it may have been
+        # swapped for one they own, with a FIFO planted at our temp name (a plain open would
+        # block the resident before READY). Only a root-owned directory, only a new regular
+        # file: a leftover is removed first, O_EXCL refuses anything put back meanwhile.
+        if os.fstat(dfd).st_uid != 0:
+            raise PermissionError(errno.EPERM, "not owned by root: not written", directory)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, MODE, dir_fd=dfd)
         try:
             os.fchmod(fd, MODE)
             data = text.encode()

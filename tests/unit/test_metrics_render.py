@@ -113,6 +113,23 @@ def test_textfile_write_is_atomic_and_readable_by_others(tmp_path: Path) -> None
         textfile.write(str(tmp_path.parent / "link-dir"), "loaderd.prom", "")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
+def test_textfile_write_never_blocks_on_a_planted_fifo_nor_writes_a_users_dir(
+        tmp_path: Path) -> None:
+    """The directory's parent is prometheus's on Debian: a swapped directory with a FIFO at the
+    temp name must neither hang the resident nor be written."""
+    os.mkfifo(tmp_path / f".loaderd.prom.{os.getpid()}.tmp")
+    textfile.write(str(tmp_path), "loaderd.prom", "a 1\n")  # returns: the FIFO is replaced
+    assert (tmp_path / "loaderd.prom").read_text() == "a 1\n"
+    assert sorted(os.listdir(tmp_path)) == ["loaderd.prom"]
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(PermissionError):
+        textfile.write(str(theirs), "loaderd.prom", "a 1\n")
+    assert os.listdir(theirs) == []
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, setuid)")
 def test_grant_lets_that_user_alone_write() -> None:
     import pwd

@@ -355,3 +355,17 @@ def test_settings_signatures(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     with pytest.raises(LoaderdError, match="writable by group or other") as e:
         settings_mod.load_settings(str(conf), owner_uid=0)
     assert e.value.location.field == "signatures.allowed_signers"
+
+
+@pytest.mark.parametrize("namespaces", ["!loaderd-spec,*", "loaderd-spe[c]", "loaderd-*",
+                                        "loaderd-sp?c", "git,loaderd-spec", "*,!loaderd-*",
+                                        "LOADERD-SPEC"])
+def test_namespace_patterns_agree_with_ssh_keygen(kit: Kit, namespaces: str) -> None:
+    """namespaces= is an OpenSSH pattern list (`!` denies, only * and ? are wildcards), read
+    exactly as ssh-keygen -Y verify reads it; fnmatch would allow `!x,*` and `[c]`."""
+    kit.allowed.write_text(allowed_line(kit.key, f'namespaces="{namespaces}"'))
+    sig = sign(kit.key, kit.programs / "demo.yaml")
+    want = reference(kit.allowed, kit.programs / "demo.yaml", sig)
+    assert signature.match_pattern_list(signature.NAMESPACE, namespaces.split(",")) == want
+    _, errors = kit.load(kit.policy(SignatureMode.ENFORCE, revoke=False))
+    assert (not errors) == want, (namespaces, errors)

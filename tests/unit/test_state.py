@@ -173,3 +173,33 @@ def test_the_audit_baseline_is_untrusted_state(tmp_path: Path) -> None:
         assert foreign._load_baseline(str(tmp_path), notes)["foreign_programs"] == set()
         assert len(notes) == 1 and "refused" in notes[0], notes
         path.unlink()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
+def test_a_hold_or_generation_another_user_wrote_is_not_loaderds(tmp_path: Path) -> None:
+    """rollback.json decides what the next apply loads (with capabilities): one planted by
+    another user, or pointing at a generation another user made, is ignored (attacker seat)."""
+    from loaderd.store.statedir import Hold
+
+    state = State(str(tmp_path / "state"))
+    gen = "20261203t150000-000000000-abcdef"
+    state.save_hold(Hold(gen, 1796300000.0, "0" * 64))
+    assert state.hold() is not None
+    os.chown(state.hold_path, 65534, 65534)  # the same record, another owner
+    assert state.hold() is None
+    gdir = tmp_path / "state" / "generations" / gen
+    gdir.mkdir(parents=True)
+    assert state.generations() == [gen]
+    os.chown(gdir, 65534, 65534)
+    assert state.generations() == []
+    # hostile contents: nesting, infinite or absurd times, a summary of other types
+    for text in ("[" * 3000 + "]" * 3000,
+                 f'{{"generation": "{gen}", "at": 1e999, "programs_sha256": "x"}}',
+                 f'{{"generation": "{gen}", "at": -5, "programs_sha256": "x"}}'):
+        Path(state.hold_path).write_text(text)
+        os.chown(state.hold_path, 0, 0)
+        assert state.hold() is None, text
+    seen = tmp_path / "state" / "settings.json"
+    for text in ("[" * 3000 + "]" * 3000, '{"sha256": "x", "summary": {"zz": [1]}}'):
+        seen.write_text(text)
+        assert state.settings_seen() is None, text
