@@ -11,8 +11,8 @@ demo)
   scripts/setup-host.sh
   repo=$PWD
   run=/run/loaderd-demo
-  # Its own pin root and state: the demo never touches a packaged loaderd's programs, state or
-  # kill switch (/sys/fs/bpf/loaderd, /var/lib/loaderd).
+  # Its own pin root and state, no metrics file: the demo never touches a packaged loaderd's
+  # programs, state, kill switch or loaderd.prom (/sys/fs/bpf/loaderd, /var/lib/loaderd).
   pins=/sys/fs/bpf/loaderd-demo
   conf=$run/loaderd.yaml
   mkdir -p "$run" && chmod 700 "$run"
@@ -27,6 +27,7 @@ loaderd: 1
 programs_dir: $run/programs.d
 bpffs_root: $pins
 state_dir: /var/lib/loaderd-demo
+metrics_dir: null
 YAML
   export PYTHONPATH=$repo
   cd /   # BCC puts the working directory on the compiler's include path: not the clone

@@ -162,7 +162,10 @@ class Workspace:
         self.root = f"/sys/fs/bpf/ldbench_{secrets.token_hex(5)}"
         self.config = self.dir / "loaderd.yaml"
         self.config.write_text(f"loaderd: 1\nprograms_dir: {self.specs}\n"
-                               f"bpffs_root: {self.root}\nstate_dir: {self.state}\n")
+                               f"bpffs_root: {self.root}\nstate_dir: {self.state}\n"
+                               # never the host's node_exporter directory (a packaged
+                               # loaderd's loaderd.prom)
+                               "metrics_dir: null\n")
         self.log = self.dir / "loaderd.log"
         self._marked_at: float | None = None  # manifest's last_apply.at at mark()
 

@@ -390,7 +390,11 @@ def status(view: View) -> dict[str, Any]:
     refusal = state.read_refusal(os.path.join(view.settings.state_dir, state.REFUSED))
     head["refused"] = None if refusal is None else {
         "at": refusal.at, "errors": refusal.errors, "reason": refusal.reason}
-    hold = state.read_hold(os.path.join(view.settings.state_dir, state.HOLD))
+    try:  # the hold counts only as root's or the state dir owner's (State.owners)
+        owners = frozenset({0, os.stat(view.settings.state_dir).st_uid})
+    except OSError:
+        owners = frozenset({0})
+    hold = state.read_hold(os.path.join(view.settings.state_dir, state.HOLD), owners)
     head["rollback"] = None
     if hold is not None:  # a held rollback: what is applied is a generation, not programs_dir
         moved = state.tree_digest(view.settings.programs_dir) != hold.programs_sha256

@@ -172,7 +172,7 @@ def _sane_time(at: Any) -> bool:
             and 0 <= at < 1e11)
 
 
-def read_hold(path: str, owners: frozenset[int] = frozenset({0})) -> Hold | None:
+def read_hold(path: str, owners: frozenset[int]) -> Hold | None:
     """The hold record (untrusted input, like the refusal record); None when absent or not a
     record loaderd wrote. It decides what the next apply loads, so only a file owned by
     `owners` (root, the state dir's service user) counts."""
