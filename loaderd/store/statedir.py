@@ -172,29 +172,40 @@ def _sane_time(at: Any) -> bool:
             and 0 <= at < 1e11)
 
 
-def read_hold(path: str, owners: frozenset[int]) -> Hold | None:
-    """The hold record (untrusted input, like the refusal record); None when absent or not a
-    record loaderd wrote. It decides what the next apply loads, so only a file owned by
-    `owners` (root, the state dir's service user) counts."""
+def _read_record(path: str, owners: frozenset[int] | None = None) -> Any:
+    """A small JSON record loaderd wrote, read as untrusted input: a plain file (no symlink, no
+    FIFO), bounded, owned by `owners` and not group/other-writable when given; None when absent
+    or not such a file."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         st = os.fstat(fd)
-        if (not stat.S_ISREG(st.st_mode) or st.st_size > REFUSED_MAX_BYTES
-                or st.st_uid not in owners or st.st_mode & 0o022):
+        if not stat.S_ISREG(st.st_mode) or st.st_size > REFUSED_MAX_BYTES:
             return None
-        d = json.loads(os.read(fd, REFUSED_MAX_BYTES + 1))
-        gen, at, digest = d["generation"], d["at"], d["programs_sha256"]
-        if not (isinstance(gen, str) and records.TXID.fullmatch(gen)
-                and _sane_time(at) and isinstance(digest, str)):
+        if owners is not None and (st.st_uid not in owners or st.st_mode & 0o022):
             return None
-        return Hold(gen, float(at), digest)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return json.loads(os.read(fd, REFUSED_MAX_BYTES + 1))
+    except (OSError, ValueError, RecursionError):
         return None
     finally:
         os.close(fd)
+
+
+def read_hold(path: str, owners: frozenset[int]) -> Hold | None:
+    """The hold record (untrusted input, like the refusal record); None when absent or not a
+    record loaderd wrote. It decides what the next apply loads, so only a file owned by
+    `owners` (root, the state dir's service user) counts."""
+    d = _read_record(path, owners)
+    try:
+        gen, at, digest = d["generation"], d["at"], d["programs_sha256"]
+    except (KeyError, TypeError, IndexError):
+        return None
+    if not (isinstance(gen, str) and records.TXID.fullmatch(gen)
+            and _sane_time(at) and isinstance(digest, str)):
+        return None
+    return Hold(gen, float(at), digest)
 
 
 def one_line(text: str, limit: int = REASON_MAX) -> str:
@@ -205,24 +216,14 @@ def one_line(text: str, limit: int = REASON_MAX) -> str:
 def read_refusal(path: str) -> Refusal | None:
     """The refusal record (untrusted input: a plain file, bounded, typed); None when absent or
     not a record loaderd wrote (a status line is no place for a parse error)."""
+    d = _read_record(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > REFUSED_MAX_BYTES:
-            return None
-        d = json.loads(os.read(fd, REFUSED_MAX_BYTES + 1))
         at, errors, reason = d["at"], d["errors"], d["reason"]
-        if not (_sane_time(at) and isinstance(errors, int)
-                and isinstance(reason, str)):
-            return None
-        return Refusal(float(at), errors, one_line(reason))
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except (KeyError, TypeError, IndexError):
         return None
-    finally:
-        os.close(fd)
+    if not (_sane_time(at) and isinstance(errors, int) and isinstance(reason, str)):
+        return None
+    return Refusal(float(at), errors, one_line(reason))
 
 
 class State:
