@@ -29,16 +29,53 @@ def _anchored_pattern(validator: Any, pattern: str, instance: Any,
     # regex, as editors read it) a final `$` means end of string, so match it as `\Z`.
     if not validator.is_type(instance, "string"):
         return
+    if _anchored(pattern).search(instance) is None:
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+@functools.cache
+def _anchored(pattern: str) -> re.Pattern[str]:
     if pattern.endswith("$") and not pattern.endswith("\\$"):
         pattern = pattern[:-1] + r"\Z"
-    if re.search(pattern, instance) is None:
-        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+    return re.compile(pattern)
+
+
+def _anchored_pattern_properties(validator: Any, patterns: dict[str, Any], instance: Any,
+                                 schema: dict[str, Any]) -> Iterator[jsonschema.ValidationError]:
+    # The same `$` rule for mapping keys: a params name "PORT\n" is not "PORT".
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            if _anchored(pattern).search(key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _extras(instance: dict[Any, Any], schema: dict[str, Any]) -> list[Any]:
+    """Keys neither named by `properties` nor matched (anchored) by `patternProperties`."""
+    named, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
+    return [k for k in instance if k not in named
+            and not any(_anchored(p).search(k) for p in patterns)]
+
+
+def _additional_properties(validator: Any, allowed: Any, instance: Any,
+                           schema: dict[str, Any]) -> Iterator[jsonschema.ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    extras = _extras(instance, schema)
+    if validator.is_type(allowed, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], allowed, path=extra)
+    elif allowed is False and extras:
+        yield jsonschema.ValidationError(f"unexpected keys {sorted(map(str, extras))}")
 
 
 _Base: Any = validators.Draft202012Validator
 _Validator: Any = validators.extend(
     _Base,
-    validators={"pattern": _anchored_pattern},
+    validators={"pattern": _anchored_pattern,
+                "patternProperties": _anchored_pattern_properties,
+                "additionalProperties": _additional_properties},
     type_checker=_Base.TYPE_CHECKER.redefine("integer", _strict_integer),
 )
 
@@ -73,6 +110,11 @@ def _range(schema: dict[str, Any]) -> str | None:
     return f">= {low}" if low is not None else f"<= {high}" if high is not None else None
 
 
+def _pattern_words(schema: dict[str, Any]) -> str | None:
+    patterns = schema.get("patternProperties", {})
+    return " or ".join(f"names matching {p}" for p in patterns) or None
+
+
 def suggest(key: str, choices: list[str]) -> str:
     """"; did you mean 'x'?" for a near miss, else ""."""
     close = difflib.get_close_matches(key[:64], choices, n=1, cutoff=0.6)
@@ -87,7 +129,7 @@ def _describe(err: Any) -> list[tuple[Path, str, Any, str | None]]:
     if kw == "additionalProperties":
         known = sorted(schema.get("properties", {}))
         return [((*path, k), f"unknown key {short(k)!r}{suggest(k, known)}", None,
-                 ", ".join(known)) for k in inst if k not in known]
+                 ", ".join(known) or _pattern_words(schema)) for k in _extras(inst, schema)]
     if kw == "required":
         return [((*path, k), f"missing required key '{k}'", None, None)
                 for k in want if k not in inst]

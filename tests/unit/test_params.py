@@ -66,3 +66,10 @@ def test_bad_params_refused_at_the_field(tmp_path: Path, edit: tuple[str, str],
 def test_param_names_are_macro_names(tmp_path: Path) -> None:
     _, errors = _parse(tmp_path, SPEC.replace("MIN_US:", "min_us:").replace("VALUE", "5"))
     assert errors and errors[0].kind.value == "schema"
+
+
+def test_param_name_with_a_trailing_newline_is_not_the_name(tmp_path: Path) -> None:
+    # Python's `$` matches before a final newline; the schema's key patterns end at the end.
+    _, errors = _parse(tmp_path, SPEC.replace("MIN_US:", '"MIN_US\\n":').replace("VALUE", "5"))
+    assert errors and errors[0].kind.value == "schema"
+    assert "names matching" in str(errors[0]), str(errors[0])
