@@ -43,10 +43,13 @@ def histogram(hist: Histogram, entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Buckets from slot -> count entries (per-CPU counts summed), like BCC's
     print_log2_hist/print_linear_hist: every slot up to the highest non-empty one."""
     counts: dict[int, int] = {}
+    # A log2 slot of a u64 value is at most 64 (BCC's bpf_log2l); a larger key is not a
+    # bucket (2**14000 would not even print). Linear slots are bounded by the key type.
+    slots = 65 if hist.kind is HistKind.LOG2 else 1 << 16
     for e in entries:
         slot = e["key"]
         count = e["value"] if "value" in e else sum(e["values"])
-        if isinstance(slot, int) and isinstance(count, int) and 0 <= slot < 1 << 16:
+        if isinstance(slot, int) and isinstance(count, int) and 0 <= slot < slots:
             counts[slot] = counts.get(slot, 0) + count
     top = max((s for s, c in counts.items() if c), default=-1)
     buckets = []

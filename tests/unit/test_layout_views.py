@@ -76,7 +76,8 @@ def test_enums_inline_and_btf_and_address_kinds() -> None:
 
 @pytest.mark.parametrize("bad", ["pid:u33", "pid", "Pid:u32", "x:bytes0", "", "a:u32:ipv6",
                                  "a:u64:ipv4", "a:char4:ipv4", "a:u32[2]:enum=x", "a:u8,a:u8",
-                                 "a:u32:nope"])
+                                 "a:u32:nope", "int:u32", "a:u8,struct:u8", "__x:u8",
+                                 "u64:u64"])
 def test_bad_layouts_refused(bad: str) -> None:
     with pytest.raises(LoaderdError):
         layout.parse_layout(bad)
@@ -156,6 +157,10 @@ def test_log2_histogram_renders_like_bcc_print_log2_hist() -> None:
         "         4 -> 7          : 4        |********************                    |",
         "         8 -> 15         : 8        |****************************************|",
         "        16 -> 31         : 2        |**********                              |"]
+    # a key past slot 64 is no u64's log2 (a hostile map): not a bucket, not a crash
+    hostile = histogram(Histogram(HistKind.LOG2, "usecs"), [*entries, {"key": 20000, "value": 1}])
+    assert hostile["buckets"] == h["buckets"]
+    assert render_histogram(hostile) == render_histogram(h)
     lin = histogram(Histogram(HistKind.LINEAR, "ms", 10), [{"key": 0, "values": [1, 2]},
                                                            {"key": 2, "values": [3, 0]}])
     assert [(b["low"], b["count"]) for b in lin["buckets"]] == [(0, 3), (10, 0), (20, 3)]
