@@ -44,11 +44,12 @@ NAME = r"[a-z_][a-z0-9_]{0,47}"
 _LABEL = r"[A-Za-z0-9_]{1,32}"
 # A struct key/value's fields become C members (stage/compile.py): a name clang reads as a
 # keyword or a type is refused here, in the spec's terms, not as a compile error.
-_C_WORDS = frozenset(
-    "auto break case char const continue default do double else enum extern float for goto if "
-    "inline int long register restrict return short signed sizeof static struct switch typedef "
-    "union unsigned void volatile while asm typeof bool true false u8 u16 u32 u64 s8 s16 s32 "
-    "s64 size_t".split())
+_C_WORDS = frozenset({
+    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else",
+    "enum", "extern", "float", "for", "goto", "if", "inline", "int", "long", "register",
+    "restrict", "return", "short", "signed", "sizeof", "static", "struct", "switch", "typedef",
+    "union", "unsigned", "void", "volatile", "while", "asm", "typeof", "bool", "true", "false",
+    "u8", "u16", "u32", "u64", "s8", "s16", "s32", "s64", "size_t"})
 _TYPE = r"(?:(?:u8|u16|u32|u64|s8|s16|s32|s64)(?:\[\d{1,4}\])?|bytes\d{1,4}|char\d{1,4})"
 _KIND = (r"(?:hex|int|ipv4|ipv6|string|path|comm|enum=[A-Za-z_][A-Za-z0-9_]{0,63}|"
          rf"enum=\{{-?\d{{1,20}}={_LABEL}(?:;-?\d{{1,20}}={_LABEL})*\}})")
