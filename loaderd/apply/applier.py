@@ -430,6 +430,9 @@ class Applier:
             except LoaderdError as exc:
                 self._discard(txid)
                 raise _Refused([exc.with_file(spec_of[st.name].path)]) from None
+            except BaseException:  # a bug (internal error): still no staging left behind
+                self._discard(txid)
+                raise
         return records
 
     def _commit(self, txid: str, pending: Manifest, specs: list[Spec],

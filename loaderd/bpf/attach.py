@@ -110,10 +110,21 @@ def link_for(a: LinkTarget, prog_fd: int, anchors: AnchorOpener | None = None) -
         finally:
             os.close(cg_fd)  # the link holds the cgroup
     if isinstance(a, UprobeAttach):
-        pmu_type, retbit, offset = _uprobe_place(a)
-        perf_fd = kernel.perf_event_open_probe(pmu_type, a.binary, offset,
-                                                1 << retbit if a.retprobe else 0,
-                                                -1 if a.pid is None else a.pid)
+        pmu_type, retbit = uprobe.pmu()
+        bin_fd = uprobe.open_trusted(a.binary)
+        try:
+            # By path, so link info and bpftool show the spec's path; then the path must
+            # still be the file checked (its directories are trusted: only root swaps it).
+            perf_fd = kernel.perf_event_open_probe(pmu_type, a.binary, _uprobe_offset(a, bin_fd),
+                                                   1 << retbit if a.retprobe else 0,
+                                                   -1 if a.pid is None else a.pid)
+            try:
+                uprobe.still_the_file(a.binary, bin_fd)
+            except BaseException:
+                os.close(perf_fd)
+                raise
+        finally:
+            os.close(bin_fd)
         try:
             return kernel.link_create(prog_fd, perf_fd, kernel.ATTACH_PERF_EVENT)
         finally:
@@ -157,14 +168,13 @@ def _open_netns(a: SkLookupAttach) -> int:
                            "/run/netns), or no netns: for the host's") from None
 
 
-def _uprobe_place(a: UprobeAttach) -> tuple[int, int, int]:
-    """(uprobe PMU type, its retprobe bit, file offset) after the binary's trust check."""
-    pmu_type, retbit = uprobe.pmu()
-    uprobe.trusted(a.binary)
+def _uprobe_offset(a: UprobeAttach, bin_fd: int) -> int:
+    """The file offset in the binary open_trusted opened: as given (inside the file) or the
+    symbol's."""
     if a.offset is not None:
-        return pmu_type, retbit, a.offset
+        return uprobe.check_offset(a.binary, bin_fd, a.offset)
     assert a.symbol is not None  # the schema wants one of symbol, offset
-    return pmu_type, retbit, uprobe.symbol_offset(a.binary, a.symbol)
+    return uprobe.symbol_offset(a.binary, a.symbol, bin_fd)
 
 
 _TCX_PLACE = {"first": kernel.BPF_F_BEFORE, "last": 0, "before": kernel.BPF_F_BEFORE,
@@ -205,13 +215,20 @@ _LSM_LIST = "/sys/kernel/security/lsm"
 
 def kernel_refusal(a: Attach) -> str | None:
     """Why this kernel cannot run a program with this attach, found by probing it (None: it
-    can, as far as a probe tells): the kprobe PMU, kernel BTF and a tracing/LSM program load
-    (libbpf's probe, what bpftool reports), the active LSM list."""
+    can, as far as a probe tells): the kprobe PMU, the highest sampling frequency, kernel BTF
+    and a tracing/LSM program load (libbpf's probe, what bpftool reports), the active LSM
+    list."""
     if isinstance(a, KprobeAttach):
         try:
             uprobe.pmu("kprobe")
         except LoaderdError as exc:
             return exc.message
+    if isinstance(a, PerfEventAttach) and a.frequency is not None:
+        top = kernel.max_sample_rate()
+        if top is not None and a.frequency > top:
+            return (f"frequency {a.frequency} is above this kernel's perf_event_max_sample_rate "
+                    f"({top}), which perf_event_open refuses: ask for 1..{top} or raise "
+                    "kernel.perf_event_max_sample_rate (sysctl)")
     if isinstance(a, FentryAttach | FexitAttach | LsmAttach):
         what = "lsm" if isinstance(a, LsmAttach) else "fentry/fexit"
         if not os.path.exists(_BTF):
@@ -274,7 +291,12 @@ def resolve(program: ProgramSpec) -> str | None:
     elif isinstance(a, SkLookupAttach):
         os.close(_open_netns(a))
     elif isinstance(a, UprobeAttach):
-        _uprobe_place(a)
+        uprobe.pmu()
+        bin_fd = uprobe.open_trusted(a.binary)
+        try:
+            _uprobe_offset(a, bin_fd)
+        finally:
+            os.close(bin_fd)
         if a.pid is not None and not os.path.isdir(f"/proc/{a.pid}"):
             raise LoaderdError(Kind.ATTACH, f"no process {a.pid} (uprobe pid:)", value=a.pid)
     return None

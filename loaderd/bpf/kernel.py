@@ -804,6 +804,16 @@ def perf_event_open_software(config: int, cpu: int, *, frequency: int | None = N
     return ret
 
 
+def max_sample_rate() -> int | None:
+    """kernel.perf_event_max_sample_rate: the highest frequency a sampling event may ask for
+    (the kernel lowers it itself when sampling takes too long); None when unreadable."""
+    try:
+        with open("/proc/sys/kernel/perf_event_max_sample_rate", encoding="ascii") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return None
+
+
 def online_cpus() -> list[int]:
     """The CPUs a per-CPU event can be opened on (/sys/devices/system/cpu/online)."""
     with open("/sys/devices/system/cpu/online", encoding="ascii") as fh:

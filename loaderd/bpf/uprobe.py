@@ -10,6 +10,7 @@ binary replaced under the same path (the uprobe stays on the old inode).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -34,26 +35,56 @@ def _bad(msg: str, path: str, allowed: str | None = None) -> LoaderdError:
     return LoaderdError(Kind.ATTACH, msg, value=path, allowed=allowed)
 
 
-def trusted(path: str, owners: frozenset[int] = frozenset({0})) -> os.stat_result:
-    """lstat of a binary a uprobe may be placed in, or the reason it may not."""
+def _refuse_untrusted(path: str, st: os.stat_result, owners: frozenset[int], what: str) -> None:
+    if st.st_uid not in owners:
+        raise _bad(f"uprobe binary {path}: {what} is owned by uid {st.st_uid}", path,
+                   "a binary owned by root (or config_owner) in directories owned by root")
+    # a sticky directory (/tmp) lets only an entry's owner rename or remove it
+    writable = st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & 0o1000)
+    if writable:
+        raise _bad(f"uprobe binary {path}: {what} is writable by group or others "
+                   f"(mode {stat.S_IMODE(st.st_mode):04o})", path, "mode without g+w, o+w")
+
+
+def open_trusted(path: str, owners: frozenset[int] = frozenset({0})) -> int:
+    """An O_RDONLY fd of a binary a uprobe may be placed in, or the reason it may not.
+
+    Opened once without following a final symlink; the checks are on that file (fstat) and on
+    every directory of the path it really has (from /proc/self/fd), so a writable directory
+    anywhere above cannot swap it; the symbol is read through the fd (`symbol_offset`)."""
     if not os.path.isabs(path):
         raise _bad("uprobe binary: not an absolute path", path)
     try:
-        st = os.lstat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _bad(f"uprobe binary {path} is a symlink", path,
+                       f"the file it points to: {os.path.realpath(path)}") from None
         raise _bad(f"uprobe binary {path}: {exc.strerror}", path) from None
-    if stat.S_ISLNK(st.st_mode):
-        raise _bad(f"uprobe binary {path} is a symlink", path,
-                   f"the file it points to: {os.path.realpath(path)}")
-    if not stat.S_ISREG(st.st_mode):
-        raise _bad(f"uprobe binary {path} is not a regular file", path)
-    if st.st_uid not in owners:
-        raise _bad(f"uprobe binary {path} is owned by uid {st.st_uid}", path,
-                   "a binary owned by root (or config_owner)")
-    if st.st_mode & 0o022:
-        raise _bad(f"uprobe binary {path} is writable by group or others "
-                   f"(mode {stat.S_IMODE(st.st_mode):04o})", path, "mode without g+w, o+w")
-    return st
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _bad(f"uprobe binary {path} is not a regular file", path)
+        _refuse_untrusted(path, st, owners, "the file")
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        parent = os.path.dirname(real)
+        while True:
+            _refuse_untrusted(path, os.stat(parent), owners | {0}, f"directory {parent}")
+            if parent == "/":
+                break
+            parent = os.path.dirname(parent)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def still_the_file(path: str, fd: int) -> None:
+    """`path` names the file open at `fd` (not replaced since open_trusted checked it)."""
+    now, then = os.stat(path), os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino):
+        raise _bad(f"uprobe binary {path} was replaced while it was attached; apply again",
+                   path)
 
 
 def identity(path: str) -> Identity:
@@ -68,11 +99,34 @@ def identity(path: str) -> Identity:
         os.close(fd)
 
 
-def symbol_offset(path: str, symbol: str) -> int:
-    """File offset of function `symbol` in the ELF64 little-endian binary at `path`."""
-    with open(path, "rb") as fh:
-        data = fh.read()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+def check_offset(path: str, fd: int, offset: int) -> int:
+    """`offset` if it is inside the file (the kernel accepts any offset below 2**63 and the
+    uprobe then never fires, or fires in the middle of an instruction)."""
+    size = os.fstat(fd).st_size
+    if not 0 <= offset < size:
+        raise _bad(f"uprobe offset {offset:#x} is outside {path} ({size} bytes)", str(offset),
+                   f"0..{size - 1:#x}: a function's file offset (nm/readelf), or use symbol:")
+    return offset
+
+
+def symbol_offset(path: str, symbol: str, fd: int | None = None) -> int:
+    """File offset of function `symbol` in the ELF64 little-endian binary at `path` (read
+    through `fd` when given: the file that was checked)."""
+    if fd is None:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    else:
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read()
+    try:
+        return _symbol_offset(data, path, symbol)
+    except (struct.error, IndexError, ValueError):  # truncated or inconsistent headers
+        raise _bad(f"uprobe binary {path} is not a well-formed ELF file (its headers point "
+                   "past its end)", path, "an ELF executable or shared object") from None
+
+
+def _symbol_offset(data: bytes, path: str, symbol: str) -> int:
+    if data[:4] != b"\x7fELF" or len(data) < 64 or data[4] != 2 or data[5] != 1:
         raise _bad(f"uprobe binary {path} is not a 64-bit little-endian ELF file", path)
     (phoff, shoff) = struct.unpack_from("<QQ", data, 0x20)
     phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 0x36)

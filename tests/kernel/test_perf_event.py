@@ -101,3 +101,17 @@ def test_a_missing_cpu_link_is_drift(tmp_path: Path, bpffs_root: str) -> None:
     assert "built prof;" in out.stdout
     assert os.path.exists(f"{bpffs_root}/prof/links/on_sample__cpu{cpu}")
     loaderd("--config", str(conf), "disable")
+
+
+def test_a_frequency_above_the_kernels_max_is_refused_by_check(tmp_path: Path,
+                                                               bpffs_root: str) -> None:
+    """check says what perf_event_open would refuse (EINVAL) and names the sysctl."""
+    top = kernel.max_sample_rate()
+    assert top is not None
+    conf = make_conf(tmp_path, bpffs_root, {"samples": SPEC.format(rate=f"frequency: {top + 1}")})
+    for cmd in ("check", "apply"):
+        out = loaderd("--config", str(conf), cmd, check=False)
+        text = out.stdout + out.stderr
+        assert out.returncode != 0 and "perf_event_max_sample_rate" in text, text
+        assert "programs[0]." in text and "loaded" not in text, text  # before a compile
+    assert not os.path.exists(f"{bpffs_root}/samples")

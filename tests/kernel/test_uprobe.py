@@ -171,10 +171,11 @@ def test_replaced_binary_is_drift(tmp_path: Path, bpffs_root: str, binary: Path)
     loaderd("--config", str(conf), "disable")
 
 
-@pytest.mark.parametrize("problem", ["group_writable", "symlink", "not_root"])
+@pytest.mark.parametrize("problem", ["group_writable", "symlink", "not_root", "writable_dir",
+                                     "truncated", "offset_past_end"])
 def test_untrusted_binary_is_refused(tmp_path: Path, bpffs_root: str, binary: Path,
                                      problem: str) -> None:
-    target = binary
+    target, where = binary, "symbol: ldtest_tick"
     if problem == "group_writable":
         os.chmod(binary, 0o775)
         want = "is writable by group or others (mode 0775)"
@@ -182,13 +183,24 @@ def test_untrusted_binary_is_refused(tmp_path: Path, bpffs_root: str, binary: Pa
         target = binary.with_name("link")
         target.symlink_to(binary)
         want = "is a symlink"
+    elif problem == "writable_dir":  # another user could swap the binary in its directory
+        os.chmod(binary.parent, 0o777)
+        want = f"directory {binary.parent} is writable by group or others"
+    elif problem == "truncated":  # headers that point past the end: no internal error
+        data = binary.read_bytes()
+        binary.write_bytes(data[:len(data) // 3])
+        want = "is not a well-formed ELF file"
+    elif problem == "offset_past_end":
+        where = f"offset: {binary.stat().st_size + 4096}"
+        want = f"is outside {binary}"
     else:
         os.chown(binary, 65534, 65534)
         want = "is owned by uid 65534"
-    conf = make_conf(tmp_path, bpffs_root, {"ticks": SPEC.format(
-        binary=target, where="symbol: ldtest_tick")})
+    conf = make_conf(tmp_path, bpffs_root, {"ticks": SPEC.format(binary=target, where=where)})
     for cmd in ("check", "apply"):
         out = loaderd("--config", str(conf), cmd, check=False)
         assert out.returncode != 0
         assert want in out.stdout + out.stderr and "programs[0].attach" in out.stdout + out.stderr
+        assert "internal error" not in out.stdout + out.stderr
     assert not os.path.exists(f"{bpffs_root}/ticks")
+    assert not [p for p in os.listdir(bpffs_root) if p.startswith(".")], "staging left behind"
