@@ -128,8 +128,8 @@ def tree_digest(directory: str) -> str:
                 h.update(b"L" + os.readlink(path).encode(errors="surrogateescape"))
             elif stat.S_ISREG(st.st_mode):
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-                with os.fdopen(fd, "rb") as f:
-                    h.update(b"F" + hashlib.sha256(f.read()).digest())
+                with os.fdopen(fd, "rb") as f:  # in chunks: a huge file costs time, not memory
+                    h.update(b"F" + hashlib.file_digest(f, "sha256").digest())
             else:
                 h.update(b"O")
             h.update(f"{st.st_uid}:{st.st_mode:o}".encode())  # trust facts are inputs too
@@ -299,7 +299,8 @@ def read(path: str) -> Preview:
                                   error=s.get("error")))
         return Preview(tuple(specs), hashes, int(d["compiles"]), str(d["programs_dir"]),
                        tuple(str(r) for r in d.get("refused", [])))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
+            RecursionError) as exc:  # 1e999 compiles, [[[...]]] nesting: not a plan
         raise _bad(path, f"{type(exc).__name__}: {str(exc)[:80]}") from None
 
 

@@ -52,7 +52,11 @@ def test_round_trip_and_freshness(tmp_path: Path) -> None:
                                   '{"version": 1, "hashes": {"programs": "a", "settings": "b",'
                                   ' "kernel": "c"}, "programs_dir": "/d", "compiles": 0,'
                                   ' "specs": [{"spec": "a", "action": "explode",'
-                                  ' "reason": ""}]}'])
+                                  ' "reason": ""}]}',
+                                  "[" * 30000 + "]" * 30000,
+                                  '{"version": 1, "hashes": {"programs": "a", "settings": "b",'
+                                  ' "kernel": "c"}, "programs_dir": "/d", "compiles": 1e999,'
+                                  ' "specs": []}'])
 def test_a_bad_plan_file_is_one_clear_error(tmp_path: Path, text: str) -> None:
     f = tmp_path / "plan.json"
     f.write_text(text)
