@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from loaderd import faults, policy, privileges
 from loaderd.apply import killswitch, plan
 from loaderd.apply.commit import Transaction, anchor_opener, link_holds, pin_link
+from loaderd.apply.preview import hold_in_effect
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import attach, pins
@@ -220,6 +221,7 @@ class Applier:
         self.tx = Transaction(self.layout, self.state, settings.pins)
         # `apply --plan FILE`: why the apply's own plan is not the saved one (apply.preview)
         self.expect: PlanCheck | None = None
+        self._release: tuple[Hold, str] | None = None  # a hold this apply releases
         self._specs_dir = settings.programs_dir
         self._started = time.monotonic()  # of the apply under way (its recorded duration)
 
@@ -248,31 +250,30 @@ class Applier:
 
     def _held(self, specs_dir: str | None) -> Hold | None:
         """The rollback hold, if it still holds; released (and said) when programs_dir changed
-        since the rollback, another directory was asked for, or its generation is gone."""
-        hold = self.state.hold()
+        since the rollback, another directory was asked for, or its generation is gone. Under
+        `apply --plan` the release waits for the plan check: a stale plan changes nothing."""
+        hold, why = hold_in_effect(self.state, self.settings, specs_dir)
         if hold is None:
             return None
-        with contextlib.suppress(LoaderdError):
-            if self.state.manifest().status is Status.DISABLED:
-                return None  # the kill switch refuses the apply; the hold waits for `enable`
         programs = self.settings.programs_dir
-        if specs_dir is not None and os.path.realpath(specs_dir) != os.path.realpath(programs):
-            why = f"an apply of {specs_dir} was asked for"
-        elif tree_digest(programs) != hold.programs_sha256:
-            why = f"{programs} changed since"
-        elif hold.generation not in self.state.generations():
-            why = f"generation {hold.generation} is no longer kept"
-        else:
+        if why is None:
             audit.emit(Event.ROLLBACK, f"rollback held: applying generation {hold.generation} "
                        f"(rolled back at {hold.when()}), not {programs} (unchanged since); "
                        "release with `loaderd rollback --release`", generation=hold.generation,
                        held=True)
             return hold
+        self._release = (hold, f"{why}; applying {specs_dir or programs}")
+        if self.expect is None:
+            self._release_hold()
+        return None
+
+    def _release_hold(self) -> None:
+        if self._release is None:
+            return
+        (hold, why), self._release = self._release, None
         self.state.clear_hold()
         audit.emit(Event.ROLLBACK, f"rollback to generation {hold.generation} (since "
-                   f"{hold.when()}) released: {why}; applying {specs_dir or programs}",
-                   generation=hold.generation, released=True)
-        return None
+                   f"{hold.when()}) released: {why}", generation=hold.generation, released=True)
 
     @contextlib.contextmanager
     def _marked(self) -> Iterator[None]:
@@ -474,6 +475,7 @@ class Applier:
             why = self.expect(self._specs_dir, current, facts, decided)
             if why is not None:
                 raise _Refused([why])
+            self._release_hold()
         for d in decided.decisions:
             if d.action is plan.Action.BUILD and d.reason.startswith("drift: "):
                 audit.emit(Event.DRIFT, f"{d.spec}: pinned objects differ from the manifest, "

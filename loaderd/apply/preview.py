@@ -11,6 +11,7 @@ decisions it reaches differ from the plan's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,8 +28,9 @@ from loaderd.bpf import attach, pins
 from loaderd.errors import Kind, LoaderdError, Location
 from loaderd.model import Settings, Spec
 from loaderd.store import manifest as manifest_mod
+from loaderd.store import statedir
 from loaderd.store.manifest import Manifest, SpecRecord, Status
-from loaderd.store.statedir import State
+from loaderd.store.statedir import Hold, State
 
 VERSION = 1
 MAX_PLAN_BYTES = 4 * 1024 * 1024
@@ -85,6 +87,7 @@ class Preview:
     compiles: int
     programs_dir: str
     refused: tuple[str, ...] = ()  # refusals not tied to one spec (kill switch, pending)
+    held: str | None = None  # the generation a rollback holds: what the apply builds instead
 
     @property
     def is_refused(self) -> bool:
@@ -109,31 +112,28 @@ class Preview:
 # --- hashes --------------------------------------------------------------------------------
 
 def tree_digest(directory: str) -> str:
-    """Names, types and bytes of everything under `directory` (not following symlinks;
-    a symlink is hashed by its target text)."""
-    h = hashlib.sha256()
-    count = 0
-    for top, dirs, files in os.walk(directory, followlinks=False):
-        dirs.sort()
-        for name in sorted(files + [d for d in dirs if os.path.islink(os.path.join(top, d))]):
-            path = os.path.join(top, name)
-            rel = os.path.relpath(path, directory)
-            count += 1
-            if count > MAX_TREE_FILES:
-                raise LoaderdError(Kind.LIMIT, "too many files to plan", Location(directory),
-                                   allowed=f"<= {MAX_TREE_FILES}")
-            st = os.lstat(path)
-            h.update(rel.encode(errors="surrogateescape") + b"\0")
-            if stat.S_ISLNK(st.st_mode):
-                h.update(b"L" + os.readlink(path).encode(errors="surrogateescape"))
-            elif stat.S_ISREG(st.st_mode):
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-                with os.fdopen(fd, "rb") as f:  # in chunks: a huge file costs time, not memory
-                    h.update(b"F" + hashlib.file_digest(f, "sha256").digest())
-            else:
-                h.update(b"O")
-            h.update(f"{st.st_uid}:{st.st_mode:o}".encode())  # trust facts are inputs too
-    return h.hexdigest()
+    """The programs directory's digest (statedir.tree_digest), bounded for a plan."""
+    return statedir.tree_digest(directory, MAX_TREE_FILES)
+
+
+def hold_in_effect(state: State, settings: Settings, specs_dir: str | None
+                   ) -> tuple[Hold | None, str | None]:
+    """(the rollback hold an apply now honours, None) or (the hold, why the apply releases it)
+    or (None, None) when there is none. Reads only: the applier releases, a plan just says."""
+    hold = state.hold()
+    if hold is None:
+        return None, None
+    with contextlib.suppress(LoaderdError):
+        if state.manifest().status is Status.DISABLED:
+            return None, None  # the kill switch refuses the apply; the hold waits for `enable`
+    programs = settings.programs_dir
+    if specs_dir is not None and os.path.realpath(specs_dir) != os.path.realpath(programs):
+        return hold, f"an apply of {specs_dir} was asked for"
+    if statedir.tree_digest(programs) != hold.programs_sha256:
+        return hold, f"{programs} changed since"
+    if hold.generation not in state.generations():
+        return hold, f"generation {hold.generation} is no longer kept"
+    return hold, None
 
 
 def kernel_digest(current: Manifest, facts: planner.Facts) -> str:
@@ -220,6 +220,12 @@ def make(settings: Settings, app: Gatherer, validate: Validate,
     """The plan of an apply now. Reads the programs directory, the manifest and the kernel;
     changes nothing and journals nothing."""
     directory = specs_dir or settings.programs_dir
+    hold, released = hold_in_effect(app.state, settings, specs_dir)
+    held = hold.generation if hold is not None and released is None else None
+    if held is not None:  # the apply builds the held generation, with its owner's trust
+        directory = app.state.generation_dir(held)
+        settings = dataclasses.replace(settings,
+                                       config_owner_uid=os.stat(directory).st_uid)
     current = app.state.manifest()
     refused: list[str] = []
     if current.status is Status.PENDING:
@@ -240,7 +246,8 @@ def make(settings: Settings, app: Gatherer, validate: Validate,
                           "invalid", error=str(errs[0])) for f, errs in sorted(by_file.items())]
         facts = planner.Facts({}, frozenset())
         hashes = Hashes(programs_hash, settings_digest(settings), kernel_digest(current, facts))
-        return Preview(tuple(steps), hashes, 0, directory, tuple(refused))
+        return Preview(tuple(steps), hashes, 0, specs_dir or settings.programs_dir,
+                       tuple(refused), held)
     current = planner.with_signatures(current, specs)
     facts = app.facts(specs, current)
     decided = planner.plan(specs, current, facts, settings.policy,
@@ -251,7 +258,8 @@ def make(settings: Settings, app: Gatherer, validate: Validate,
             app.layout, spec_of.get(d.spec), current.specs.get(d.spec), d.action.value),
             str(d.error) if d.error else None))
     hashes = Hashes(programs_hash, settings_digest(settings), kernel_digest(current, facts))
-    return Preview(tuple(steps), hashes, len(decided.build), directory, tuple(refused))
+    return Preview(tuple(steps), hashes, len(decided.build), specs_dir or settings.programs_dir,
+                   tuple(refused), held)
 
 
 # --- the plan file -------------------------------------------------------------------------
@@ -259,7 +267,7 @@ def make(settings: Settings, app: Gatherer, validate: Validate,
 def to_dict(p: Preview) -> dict[str, Any]:
     return {"version": VERSION, "programs_dir": p.programs_dir,
             "hashes": dataclasses.asdict(p.hashes), "compiles": p.compiles,
-            "exit_code": p.exit_code, "refused": list(p.refused),
+            "exit_code": p.exit_code, "refused": list(p.refused), "held_generation": p.held,
             "specs": [{"spec": s.spec, "action": s.action, "reason": s.reason,
                        "error": s.error, "objects": [dataclasses.asdict(o) for o in s.objects]}
                       for s in p.specs],
@@ -297,8 +305,10 @@ def read(path: str) -> Preview:
                 raise _bad(path, f"unknown action {str(s.get('action'))[:40]!r}")
             specs.append(SpecPlan(s["spec"], s["action"], str(s["reason"]),
                                   error=s.get("error")))
+        held = d.get("held_generation")
         return Preview(tuple(specs), hashes, int(d["compiles"]), str(d["programs_dir"]),
-                       tuple(str(r) for r in d.get("refused", [])))
+                       tuple(str(r) for r in d.get("refused", [])),
+                       None if held is None else str(held))
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
             RecursionError) as exc:  # 1e999 compiles, [[[...]]] nesting: not a plan
         raise _bad(path, f"{type(exc).__name__}: {str(exc)[:80]}") from None
@@ -334,6 +344,9 @@ def render(p: Preview) -> str:
     lines = []
     for r in p.refused:
         lines.append(f"REFUSED: {r}")
+    if p.held is not None:
+        lines.append(f"rollback held: the apply builds generation {p.held}, not {p.programs_dir} "
+                     "(unchanged since the rollback); `loaderd rollback --release` to apply it")
     for s in p.specs:
         head = f"{s.spec}: {s.action.upper()} ({s.reason})"
         lines.append(head)

@@ -137,33 +137,47 @@ class Hold:
                 "release with `loaderd rollback --release`")
 
 
-def tree_digest(root: str) -> str:
-    """sha256 over every entry under `root` (relative name, kind, bytes; symlinks by their
-    text, never followed): what "the operator changed /etc" means for a rollback hold. An
-    unreadable or missing directory has its own digest (so it counts as a change)."""
+def tree_digest(root: str, max_files: int | None = None) -> str:
+    """sha256 over every entry under `root`: relative name, kind, owner and mode (trust facts
+    are inputs too), a file's bytes, a symlink's text (never followed). What "the operator
+    changed /etc" means for a rollback hold and for a plan's freshness. An unreadable or
+    missing directory has its own digest (so it counts as a change); more than `max_files`
+    entries is a LIMIT error."""
     h = hashlib.sha256()
+    count = 0
     try:
         for dirpath, dirs, files in os.walk(root, onerror=None, followlinks=False):
             dirs.sort()
-            rel = os.path.relpath(dirpath, root)
-            h.update(f"d\0{rel}\0".encode())
-            for name in sorted(files):
+            h.update(f"d\0{os.path.relpath(dirpath, root)}\0".encode(errors="surrogateescape"))
+            for name in sorted(files + [d for d in dirs
+                                        if os.path.islink(os.path.join(dirpath, d))]):
+                count += 1
+                if max_files is not None and count > max_files:
+                    raise LoaderdError(Kind.LIMIT, "too many files", Location(root),
+                                       allowed=f"<= {max_files}")
                 path = os.path.join(dirpath, name)
-                h.update(f"f\0{os.path.join(rel, name)}\0".encode())
+                h.update(f"f\0{os.path.relpath(path, root)}\0".encode(errors="surrogateescape"))
                 with contextlib.suppress(OSError):
-                    if os.path.islink(path):
-                        h.update(b"l\0" + os.readlink(path).encode())
-                        continue
-                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-                    try:
-                        if stat.S_ISREG(os.fstat(fd).st_mode):
-                            while chunk := os.read(fd, 1 << 16):
-                                h.update(chunk)
-                    finally:
-                        os.close(fd)
+                    _hash_entry(h, path)
     except OSError as exc:
         h.update(f"error\0{exc.errno}".encode())
     return h.hexdigest()
+
+
+def _hash_entry(h: Any, path: str) -> None:
+    st = os.lstat(path)
+    h.update(f"{st.st_uid}:{st.st_mode:o}\0".encode())
+    if stat.S_ISLNK(st.st_mode):
+        h.update(b"l\0" + os.readlink(path).encode(errors="surrogateescape"))
+        return
+    if not stat.S_ISREG(st.st_mode):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        while chunk := os.read(fd, 1 << 16):  # in chunks: a huge file costs time, not memory
+            h.update(chunk)
+    finally:
+        os.close(fd)
 
 
 def _sane_time(at: Any) -> bool:

@@ -133,3 +133,28 @@ def test_the_kill_switch_wins_over_a_held_rollback(counter_conf: Path, bpffs_roo
     loaderd("--config", str(conf), "enable")
     loaderd("--config", str(conf), "apply")
     assert prog_tag(prog)[1] == v1  # the hold outlived the switch: /etc did not change
+
+
+def test_plan_predicts_the_held_generation_and_apply_plan_agrees(
+        counter_conf: Path, bpffs_root: str, tmp_path: Path) -> None:
+    """While a rollback holds, `loaderd plan` plans what the apply builds (the held generation,
+    nothing to do), and `apply --plan` accepts that plan; a change to /etc after it makes the
+    plan stale (the apply would release the hold and build /etc)."""
+    conf = counter_conf
+    prog = f"{bpffs_root}/counter/progs/count_exec"
+    v1, _v2, spec = two_versions(conf, bpffs_root)
+    loaderd("--config", str(conf), "rollback")
+    plan_file = tmp_path / "plan.json"
+    out = loaderd("--config", str(conf), "plan", "--out", str(plan_file), check=False)
+    assert out.returncode == 0, out.stdout + out.stderr  # held generation applied: nothing to do
+    assert "rollback held: the apply builds generation" in out.stdout, out.stdout
+    assert json.loads(plan_file.read_text())["held_generation"]
+    ok = loaderd("--config", str(conf), "apply", "--plan", str(plan_file), check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert prog_tag(prog)[1] == v1
+    spec.write_text(COUNTER.format(step=9))
+    stale = loaderd("--config", str(conf), "apply", "--plan", str(plan_file), check=False)
+    assert stale.returncode != 0 and "stale plan" in stale.stdout + stale.stderr
+    assert prog_tag(prog)[1] == v1
+    assert not events(stale, "rollback") and status(conf)[1]["manifest"]["rollback"], \
+        "a stale plan released the hold"  # "nothing was changed" means the hold too
