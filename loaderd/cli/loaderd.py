@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from loaderd import privileges
 from loaderd.audit import log as audit
+from loaderd.audit.log import Event
 from loaderd.cli.common import (
     STATUS_CODES,
     add_command,
@@ -41,7 +42,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from loaderd.apply.applier import Applier
     from loaderd.runtime.daemon import PROGRESS, notify
 
-    settings = load_settings(args.config)
+    try:
+        settings = load_settings(args.config)
+    except LoaderdError as exc:  # the same structured refusal a spec gets, for the journal
+        audit.emit(Event.APPLY_FAILED, f"apply refused: settings {exc}; nothing changed",
+                   errors=1, kind=exc.kind.value, file=exc.location.file,
+                   line=exc.location.line, field=exc.location.field)
+        raise
     if args.child:  # the resident daemon relays these as STATUS=
         def progress(m: str) -> None:
             print(f"{PROGRESS}{m}", flush=True)
@@ -51,7 +58,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
     applier = Applier(settings, notify=progress)
     if args.plan:
         from loaderd.apply import preview
-        from loaderd.errors import Kind, LoaderdError, Location
 
         saved = preview.read(args.plan)
         applier.expect = preview.checker(saved, args.plan, settings)

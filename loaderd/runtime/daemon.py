@@ -85,6 +85,7 @@ class Daemon:
         self._refused_ident: tuple[int, int] | None = None
         self._hold_ident: tuple[int, int] | None = None
         self.refusal: Refusal | None = None
+        self.settings_refused: LoaderdError | None = None  # the settings file, at the reload
         self.apply_rc = 0  # the apply child's exit code (run without --no-apply)
         self._shown = ""  # the STATUS= last sent
         self._applying_ident: tuple[int, int] | None = None
@@ -178,6 +179,9 @@ class Daemon:
                 "the set before it stays applied" if n else "nothing was applied before it")
         elif self.apply_rc != 0:
             text += "; last apply FAILED, old set kept (see journal)"
+        if self.settings_refused is not None:
+            text += (f"; settings file REFUSED at reload: {self.settings_refused}; nothing "
+                     "applied from it (the resident runs with the settings read at its start)")
         hold = self.state.hold()
         if hold is not None:
             text += "; " + hold.sentence(tree_digest(self.settings.programs_dir)
@@ -219,6 +223,7 @@ class Daemon:
                 notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
                        "STATUS=reloading: re-reading the manifest")
                 self._load_manifest()
+                self._check_settings()
                 self.known_drift.clear()
                 self.apply_rc = 0  # a refused reload leaves its record (self.refusal)
                 self.reloaded = True
@@ -251,6 +256,25 @@ class Daemon:
         notify("STOPPING=1")
         audit.emit(Event.DAEMON, "stopping; pinned programs stay attached", pid=os.getpid())
         return 0
+
+    def _check_settings(self) -> None:
+        """Re-read the settings file at a reload, only to say whether it is refused: the apply
+        refused it too (no refusal record: its state_dir is not known), and otherwise only the
+        apply unit's journal would tell."""
+        from loaderd.config.settings import load_default  # off the start path: reloads only
+
+        try:
+            load_default(self.config)  # what `loaderd run` read at its start
+        except LoaderdError as exc:
+            self.settings_refused = exc
+        else:
+            self.settings_refused = None
+
+    def _refusal_now(self) -> Refusal | None:
+        """The refusal metrics report: the record, or the settings file's at the last reload."""
+        if self.refusal is None and self.settings_refused is not None:
+            return Refusal(time.time(), 1, f"settings {self.settings_refused}")
+        return self.refusal
 
     def _load_manifest(self) -> None:
         """Read the manifest and remember which file it was, so that the drift tick does not
@@ -384,7 +408,7 @@ class Daemon:
         try:
             report = status_report.status(status_report.view_for(self.settings))
             text = metrics.render(metrics.samples(metrics.Inputs(
-                report, self.manifest.last_apply, self.refusal,
+                report, self.manifest.last_apply, self._refusal_now(),
                 self.pump.counts() if self.pump else (), time.time())))
             textfile.write(where, metrics.FILE_NAME, text)
         except (OSError, LoaderdError) as exc:

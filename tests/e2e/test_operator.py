@@ -106,6 +106,32 @@ def test_refused_reload_says_file_line_and_reason(installed: Systemd) -> None:
     assert status_text(sysd, APPLIED) == f"{N_EXAMPLES} specs applied (reloaded)"
 
 
+def test_refused_settings_file_shows_in_status_and_journal(installed: Systemd) -> None:
+    """A typo in loaderd.yaml then `systemctl reload`: the reload fails, the resident's STATUS=
+    and the journal's apply_failed event name the file, line and field (before: the resident
+    kept saying "5 specs applied", only loaderd-apply's log had it, as plain text)."""
+    sysd = installed
+    conf = "/etc/loaderd/loaderd.yaml"
+    sysd.run("cp", conf, "/run/loaderd.yaml.good")
+    sysd.sh(f"printf 'metrcs_dir: null\\n' >> {conf}")
+    line = len(sysd.run("cat", conf).stdout.splitlines())
+    since = now(sysd)
+    try:
+        assert sysd.systemctl("reload", UNIT, check=False, timeout=300).returncode != 0
+        where = f"{conf}:{line}:1: metrcs_dir: unknown key 'metrcs_dir'"
+        text = status_text(sysd, "settings file REFUSED")
+        assert text.startswith(f"{N_EXAMPLES} specs applied (reloaded); settings file REFUSED "
+                               f"at reload: {where}"), text
+        failed = sysd.journal_json(f"--since={since}", "LOADERD_EVENT=apply_failed")
+        assert failed and failed[-1]["LOADERD_FIELD"] == "metrcs_dir", failed
+        assert failed[-1]["LOADERD_LINE"] == str(line), failed
+        assert where in errors_since(sysd, since)
+    finally:
+        sysd.run("cp", "/run/loaderd.yaml.good", conf)
+    sysd.systemctl("reload", UNIT, timeout=300)
+    assert status_text(sysd, APPLIED) == f"{N_EXAMPLES} specs applied (reloaded)"
+
+
 def test_kill_switch_reaches_status_without_a_reload(installed: Systemd) -> None:
     sysd = installed
     since = now(sysd)
