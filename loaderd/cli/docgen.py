@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -44,10 +45,12 @@ def _breakable(word: str) -> str:
 
 
 def esc(text: str) -> str:
-    """Text safe for roff: backslashes escaped, no line starting a request."""
+    """Text safe for roff: backslashes escaped, no line starting a request; markdown's
+    `code` (docstrings and help are written for both) in bold, as man pages show commands."""
     out = []
     for line in text.replace("\\", "\\e").split("\n"):
         line = " ".join(_breakable(w) for w in line.split(" "))
+        line = re.sub(r"`([^`]+)`", r"\\fB\1\\fR", line)
         out.append("\\&" + line if line.startswith((".", "'")) else line)
     return "\n".join(out)
 
@@ -77,7 +80,7 @@ class Command:
 
 def _help(a: argparse.Action, prog: str) -> str:
     text = a.help or ""
-    if "%(" in text:
+    if "%" in text:  # argparse's own formatting: %(default)s, and %% for a literal %
         text = text % {**vars(a), "prog": prog}
     return text
 

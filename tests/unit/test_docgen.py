@@ -123,6 +123,12 @@ def test_roff_escapes() -> None:
     assert docgen.esc(".starts a request") == "\\&.starts a request"
     assert docgen.esc("a\\b") == "a\\eb"
     assert "\\:" in docgen.esc("x" * 20 + "|" + "y" * 20)
+    assert docgen.esc("run `loaderd enable`, then") == "run \\fBloaderd enable\\fR, then"
+
+
+def test_pages_carry_no_markdown_or_argparse_escapes(pages: dict[str, str]) -> None:
+    for name, text in pages.items():
+        assert "`" not in text and "%%" not in text, name
 
 
 def _complete(script: str, *words: str) -> list[str]:
