@@ -560,10 +560,11 @@ class Applier:
             except LoaderdError as exc:
                 busy = " (another program already holds this target)" if getattr(
                     exc, "errno", 0) == errno.EBUSY else ""
+                i = s.programs.index(prog)  # located as `check` locates it: the attach line
                 raise LoaderdError(Kind.ATTACH, f"cannot attach '{prog.name}' to {tgt.text}: "
                                    f"{exc.message}{busy}", Location(
-                                       s.path, prog.line, None,
-                                       f"programs[{s.programs.index(prog)}].attach")) from None
+                                       s.path, s.line_of("programs", i, "attach"), None,
+                                       f"programs[{i}].attach")) from None
             finally:
                 os.close(prog_fd)
             pinned = [(prog.name, link_fd)] if link_fd is not None else [

@@ -263,7 +263,7 @@ class Module:
         """Exactly the bytes `load` would hand to the kernel."""
         return bytes(self.bpf.dump_func(function.encode()))
 
-    def load(self, function: str, ptype: ProgType, *, field: str,
+    def load(self, function: str, ptype: ProgType, *, field: str, line: int | None = None,
              attach_type: int | None = None) -> int:
         """Load into the kernel; the verifier's reason ends up in the error. Returns the fd.
         `attach_type`: the expected_attach_type (cgroup hooks: the kernel checks the context
@@ -280,7 +280,7 @@ class Module:
             raise LoaderdError(
                 Kind.VERIFIER if "processed " in text else Kind.KERNEL,
                 f"kernel refused program '{function}': {first_reason(text) or err}",
-                Location(self.spec.path, field=field),
+                Location(self.spec.path, line, None, field),  # the program's entry
                 detail=redact_addresses(text[-8000:]) or None) from None
         return int(fn.fd)
 

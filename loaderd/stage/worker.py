@@ -158,7 +158,7 @@ def _load_program(spec: Spec, index: int, module: Module, pol: Policy,
                                allowed=", ".join(sorted(known)))
         try:
             calls = check_calls(spec, function, index, module, pol, map_fds)
-            fd = module.load(function, prog.type, field=where,
+            fd = module.load(function, prog.type, field=where, line=prog.line,
                              attach_type=prog.attach.load_attach_type)
         except LoaderdError as exc:
             if exc.kind not in (Kind.POLICY, Kind.HELPER, Kind.VERIFIER):
