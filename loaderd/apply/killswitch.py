@@ -36,6 +36,9 @@ def enable(state: State) -> bool:
     if state.manifest().status is not Status.DISABLED:
         return False
     state.save(EMPTY)
+    # An apply refused while the switch was pulled (by the switch) is not "the last apply
+    # REFUSED" any more: nothing is applied, and status says that (exit 4, not 3).
+    state.clear_refusal()
     audit.emit(Event.KILL_SWITCH, "kill switch released: applies are allowed again",
                released=True)
     return True

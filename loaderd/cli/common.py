@@ -179,8 +179,8 @@ def status_code(report: dict[str, Any]) -> int:
         return STATUS_NOT_APPLIED
     if head.get("refused"):
         return STATUS_REFUSED
-    if head.get("absent"):
-        return STATUS_NOT_APPLIED
+    if head.get("absent") or (head.get("status") == "empty" and not head.get("txid")):
+        return STATUS_NOT_APPLIED  # no manifest, or the empty one `enable` leaves
     return STATUS_OK
 
 

@@ -267,6 +267,9 @@ def test_kill_switch_removes_every_pin_and_link(config: Path, bpffs_root: str) -
         assert refused.returncode == 1 and "runs `loaderd enable`" in refused.stderr, refused
     assert not os.path.exists(f"{bpffs_root}/exec_counter")
     assert "kill switch released" in loaderd("--config", str(config), "enable").stdout
+    # the applies the switch refused are not "the last apply REFUSED": nothing is applied (4)
+    after = loaderd("--config", str(config), "status", check=False)
+    assert after.returncode == 4 and "REFUSED" not in after.stdout, after.stdout
     assert "not disabled" in loaderd("--config", str(config), "enable").stdout
     loaderd("--config", str(config), "apply")
     assert os.path.exists(f"{bpffs_root}/exec_counter/links/count_exec")
