@@ -264,7 +264,7 @@ def describe(state_dir: str) -> tuple[str, str]:
     if version is None:
         return "unknown", f"no kernel headers at {build} (BCC programs cannot compile)"
     later = ("their struct offsets are measured against BTF when a BCC spec reads kernel "
-             "structs (scripts/setup-host.sh measures them too)")
+             "structs, and the verdict is kept for status")
     if version != rel:
         return "version-mismatch", (f"kernel headers {build} were generated for {version}, "
                                     f"not the running {rel}: BCC struct reads are suspect; "
