@@ -120,6 +120,13 @@ def plural(n: int, word: str, words: str | None = None) -> str:
     return f"{n} {word if n == 1 else (words or word + 's')}"
 
 
+def article(word: object) -> str:
+    """"a hash", "an array", "an xdp": the article a type name takes in a message (by sound:
+    a vowel, or an x said "ex")."""
+    text = str(word)
+    return f"{'an' if text[:1].lower() in 'aeiox' else 'a'} {text}"
+
+
 def names(items: list[str] | tuple[str, ...]) -> str:
     """A list for a message: "a, b" or "none" (never a Python repr like ['a'])."""
     return ", ".join(items) if items else "none"

@@ -26,7 +26,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from loaderd.errors import Kind, LoaderdError
+from loaderd.errors import Kind, LoaderdError, article
 from loaderd.model import FIELD_KINDS, SCALAR_TYPES, CType, Field, FieldKind
 from loaderd.sanitize import IP_FIELDS, Name, Opaque
 
@@ -106,7 +106,7 @@ def _make(name: str, type_text: str, kind_text: str | None,
             raise _bad("unknown field kind", f"{name}:{type_text}:{kind_text}") from None
     group = "scalar" if tname in SCALAR_TYPES else tname
     if kind not in FIELD_KINDS[group]:
-        raise _bad(f"a {group} field cannot be {kind}", f"{name}:{type_text}:{kind_text}")
+        raise _bad(f"{article(group)} field cannot be {kind}", f"{name}:{type_text}:{kind_text}")
     if (kind is FieldKind.IPV4 and size * count != 4) or (kind is FieldKind.IPV6 and size != 16):
         raise _bad(f"an {kind} field is {4 if kind is FieldKind.IPV4 else 16} bytes",
                    f"{name}:{type_text}")

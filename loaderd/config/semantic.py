@@ -11,7 +11,7 @@ from loaderd.config import schema as schemacheck
 from loaderd.config import source as srccheck
 from loaderd.config import yamlsafe
 from loaderd.config.yamlsafe import Marks, Path
-from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.errors import Kind, LoaderdError, Location, article
 from loaderd.model import (
     PERF_LINK_SEP,
     BtfAttach,
@@ -110,7 +110,8 @@ def _flag_rules(c: Collector, i: int, m: MapSpec) -> None:
               "userspace cannot write the copied contents into it")
     if m.freeze and m.type not in _FREEZABLE:
         why = _UNFREEZABLE_WHY.get(m.type, "freezing leaves it unusable")
-        c.add(Kind.SEMANTIC, ("maps", i, "freeze"), f"a {m.type} map cannot be frozen: {why}",
+        c.add(Kind.SEMANTIC, ("maps", i, "freeze"),
+              f"{article(m.type)} map cannot be frozen: {why}",
               allowed="freeze: true on array and hash maps ("
               + ", ".join(sorted(t.value for t in _FREEZABLE)) + ")")
     if MapFlag.RDONLY in m.flags and m.freeze:
@@ -177,7 +178,7 @@ def _histogram_rules(c: Collector, i: int, m: MapSpec) -> None:
         return
     at: Path = ("maps", i, "histogram")
     if m.type.kind.fixed:
-        c.add(Kind.SEMANTIC, at, f"a {m.type} map holds events, not slots: it cannot be a "
+        c.add(Kind.SEMANTIC, at, f"{article(m.type)} map holds events, not slots: it cannot be a "
               "histogram", allowed="array, percpu_array, hash, percpu_hash, lru_hash")
     elif m.key.name is None or m.value.name is None:
         c.add(Kind.SEMANTIC, at, "a histogram's key is the slot and its value the count: "
@@ -256,7 +257,7 @@ def btf_names(c: Collector, programs: tuple[ProgramSpec, ...]) -> None:
     name must be that name; a precompiled object says it in its section instead."""
     for i, p in enumerate(programs):
         if isinstance(p.attach, BtfAttach) and p.name != p.attach.bcc_name:
-            c.add(Kind.SEMANTIC, ("programs", i, "name"), f"a {p.type} program for "
+            c.add(Kind.SEMANTIC, ("programs", i, "name"), f"{article(p.type)} program for "
                   f"{p.attach.function} is the C function {p.attach.bcc_name} (BCC's "
                   "macros name it so and load it by that name)", value=p.name,
                   allowed=p.attach.bcc_name)
@@ -284,7 +285,7 @@ def params(c: Collector, raw: dict[str, Any], is_object: bool) -> tuple[Param, .
             {"min", "max"} if ptype is ParamType.INT else
             {"enum"} if ptype is ParamType.STRING else set()))
         if extra:
-            c.add(Kind.SEMANTIC, (*at, extra[0]), f"a {ptype} param takes no {extra[0]}",
+            c.add(Kind.SEMANTIC, (*at, extra[0]), f"{article(ptype)} param takes no {extra[0]}",
                   allowed="int: min, max; string: enum")
             continue
         if ptype is ParamType.INT:

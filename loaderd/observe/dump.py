@@ -9,7 +9,7 @@ from typing import Any
 
 from loaderd import layout, sanitize
 from loaderd.bpf import btf, kernel, pins
-from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.errors import Kind, LoaderdError, Location, article
 from loaderd.model import MAP_TYPE_BY_ID, CType, HistKind, Histogram, MapSpec, percpu_slot
 from loaderd.observe.status import View, applied_spec, map_facts
 from loaderd.sanitize import Key, Opaque
@@ -111,7 +111,7 @@ def dump(view: View, target: str, *, raw: bool, ip: Sequence[str] = (),
         info = kernel.map_info(fd)
         mtype = MAP_TYPE_BY_ID.get(info.type)
         if info.type in _UNDUMPABLE or (mtype is not None and mtype.kind.fixed):
-            raise LoaderdError(Kind.KERNEL, f"a {info.type_name} map holds events, not "
+            raise LoaderdError(Kind.KERNEL, f"{article(info.type_name)} map holds events, not "
                                "entries: nothing to dump", Location(path))
         decl = _declared(view, spec_name, map_name, info, notes)
         key_t, val_t = (decl.key, decl.value) if decl else (None, None)
