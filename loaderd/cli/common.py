@@ -152,10 +152,14 @@ STATUS_DRIFT = 1  # drift, or a commit left pending
 STATUS_REFUSED = 3  # the last apply was refused: programs_dir is not what is applied
 STATUS_NOT_APPLIED = 4  # nothing applied yet, or the kill switch is pulled
 STATUS_NO_PERMISSION = 5  # this user may read neither the manifest nor the pins
+# The last apply was killed before it ended (SIGKILL, MemoryMax=): the set before it stays
+# applied, but programs_dir may differ from it. A killed commit (pending) is STATUS_DRIFT.
+STATUS_INTERRUPTED = 6
 STATUS_CODES = (f"exit codes: {STATUS_OK} ok, {STATUS_DRIFT} drift or a pending commit, "
                 f"{STATUS_REFUSED} last apply refused (programs_dir differs from what is "
                 f"applied), {STATUS_NOT_APPLIED} nothing applied or kill switch pulled, "
-                f"{STATUS_NO_PERMISSION} no permission to see it")
+                f"{STATUS_NO_PERMISSION} no permission to see it, {STATUS_INTERRUPTED} last "
+                "apply interrupted (killed before it finished; the set before it stays)")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -177,6 +181,8 @@ def status_code(report: dict[str, Any]) -> int:
         return STATUS_NO_PERMISSION
     if head.get("status") == "disabled":  # the switch explains any refusal after it
         return STATUS_NOT_APPLIED
+    if head.get("interrupted"):  # newer than any refusal: a refused apply clears the marker
+        return STATUS_INTERRUPTED
     if head.get("refused"):
         return STATUS_REFUSED
     if head.get("absent"):

@@ -390,6 +390,9 @@ def status(view: View) -> dict[str, Any]:
     refusal = state.read_refusal(os.path.join(view.settings.state_dir, state.REFUSED))
     head["refused"] = None if refusal is None else {
         "at": refusal.at, "errors": refusal.errors, "reason": refusal.reason}
+    # An apply killed before it ended (its applying marker left, the lock free): what
+    # programs_dir says may not be what is applied. None: no such apply, or one still running.
+    head["interrupted"] = state.State(view.settings.state_dir).interrupted()
     try:  # the hold counts only as root's or the state dir owner's (State.owners)
         owners = frozenset({0, os.stat(view.settings.state_dir).st_uid})
     except OSError:
