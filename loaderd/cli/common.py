@@ -16,6 +16,7 @@ from typing import Any
 from loaderd import __version__
 from loaderd.config.settings import DEFAULT_CONFIG, load_default
 from loaderd.errors import LoaderdError, count, names, plural
+from loaderd.model import Settings
 
 load_settings = load_default
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer killed by a closed pipe
@@ -196,10 +197,20 @@ def status_failed(report: dict[str, Any]) -> bool:
                 or any(s["drift"] for s in report["specs"]))
 
 
+def acting_settings(config: str | None) -> Settings:
+    """The settings of a command that changes state (apply, run, disable, enable,
+    rollback): its audit events are spooled in the state dir while journald is unreachable."""
+    from loaderd.audit import log as audit
+
+    settings = load_settings(config)
+    audit.spool_in(settings.state_dir)
+    return settings
+
+
 def cmd_disable(args: argparse.Namespace) -> int:
     from loaderd.apply.applier import Applier
 
-    removed = Applier(load_settings(args.config)).disable()
+    removed = Applier(acting_settings(args.config)).disable()
     print(f"kill switch: detached and unpinned {plural(len(removed), 'spec')}"
           + (f": {', '.join(removed)}" if removed else ""))
     return 0
@@ -208,7 +219,7 @@ def cmd_disable(args: argparse.Namespace) -> int:
 def cmd_enable(args: argparse.Namespace) -> int:
     from loaderd.apply.applier import Applier
 
-    released = Applier(load_settings(args.config)).enable()
+    released = Applier(acting_settings(args.config)).enable()
     print("kill switch released: the next apply (systemctl reload loaderd) loads the specs"
           if released else "not disabled: nothing to do")
     return 0
@@ -265,7 +276,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     in the state dir or the pin root), else in this process."""
     from loaderd.apply.applier import Applier
 
-    settings = load_settings(args.config)
+    settings = acting_settings(args.config)
     applier = Applier(settings)
     if args.release:
         hold = applier.release()

@@ -20,6 +20,7 @@ from loaderd import privileges
 from loaderd.audit import log as audit
 from loaderd.cli.common import (
     STATUS_CODES,
+    acting_settings,
     add_command,
     add_global_flags,
     add_rollback_flags,
@@ -41,7 +42,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from loaderd.apply.applier import Applier
     from loaderd.runtime.daemon import PROGRESS, notify
 
-    settings = load_settings(args.config)
+    settings = acting_settings(args.config)
     if args.child:  # the resident daemon relays these as STATUS=
         def progress(m: str) -> None:
             print(f"{PROGRESS}{m}", flush=True)
@@ -163,7 +164,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from loaderd.runtime.daemon import Daemon
 
-    settings = load_settings(args.config)
+    settings = acting_settings(args.config)
     return Daemon(settings, args.config, drift_interval=args.drift_interval,
                   apply=not args.no_apply).start()
 

@@ -91,6 +91,7 @@ class Daemon:
         self.reloaded = False  # the set shown is the one a `systemctl reload` re-read
         self._metrics_error: str | None = None  # the write failure last journaled
         self.filling: set[tuple[str, str]] = set()  # maps journaled as >= FILL_WARN full
+        self._spool_shown: tuple[object, int] = (None, 0)  # the spool backlog STATUS= says
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -190,7 +191,36 @@ class Daemon:
         if self.known_drift:
             names = sorted(self.known_drift)
             text += f"; DRIFT in {len(names)}: {', '.join(names)} (see journal)"
+        backlog, dropped = audit.backlog(), audit.spool_dropped()
+        if backlog is not None:
+            text += "; " + backlog.sentence(dropped)
+        elif dropped:
+            text += f"; journald unreachable: {dropped} events dropped (spool full)"
         return text
+
+    def check_spool(self) -> None:
+        """Events spooled while journald was unreachable (audit.spool) go to the journal once
+        it is back, marked LOADERD_REPLAYED=1; until then STATUS= says how many wait where."""
+        state = (audit.backlog(), audit.spool_dropped())
+        if state == (None, 0):
+            self._spool_shown = state
+            return
+        done = audit.replay_spool()
+        if done is not None:
+            span = " to ".join(dict.fromkeys(time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(t)) for t in (done.since, done.until)))
+            extra = "".join([f"; {done.skipped} unreadable lines skipped" if done.skipped
+                             else "", f"; {done.dropped} dropped (spool full)" if done.dropped
+                             else "", f"; {done.left} kept for later (journald went away "
+                             "again)" if done.left else ""])
+            audit.emit(Event.DAEMON, f"journald reachable again: replayed {done.events} "
+                       f"events spooled while it was not ({span}), marked LOADERD_REPLAYED=1"
+                       + extra, replayed_events=done.events, spool_skipped=done.skipped,
+                       spool_dropped=done.dropped)
+            state = (audit.backlog(), audit.spool_dropped())
+        if state != self._spool_shown:
+            self._spool_shown = state
+            self._show()
 
     def _show(self, extra: str = "") -> None:
         """STATUS= when it changed (or with another notification)."""
@@ -244,6 +274,7 @@ class Daemon:
                 next_drift = time.monotonic() + self.drift_interval
                 self._show()
                 self.write_metrics()
+            self.check_spool()
             self._wait(tick)  # wakes on events, signals or the tick
             self.pump.pump()
         self.write_metrics()  # final counters: what was journaled before the stop
