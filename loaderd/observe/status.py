@@ -394,6 +394,10 @@ def status(view: View) -> dict[str, Any]:
     # An apply killed before it ended (its applying marker left, the lock free): what
     # programs_dir says may not be what is applied. None: no such apply, or one still running.
     head["interrupted"] = state.State(view.settings.state_dir).interrupted()
+    missing = pins.bpffs_missing(view.settings.bpffs_root)
+    head["bpffs_missing"] = None if missing is None else missing[1]
+    if missing is not None:
+        notes.append(f"{missing[1]}; fix: {pins.bpffs_fix(missing[0])}")
     # Audit events journald did not take (it was stopped): kept for the resident to replay.
     backlog = spool.Spool(os.path.join(view.settings.state_dir, spool.SPOOL)).backlog()
     head["journal_spool"] = None if backlog is None else {

@@ -23,7 +23,7 @@ from types import FrameType
 from loaderd import privileges
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
-from loaderd.bpf import kernel
+from loaderd.bpf import kernel, pins
 from loaderd.errors import LoaderdError, plural
 from loaderd.model import Settings
 from loaderd.observe import drift, metrics
@@ -91,6 +91,7 @@ class Daemon:
         self.reloaded = False  # the set shown is the one a `systemctl reload` re-read
         self._metrics_error: str | None = None  # the write failure last journaled
         self.filling: set[tuple[str, str]] = set()  # maps journaled as >= FILL_WARN full
+        self.bpffs_missing: str | None = None  # no bpffs holds the pin root (drift says why)
         self._spool_shown: tuple[object, int] = (None, 0)  # the spool backlog STATUS= says
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -190,7 +191,8 @@ class Daemon:
                 sorted(lost)) + " (see journal)"
         if self.known_drift:
             names = sorted(self.known_drift)
-            text += f"; DRIFT in {len(names)}: {', '.join(names)} (see journal)"
+            text += f"; DRIFT in {len(names)}: {', '.join(names)}" + (
+                f": {self.bpffs_missing}" if self.bpffs_missing else "") + " (see journal)"
         backlog, dropped = audit.backlog(), audit.spool_dropped()
         if backlog is not None:
             text += "; " + backlog.sentence(dropped)
@@ -395,13 +397,22 @@ class Daemon:
             if not quiet or self._manifest_changed(update=False):  # re-read it first
                 return self.known_drift
             found: dict[str, list[str]] = {}
-            for name, record in self.manifest.specs.items():
-                diffs = drift.differences(record)
-                if diffs:
-                    found[name] = diffs
-                    if diffs != self.known_drift.get(name):
-                        audit.emit(Event.DRIFT, f"{name}: drift detected: {'; '.join(diffs)}",
-                                   spec=name, diffs=diffs)
+            missing = pins.bpffs_missing(self.settings.bpffs_root) if self.manifest.specs \
+                else None
+            if missing is not None:  # one sentence for all, not every pin of every spec
+                found = {name: [missing[1]] for name in self.manifest.specs}
+                if missing[1] != self.bpffs_missing:
+                    audit.emit(Event.DRIFT, f"{missing[1]}; fix: {pins.bpffs_fix(missing[0])}",
+                               file=missing[0], specs=sorted(found))
+            else:
+                for name, record in self.manifest.specs.items():
+                    diffs = drift.differences(record)
+                    if diffs:
+                        found[name] = diffs
+                        if diffs != self.known_drift.get(name):
+                            audit.emit(Event.DRIFT, f"{name}: drift detected: "
+                                       f"{'; '.join(diffs)}", spec=name, diffs=diffs)
+            self.bpffs_missing = None if missing is None else missing[1]
             self.known_drift = found
             return found
 
