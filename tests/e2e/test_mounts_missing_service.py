@@ -1,8 +1,8 @@
 """bpffs unmounted under a running loaderd, bpffs missing at its start, tracefs missing at an
-apply (issue 17), on a real systemd 252. The namespace's bpffs is made the only one at
-/sys/fs/bpf first (the harness stacks its own over the host's copy: unmounting it would show
-the host's), and its mounts shared as on a booted host, so that an unmount reaches the units'
-namespaces. The host's bpffs and tracefs are never touched.
+apply (issue 17), on a real systemd 252. The namespace's bpffs is the only one at /sys/fs/bpf
+(sysd.py; checked again here: unmounting it must never show the host's), and its mounts are
+made shared as on a booted host, so that an unmount reaches the units' namespaces. The host's
+bpffs and tracefs are never touched.
 
 Before: the resident said only "DRIFT in 5: ..." (every pin of every spec missing) and a
 reload failed in ExecStartPre= (tmpfiles: "Failed to create directory") with nothing in
@@ -54,12 +54,9 @@ def resident_view(sysd: Systemd) -> str:
 
 def test_setup(installed: Systemd) -> None:
     sysd = installed
-    # Only the namespace's own layers: the harness's bpffs and the host's copy below it go
-    # (private propagation: the host keeps its own), then one fresh bpffs.
-    while mounted(sysd):
-        sysd.run("umount", BPFFS)
-    mount(sysd)
+    # One layer, the namespace's own (sysd.py unmounted the host's copy below it).
     assert int(sysd.run("stat", "-c", "%d", BPFFS).stdout) != host_bpffs_dev()
+    assert len(sysd.run("findmnt", "-n", "-o", "SOURCE", BPFFS).stdout.split()) == 1
     sysd.run("mount", "--make-rshared", "/")  # as systemd does on a host (not in containers)
     # The drift tick every 2 s (30 s as shipped) keeps the test short.
     sysd.write(DROPIN, "[Service]\nExecStart=\nExecStart=/usr/bin/loaderd run --no-apply "
