@@ -371,6 +371,9 @@ class Applier:
         """The applied set, after finishing any interrupted commit; refused while the kill
         switch is pulled or the pin root is unusable (audited like any refusal)."""
         try:
+            # bpffs unmounted (or never mounted): one sentence naming the mount point, before
+            # the walk below meets "not below a bpffs mount" or recovery finds every pin gone.
+            pins.check_bpffs_mounted(self.layout.root)
             if not self.layout.exists(self.layout.root):  # tmpfiles.d owns its mode and group
                 self.layout.ensure_dir(self.layout.root, 0o755)
             current = self.recover()

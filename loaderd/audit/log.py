@@ -27,6 +27,8 @@ from typing import IO, Any, TextIO, cast
 
 import structlog
 
+from loaderd.audit.spool import SPOOL, Backlog, Replayed, Spool, journal_reachable
+
 
 class Event(enum.Enum):
     """Event kinds. Values are (MESSAGE_ID, syslog PRIORITY). IDs never change once shipped:
@@ -104,6 +106,8 @@ _lock = threading.Lock()
 _logger: Any = None  # structlog BoundLogger, built by configure()
 _fallback: IO[str] | None = None  # where journald sink failures still get written
 _journal = False  # the sink configure() chose
+_auto = True  # configure() chose the sink itself (journal=None)
+_spool: Spool | None = None  # where journal entries go while journald is unreachable
 
 
 def journal_field(key: str) -> str:
@@ -191,12 +195,17 @@ def _to_journal(_logger: Any, _name: str, event_dict: MutableMapping[str, Any],
 
 
 class _JournalLogger:
-    """structlog logger whose `msg(**fields)` is one journald entry."""
+    """structlog logger whose `msg(**fields)` is one journald entry; while journald is
+    unreachable, one line of the spool (audit.spool), which the resident replays later."""
 
     def msg(self, **fields: Any) -> None:
         from systemd import journal
 
-        journal.send(**fields)
+        try:
+            journal.send(**fields)
+        except OSError as exc:
+            if _spool is None or not _spool.append(fields, exc.strerror or str(exc)):
+                raise
 
 
 def _build(use_journal: bool, stream: IO[str]) -> Any:
@@ -222,12 +231,49 @@ def configure(*, journal: bool | None = None, stream: IO[str] | None = None) -> 
     Uses its own structlog logger (wrap_logger), not the global structlog configuration, so
     nothing else in the process can reroute or reformat the audit trail by configuring structlog.
     """
-    global _logger, _fallback, _journal
+    global _logger, _fallback, _journal, _auto
     use_journal = journal_available() if journal is None else journal
     with _lock:
         _journal = use_journal
+        _auto = journal is None and stream is None
         _fallback = stream or sys.stderr
         _logger = _build(use_journal, _fallback)
+
+
+def spool_in(state_dir: str) -> None:
+    """Spool journal entries that journald does not take to <state_dir>/journal-spool.jsonl
+    (the apply and the resident call it once they know their settings). A process that
+    systemd connected to the journal (JOURNAL_STREAM) but that started while journald's
+    socket was gone uses the journal sink anyway: its stderr leads to the same journald."""
+    global _spool
+    if _logger is None:
+        configure()
+    with _lock:
+        _spool = Spool(os.path.join(state_dir, SPOOL))
+    if _auto and not _journal and os.environ.get("JOURNAL_STREAM"):
+        configure(journal=True)
+
+
+def backlog() -> Backlog | None:
+    """The events spooled while journald was unreachable, not yet replayed."""
+    return None if _spool is None else _spool.backlog()
+
+
+def spool_dropped() -> int:
+    """This process's events that neither journald nor the spool took (spool full)."""
+    return 0 if _spool is None else _spool.dropped
+
+
+def replay_spool() -> Replayed | None:
+    """Send the spooled events to journald once it is reachable again (the resident's tick);
+    None when there was nothing to send or journald is still unreachable."""
+    if _spool is None or not _journal or (_spool.backlog() is None and not _spool.dropped):
+        return None
+    if not journal_reachable(JOURNAL_SOCKET):
+        return None
+    from systemd import journal
+
+    return _spool.replay(journal.send)
 
 
 def journaled() -> bool:
@@ -287,5 +333,6 @@ def emit(event: Event, message: str, **fields: Any) -> None:
         line = {"event": event.name.lower(), "message_id": event.message_id,
                 "priority": event.priority, "message": message, "uid": os.getuid(),
                 "sink_error": str(exc), **record}
-        stream.write(json.dumps(line, default=str, sort_keys=True) + "\n")
-        stream.flush()
+        with contextlib.suppress(OSError, ValueError):  # stderr may be journald's too
+            stream.write(json.dumps(line, default=str, sort_keys=True) + "\n")
+            stream.flush()

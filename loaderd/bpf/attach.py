@@ -251,14 +251,26 @@ def kernel_refusal(a: Attach) -> str | None:
 
 
 def support_errors(spec: Spec) -> list[LoaderdError]:
-    """`kernel_refusal` for every program of `spec`, located at its type."""
+    """`kernel_refusal` for every program of `spec`, located at its type; tracefs not
+    mounted, located at the first tracepoint's attach (before any compile: BCC reads event
+    formats there too, and the attach its ids)."""
     out = []
+    tracefs_said = False
     for i, prog in enumerate(spec.programs):
         why = kernel_refusal(prog.attach)
         if why:
             out.append(LoaderdError(Kind.ATTACH, f"{prog.name}: {why}", Location(
                 spec.path, spec.line_of("programs", i, "type"), None, f"programs[{i}].type"),
                 value=prog.type.value))
+        elif isinstance(prog.attach, TracepointAttach) and not tracefs_said:
+            missing = kernel.tracefs_missing()
+            if missing is not None:
+                tracefs_said = True
+                out.append(LoaderdError(Kind.ATTACH, f"{prog.name}: {missing.message}",
+                                        Location(spec.path, spec.line_of("programs", i,
+                                                                         "attach"),
+                                                 None, f"programs[{i}].attach"),
+                                        allowed=missing.allowed))
     return out
 
 

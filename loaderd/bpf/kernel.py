@@ -733,7 +733,30 @@ def _tp_name(kind: str, value: str) -> str:
     return value
 
 
-def tracepoint_id(category: str, event: str, tracefs: str = "/sys/kernel/tracing") -> int:
+TRACEFS = "/sys/kernel/tracing"
+TRACEFS_MAGIC = 0x74726163
+
+
+def _fs_type(path: str) -> int | None:
+    """statfs f_type of `path` (os.statvfs does not expose it), None when it cannot be read."""
+    buf = ctypes.create_string_buffer(128)  # struct statfs is 120 bytes on x86_64
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    return int.from_bytes(buf.raw[:8], "little", signed=False)
+
+
+def tracefs_missing(tracefs: str = TRACEFS) -> LoaderdError | None:
+    """An error when tracefs is not mounted at `tracefs`: tracepoint ids live only there (a
+    missing id file then is no proof that the tracepoint does not exist)."""
+    if _fs_type(tracefs) == TRACEFS_MAGIC:
+        return None
+    return LoaderdError(Kind.ATTACH, f"tracefs is not mounted at {tracefs}: tracepoint "
+                        "programs cannot be attached", Location(file=tracefs),
+                        allowed=f"mount it (`mount -t tracefs tracefs {tracefs}`; under "
+                        "systemd `systemctl start sys-kernel-tracing.mount`), then apply again")
+
+
+def tracepoint_id(category: str, event: str, tracefs: str = TRACEFS) -> int:
     """The perf config id of a tracepoint, from tracefs events/<category>/<event>/id."""
     path = os.path.join(tracefs, "events", _tp_name("category", category),
                         _tp_name("event", event), "id")
@@ -741,6 +764,9 @@ def tracepoint_id(category: str, event: str, tracefs: str = "/sys/kernel/tracing
         with open(path, encoding="ascii") as fh:
             return int(fh.read().strip())
     except FileNotFoundError:
+        missing = tracefs_missing(tracefs)
+        if missing is not None:
+            raise missing from None
         raise LoaderdError(Kind.ATTACH, "no such tracepoint", Location(file=path),
                            value=f"{category}:{event}",
                            allowed=f"an event listed under {tracefs}/events") from None

@@ -393,6 +393,48 @@ def check_bpffs_dir(path: str) -> None:
                        allowed="a directory on bpffs (mount -t bpf bpf /sys/fs/bpf)")
 
 
+def bpffs_missing(root: str) -> tuple[str, str] | None:
+    """(mount point, sentence) when no bpffs holds the pin root: the root, or (missing) its
+    nearest existing ancestor, is on another filesystem (bpffs unmounted under a running
+    loaderd, or never mounted). None when it is on bpffs, or only the root itself is missing
+    (a first apply makes it). Looked at through O_PATH: a reader may only traverse."""
+    where = os.path.abspath(root)
+    while True:
+        try:
+            fd = os.open(where, os.O_PATH | os.O_CLOEXEC)
+            break
+        except FileNotFoundError:
+            if where == "/":
+                return None
+            where = os.path.dirname(where)
+        except OSError:
+            return None  # not ours to see (EACCES): drift and the apply say what they meet
+    try:
+        if fs_magic(fd) == BPF_FS_MAGIC:
+            return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return where, (f"no bpf filesystem is mounted at {where} (the pin root {root} "
+                   f"{'is not on one' if where == os.path.abspath(root) else 'is below it'}"
+                   "): every pin there is gone")
+
+
+def bpffs_fix(where: str) -> str:
+    """What an operator does about bpffs_missing()."""
+    return (f"mount it (`mount -t bpf bpf {where}`), then `systemctl restart loaderd` (the "
+            "apply loads every spec again; a restart also gives the resident back its "
+            "read-only view)")
+
+
+def check_bpffs_mounted(root: str) -> None:
+    """Refuse an apply, before it changes anything, when no bpffs holds the pin root."""
+    missing = bpffs_missing(root)
+    if missing is not None:
+        raise _err(missing[1], root, allowed=bpffs_fix(missing[0]))
+
+
 # --- layout -----------------------------------------------------------------------------------
 
 class PinLayout:

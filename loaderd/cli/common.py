@@ -16,6 +16,7 @@ from typing import Any
 from loaderd import __version__
 from loaderd.config.settings import DEFAULT_CONFIG, load_default
 from loaderd.errors import LoaderdError, count, names, plural
+from loaderd.model import Settings
 
 load_settings = load_default
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer killed by a closed pipe
@@ -152,10 +153,14 @@ STATUS_DRIFT = 1  # drift, or a commit left pending
 STATUS_REFUSED = 3  # the last apply was refused: programs_dir is not what is applied
 STATUS_NOT_APPLIED = 4  # nothing applied yet, or the kill switch is pulled
 STATUS_NO_PERMISSION = 5  # this user may read neither the manifest nor the pins
+# The last apply was killed before it ended (SIGKILL, MemoryMax=): the set before it stays
+# applied, but programs_dir may differ from it. A killed commit (pending) is STATUS_DRIFT.
+STATUS_INTERRUPTED = 6
 STATUS_CODES = (f"exit codes: {STATUS_OK} ok, {STATUS_DRIFT} drift or a pending commit, "
                 f"{STATUS_REFUSED} last apply refused (programs_dir differs from what is "
                 f"applied), {STATUS_NOT_APPLIED} nothing applied or kill switch pulled, "
-                f"{STATUS_NO_PERMISSION} no permission to see it")
+                f"{STATUS_NO_PERMISSION} no permission to see it, {STATUS_INTERRUPTED} last "
+                "apply interrupted (killed before it finished; the set before it stays)")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -177,6 +182,8 @@ def status_code(report: dict[str, Any]) -> int:
         return STATUS_NO_PERMISSION
     if head.get("status") == "disabled":  # the switch explains any refusal after it
         return STATUS_NOT_APPLIED
+    if head.get("interrupted"):  # newer than any refusal: a refused apply clears the marker
+        return STATUS_INTERRUPTED
     if head.get("refused"):
         return STATUS_REFUSED
     if head.get("absent") or (head.get("status") == "empty" and not head.get("txid")):
@@ -190,10 +197,20 @@ def status_failed(report: dict[str, Any]) -> bool:
                 or any(s["drift"] for s in report["specs"]))
 
 
+def acting_settings(config: str | None) -> Settings:
+    """The settings of a command that changes state (apply, run, disable, enable,
+    rollback): its audit events are spooled in the state dir while journald is unreachable."""
+    from loaderd.audit import log as audit
+
+    settings = load_settings(config)
+    audit.spool_in(settings.state_dir)
+    return settings
+
+
 def cmd_disable(args: argparse.Namespace) -> int:
     from loaderd.apply.applier import Applier
 
-    removed = Applier(load_settings(args.config)).disable()
+    removed = Applier(acting_settings(args.config)).disable()
     print(f"kill switch: detached and unpinned {plural(len(removed), 'spec')}"
           + (f": {', '.join(removed)}" if removed else ""))
     return 0
@@ -202,7 +219,7 @@ def cmd_disable(args: argparse.Namespace) -> int:
 def cmd_enable(args: argparse.Namespace) -> int:
     from loaderd.apply.applier import Applier
 
-    released = Applier(load_settings(args.config)).enable()
+    released = Applier(acting_settings(args.config)).enable()
     print("kill switch released: the next apply (systemctl reload loaderd) loads the specs"
           if released else "not disabled: nothing to do")
     return 0
@@ -259,7 +276,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     in the state dir or the pin root), else in this process."""
     from loaderd.apply.applier import Applier
 
-    settings = load_settings(args.config)
+    settings = acting_settings(args.config)
     applier = Applier(settings)
     if args.release:
         hold = applier.release()

@@ -4,8 +4,8 @@ Errors print as `error: file:line:col: field: message` (one per line, verifier/c
 indented below); tracebacks only with --debug. Exit codes: 0 ok, 1 refused or failed, 2 usage,
 141 ok but the output was cut short by a closed pipe (`| head`); a refusal stays 1. `status`:
 0 ok, 1 drift or a pending commit, 3 last apply refused, 4 nothing applied or kill switch
-pulled, 5 no permission (cli.common.STATUS_CODES). `plan`: 0 nothing to do, 2 changes
-pending, 1 refused (terraform's -detailed-exitcode).
+pulled, 5 no permission, 6 last apply interrupted (cli.common.STATUS_CODES). `plan`: 0
+nothing to do, 2 changes pending, 1 refused (terraform's -detailed-exitcode).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.cli.common import (
     STATUS_CODES,
+    acting_settings,
     add_command,
     add_global_flags,
     add_rollback_flags,
@@ -43,7 +44,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from loaderd.runtime.daemon import PROGRESS, notify
 
     try:
-        settings = load_settings(args.config)
+        settings = acting_settings(args.config)
     except LoaderdError as exc:  # the same structured refusal a spec gets, for the journal
         audit.emit(Event.APPLY_FAILED, f"apply refused: settings {exc}; nothing changed",
                    errors=1, kind=exc.kind.value, file=exc.location.file,
@@ -169,7 +170,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from loaderd.runtime.daemon import Daemon
 
-    settings = load_settings(args.config)
+    settings = acting_settings(args.config)
     return Daemon(settings, args.config, drift_interval=args.drift_interval,
                   apply=not args.no_apply).start()
 

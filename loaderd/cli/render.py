@@ -70,6 +70,10 @@ def render_status(report: dict[str, Any]) -> str:
     if head.get("status") == "disabled":
         lines.append("kill switch pulled: nothing is loaded until `loaderd enable` (then "
                      "`systemctl reload loaderd`)")
+    elif head.get("interrupted") and head.get("status") != "pending":
+        kept = "the set below stays applied" if report["specs"] else "nothing is applied"
+        lines.append(f"last apply INTERRUPTED at {_ts(head['interrupted'])} (killed before it "
+                     f"finished; {kept}): run `systemctl reload loaderd` (or `loaderd apply`)")
     elif head.get("refused"):
         r = head["refused"]
         more = f" (and {r['errors'] - 1} more)" if r["errors"] > 1 else ""

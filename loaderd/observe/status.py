@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loaderd import sandbox
+from loaderd.audit import spool
 from loaderd.bpf import kernel, offsets, pins
 from loaderd.config import spec as spec_mod
 from loaderd.config.settings import load_default
@@ -390,6 +391,20 @@ def status(view: View) -> dict[str, Any]:
     refusal = state.read_refusal(os.path.join(view.settings.state_dir, state.REFUSED))
     head["refused"] = None if refusal is None else {
         "at": refusal.at, "errors": refusal.errors, "reason": refusal.reason}
+    # An apply killed before it ended (its applying marker left, the lock free): what
+    # programs_dir says may not be what is applied. None: no such apply, or one still running.
+    head["interrupted"] = state.State(view.settings.state_dir).interrupted()
+    missing = pins.bpffs_missing(view.settings.bpffs_root)
+    head["bpffs_missing"] = None if missing is None else missing[1]
+    if missing is not None:
+        notes.append(f"{missing[1]}; fix: {pins.bpffs_fix(missing[0])}")
+    # Audit events journald did not take (it was stopped): kept for the resident to replay.
+    backlog = spool.Spool(os.path.join(view.settings.state_dir, spool.SPOOL)).backlog()
+    head["journal_spool"] = None if backlog is None else {
+        "path": backlog.path, "events": backlog.events, "since": backlog.since}
+    if backlog is not None:
+        notes.append(backlog.sentence() + "; the resident replays them to the journal once "
+                     "journald is back")
     try:  # the hold counts only as root's or the state dir owner's (State.owners)
         owners = frozenset({0, os.stat(view.settings.state_dir).st_uid})
     except OSError:

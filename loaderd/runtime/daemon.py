@@ -23,7 +23,7 @@ from types import FrameType
 from loaderd import privileges
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
-from loaderd.bpf import kernel
+from loaderd.bpf import kernel, pins
 from loaderd.errors import LoaderdError, plural
 from loaderd.model import Settings
 from loaderd.observe import drift, metrics
@@ -92,6 +92,8 @@ class Daemon:
         self.reloaded = False  # the set shown is the one a `systemctl reload` re-read
         self._metrics_error: str | None = None  # the write failure last journaled
         self.filling: set[tuple[str, str]] = set()  # maps journaled as >= FILL_WARN full
+        self.bpffs_missing: str | None = None  # no bpffs holds the pin root (drift says why)
+        self._spool_shown: tuple[object, int] = (None, 0)  # the spool backlog STATUS= says
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -193,8 +195,38 @@ class Daemon:
                 sorted(lost)) + " (see journal)"
         if self.known_drift:
             names = sorted(self.known_drift)
-            text += f"; DRIFT in {len(names)}: {', '.join(names)} (see journal)"
+            text += f"; DRIFT in {len(names)}: {', '.join(names)}" + (
+                f": {self.bpffs_missing}" if self.bpffs_missing else "") + " (see journal)"
+        backlog, dropped = audit.backlog(), audit.spool_dropped()
+        if backlog is not None:
+            text += "; " + backlog.sentence(dropped)
+        elif dropped:
+            text += f"; journald unreachable: {dropped} events dropped (spool full)"
         return text
+
+    def check_spool(self) -> None:
+        """Events spooled while journald was unreachable (audit.spool) go to the journal once
+        it is back, marked LOADERD_REPLAYED=1; until then STATUS= says how many wait where."""
+        state = (audit.backlog(), audit.spool_dropped())
+        if state == (None, 0):
+            self._spool_shown = state
+            return
+        done = audit.replay_spool()
+        if done is not None:
+            span = " to ".join(dict.fromkeys(time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(t)) for t in (done.since, done.until)))
+            extra = "".join([f"; {done.skipped} unreadable lines skipped" if done.skipped
+                             else "", f"; {done.dropped} dropped (spool full)" if done.dropped
+                             else "", f"; {done.left} kept for later (journald went away "
+                             "again)" if done.left else ""])
+            audit.emit(Event.DAEMON, f"journald reachable again: replayed {done.events} "
+                       f"events spooled while it was not ({span}), marked LOADERD_REPLAYED=1"
+                       + extra, replayed_events=done.events, spool_skipped=done.skipped,
+                       spool_dropped=done.dropped)
+            state = (audit.backlog(), audit.spool_dropped())
+        if state != self._spool_shown:
+            self._spool_shown = state
+            self._show()
 
     def _show(self, extra: str = "") -> None:
         """STATUS= when it changed (or with another notification)."""
@@ -249,6 +281,7 @@ class Daemon:
                 next_drift = time.monotonic() + self.drift_interval
                 self._show()
                 self.write_metrics()
+            self.check_spool()
             self._wait(tick)  # wakes on events, signals or the tick
             self.pump.pump()
         self.write_metrics()  # final counters: what was journaled before the stop
@@ -388,13 +421,22 @@ class Daemon:
             if not quiet or self._manifest_changed(update=False):  # re-read it first
                 return self.known_drift
             found: dict[str, list[str]] = {}
-            for name, record in self.manifest.specs.items():
-                diffs = drift.differences(record)
-                if diffs:
-                    found[name] = diffs
-                    if diffs != self.known_drift.get(name):
-                        audit.emit(Event.DRIFT, f"{name}: drift detected: {'; '.join(diffs)}",
-                                   spec=name, diffs=diffs)
+            missing = pins.bpffs_missing(self.settings.bpffs_root) if self.manifest.specs \
+                else None
+            if missing is not None:  # one sentence for all, not every pin of every spec
+                found = {name: [missing[1]] for name in self.manifest.specs}
+                if missing[1] != self.bpffs_missing:
+                    audit.emit(Event.DRIFT, f"{missing[1]}; fix: {pins.bpffs_fix(missing[0])}",
+                               file=missing[0], specs=sorted(found))
+            else:
+                for name, record in self.manifest.specs.items():
+                    diffs = drift.differences(record)
+                    if diffs:
+                        found[name] = diffs
+                        if diffs != self.known_drift.get(name):
+                            audit.emit(Event.DRIFT, f"{name}: drift detected: "
+                                       f"{'; '.join(diffs)}", spec=name, diffs=diffs)
+            self.bpffs_missing = None if missing is None else missing[1]
             self.known_drift = found
             return found
 

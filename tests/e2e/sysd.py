@@ -3,7 +3,9 @@
 The host stays clean. Inside, the network namespace is its own (XDP programs attach to *its*
 lo, never competing with the host's), /etc, /usr and /var are overlays whose upper layer is a
 tmpfs, /run and /tmp are fresh tmpfs, /sys/fs/cgroup is a cgroup2 view of a private subtree and
-/sys/fs/bpf is a *new bpffs instance* (mode 0700, as systemd mounts it). Packages installed with
+/sys/fs/bpf is a *new bpffs instance* (mode 0700, as systemd mounts it), the only one there
+(the host's is unmounted inside first: unmounting ours leaves an empty directory, as on a host
+without bpffs). Packages installed with
 `dpkg -i` inside, users created by systemd-sysusers, pins made by the daemon: all of it vanishes
 when the namespace dies. Kernel objects are global, but without the private bpffs pins they lose
 their last reference, so programs a test attached are detached at teardown. tracefs is shared:
@@ -50,6 +52,10 @@ rm -rf /etc/loaderd /var/lib/loaderd
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mount -t tmpfs -o mode=0755 tmpfs /sys/fs/cgroup
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
+# The host's bpffs, inherited, goes first (only from this namespace: propagation is private):
+# stacked under ours, a test's `umount /sys/fs/bpf` would have shown it, and an apply then
+# pinned into the host's bpffs and tmpfiles changed its mode.
+while mountpoint -q /sys/fs/bpf; do umount /sys/fs/bpf; done
 mount -t bpf -o mode=0700 bpf /sys/fs/bpf
 ip link set lo up
 mkdir -p /etc/systemd/system

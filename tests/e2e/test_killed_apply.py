@@ -76,6 +76,8 @@ def test_sigkill_during_a_compile(installed: Systemd) -> None:
     assert text.startswith(f"{N_EXAMPLES} specs applied; last apply INTERRUPTED"), text
     assert text.endswith("the set before it stays applied"), text
     assert ids(sysd) == before  # nothing half-applied
+    rc, out = status_rc(sysd)  # monitoring sees it too (before: 0, as if all were applied)
+    assert rc == 6 and "last apply INTERRUPTED at " in out, out
     recovered(sysd)  # its staging dir (pins, never attached) is removed by this recovery
     assert not sysd.run("ls", "/sys/fs/bpf/loaderd/_staging", check=False).stdout.strip()
     assert ids(sysd) != before
