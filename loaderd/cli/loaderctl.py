@@ -7,8 +7,7 @@ the manifest itself is unreadable (it is 0640 loaderd:loaderd-readers), the pins
 
 JSON uses bpftool's field names for kernel facts, plus loaderd's own (spec, sha256, pin,
 freeze, degraded, drift, facts). Exit codes: 0 ok, 1 failed or a finding, 2 usage,
-141 ok but the output was cut short by a closed pipe; `status` as `loaderd status`
-(cli.common.STATUS_CODES).
+141 ok but the output was cut short by a closed pipe; `status` as `loaderd status`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Errors print as `error: file:line:col: field: message` (one per line, verifier/c
 indented below); tracebacks only with --debug. Exit codes: 0 ok, 1 refused or failed, 2 usage,
 141 ok but the output was cut short by a closed pipe (`| head`); a refusal stays 1. `status`:
 0 ok, 1 drift or a pending commit, 3 last apply refused, 4 nothing applied or kill switch
-pulled, 5 no permission, 6 last apply interrupted (cli.common.STATUS_CODES). `plan`: 0
-nothing to do, 2 changes pending, 1 refused (terraform's -detailed-exitcode).
+pulled, 5 no permission, 6 last apply interrupted. `plan`: 0 nothing to do, 2 changes
+pending, 1 refused (terraform's -detailed-exitcode).
 """
 
 from __future__ import annotations
