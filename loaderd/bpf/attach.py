@@ -8,6 +8,7 @@
 | tc             | LINK_CREATE(BPF_TCX_INGRESS/EGRESS) on the ifindex,  | tcx        |
 |                | placed by BPF_F_BEFORE/AFTER (+ BPF_F_LINK anchor)   |            |
 | cgroup_*       | LINK_CREATE(hook's attach type) on the cgroup2 dir fd | cgroup    |
+|                | placed as tc is (the same mprog flags)               |            |
 | uprobe         | perf_event_open on the uprobe PMU (path, file offset) | perf_event |
 |                | + LINK_CREATE(BPF_PERF_EVENT)                        |            |
 | kprobe         | the same on the kprobe PMU (function name)           | perf_event |
@@ -45,6 +46,7 @@ from loaderd.model import (
     LinkTarget,
     LsmAttach,
     NoAttach,
+    OrderedAttach,
     PerfEventAttach,
     ProgramSpec,
     RawTracepointAttach,
@@ -56,7 +58,7 @@ from loaderd.model import (
     XdpAttach,
 )
 
-# Opens the pinned link of a loaderd program `(spec, program)` (a tc order's anchor); the
+# Opens the pinned link of a loaderd program `(spec, program)` (an order's anchor); the
 # caller knows where pins are (staging of this apply first, then live).
 AnchorOpener = Callable[[str, str], int]
 
@@ -102,11 +104,11 @@ def link_for(a: LinkTarget, prog_fd: int, anchors: AnchorOpener | None = None) -
     if isinstance(a, PerfEventAttach):
         raise AssertionError("perf_event programs have a link per CPU: per_cpu_links")
     if isinstance(a, TcAttach):
-        return _tcx_link(a, prog_fd, anchors)
+        return _mprog_link(a, prog_fd, kernel.ifindex(a.interface), anchors)
     if isinstance(a, CgroupAttach):
         cg_fd = cgroup.open_cgroup(cgroup.resolve(a))
         try:
-            return kernel.link_create(prog_fd, cg_fd, a.attach_type)
+            return _mprog_link(a, prog_fd, cg_fd, anchors)
         finally:
             os.close(cg_fd)  # the link holds the cgroup
     if isinstance(a, UprobeAttach):
@@ -167,16 +169,17 @@ def _uprobe_place(a: UprobeAttach) -> tuple[int, int, int]:
     return pmu_type, retbit, uprobe.symbol_offset(a.binary, a.symbol)
 
 
-_TCX_PLACE = {"first": kernel.BPF_F_BEFORE, "last": 0, "before": kernel.BPF_F_BEFORE,
-              "after": kernel.BPF_F_AFTER}
+_PLACE = {"first": kernel.BPF_F_BEFORE, "last": 0, "before": kernel.BPF_F_BEFORE,
+          "after": kernel.BPF_F_AFTER}
 
 
-def _tcx_link(a: TcAttach, prog_fd: int, anchors: AnchorOpener | None) -> int:
-    """first: BPF_F_BEFORE naming nothing (in front of the whole chain); last: appended;
-    before/after: BPF_F_LINK with the anchor's link fd, so the kernel places it relative to
-    exactly that attachment and refuses (ENOENT) if it is not on this hook."""
-    ifindex = kernel.ifindex(a.interface)
-    flags, rel_fd = _TCX_PLACE[a.order], -1
+def _mprog_link(a: OrderedAttach, prog_fd: int, hook: int, anchors: AnchorOpener | None
+                ) -> int:
+    """A link on a multi-prog hook (`hook`: the tcx ifindex or the cgroup fd). first:
+    BPF_F_BEFORE naming nothing (in front of the whole chain); last: appended; before/after:
+    BPF_F_LINK with the anchor's link fd, so the kernel places it relative to exactly that
+    attachment and refuses (ENOENT) if it is not on this hook."""
+    flags, rel_fd = _PLACE[a.order], -1
     parts = a.anchor_parts
     if parts is not None:
         if anchors is None:
@@ -185,14 +188,17 @@ def _tcx_link(a: TcAttach, prog_fd: int, anchors: AnchorOpener | None) -> int:
         rel_fd = anchors(*parts)
         flags |= kernel.BPF_F_LINK
     try:
-        return kernel.tcx_link_create(prog_fd, ifindex, a.attach_type, flags,
-                                      max(rel_fd, 0))
+        return kernel.mprog_link_create(prog_fd, hook, a.attach_type, flags, max(rel_fd, 0))
     except kernel.KernelError as exc:
         if parts is not None and exc.errno == errno.ENOENT:
             raise LoaderdError(Kind.ATTACH, f"order {a.order}: {a.anchor} is not attached to "
-                               f"{a.interface} {a.direction}", value=a.anchor,
-                               allowed=f"a loaderd program on tc {a.interface} "
-                               f"{a.direction}") from None
+                               f"{a.hook_where}", value=a.anchor,
+                               allowed=f"a loaderd {a.KEY} program on {a.hook_where}") from None
+        if flags and exc.errno == errno.EINVAL and isinstance(a, CgroupAttach):
+            raise LoaderdError(Kind.ATTACH, f"order {a.order}: this kernel cannot order "
+                               "programs on a cgroup hook (its cgroup links take no "
+                               "BPF_F_BEFORE/BPF_F_AFTER: EINVAL)", value=a.order_text(),
+                               allowed="no order (attach order)") from None
         raise
     finally:
         if rel_fd >= 0:

@@ -80,8 +80,9 @@ BPF_F_RDONLY = 1 << 3  # at map creation: binds to the returned fd only, not kep
 BPF_F_WRONLY = 1 << 4
 BPF_F_PATH_FD = 1 << 14  # OBJ_PIN/OBJ_GET relative to path_fd (kernel >= 6.5)
 BPF_F_REPLACE = 1 << 2
-# Multi-prog placement (tcx): before/after the program or link that relative_fd/_id names, or
-# the whole chain when it names none; BPF_F_ID: relative is an id; BPF_F_LINK: it is a link.
+# Multi-prog placement (tcx; cgroup links on recent kernels): before/after the program or link
+# that relative_fd/_id names, or the whole chain when it names none; BPF_F_ID: relative is an
+# id; BPF_F_LINK: it is a link.
 BPF_F_BEFORE, BPF_F_AFTER, BPF_F_ID, BPF_F_LINK = 1 << 3, 1 << 4, 1 << 5, 1 << 13
 BPF_ANY, BPF_NOEXIST = 0, 1
 
@@ -620,10 +621,11 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) 
                   _attach_caps(attach_type))
 
 
-class _LinkCreateTcxAttr(ctypes.Structure):
-    """union bpf_attr's link_create with its tcx part (libbpf 1.1 predates tcx)."""
+class _LinkCreateMprogAttr(ctypes.Structure):
+    """union bpf_attr's link_create with its tcx/cgroup part (the same layout in both;
+    libbpf 1.1 predates both)."""
 
-    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_ifindex", ctypes.c_uint32),
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target", ctypes.c_uint32),
                 ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("relative", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
                 ("expected_revision", ctypes.c_uint64)]
@@ -637,15 +639,16 @@ def _sys_bpf(cmd: int, attr: ctypes.Structure) -> int:
     return -ctypes.get_errno() if ret < 0 else ret
 
 
-def tcx_link_create(prog_fd: int, ifindex: int, attach_type: int, flags: int = 0,
-                    relative: int = 0, expected_revision: int = 0) -> int:
-    """BPF_LINK_CREATE of a tcx link on `ifindex`, placed by `flags` (BPF_F_BEFORE/AFTER,
-    with BPF_F_LINK/BPF_F_ID saying what `relative` is); `expected_revision` (not 0) refuses
-    with ESTALE if the hook changed since it was queried."""
-    attr = _LinkCreateTcxAttr(prog_fd, ifindex, attach_type, flags, relative, 0,
-                              expected_revision)
+def mprog_link_create(prog_fd: int, target: int, attach_type: int, flags: int = 0,
+                      relative: int = 0, expected_revision: int = 0) -> int:
+    """BPF_LINK_CREATE on a multi-prog hook (`target`: a tcx ifindex, or a cgroup directory
+    fd), placed by `flags` (BPF_F_BEFORE/AFTER, with BPF_F_LINK/BPF_F_ID saying what
+    `relative` is); `expected_revision` (not 0) refuses with ESTALE if the hook changed since
+    it was queried."""
+    attr = _LinkCreateMprogAttr(prog_fd, target, attach_type, flags, relative, 0,
+                                expected_revision)
     return _check(_sys_bpf(_BPF_LINK_CREATE, attr), "BPF_LINK_CREATE",
-                  f"prog fd {prog_fd} -> ifindex {ifindex} "
+                  f"prog fd {prog_fd} -> target {target} "
                   f"({ATTACH_TYPE_NAMES.get(attach_type, attach_type)})", CAPS_NET)
 
 
