@@ -928,6 +928,10 @@ def map_fd_by_id(map_id: int) -> int:
     return _fd_by_id("bpf_map_get_fd_by_id", "map", map_id)
 
 
+def link_fd_by_id(link_id: int) -> int:
+    return _fd_by_id("bpf_link_get_fd_by_id", "link", link_id)
+
+
 
 
 # enum bpf_attach_type: the cgroup hooks systemd attaches its own programs to.
