@@ -562,6 +562,10 @@ class UprobeAttach(_Target):
     retprobe: bool = False
     pid: int | None = None
 
+    @property
+    def load_attach_type(self) -> int | None:
+        return 48  # BPF_TRACE_UPROBE_MULTI: attached through a uprobe_multi link
+
     @classmethod
     def from_spec(cls, raw: Any) -> UprobeAttach:
         u = raw["uprobe"]

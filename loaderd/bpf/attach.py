@@ -9,8 +9,9 @@
 |                | placed by BPF_F_BEFORE/AFTER (+ BPF_F_LINK anchor)   |            |
 | cgroup_*       | LINK_CREATE(hook's attach type) on the cgroup2 dir fd | cgroup    |
 |                | placed as tc is (the same mprog flags)               |            |
-| uprobe         | perf_event_open on the uprobe PMU (path, file offset) | perf_event |
-|                | + LINK_CREATE(BPF_PERF_EVENT)                        |            |
+| uprobe         | LINK_CREATE(BPF_TRACE_UPROBE_MULTI): path, one file  | uprobe_multi |
+|                | offset (the uprobe PMU's perf_event_open wants       |            |
+|                | CAP_SYS_ADMIN; this only CAP_BPF + CAP_PERFMON)      |            |
 | kprobe         | the same on the kprobe PMU (function name)           | perf_event |
 | sk_lookup      | LINK_CREATE(BPF_SK_LOOKUP) on the netns fd           | netns      |
 | perf_event     | a software perf event per online CPU, each with a    | perf_event |
@@ -112,14 +113,8 @@ def link_for(a: LinkTarget, prog_fd: int, anchors: AnchorOpener | None = None) -
         finally:
             os.close(cg_fd)  # the link holds the cgroup
     if isinstance(a, UprobeAttach):
-        pmu_type, retbit, offset = _uprobe_place(a)
-        perf_fd = kernel.perf_event_open_probe(pmu_type, a.binary, offset,
-                                                1 << retbit if a.retprobe else 0,
-                                                -1 if a.pid is None else a.pid)
-        try:
-            return kernel.link_create(prog_fd, perf_fd, kernel.ATTACH_PERF_EVENT)
-        finally:
-            os.close(perf_fd)
+        return kernel.uprobe_multi_link_create(prog_fd, a.binary, _uprobe_offset(a),
+                                               retprobe=a.retprobe, pid=a.pid or 0)
     if isinstance(a, KprobeAttach):
         pmu_type, retbit = uprobe.pmu("kprobe")
         perf_fd = kernel.perf_event_open_probe(pmu_type, a.function, 0,
@@ -159,14 +154,13 @@ def _open_netns(a: SkLookupAttach) -> int:
                            "/run/netns), or no netns: for the host's") from None
 
 
-def _uprobe_place(a: UprobeAttach) -> tuple[int, int, int]:
-    """(uprobe PMU type, its retprobe bit, file offset) after the binary's trust check."""
-    pmu_type, retbit = uprobe.pmu()
+def _uprobe_offset(a: UprobeAttach) -> int:
+    """The file offset to probe, after the binary's trust check."""
     uprobe.trusted(a.binary)
     if a.offset is not None:
-        return pmu_type, retbit, a.offset
+        return a.offset
     assert a.symbol is not None  # the schema wants one of symbol, offset
-    return pmu_type, retbit, uprobe.symbol_offset(a.binary, a.symbol)
+    return uprobe.symbol_offset(a.binary, a.symbol)
 
 
 _PLACE = {"first": kernel.BPF_F_BEFORE, "last": 0, "before": kernel.BPF_F_BEFORE,
@@ -280,7 +274,7 @@ def resolve(program: ProgramSpec) -> str | None:
     elif isinstance(a, SkLookupAttach):
         os.close(_open_netns(a))
     elif isinstance(a, UprobeAttach):
-        _uprobe_place(a)
+        _uprobe_offset(a)
         if a.pid is not None and not os.path.isdir(f"/proc/{a.pid}"):
             raise LoaderdError(Kind.ATTACH, f"no process {a.pid} (uprobe pid:)", value=a.pid)
     return None

@@ -54,6 +54,7 @@ LINK_TYPE_NAMES: dict[int, str] = {
 LINK_TYPE_RAW_TRACEPOINT = 1
 LINK_TYPE_XDP = 6
 LINK_TYPE_PERF_EVENT = 7
+LINK_TYPE_UPROBE_MULTI = 12
 LINK_TYPE_TCX = 11
 LINK_TYPE_CGROUP = 3
 LINK_TYPE_NETNS = 5
@@ -409,10 +410,19 @@ class _LinkNetns(ctypes.Structure):
     _fields_ = [("netns_ino", ctypes.c_uint32), ("attach_type", ctypes.c_uint32)]
 
 
+class _LinkUprobeMulti(ctypes.Structure):
+    """uprobe_multi (kernel >= 6.8): the path buffer, the offsets array (in/out)."""
+
+    _fields_ = [("path", ctypes.c_uint64), ("offsets", ctypes.c_uint64),
+                ("ref_ctr_offsets", ctypes.c_uint64), ("cookies", ctypes.c_uint64),
+                ("path_size", ctypes.c_uint32), ("count", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("pid", ctypes.c_uint32)]
+
+
 class _LinkUnion(ctypes.Union):
     _fields_ = [("raw_tracepoint", _LinkNamed), ("perf_event", _LinkPerfEvent),
                 ("xdp_ifindex", ctypes.c_uint32), ("tcx", _LinkTcx), ("cgroup", _LinkCgroup),
-                ("netns", _LinkNetns),
+                ("netns", _LinkNetns), ("uprobe_multi", _LinkUprobeMulti),
                 ("_raw", ctypes.c_uint8 * 64)]
 
 
@@ -474,7 +484,9 @@ class LinkInfo:
     attach_type: int | None = None  # tcx and cgroup links
     cgroup_id: int | None = None  # cgroup links (the cgroup2 directory's inode; 0: removed)
     netns_ino: int | None = None  # netns links (sk_lookup; 0: the namespace went away)
-    file: str | None = None  # uprobe perf_event links: the binary and the file offset
+    # uprobe links (perf_event or uprobe_multi): the binary and the file offset; a uprobe_multi
+    # link's BPF_F_UPROBE_MULTI_RETURN flag reads as perf_event_type uretprobe (else uprobe)
+    file: str | None = None
     offset: int | None = None
     tp_name: str | None = None  # raw_tracepoint and perf_event tracepoint links
     perf_event_type: int | None = None  # perf_event links
@@ -555,6 +567,8 @@ def link_info(fd: int) -> LinkInfo:
         return LinkInfo(info.id, info.type, info.prog_id, tp_name=_cstr(name_buf))
     if first.type == LINK_TYPE_PERF_EVENT:
         return _perf_link_info(fd, first, name_buf)
+    if first.type == LINK_TYPE_UPROBE_MULTI:
+        return _uprobe_multi_info(fd, first)
     if first.type == LINK_TYPE_CGROUP:
         return LinkInfo(first.id, first.type, first.prog_id,
                         attach_type=first.u.cgroup.attach_type,
@@ -586,6 +600,22 @@ def _perf_link_info(fd: int, first: _LinkInfo, name_buf: ctypes.Array[ctypes.c_c
     _get_info(fd, info, "link")
     return LinkInfo(first.id, first.type, first.prog_id, tp_name=_cstr(name_buf),
                     perf_event_type=ptype)
+
+
+def _uprobe_multi_info(fd: int, first: _LinkInfo) -> LinkInfo:
+    """Path and first offset of a uprobe_multi link (loaderd makes them with one offset; a
+    foreign one may have more: the count from the first call sizes the array)."""
+    path_buf = ctypes.create_string_buffer(4096)
+    offsets = (ctypes.c_uint64 * max(1, first.u.uprobe_multi.count))()
+    info = _LinkInfo()
+    um = info.u.uprobe_multi
+    um.path, um.path_size = _addr(path_buf), len(path_buf)
+    um.offsets, um.count = _addr(offsets), len(offsets)
+    _get_info(fd, info, "link")
+    ret = info.u.uprobe_multi.flags & BPF_F_UPROBE_MULTI_RETURN
+    return LinkInfo(first.id, first.type, first.prog_id, file=_cstr(path_buf),
+                    offset=offsets[0] if info.u.uprobe_multi.count else None,
+                    perf_event_type=BPF_PERF_EVENT_URETPROBE if ret else BPF_PERF_EVENT_UPROBE)
 
 
 def _cstr(buf: ctypes.Array[ctypes.c_char]) -> str:
@@ -650,6 +680,36 @@ def mprog_link_create(prog_fd: int, target: int, attach_type: int, flags: int = 
     return _check(_sys_bpf(_BPF_LINK_CREATE, attr), "BPF_LINK_CREATE",
                   f"prog fd {prog_fd} -> target {target} "
                   f"({ATTACH_TYPE_NAMES.get(attach_type, attach_type)})", CAPS_NET)
+
+
+ATTACH_TRACE_UPROBE_MULTI = 48  # model.UprobeAttach loads with it as expected_attach_type
+BPF_F_UPROBE_MULTI_RETURN = 1
+
+
+class _LinkCreateUprobeMultiAttr(ctypes.Structure):
+    """union bpf_attr's link_create with its uprobe_multi part (kernel >= 6.6)."""
+
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("path", ctypes.c_uint64), ("offsets", ctypes.c_uint64),
+                ("ref_ctr_offsets", ctypes.c_uint64), ("cookies", ctypes.c_uint64),
+                ("cnt", ctypes.c_uint32), ("multi_flags", ctypes.c_uint32),
+                ("pid", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+def uprobe_multi_link_create(prog_fd: int, path: str, offset: int, *, retprobe: bool = False,
+                             pid: int = 0) -> int:
+    """A uprobe_multi link at file `offset` of `path` (the function's return with `retprobe`),
+    in every process (pid 0) or one. Unlike a perf event on the uprobe PMU, whose event_init
+    wants CAP_SYS_ADMIN (EACCES without it, measured on 6.18), this needs only the program's
+    own CAP_BPF + CAP_PERFMON: what the hardened apply unit has."""
+    raw = ctypes.c_char_p(os.fsencode(path))
+    offsets = (ctypes.c_uint64 * 1)(offset)
+    attr = _LinkCreateUprobeMultiAttr(
+        prog_fd, 0, ATTACH_TRACE_UPROBE_MULTI, 0, ctypes.cast(raw, ctypes.c_void_p).value or 0,
+        _addr(offsets), 0, 0, 1, BPF_F_UPROBE_MULTI_RETURN if retprobe else 0, pid)
+    return _check(_sys_bpf(_BPF_LINK_CREATE, attr), "BPF_LINK_CREATE",
+                  f"uprobe {path}+{offset:#x}", CAPS_TRACING)
 
 
 class _QueryAttr(ctypes.Structure):
