@@ -83,3 +83,29 @@ def test_an_order_on_a_kernel_without_cgroup_mprog_is_one_sentence(
     else:
         assert attach._mprog_link(a, 5, 7, None) == 99
     assert seen == [flags]
+
+
+def test_a_unit_is_found_by_its_invocation_id_never_in_a_delegated_subtree(
+        tmp_path: Path) -> None:
+    """The one root-owned directory named after the unit, below slices, carrying its id; a
+    look-alike below a service (a delegated subtree: its owner can set user.* xattrs) or in a
+    directory not owned by root is never taken; two candidates: neither."""
+    inv = "4099f651cff448ad8eddae332ac87066"
+    real = tmp_path / "system.slice" / "web.service"
+    delegated = tmp_path / "user.slice" / "user@1000.service" / "app.slice" / "web.service"
+    not_root = tmp_path / "evil.slice" / "web.service"
+    for d in (real, delegated, not_root):
+        d.mkdir(parents=True)
+        try:
+            os.setxattr(d, "user.invocation_id", inv.encode())
+        except OSError as exc:
+            pytest.skip(f"no user xattrs on {tmp_path}: {exc.strerror}")
+    os.chown(not_root.parent, 1000, 1000)
+    assert cgroup._invocation_cgroup(str(tmp_path), "web.service", inv) == str(real)
+    assert cgroup._invocation_cgroup(str(tmp_path), "web.service", "0" * 32) is None
+    os.chown(not_root.parent, 0, 0)  # now a second candidate: ambiguous, neither is taken
+    assert cgroup._invocation_cgroup(str(tmp_path), "web.service", inv) is None
+    os.removexattr(not_root, "user.invocation_id")
+    os.removexattr(real, "user.invocation_id")
+    os.setxattr(real, "user.invocation_id", bytes.fromhex(inv))  # 16 raw bytes read as hex
+    assert cgroup._invocation_cgroup(str(tmp_path), "web.service", inv) == str(real)
