@@ -352,6 +352,14 @@ def test_programs_on_one_cgroup_hook_run_in_the_declared_order(
     assert link_of(f"{bpffs_root}/c/links/prog_c").id == links["c"].id
     assert again.prog_ids[0] == hook.prog_ids[0] and again.prog_ids[2] == hook.prog_ids[2]
     assert again.prog_ids[1] != hook.prog_ids[1]
+
+    # A changed order is a new link in the new place (made before the old one goes).
+    (tmp_path / "specs" / "a.yaml").write_text(ordered("prog_a", child_cgroup, order="first"))
+    loaderd("--config", str(conf), "apply")
+    moved = link_of(f"{bpffs_root}/a/links/prog_a")
+    assert moved.id != links["a"].id
+    assert egress_hook(child_cgroup).prog_ids == (moved.prog_id, again.prog_ids[0],
+                                                  again.prog_ids[1])
     loaderd("--config", str(conf), "disable")
     assert egress_hook(child_cgroup).prog_ids == ()
 
