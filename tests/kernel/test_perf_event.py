@@ -120,14 +120,15 @@ programs:
 
 
 def versions_running(pin: str, cpus: list[int]) -> dict[int, int]:
-    """Clear the map, let the programs sample, and read which version wrote each CPU's slot."""
+    """Clear the map, let the programs sample (every CPU at least once: a loaded machine may
+    take a while), and read which version wrote each CPU's slot."""
     fd = kernel.obj_get(pin)
     try:
         for c in cpus:
             kernel.map_update(fd, c.to_bytes(4, "little"), bytes(8))
     finally:
         os.close(fd)
-    time.sleep(0.5)
+    wait_until(lambda: all(per_cpu(pin, cpus).values()), timeout=20)
     return per_cpu(pin, cpus)
 
 
@@ -161,7 +162,7 @@ def test_kill_9_mid_apply_leaves_all_old_or_all_new(tmp_path: Path, bpffs_root: 
     assert changed == ({"a", "b"} if fault == "mid_commit" else set()), changed
     assert all(not set(now[s].values()) & set(old[s].values()) for s in changed)
     live = {i for s in names for i in now[s].values()}
-    assert wait_until(lambda: links_of(set(names.values())) == live), \
+    assert wait_until(lambda: links_of(set(names.values())) == live, timeout=30), \
         (links_of(set(names.values())), live)
     want = 2 if fault == "mid_commit" else 1
     for s in names:

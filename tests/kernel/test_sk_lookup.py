@@ -182,7 +182,8 @@ def test_kill_9_mid_apply_leaves_all_old_or_all_new(tmp_path: Path, bpffs_root: 
     assert {s: i.id for s, i in now.items()} == {s: i.id for s, i in old.items()}
     changed = {s for s in names if now[s].prog_id != old[s].prog_id}
     assert changed == ({"a", "b"} if fault == "mid_commit" else set()), changed
-    assert wait_until(lambda: links_of(set(names.values())) == {i.id for i in now.values()})
+    assert wait_until(lambda: links_of(set(names.values())) == {i.id for i in now.values()},
+                      timeout=30)
 
     def steps() -> dict[str, int]:
         out = {}

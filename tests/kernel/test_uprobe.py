@@ -222,7 +222,7 @@ def test_kill_9_mid_apply_leaves_all_old_or_all_new(tmp_path: Path, bpffs_root: 
     changed = {s for s in now if now[s] != old[s]}  # uprobe links are made anew, not updated
     assert changed == ({"a", "b"} if fault == "mid_commit" else set()), changed
     # The staged links of the killed apply went with their pins: one link per spec is left.
-    assert wait_until(lambda: links_of(set(names.values())) == set(now.values())), \
+    assert wait_until(lambda: links_of(set(names.values())) == set(now.values()), timeout=30), \
         (links_of(set(names.values())), now)
 
     def steps() -> dict[str, int]:
