@@ -295,10 +295,11 @@ XDP_MODES: Mapping[str, int] = {"skb": 1 << 1, "native": 1 << 2, "hw": 1 << 3}
 
 # tcx hook directions -> enum bpf_attach_type (BPF_TCX_INGRESS, BPF_TCX_EGRESS).
 TC_DIRECTIONS: Mapping[str, int] = {"ingress": 46, "egress": 47}
-# A tc program's place among the programs on its hook (the kernel's multi-prog API): `first`
-# and `last` are where it goes when attached (a later `first` goes in front of it); `before`
-# and `after` name another loaderd program, `<spec>/<program>`, attached to the same hook.
-TC_ORDERS = ("first", "last", "before", "after")
+# A program's place among the programs on a multi-prog hook (the kernel's mprog API: tcx, and
+# cgroup links on recent kernels, 6.18 here): `first` and `last` are where it goes when
+# attached (a later `first` goes in front of it); `before` and `after` name another loaderd
+# program, `<spec>/<program>`, attached to the same hook.
+ORDERS = ("first", "last", "before", "after")
 _ANCHOR = re.compile(f"({NAME_PATTERN})/({NAME_PATTERN})")
 
 
@@ -378,25 +379,13 @@ class XdpAttach(_Target):
         return cls(iface, mode) if _IFNAME.fullmatch(iface) and mode in XDP_MODES else None
 
 
-@dataclass(frozen=True)
-class TcAttach(_Target):
-    interface: str
-    direction: str = "ingress"  # a key of TC_DIRECTIONS
-    order: str = "last"  # one of TC_ORDERS
-    anchor: str | None = None  # before/after: "<spec>/<program>"
+class OrderedAttach(_Target):
+    """A target on a multi-prog hook (tcx, cgroup): `order` (one of ORDERS) and, for
+    before/after, `anchor`, a loaderd program on the same hook (bpf/attach.py places it)."""
 
-    @classmethod
-    def from_spec(cls, raw: Any) -> TcAttach:
-        tc = raw["tc"]
-        order = tc.get("order", "last")
-        if isinstance(order, dict):  # {before: spec/prog} or {after: spec/prog}
-            (rel, anchor), = order.items()
-            return cls(tc["interface"], tc.get("direction", "ingress"), rel, anchor)
-        return cls(tc["interface"], tc.get("direction", "ingress"), order)
-
-    @property
-    def attach_type(self) -> int:
-        return TC_DIRECTIONS[self.direction]
+    order: str
+    anchor: str | None
+    KEY: ClassVar[str]  # the spec's `attach:` key (error paths name it)
 
     @property
     def anchor_parts(self) -> tuple[str, str] | None:
@@ -404,9 +393,59 @@ class TcAttach(_Target):
         m = _ANCHOR.fullmatch(self.anchor or "")
         return (m.group(1), m.group(2)) if m else None
 
+    @property
+    def attach_type(self) -> int:
+        """The hook's enum bpf_attach_type."""
+        raise NotImplementedError
+
+    @property
+    def hook_where(self) -> str:
+        """The hook, as a refusal names it ("eth0 ingress")."""
+        raise NotImplementedError
+
+    def order_text(self) -> str:
+        return f"{self.order}={self.anchor}" if self.anchor else self.order
+
+
+def _order_of(raw: Mapping[str, Any]) -> tuple[str, str | None]:
+    """A spec's `order:` (shape checked by the schema) as (order, anchor)."""
+    order = raw.get("order", "last")
+    if isinstance(order, dict):  # {before: spec/prog} or {after: spec/prog}
+        (rel, anchor), = order.items()
+        return rel, anchor
+    return order, None
+
+
+def _order_from_text(text: str) -> tuple[str, str | None] | None:
+    rel, _, anchor = text.partition("=")
+    if rel not in ORDERS or (rel in ("before", "after")) != bool(_ANCHOR.fullmatch(anchor)):
+        return None
+    return rel, anchor or None
+
+
+@dataclass(frozen=True)
+class TcAttach(OrderedAttach):
+    interface: str
+    direction: str = "ingress"  # a key of TC_DIRECTIONS
+    order: str = "last"  # one of ORDERS
+    anchor: str | None = None  # before/after: "<spec>/<program>"
+    KEY: ClassVar[str] = "tc"
+
+    @classmethod
+    def from_spec(cls, raw: Any) -> TcAttach:
+        tc = raw["tc"]
+        return cls(tc["interface"], tc.get("direction", "ingress"), *_order_of(tc))
+
+    @property
+    def attach_type(self) -> int:
+        return TC_DIRECTIONS[self.direction]
+
+    @property
+    def hook_where(self) -> str:
+        return f"{self.interface} {self.direction}"
+
     def body(self) -> str:
-        order = f"{self.order}={self.anchor}" if self.anchor else self.order
-        return f"{self.interface}:{self.direction}:{order}"
+        return f"{self.interface}:{self.direction}:{self.order_text()}"
 
     @classmethod
     def from_body(cls, text: str) -> TcAttach | None:
@@ -414,12 +453,10 @@ class TcAttach(_Target):
         if len(parts) != 3:
             return None
         iface, direction, order = parts
-        rel, _, anchor = order.partition("=")
-        if not (_IFNAME.fullmatch(iface) and direction in TC_DIRECTIONS and rel in TC_ORDERS):
+        placed = _order_from_text(order)
+        if not (_IFNAME.fullmatch(iface) and direction in TC_DIRECTIONS and placed):
             return None
-        if (rel in ("before", "after")) != bool(_ANCHOR.fullmatch(anchor)):
-            return None
-        return cls(iface, direction, rel, anchor or None)
+        return cls(iface, direction, *placed)
 
 
 _CGROUP_PATH = re.compile(r"(?!.*(^|/)\.\.?(/|$))[A-Za-z0-9_.@:/-]{1,255}")
@@ -427,20 +464,26 @@ _UNIT = re.compile(r"[A-Za-z0-9_.@:\\-]{1,255}\.(service|scope|slice)")
 
 
 @dataclass(frozen=True)
-class CgroupAttach(_Target):
+class CgroupAttach(OrderedAttach):
     """A cgroup hook: `path` below the cgroup2 mount, or the cgroup systemd gives `unit`.
     One subclass per program type (the manifest names the type by its record); HOOKS maps a
-    hook name to its enum bpf_attach_type, also the program's expected_attach_type at load."""
+    hook name to its enum bpf_attach_type, also the program's expected_attach_type at load.
+    The manifest's body adds `,<order>` when it is not `last` (`,` is in neither a path nor a
+    unit name; records from before ordering read as `last`)."""
 
     hook: str
     path: str | None = None
     unit: str | None = None
+    order: str = "last"  # one of ORDERS
+    anchor: str | None = None  # before/after: "<spec>/<program>"
     HOOKS: ClassVar[Mapping[str, int]] = {}
+    KEY: ClassVar[str] = "cgroup"
 
     @classmethod
     def from_spec(cls, raw: Any) -> CgroupAttach:
         cg = raw["cgroup"]
-        return cls(cg.get("hook", next(iter(cls.HOOKS))), cg.get("path"), cg.get("unit"))
+        return cls(cg.get("hook", next(iter(cls.HOOKS))), cg.get("path"), cg.get("unit"),
+                   *_order_of(cg))
 
     @property
     def attach_type(self) -> int:
@@ -454,19 +497,26 @@ class CgroupAttach(_Target):
     def where(self) -> str:
         return f"unit {self.unit}" if self.unit else f"cgroup {self.path}"
 
+    @property
+    def hook_where(self) -> str:
+        return f"{self.where} {self.hook}"
+
     def body(self) -> str:
-        return f"{self.hook}:unit={self.unit}" if self.unit else f"{self.hook}:path={self.path}"
+        at = f"unit={self.unit}" if self.unit else f"path={self.path}"
+        return f"{self.hook}:{at}" + ("" if self.order == "last" else f",{self.order_text()}")
 
     @classmethod
     def from_body(cls, text: str) -> CgroupAttach | None:
         hook, _, rest = text.partition(":")
+        rest, comma, order = rest.partition(",")
+        placed = _order_from_text(order) if comma else ("last", None)
         key, _, value = rest.partition("=")
-        if hook not in cls.HOOKS:
+        if hook not in cls.HOOKS or placed is None or (comma and placed[0] == "last"):
             return None
         if key == "path" and _CGROUP_PATH.fullmatch(value):
-            return cls(hook, path=value)
+            return cls(hook, value, None, *placed)
         if key == "unit" and _UNIT.fullmatch(value):
-            return cls(hook, unit=value)
+            return cls(hook, None, value, *placed)
         return None
 
 
@@ -511,6 +561,10 @@ class UprobeAttach(_Target):
     offset: int | None = None
     retprobe: bool = False
     pid: int | None = None
+
+    @property
+    def load_attach_type(self) -> int | None:
+        return 48  # BPF_TRACE_UPROBE_MULTI: attached through a uprobe_multi link
 
     @classmethod
     def from_spec(cls, raw: Any) -> UprobeAttach:
@@ -814,7 +868,7 @@ PROG_KINDS: Mapping[ProgType, ProgKind] = {
                                          "skb_change_tail", "l3_csum_replace",
                                          "l4_csum_replace", "csum_diff"},
         exclusive=True),
-    # cgroup links: many per hook, run in the order attached; a replacement swaps the program
+    # cgroup links: many per hook, run in `order:` (as tc); a replacement swaps the program
     # behind its link (BPF_LINK_UPDATE), so it keeps its place. bpf_prog_load wants
     # CAP_NET_ADMIN for every cgroup type (is_net_admin_prog_type).
     ProgType.CGROUP_SKB: ProgKind(

@@ -31,13 +31,13 @@ from loaderd.config import signature, spec
 from loaderd.errors import Kind, LoaderdError, Location, count, names, plural
 from loaderd.model import (
     PERF_LINK_SEP,
+    OrderedAttach,
     PerfEventAttach,
     ProgType,
     Settings,
     SignatureMode,
     SignatureStatus,
     Spec,
-    TcAttach,
     map_pin_mode,
     settings_changes,
 )
@@ -182,7 +182,7 @@ def signature_fields(s: Spec) -> dict[str, str | int]:
 
 
 def attach_order(staged: list[StagedSpec], spec_of: dict[str, Spec]) -> list[StagedSpec]:
-    """Staged specs in an order that attaches a tc order's anchor (`before:`/`after:` another
+    """Staged specs in an order that attaches an order's anchor (`before:`/`after:` another
     spec's program) before the program placed against it; otherwise as staged. A cycle is
     left to the attach, which says the anchor is not attached."""
     by_name = {st.name: st for st in staged}
@@ -194,7 +194,7 @@ def attach_order(staged: list[StagedSpec], spec_of: dict[str, Spec]) -> list[Sta
             return
         seen.add(name)
         for p in spec_of[name].programs:
-            parts = p.attach.anchor_parts if isinstance(p.attach, TcAttach) else None
+            parts = p.attach.anchor_parts if isinstance(p.attach, OrderedAttach) else None
             if parts is not None and parts[0] != name:
                 visit(parts[0])
         out.append(by_name[name])

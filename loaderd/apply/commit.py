@@ -53,7 +53,7 @@ def link_holds(layout: pins.PinLayout, link_pin: str, tgt: LinkTarget) -> bool:
 
 
 def anchor_opener(staging: pins.PinLayout, live: pins.PinLayout) -> attach.AnchorOpener:
-    """Open a tc order's anchor link: this apply's new link if it made one, else the live."""
+    """Open an order's anchor link: this apply's new link if it made one, else the live."""
     def opener(spec: str, prog: str) -> int:
         for layout in (staging, live):
             path = layout.link_path(spec, prog)
@@ -61,7 +61,7 @@ def anchor_opener(staging: pins.PinLayout, live: pins.PinLayout) -> attach.Ancho
                 return layout.get(path)
         raise LoaderdError(Kind.ATTACH, f"{spec}/{prog} is not attached", value=f"{spec}/{prog}",
                            allowed="a loaderd program with a link (spec name/program name) "
-                           "on the same tc hook")
+                           "on the same hook")
     return opener
 
 

@@ -8,8 +8,10 @@
 | tc             | LINK_CREATE(BPF_TCX_INGRESS/EGRESS) on the ifindex,  | tcx        |
 |                | placed by BPF_F_BEFORE/AFTER (+ BPF_F_LINK anchor)   |            |
 | cgroup_*       | LINK_CREATE(hook's attach type) on the cgroup2 dir fd | cgroup    |
-| uprobe         | perf_event_open on the uprobe PMU (path, file offset) | perf_event |
-|                | + LINK_CREATE(BPF_PERF_EVENT)                        |            |
+|                | placed as tc is (the same mprog flags)               |            |
+| uprobe         | LINK_CREATE(BPF_TRACE_UPROBE_MULTI): path, one file  | uprobe_multi |
+|                | offset (the uprobe PMU's perf_event_open wants       |            |
+|                | CAP_SYS_ADMIN; this only CAP_BPF + CAP_PERFMON)      |            |
 | kprobe         | the same on the kprobe PMU (function name)           | perf_event |
 | sk_lookup      | LINK_CREATE(BPF_SK_LOOKUP) on the netns fd           | netns      |
 | perf_event     | a software perf event per online CPU, each with a    | perf_event |
@@ -45,6 +47,7 @@ from loaderd.model import (
     LinkTarget,
     LsmAttach,
     NoAttach,
+    OrderedAttach,
     PerfEventAttach,
     ProgramSpec,
     RawTracepointAttach,
@@ -56,7 +59,7 @@ from loaderd.model import (
     XdpAttach,
 )
 
-# Opens the pinned link of a loaderd program `(spec, program)` (a tc order's anchor); the
+# Opens the pinned link of a loaderd program `(spec, program)` (an order's anchor); the
 # caller knows where pins are (staging of this apply first, then live).
 AnchorOpener = Callable[[str, str], int]
 
@@ -102,33 +105,29 @@ def link_for(a: LinkTarget, prog_fd: int, anchors: AnchorOpener | None = None) -
     if isinstance(a, PerfEventAttach):
         raise AssertionError("perf_event programs have a link per CPU: per_cpu_links")
     if isinstance(a, TcAttach):
-        return _tcx_link(a, prog_fd, anchors)
+        return _mprog_link(a, prog_fd, kernel.ifindex(a.interface), anchors)
     if isinstance(a, CgroupAttach):
         cg_fd = cgroup.open_cgroup(cgroup.resolve(a))
         try:
-            return kernel.link_create(prog_fd, cg_fd, a.attach_type)
+            return _mprog_link(a, prog_fd, cg_fd, anchors)
         finally:
             os.close(cg_fd)  # the link holds the cgroup
     if isinstance(a, UprobeAttach):
-        pmu_type, retbit = uprobe.pmu()
         bin_fd = uprobe.open_trusted(a.binary)
         try:
-            # By path, so link info and bpftool show the spec's path; then the path must
-            # still be the file checked (its directories are trusted: only root swaps it).
-            perf_fd = kernel.perf_event_open_probe(pmu_type, a.binary, _uprobe_offset(a, bin_fd),
-                                                   1 << retbit if a.retprobe else 0,
-                                                   -1 if a.pid is None else a.pid)
+            # By path (link info shows it); then the path must still be the file checked
+            # (its directories are trusted: only root can swap it).
+            link_fd = kernel.uprobe_multi_link_create(prog_fd, a.binary,
+                                                      _uprobe_offset(a, bin_fd),
+                                                      retprobe=a.retprobe, pid=a.pid or 0)
             try:
                 uprobe.still_the_file(a.binary, bin_fd)
             except BaseException:
-                os.close(perf_fd)
+                os.close(link_fd)
                 raise
+            return link_fd
         finally:
             os.close(bin_fd)
-        try:
-            return kernel.link_create(prog_fd, perf_fd, kernel.ATTACH_PERF_EVENT)
-        finally:
-            os.close(perf_fd)
     if isinstance(a, KprobeAttach):
         pmu_type, retbit = uprobe.pmu("kprobe")
         perf_fd = kernel.perf_event_open_probe(pmu_type, a.function, 0,
@@ -177,16 +176,17 @@ def _uprobe_offset(a: UprobeAttach, bin_fd: int) -> int:
     return uprobe.symbol_offset(a.binary, a.symbol, bin_fd)
 
 
-_TCX_PLACE = {"first": kernel.BPF_F_BEFORE, "last": 0, "before": kernel.BPF_F_BEFORE,
-              "after": kernel.BPF_F_AFTER}
+_PLACE = {"first": kernel.BPF_F_BEFORE, "last": 0, "before": kernel.BPF_F_BEFORE,
+          "after": kernel.BPF_F_AFTER}
 
 
-def _tcx_link(a: TcAttach, prog_fd: int, anchors: AnchorOpener | None) -> int:
-    """first: BPF_F_BEFORE naming nothing (in front of the whole chain); last: appended;
-    before/after: BPF_F_LINK with the anchor's link fd, so the kernel places it relative to
-    exactly that attachment and refuses (ENOENT) if it is not on this hook."""
-    ifindex = kernel.ifindex(a.interface)
-    flags, rel_fd = _TCX_PLACE[a.order], -1
+def _mprog_link(a: OrderedAttach, prog_fd: int, hook: int, anchors: AnchorOpener | None
+                ) -> int:
+    """A link on a multi-prog hook (`hook`: the tcx ifindex or the cgroup fd). first:
+    BPF_F_BEFORE naming nothing (in front of the whole chain); last: appended; before/after:
+    BPF_F_LINK with the anchor's link fd, so the kernel places it relative to exactly that
+    attachment and refuses (ENOENT) if it is not on this hook."""
+    flags, rel_fd = _PLACE[a.order], -1
     parts = a.anchor_parts
     if parts is not None:
         if anchors is None:
@@ -195,14 +195,17 @@ def _tcx_link(a: TcAttach, prog_fd: int, anchors: AnchorOpener | None) -> int:
         rel_fd = anchors(*parts)
         flags |= kernel.BPF_F_LINK
     try:
-        return kernel.tcx_link_create(prog_fd, ifindex, a.attach_type, flags,
-                                      max(rel_fd, 0))
+        return kernel.mprog_link_create(prog_fd, hook, a.attach_type, flags, max(rel_fd, 0))
     except kernel.KernelError as exc:
         if parts is not None and exc.errno == errno.ENOENT:
             raise LoaderdError(Kind.ATTACH, f"order {a.order}: {a.anchor} is not attached to "
-                               f"{a.interface} {a.direction}", value=a.anchor,
-                               allowed=f"a loaderd program on tc {a.interface} "
-                               f"{a.direction}") from None
+                               f"{a.hook_where}", value=a.anchor,
+                               allowed=f"a loaderd {a.KEY} program on {a.hook_where}") from None
+        if flags and exc.errno == errno.EINVAL and isinstance(a, CgroupAttach):
+            raise LoaderdError(Kind.ATTACH, f"order {a.order}: this kernel cannot order "
+                               "programs on a cgroup hook (its cgroup links take no "
+                               "BPF_F_BEFORE/BPF_F_AFTER: EINVAL)", value=a.order_text(),
+                               allowed="no order (attach order)") from None
         raise
     finally:
         if rel_fd >= 0:
@@ -303,7 +306,6 @@ def resolve(program: ProgramSpec) -> str | None:
     elif isinstance(a, SkLookupAttach):
         os.close(_open_netns(a))
     elif isinstance(a, UprobeAttach):
-        uprobe.pmu()
         bin_fd = uprobe.open_trusted(a.binary)
         try:
             _uprobe_offset(a, bin_fd)

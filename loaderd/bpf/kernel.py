@@ -54,6 +54,7 @@ LINK_TYPE_NAMES: dict[int, str] = {
 LINK_TYPE_RAW_TRACEPOINT = 1
 LINK_TYPE_XDP = 6
 LINK_TYPE_PERF_EVENT = 7
+LINK_TYPE_UPROBE_MULTI = 12
 LINK_TYPE_TCX = 11
 LINK_TYPE_CGROUP = 3
 LINK_TYPE_NETNS = 5
@@ -80,8 +81,9 @@ BPF_F_RDONLY = 1 << 3  # at map creation: binds to the returned fd only, not kep
 BPF_F_WRONLY = 1 << 4
 BPF_F_PATH_FD = 1 << 14  # OBJ_PIN/OBJ_GET relative to path_fd (kernel >= 6.5)
 BPF_F_REPLACE = 1 << 2
-# Multi-prog placement (tcx): before/after the program or link that relative_fd/_id names, or
-# the whole chain when it names none; BPF_F_ID: relative is an id; BPF_F_LINK: it is a link.
+# Multi-prog placement (tcx; cgroup links on recent kernels): before/after the program or link
+# that relative_fd/_id names, or the whole chain when it names none; BPF_F_ID: relative is an
+# id; BPF_F_LINK: it is a link.
 BPF_F_BEFORE, BPF_F_AFTER, BPF_F_ID, BPF_F_LINK = 1 << 3, 1 << 4, 1 << 5, 1 << 13
 BPF_ANY, BPF_NOEXIST = 0, 1
 
@@ -408,10 +410,19 @@ class _LinkNetns(ctypes.Structure):
     _fields_ = [("netns_ino", ctypes.c_uint32), ("attach_type", ctypes.c_uint32)]
 
 
+class _LinkUprobeMulti(ctypes.Structure):
+    """uprobe_multi (kernel >= 6.8): the path buffer, the offsets array (in/out)."""
+
+    _fields_ = [("path", ctypes.c_uint64), ("offsets", ctypes.c_uint64),
+                ("ref_ctr_offsets", ctypes.c_uint64), ("cookies", ctypes.c_uint64),
+                ("path_size", ctypes.c_uint32), ("count", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("pid", ctypes.c_uint32)]
+
+
 class _LinkUnion(ctypes.Union):
     _fields_ = [("raw_tracepoint", _LinkNamed), ("perf_event", _LinkPerfEvent),
                 ("xdp_ifindex", ctypes.c_uint32), ("tcx", _LinkTcx), ("cgroup", _LinkCgroup),
-                ("netns", _LinkNetns),
+                ("netns", _LinkNetns), ("uprobe_multi", _LinkUprobeMulti),
                 ("_raw", ctypes.c_uint8 * 64)]
 
 
@@ -473,7 +484,9 @@ class LinkInfo:
     attach_type: int | None = None  # tcx and cgroup links
     cgroup_id: int | None = None  # cgroup links (the cgroup2 directory's inode; 0: removed)
     netns_ino: int | None = None  # netns links (sk_lookup; 0: the namespace went away)
-    file: str | None = None  # uprobe perf_event links: the binary and the file offset
+    # uprobe links (perf_event or uprobe_multi): the binary and the file offset; a uprobe_multi
+    # link's BPF_F_UPROBE_MULTI_RETURN flag reads as perf_event_type uretprobe (else uprobe)
+    file: str | None = None
     offset: int | None = None
     tp_name: str | None = None  # raw_tracepoint and perf_event tracepoint links
     perf_event_type: int | None = None  # perf_event links
@@ -554,6 +567,8 @@ def link_info(fd: int) -> LinkInfo:
         return LinkInfo(info.id, info.type, info.prog_id, tp_name=_cstr(name_buf))
     if first.type == LINK_TYPE_PERF_EVENT:
         return _perf_link_info(fd, first, name_buf)
+    if first.type == LINK_TYPE_UPROBE_MULTI:
+        return _uprobe_multi_info(fd, first)
     if first.type == LINK_TYPE_CGROUP:
         return LinkInfo(first.id, first.type, first.prog_id,
                         attach_type=first.u.cgroup.attach_type,
@@ -585,6 +600,22 @@ def _perf_link_info(fd: int, first: _LinkInfo, name_buf: ctypes.Array[ctypes.c_c
     _get_info(fd, info, "link")
     return LinkInfo(first.id, first.type, first.prog_id, tp_name=_cstr(name_buf),
                     perf_event_type=ptype)
+
+
+def _uprobe_multi_info(fd: int, first: _LinkInfo) -> LinkInfo:
+    """Path and first offset of a uprobe_multi link (loaderd makes them with one offset; a
+    foreign one may have more: the count from the first call sizes the array)."""
+    path_buf = ctypes.create_string_buffer(4096)
+    offsets = (ctypes.c_uint64 * max(1, first.u.uprobe_multi.count))()
+    info = _LinkInfo()
+    um = info.u.uprobe_multi
+    um.path, um.path_size = _addr(path_buf), len(path_buf)
+    um.offsets, um.count = _addr(offsets), len(offsets)
+    _get_info(fd, info, "link")
+    ret = info.u.uprobe_multi.flags & BPF_F_UPROBE_MULTI_RETURN
+    return LinkInfo(first.id, first.type, first.prog_id, file=_cstr(path_buf),
+                    offset=offsets[0] if info.u.uprobe_multi.count else None,
+                    perf_event_type=BPF_PERF_EVENT_URETPROBE if ret else BPF_PERF_EVENT_UPROBE)
 
 
 def _cstr(buf: ctypes.Array[ctypes.c_char]) -> str:
@@ -620,10 +651,11 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) 
                   _attach_caps(attach_type))
 
 
-class _LinkCreateTcxAttr(ctypes.Structure):
-    """union bpf_attr's link_create with its tcx part (libbpf 1.1 predates tcx)."""
+class _LinkCreateMprogAttr(ctypes.Structure):
+    """union bpf_attr's link_create with its tcx/cgroup part (the same layout in both;
+    libbpf 1.1 predates both)."""
 
-    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_ifindex", ctypes.c_uint32),
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target", ctypes.c_uint32),
                 ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("relative", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
                 ("expected_revision", ctypes.c_uint64)]
@@ -637,16 +669,47 @@ def _sys_bpf(cmd: int, attr: ctypes.Structure) -> int:
     return -ctypes.get_errno() if ret < 0 else ret
 
 
-def tcx_link_create(prog_fd: int, ifindex: int, attach_type: int, flags: int = 0,
-                    relative: int = 0, expected_revision: int = 0) -> int:
-    """BPF_LINK_CREATE of a tcx link on `ifindex`, placed by `flags` (BPF_F_BEFORE/AFTER,
-    with BPF_F_LINK/BPF_F_ID saying what `relative` is); `expected_revision` (not 0) refuses
-    with ESTALE if the hook changed since it was queried."""
-    attr = _LinkCreateTcxAttr(prog_fd, ifindex, attach_type, flags, relative, 0,
-                              expected_revision)
+def mprog_link_create(prog_fd: int, target: int, attach_type: int, flags: int = 0,
+                      relative: int = 0, expected_revision: int = 0) -> int:
+    """BPF_LINK_CREATE on a multi-prog hook (`target`: a tcx ifindex, or a cgroup directory
+    fd), placed by `flags` (BPF_F_BEFORE/AFTER, with BPF_F_LINK/BPF_F_ID saying what
+    `relative` is); `expected_revision` (not 0) refuses with ESTALE if the hook changed since
+    it was queried."""
+    attr = _LinkCreateMprogAttr(prog_fd, target, attach_type, flags, relative, 0,
+                                expected_revision)
     return _check(_sys_bpf(_BPF_LINK_CREATE, attr), "BPF_LINK_CREATE",
-                  f"prog fd {prog_fd} -> ifindex {ifindex} "
+                  f"prog fd {prog_fd} -> target {target} "
                   f"({ATTACH_TYPE_NAMES.get(attach_type, attach_type)})", CAPS_NET)
+
+
+ATTACH_TRACE_UPROBE_MULTI = 48  # model.UprobeAttach loads with it as expected_attach_type
+BPF_F_UPROBE_MULTI_RETURN = 1
+
+
+class _LinkCreateUprobeMultiAttr(ctypes.Structure):
+    """union bpf_attr's link_create with its uprobe_multi part (kernel >= 6.6)."""
+
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("path", ctypes.c_uint64), ("offsets", ctypes.c_uint64),
+                ("ref_ctr_offsets", ctypes.c_uint64), ("cookies", ctypes.c_uint64),
+                ("cnt", ctypes.c_uint32), ("multi_flags", ctypes.c_uint32),
+                ("pid", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+def uprobe_multi_link_create(prog_fd: int, path: str, offset: int, *, retprobe: bool = False,
+                             pid: int = 0) -> int:
+    """A uprobe_multi link at file `offset` of `path` (the function's return with `retprobe`),
+    in every process (pid 0) or one. Unlike a perf event on the uprobe PMU, whose event_init
+    wants CAP_SYS_ADMIN (EACCES without it, measured on 6.18), this needs only the program's
+    own CAP_BPF + CAP_PERFMON: what the hardened apply unit has."""
+    raw = ctypes.c_char_p(os.fsencode(path))
+    offsets = (ctypes.c_uint64 * 1)(offset)
+    attr = _LinkCreateUprobeMultiAttr(
+        prog_fd, 0, ATTACH_TRACE_UPROBE_MULTI, 0, ctypes.cast(raw, ctypes.c_void_p).value or 0,
+        _addr(offsets), 0, 0, 1, BPF_F_UPROBE_MULTI_RETURN if retprobe else 0, pid)
+    return _check(_sys_bpf(_BPF_LINK_CREATE, attr), "BPF_LINK_CREATE",
+                  f"uprobe {path}+{offset:#x}", CAPS_TRACING)
 
 
 class _QueryAttr(ctypes.Structure):
@@ -959,6 +1022,10 @@ def prog_fd_by_id(prog_id: int) -> int:
 
 def map_fd_by_id(map_id: int) -> int:
     return _fd_by_id("bpf_map_get_fd_by_id", "map", map_id)
+
+
+def link_fd_by_id(link_id: int) -> int:
+    return _fd_by_id("bpf_link_get_fd_by_id", "link", link_id)
 
 
 

@@ -60,6 +60,10 @@ def open_trusted(path: str, owners: frozenset[int] = frozenset({0})) -> int:
         if exc.errno == errno.ELOOP:
             raise _bad(f"uprobe binary {path} is a symlink", path,
                        f"the file it points to: {os.path.realpath(path)}") from None
+        hidden = _hidden_by_unit(path)
+        if hidden:
+            raise _bad(f"uprobe binary {path} is hidden from the apply by {hidden}", path,
+                       "a binary the apply unit sees: under /usr/local or /opt") from None
         raise _bad(f"uprobe binary {path}: {exc.strerror}", path) from None
     try:
         st = os.fstat(fd)
@@ -85,6 +89,41 @@ def still_the_file(path: str, fd: int) -> None:
     if (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino):
         raise _bad(f"uprobe binary {path} was replaced while it was attached; apply again",
                    path)
+
+
+# systemd's ProtectHome=yes (and InaccessiblePaths=) mounts this directory of its own over what
+# it hides; mountinfo shows it as the mount's root.
+_INACCESSIBLE = "/systemd/inaccessible/dir"
+_PROTECT_HOME = ("/home", "/root", "/run/user")
+
+
+def _hidden_by_unit(path: str, mountinfo: str = "/proc/self/mountinfo",
+                    cgroup: str = "/proc/self/cgroup") -> str | None:
+    """Which unit setting makes `path` inaccessible to this process ("loaderd-apply.service's
+    ProtectHome=yes (/home is inaccessible)"), from mountinfo and /proc/self/cgroup; None
+    when no systemd inaccessible mount covers it."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    point = None
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) > 4 and fields[3] == _INACCESSIBLE:
+            at = fields[4].replace("\\040", " ")
+            if path == at or path.startswith(at.rstrip("/") + "/"):
+                point = at
+    if point is None:
+        return None
+    try:
+        with open(cgroup, encoding="utf-8", errors="replace") as fh:
+            unit = fh.read().strip().splitlines()[-1].rpartition("/")[2]
+    except (OSError, IndexError):
+        unit = ""
+    who = f"{unit}'s" if unit.endswith(".service") else "its unit's"
+    setting = "ProtectHome=yes" if point in _PROTECT_HOME else f"InaccessiblePaths={point}"
+    return f"{who} {setting} ({point} is inaccessible to it)"
 
 
 def identity(path: str) -> Identity:

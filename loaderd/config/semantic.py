@@ -20,10 +20,10 @@ from loaderd.model import (
     MapFlag,
     MapSpec,
     MapType,
+    OrderedAttach,
     Param,
     ParamType,
     ProgramSpec,
-    TcAttach,
     link_program,
 )
 
@@ -235,19 +235,20 @@ def object_rules(c: Collector, programs: tuple[ProgramSpec, ...]) -> None:
                   "together: build the variant you need")
 
 
-def tc_orders(c: Collector, spec: str, programs: tuple[ProgramSpec, ...]) -> None:
-    """A tc program placed before/after a program of its own spec names one attached before
-    it (programs attach in the order written), never itself."""
+def orders(c: Collector, spec: str, programs: tuple[ProgramSpec, ...]) -> None:
+    """A tc or cgroup program placed before/after a program of its own spec names one
+    attached before it (programs attach in the order written), never itself."""
     for i, p in enumerate(programs):
-        parts = p.attach.anchor_parts if isinstance(p.attach, TcAttach) else None
+        a = p.attach
+        parts = a.anchor_parts if isinstance(a, OrderedAttach) else None
         if parts is None or parts[0] != spec:
             continue
-        earlier = [q.name for q in programs[:i] if isinstance(q.attach, TcAttach)]
+        assert isinstance(a, OrderedAttach)
+        earlier = [q.name for q in programs[:i] if isinstance(q.attach, OrderedAttach)]
         if parts[1] not in earlier:
-            assert isinstance(p.attach, TcAttach)
-            c.add(Kind.SEMANTIC, ("programs", i, "attach", "tc", "order", p.attach.order),
-                  f"{p.attach.anchor}: a tc program of this spec written before this one",
-                  value=p.attach.anchor,
+            c.add(Kind.SEMANTIC, ("programs", i, "attach", a.KEY, "order", a.order),
+                  f"{a.anchor}: a {a.KEY} program of this spec written before this one",
+                  value=a.anchor,
                   allowed=", ".join(f"{spec}/{n}" for n in earlier) or "another spec's program")
 
 

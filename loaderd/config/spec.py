@@ -215,7 +215,7 @@ def parse_spec(path: str, *, limits: Limits, owner_uid: int | None = 0,
     is_object = "object" in data["source"]
     text = ("" if is_object else _decode_source(f, got[0], got[1])) if got else None
     semantic.names(f, maps, programs)
-    semantic.tc_orders(f, name, programs)
+    semantic.orders(f, name, programs)
     params = semantic.params(f, data.get("params", {}), is_object)
     if is_object:
         semantic.object_rules(f, programs)

@@ -286,3 +286,99 @@ def test_kill_9_mid_apply_leaves_all_old_or_all_new(tmp_path: Path, bpffs_root: 
     for entry in State(load_settings(str(conf)).state_dir).manifest().specs.values():
         assert drift.differences(entry, by_name=True) == []
     loaderd("--config", str(conf), "disable")
+
+
+# Each program counts, records the mark an earlier program on the hook set, and may set one:
+# the order the kernel runs them in shows in what each saw.
+ORDERED = """loaderd: 1
+source:
+  inline: |
+    int {prog}(struct __sk_buff *skb) {{
+        u32 k = 0; u64 *v = {prog}_stats.lookup(&k);
+        if (v) __sync_fetch_and_add(v, {step});
+        k = 1; v = {prog}_stats.lookup(&k);
+        if (v && skb->mark) *v = skb->mark;
+        if ({mark}) skb->mark = {mark};
+        return 1;
+    }}
+maps:
+  - {{name: {prog}_stats, type: array, key: u32, value: u64, max_entries: 2}}
+programs:
+  - {{name: {prog}, type: cgroup_skb, attach: {{cgroup: {{path: {path}, hook: egress{order}}}}}}}
+"""
+
+
+def ordered(prog: str, path: str, *, mark: int = 0, step: int = 1, order: str = "") -> str:
+    return ORDERED.format(prog=prog, path=path, mark=mark, step=step,
+                          order=f", order: {order}" if order else "")
+
+
+def egress_hook(rel: str) -> kernel.HookQuery:
+    fd = cgroup.open_cgroup(os.path.join(cgroup.cgroup2_mount(), rel))
+    try:
+        return kernel.prog_query(fd, 1)  # BPF_CGROUP_INET_EGRESS, this cgroup's own programs
+    finally:
+        os.close(fd)
+
+
+def test_programs_on_one_cgroup_hook_run_in_the_declared_order(
+        tmp_path: Path, bpffs_root: str, child_cgroup: str) -> None:
+    # b is written to run first and marks; a runs last and sees b's mark; c goes before a.
+    specs = {"a": ordered("prog_a", child_cgroup, order="last"),
+             "b": ordered("prog_b", child_cgroup, mark=7, order="first"),
+             "c": ordered("prog_c", child_cgroup, order="{before: a/prog_a}")}
+    conf = make_conf(tmp_path, bpffs_root, specs)
+    loaderd("--config", str(conf), "apply")
+    links = {n: link_of(f"{bpffs_root}/{n}/links/prog_{n}") for n in specs}
+    hook = egress_hook(child_cgroup)
+    assert hook.prog_ids == (links["b"].prog_id, links["c"].prog_id, links["a"].prog_id)
+    record = State(load_settings(str(conf)).state_dir).manifest().specs["c"]
+    assert record.links["prog_c"].target.text == \
+        f"cgroup_skb:egress:path={child_cgroup},before=a/prog_a"
+    send = "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', " \
+        "('127.0.0.1', 9))"
+    assert attempt(child_cgroup, send) == "ok"
+    stats = {n: f"{bpffs_root}/{n}/maps/prog_{n}_stats" for n in specs}
+    assert all(read_u64(stats[n]) >= 1 for n in specs)
+    assert read_u64(stats["a"], 1) == 7  # b ran before a
+    assert read_u64(stats["c"], 1) == 7  # and before c
+    assert read_u64(stats["b"], 1) == 0  # nothing ran before b
+
+    # An in-place change keeps the place in the order (the same link, a new program).
+    (tmp_path / "specs" / "c.yaml").write_text(
+        ordered("prog_c", child_cgroup, step=3, order="{before: a/prog_a}"))
+    loaderd("--config", str(conf), "apply")
+    again = egress_hook(child_cgroup)
+    assert link_of(f"{bpffs_root}/c/links/prog_c").id == links["c"].id
+    assert again.prog_ids[0] == hook.prog_ids[0] and again.prog_ids[2] == hook.prog_ids[2]
+    assert again.prog_ids[1] != hook.prog_ids[1]
+
+    # A changed order is a new link in the new place (made before the old one goes).
+    (tmp_path / "specs" / "a.yaml").write_text(ordered("prog_a", child_cgroup, order="first"))
+    loaderd("--config", str(conf), "apply")
+    moved = link_of(f"{bpffs_root}/a/links/prog_a")
+    assert moved.id != links["a"].id
+    assert egress_hook(child_cgroup).prog_ids == (moved.prog_id, again.prog_ids[0],
+                                                  again.prog_ids[1])
+    loaderd("--config", str(conf), "disable")
+    assert egress_hook(child_cgroup).prog_ids == ()
+
+
+def test_cgroup_anchor_on_another_hook_is_refused_and_nothing_is_applied(
+        tmp_path: Path, bpffs_root: str, child_cgroup: str) -> None:
+    other = f"{child_cgroup}/inner"
+    os.mkdir(os.path.join(cgroup.cgroup2_mount(), other))
+    try:
+        specs = {"a": ordered("prog_a", child_cgroup),
+                 "c": ordered("prog_c", other, order="{after: a/prog_a}")}
+        conf = make_conf(tmp_path, bpffs_root, specs)
+        out = loaderd("--config", str(conf), "apply", check=False)
+        assert out.returncode != 0
+        assert f"order after: a/prog_a is not attached to cgroup {other} egress" \
+            in out.stderr + out.stdout
+        assert "Traceback" not in out.stderr
+        assert egress_hook(child_cgroup).prog_ids == ()
+        assert egress_hook(other).prog_ids == ()
+    finally:
+        os.rmdir(os.path.join(cgroup.cgroup2_mount(), other))
+

@@ -20,7 +20,7 @@ from loaderd.bpf import kernel
 from loaderd.config.settings import load_settings
 from loaderd.observe import drift as verify
 from loaderd.store import manifest as manifest_mod
-from loaderd.store.manifest import SpecRecord, Status
+from loaderd.store.manifest import Manifest, SpecRecord, Status
 from loaderd.store.statedir import State
 from tests.conftest import (
     loaderd,
@@ -510,3 +510,47 @@ def test_roll_forward_attaches_anew_when_the_xdp_link_was_severed_meanwhile(
     finally:
         os.close(fd)
     loaderd("--config", str(conf), "disable")
+
+
+def links_of(prog_names: set[str]) -> set[int]:
+    """Every link in the system whose program has one of `prog_names` (kernel names: 15
+    characters at most; make them unique to the test, other tests may run at once)."""
+    found: set[int] = set()
+    for link_id in kernel.link_ids():
+        try:
+            fd = kernel.link_fd_by_id(link_id)
+        except kernel.KernelError:
+            continue  # freed meanwhile
+        try:
+            info = kernel.link_info(fd)
+            pfd = kernel.prog_fd_by_id(info.prog_id)
+            try:
+                if kernel.prog_info(pfd).name in prog_names:
+                    found.add(link_id)
+            finally:
+                os.close(pfd)
+        except kernel.KernelError:
+            continue
+        finally:
+            os.close(fd)
+    return found
+
+
+def killed_apply(conf: Path, bpffs_root: str, fault: str) -> Manifest:
+    """Apply with LOADERD_FAULT=`fault` (killed -9 there), then what the next start does
+    first (recover); returns the manifest, checked committed and agreeing with the kernel."""
+    out = _apply_with_fault(conf, dict(os.environ, LOADERD_FAULT=fault))
+    assert out.returncode == -9, out.stderr[-2000:]  # it really was killed at that point
+    settings = load_settings(str(conf))
+
+    def lock_free() -> bool:  # compile workers die with their apply, and its lock with them
+        with State(settings.state_dir).quiet() as quiet:
+            return quiet
+    assert wait_until(lock_free, timeout=10), "a worker of the killed apply holds the lock"
+    Applier(settings).recover()
+    manifest = State(settings.state_dir).manifest()
+    assert manifest.status is Status.COMMITTED
+    for entry in manifest.specs.values():
+        assert verify.differences(entry, by_name=True) == []
+    assert no_staging_leftovers(bpffs_root)
+    return manifest

@@ -15,7 +15,7 @@ from loaderd.bpf import kernel
 from loaderd.config.settings import load_settings
 from loaderd.observe import drift
 from loaderd.store.statedir import State
-from tests.conftest import loaderd, make_conf
+from tests.conftest import loaderd, make_conf, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -115,3 +115,75 @@ def test_a_frequency_above_the_kernels_max_is_refused_by_check(tmp_path: Path,
         assert out.returncode != 0 and "perf_event_max_sample_rate" in text, text
         assert "programs[0]." in text and "loaded" not in text, text  # before a compile
     assert not os.path.exists(f"{bpffs_root}/samples")
+
+
+VERSIONED = """loaderd: 1
+source:
+  inline: |
+    int {prog}(struct bpf_perf_event_data *ctx) {{
+        u32 cpu = bpf_get_smp_processor_id();
+        u64 *v = seen.lookup(&cpu);
+        if (v) *v = {version};
+        return 0;
+    }}
+maps:
+  - {{name: seen, type: array, key: u32, value: u64, max_entries: 64}}
+programs:
+  - {{name: {prog}, type: perf_event, attach: {{perf_event: {{event: cpu-clock, frequency: 200}}}}}}
+"""
+
+
+def versions_running(pin: str, cpus: list[int]) -> dict[int, int]:
+    """Clear the map, let the programs sample (every CPU at least once: a loaded machine may
+    take a while), and read which version wrote each CPU's slot."""
+    fd = kernel.obj_get(pin)
+    try:
+        for c in cpus:
+            kernel.map_update(fd, c.to_bytes(4, "little"), bytes(8))
+    finally:
+        os.close(fd)
+    wait_until(lambda: all(per_cpu(pin, cpus).values()), timeout=20)
+    return per_cpu(pin, cpus)
+
+
+@pytest.mark.parametrize("fault", ["after_attach", "mid_commit"])
+def test_kill_9_mid_apply_leaves_all_old_or_all_new(tmp_path: Path, bpffs_root: str,
+                                                    fault: str) -> None:
+    """Two specs changed together (version 1 -> 2) and the apply killed: after the recovery
+    every CPU's link of both specs is old or every one new (never both running), and the
+    next apply converges on the new."""
+    from tests.kernel.test_lifecycle import killed_apply, links_of
+
+    cpus = kernel.online_cpus()
+    tag = os.urandom(3).hex()
+    names = {s: f"pe{tag}_{s}" for s in ("a", "b")}  # unique in the kernel: links_of
+
+    def write(version: int) -> None:
+        for s, prog in names.items():
+            (tmp_path / "specs" / f"{s}.yaml").write_text(
+                VERSIONED.format(prog=prog, version=version))
+
+    conf = make_conf(tmp_path, bpffs_root, {})
+    write(1)
+    loaderd("--config", str(conf), "apply")
+    old = {s: link_ids(f"{bpffs_root}/{s}/links") for s in names}
+    write(2)
+    killed_apply(conf, bpffs_root, fault)
+    now = {s: link_ids(f"{bpffs_root}/{s}/links") for s in names}
+    for s in names:
+        assert set(now[s]) == {f"{names[s]}__cpu{c}" for c in cpus}
+    changed = {s for s in names if set(now[s].values()) != set(old[s].values())}
+    assert changed == ({"a", "b"} if fault == "mid_commit" else set()), changed
+    assert all(not set(now[s].values()) & set(old[s].values()) for s in changed)
+    live = {i for s in names for i in now[s].values()}
+    assert wait_until(lambda: links_of(set(names.values())) == live, timeout=30), \
+        (links_of(set(names.values())), live)
+    want = 2 if fault == "mid_commit" else 1
+    for s in names:
+        assert versions_running(f"{bpffs_root}/{s}/maps/seen", cpus) == {c: want for c in cpus}
+
+    loaderd("--config", str(conf), "apply")  # the next apply converges on the specs on disk
+    for s in names:
+        assert versions_running(f"{bpffs_root}/{s}/maps/seen", cpus) == {c: 2 for c in cpus}
+    assert len(links_of(set(names.values()))) == 2 * len(cpus)
+    loaderd("--config", str(conf), "disable")

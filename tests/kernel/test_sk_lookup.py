@@ -150,3 +150,57 @@ def test_policy_refuses_sk_lookup_and_sockmap_when_not_allowed(tmp_path: Path,
     out = loaderd("--config", str(conf), "check", check=False)
     assert "maps[0].type: map type not allowed by policy (got 'sockmap')" \
         in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("fault", ["after_attach", "mid_commit"])
+def test_kill_9_mid_apply_leaves_all_old_or_all_new(tmp_path: Path, bpffs_root: str,
+                                                    fault: str) -> None:
+    """Two specs (one port each) changed together (a steered connection counts 2, not 1) and
+    the apply killed: after the recovery both links are the ones made first (updated in place)
+    and run both old or both new programs, and no other link of theirs is on the host's
+    namespace; the next apply converges on the new."""
+    from tests.kernel.test_lifecycle import killed_apply, links_of
+
+    tag = os.urandom(3).hex()
+    names = {s: f"sk{tag}_{s}" for s in ("a", "b")}  # unique in the kernel: links_of
+    ports = {s: free_port() for s in names}
+
+    def write(step: int) -> None:
+        for s, prog in names.items():
+            text = SPEC.format(port=ports[s], where="{}").replace("steer", prog)
+            (tmp_path / "specs" / f"{s}.yaml").write_text(
+                text.replace("(n, 1)", f"(n, {step})").replace(f"{prog}ed", "steered"))
+
+    conf = make_conf(tmp_path, bpffs_root, {})
+    write(1)
+    loaderd("--config", str(conf), "apply")
+    pins = {s: f"{bpffs_root}/{s}/links/{p}" for s, p in names.items()}
+    old = {s: link_of(p) for s, p in pins.items()}
+    write(2)
+    killed_apply(conf, bpffs_root, fault)
+    now = {s: link_of(p) for s, p in pins.items()}
+    assert {s: i.id for s, i in now.items()} == {s: i.id for s, i in old.items()}
+    changed = {s for s in names if now[s].prog_id != old[s].prog_id}
+    assert changed == ({"a", "b"} if fault == "mid_commit" else set()), changed
+    assert wait_until(lambda: links_of(set(names.values())) == {i.id for i in now.values()},
+                      timeout=30)
+
+    def steps() -> dict[str, int]:
+        out = {}
+        with socket.socket() as target:
+            target.bind(("127.0.0.1", 0))
+            target.listen(8)
+            target.settimeout(5)
+            for s in names:
+                put_socket(f"{bpffs_root}/{s}/maps/socks", target)
+                before = read_u64(f"{bpffs_root}/{s}/maps/steered")
+                assert dial(ports[s]) == "ok"
+                target.accept()[0].close()
+                out[s] = read_u64(f"{bpffs_root}/{s}/maps/steered") - before
+        return out
+    assert steps() == ({"a": 2, "b": 2} if fault == "mid_commit" else {"a": 1, "b": 1})
+
+    loaderd("--config", str(conf), "apply")  # the next apply converges on the specs on disk
+    assert steps() == {"a": 2, "b": 2}
+    loaderd("--config", str(conf), "disable")
+    assert dial(ports["a"]) == "ECONNREFUSED"

@@ -16,7 +16,7 @@ from loaderd.bpf import kernel, uprobe
 from loaderd.config.settings import load_settings
 from loaderd.observe import drift
 from loaderd.store.statedir import State
-from tests.conftest import loaderd, make_conf
+from tests.conftest import loaderd, make_conf, wait_until
 from tests.kernel.test_pipeline import read_u64
 
 pytestmark = pytest.mark.kernel
@@ -204,3 +204,46 @@ def test_untrusted_binary_is_refused(tmp_path: Path, bpffs_root: str, binary: Pa
         assert "internal error" not in out.stdout + out.stderr
     assert not os.path.exists(f"{bpffs_root}/ticks")
     assert not [p for p in os.listdir(bpffs_root) if p.startswith(".")], "staging left behind"
+
+
+@pytest.mark.parametrize("fault", ["after_attach", "mid_commit"])
+def test_kill_9_mid_apply_leaves_all_old_or_all_new(tmp_path: Path, bpffs_root: str,
+                                                    binary: Path, fault: str) -> None:
+    """Two specs on the binary, changed together (each call adds 2, not 1) and the apply
+    killed: after the recovery exactly one link per spec is on the binary, both old or both
+    new, and each adds its version's step; the next apply converges on the new."""
+    from tests.kernel.test_lifecycle import killed_apply, links_of
+
+    tag = os.urandom(3).hex()
+    names = {s: f"up{tag}_{s}" for s in ("a", "b")}  # unique in the kernel: links_of
+
+    def write(step: int) -> None:
+        for s, prog in names.items():
+            text = SPEC.format(binary=binary, where="symbol: ldtest_tick")
+            (tmp_path / "specs" / f"{s}.yaml").write_text(
+                text.replace("on_tick", prog).replace("(v, 1)", f"(v, {step})"))
+
+    conf = make_conf(tmp_path, bpffs_root, {})
+    write(1)
+    loaderd("--config", str(conf), "apply")
+    pins = {s: f"{bpffs_root}/{s}/links/{p}" for s, p in names.items()}
+    old = {s: link_of(p).id for s, p in pins.items()}
+    write(2)
+    killed_apply(conf, bpffs_root, fault)
+    now = {s: link_of(p).id for s, p in pins.items()}
+    changed = {s for s in now if now[s] != old[s]}  # uprobe links are made anew, not updated
+    assert changed == ({"a", "b"} if fault == "mid_commit" else set()), changed
+    # The staged links of the killed apply went with their pins: one link per spec is left.
+    assert wait_until(lambda: links_of(set(names.values())) == set(now.values()), timeout=30), \
+        (links_of(set(names.values())), now)
+
+    def steps() -> dict[str, int]:
+        before = {s: read_u64(f"{bpffs_root}/{s}/maps/calls") for s in names}
+        run(binary, 10)
+        return {s: (read_u64(f"{bpffs_root}/{s}/maps/calls") - before[s]) // 10 for s in names}
+    assert steps() == ({"a": 2, "b": 2} if fault == "mid_commit" else {"a": 1, "b": 1})
+
+    loaderd("--config", str(conf), "apply")  # the next apply converges on the specs on disk
+    assert steps() == {"a": 2, "b": 2}
+    assert len(links_of(set(names.values()))) == 2
+    loaderd("--config", str(conf), "disable")

@@ -17,6 +17,7 @@ from loaderd.config import source as srccheck
 from loaderd.config import spec as specmod
 from loaderd.errors import Kind, LoaderdError
 from loaderd.model import (
+    CgroupSkbAttach,
     CType,
     Limits,
     MapEntry,
@@ -482,3 +483,27 @@ def test_freeze_only_where_the_map_stays_usable(folder: Path, mtype: MapType) ->
         assert f"a {mtype.value} map cannot be frozen" in str(errors[0])
     else:
         assert errors == [] and spec is not None and spec.maps[0].freeze
+
+
+CGROUP_ORDERED = """loaderd: 1
+source:
+  inline: |
+    int a(struct __sk_buff *skb) { return 1; }
+    int b(struct __sk_buff *skb) { return 1; }
+programs:
+  - {name: b, type: cgroup_skb, attach: {cgroup: {path: x, hook: egress, order: {after: s/a}}}}
+  - {name: a, type: cgroup_skb, attach: {cgroup: {path: x, hook: egress, order: first}}}
+"""
+
+
+def test_cgroup_order_reads_and_an_own_anchor_must_be_written_before(folder: Path) -> None:
+    err = refused(write(folder, "s.yaml", CGROUP_ORDERED))
+    assert "s/a: a cgroup program of this spec written before this one" in str(err)
+    assert "programs[0].attach.cgroup.order.after" in str(err)
+    lines = CGROUP_ORDERED.splitlines()
+    fixed = "\n".join([*lines[:6], lines[7], lines[6]]) + "\n"
+    spec = load(write(folder, "s.yaml", fixed))
+    a, b = (p.attach for p in spec.programs)
+    assert isinstance(a, CgroupSkbAttach) and isinstance(b, CgroupSkbAttach)
+    assert (a.order, a.anchor, b.order, b.anchor) == ("first", None, "after", "s/a")
+    assert b.text == "cgroup_skb:egress:path=x,after=s/a"
