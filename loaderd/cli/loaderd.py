@@ -165,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     return Daemon(settings, args.config, drift_interval=args.drift_interval,
-                  apply=not args.no_apply).start()
+                  apply=not args.no_apply, apply_main=main).start()
 
 
 def parser() -> argparse.ArgumentParser:
