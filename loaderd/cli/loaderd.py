@@ -61,6 +61,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
                                      Location(args.plan), value=saved.programs_dir))
             return 1
     result = applier.apply(args.dir, jobs=args.jobs)
+    from loaderd.config import schema
+
+    schema.save_cache(settings.state_dir)  # what passed the schemas: the next start skips them
     # Under systemd (loaderd-apply.service) stdout and stderr are the journal, where the audit
     # events already say all of it: printing it too journaled each result and error twice
     # (the error once at priority 3, once at 6).
