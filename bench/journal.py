@@ -84,7 +84,8 @@ def _inside(events: int, rounds: int) -> dict[str, Any]:
             send_cpu = min(send_cpu, (time.process_time() - c0) / (events // 4) * 1e6)
         subprocess.run(["journalctl", "--sync"], check=True, capture_output=True)
         out = subprocess.run(["journalctl", "-q", "--no-pager", "-o", "cat",
-                              f"MESSAGE_ID={audit.Event.PROG_LOADED.message_id}"],
+                              f"MESSAGE_ID={audit.Event.PROG_LOADED.message_id}",
+                              "LOADERD_EVENT=prog_loaded"],
                              check=True, capture_output=True, text=True).stdout
         return {"journald": best, "cpu_us": cpu, "send_cpu_us": send_cpu,
                 "sent": events * rounds, "stored": len(out.splitlines())}
