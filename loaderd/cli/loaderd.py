@@ -11,6 +11,7 @@ pending, 1 refused (terraform's -detailed-exitcode).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 from loaderd import privileges
 from loaderd.audit import log as audit
 from loaderd.cli.common import (
+    SIGPIPE_EXIT,
     STATUS_CODES,
     add_command,
     add_global_flags,
@@ -30,6 +32,7 @@ from loaderd.cli.common import (
     cmd_status,
     guard_stdio,
     load_settings,
+    pipe_broke,
     print_error,
     run,
     stdout_is_journal,
@@ -167,8 +170,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from loaderd.runtime.daemon import Daemon
 
     settings = load_settings(args.config)
-    return Daemon(settings, args.config, drift_interval=args.drift_interval,
-                  apply=not args.no_apply, apply_main=main).start()
+    rc = Daemon(settings, args.config, drift_interval=args.drift_interval,
+                apply=not args.no_apply, apply_main=main).start()
+    # Stopped: everything is written, journaled and closed. Interpreter finalization (module
+    # teardown, ~15 ms of SIGTERM -> exit) would only delay the unit's stop.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(SIGPIPE_EXIT if rc == 0 and pipe_broke() else rc)  # as run() would map it
 
 
 def parser() -> argparse.ArgumentParser:
