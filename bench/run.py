@@ -8,7 +8,8 @@ P1 cold start of N specs (N = 1, 5, 20): `loaderd apply` wall time (jobs = cores
    plain BCC script compiling+loading the same C text serially in one process.
 P2 restart with unchanged specs: `loaderd apply` / `loaderd run` -> READY again, vs their cold
    start; `last_apply.compiles` from the manifest must be 0; vs `bpftool prog loadall` of the
-   same counters precompiled with clang (skipped, and said so, when there is no clang).
+   same counters precompiled with clang (always measured: without clang the bench fails and
+   says to install it, as `LOADERD_SETUP_TEST=1 scripts/setup-host.sh` does).
 P7 cold apply of the same N counters as precompiled objects (source: {object: ...}, libbpf,
    no BCC in the workers) vs the N BCC specs' cold apply and vs bpftool loadall of the same
    objects (both measured in the same repetition; needs clang).
@@ -61,8 +62,13 @@ from bench.workload import (
     run_baseline,
 )
 
-P1_TARGET = 0.7  # loaderd / plain BCC for 20 specs on 2 cores
-RSS_TARGET_KB = 40 * 1024
+P1_TARGET = 0.6  # loaderd / plain BCC for 20 specs on 2 cores (issue 16)
+P1_ONE_TARGET = 1.3  # loaderd / plain BCC for 1 spec (the compile sandbox included)
+LOADALL_TARGET = 2.5  # restart apply of 20 unchanged specs / bpftool prog loadall of them
+RSS_TARGET_KB = 20 * 1024
+EMIT_CPU_TARGET_US = 15.0  # audit.emit -> journald, client CPU per event
+EVENT_TARGET = 0.5  # ring event pipeline / bare decode+json+write
+STOP_TARGET_S = 0.020  # SIGTERM -> exit of the resident
 SANDBOX_SETUP_TARGET_S = 0.010  # "a few ms" per compile
 
 
@@ -216,9 +222,11 @@ def audit_throughput(events: int = 20000, rounds: int = 3, *,
                 best["journald"] = max(timed(emit) for _ in range(rounds))
                 res["journald_where"] = "host journal"
             elif private_journald:  # below journald's RateLimitBurst (10000 per 30 s)
-                jr = journald_throughput(min(events, 9000 // rounds), rounds)
+                jr = journald_throughput(min(events, 7200 // rounds), rounds)
                 if "journald" in jr:
                     best["journald"] = jr["journald"]
+                    res["journald_cpu_us"] = jr["cpu_us"]
+                    res["send_cpu_us"] = jr["send_cpu_us"]
                     res["journald_where"] = (f"private journald, stored {jr['stored']}/"
                                              f"{jr['sent']}")
                 else:
@@ -306,8 +314,9 @@ def rows_for(r: dict[str, Any]) -> list[Row]:
     n, s = r["n"], r["samples"]
     base = best(s["baseline"])
     rows = []
-    target_ok = (lambda x: x <= P1_TARGET) if n >= 20 else (lambda _x: None)
-    target = f"≤ {P1_TARGET}x" if n >= 20 else "—"
+    limit = P1_TARGET if n >= 20 else P1_ONE_TARGET if n == 1 else None
+    target_ok = (lambda x: x <= limit) if limit else (lambda _x: None)
+    target = f"≤ {limit}x" if limit else "—"
     a = best(s["apply"])
     rows.append(Row(f"P1 cold apply, N={n}, jobs={r['jobs']}", _s(a), _s(base) + " (BCC)",
                     f"{a / base:.2f}x", target, _verdict(target_ok(a / base)),
@@ -336,8 +345,10 @@ def rows_for(r: dict[str, Any]) -> list[Row]:
                         {"loaderd": s["restart_ready"]}))
     if "loadall" in s:
         la = best(s["loadall"])
+        ok = ra / la <= LOADALL_TARGET if n >= 20 else None
         rows.append(Row(f"P2 restart apply vs bpftool loadall, N={n}", _s(ra),
-                        _s(la) + " (loadall)", f"{ra / la:.2f}x", "—", "info",
+                        _s(la) + " (loadall)", f"{ra / la:.2f}x",
+                        f"≤ {LOADALL_TARGET}x" if n >= 20 else "—", _verdict(ok),
                         {"loadall": s["loadall"]}))
     if "object_apply" in s:
         oa, la = best(s["object_apply"]), best(s["loadall"])
@@ -364,9 +375,9 @@ def rss_rows(r: dict[str, Any]) -> list[Row]:
             f"{res['no_new_privs'].strip()}", "—", "—", "0, 1", _verdict(caps_ok)),
         Row(f"P3 resident VmRSS after READY, N={n}", _mb(res["vmrss_kb"]),
             _mb(rep["vmrss_kb"]) + " (BCC)", f"{res['vmrss_kb'] / rep['vmrss_kb']:.2f}x",
-            "≤ 40 MB", _verdict(res["vmrss_kb"] <= RSS_TARGET_KB), res),
+            f"≤ {RSS_TARGET_KB // 1024} MB", _verdict(res["vmrss_kb"] <= RSS_TARGET_KB), res),
         Row(f"P3 resident VmHWM, N={n}", _mb(res["vmhwm_kb"]), _mb(rep["vmhwm_kb"]) + " (BCC)",
-            f"{res['vmhwm_kb'] / rep['vmhwm_kb']:.2f}x", "≤ 40 MB",
+            f"{res['vmhwm_kb'] / rep['vmhwm_kb']:.2f}x", f"≤ {RSS_TARGET_KB // 1024} MB",
             _verdict(res["vmhwm_kb"] <= RSS_TARGET_KB)),
         Row("P3 bcc/LLVM mapped in resident", ", ".join(libs) or "none",
             ", ".join(rep["maps"]) or "none", "—", "none", _verdict(not libs)),
@@ -381,7 +392,8 @@ def p4_rows(r: dict[str, Any]) -> list[Row]:
             _verdict(r["missed"] == 0), r),
         Row("P4 counted while daemon down", str(r["counted_while_down"]), "—", "—", "> 0",
             _verdict(r["counted_while_down"] > 0)),
-        Row("P4 SIGTERM → exit of `loaderd run`", _s(r["stop_s"]), "—", "—", "—", "info"),
+        Row("P4 SIGTERM → exit of `loaderd run`", _s(r["stop_s"]), "—", "—",
+            f"≤ {STOP_TARGET_S * 1000:.0f} ms", _verdict(r["stop_s"] <= STOP_TARGET_S)),
     ]
 
 
@@ -398,12 +410,19 @@ def p5_rows(r: dict[str, Any]) -> list[Row]:
     else:
         rows.append(Row("P5 audit.emit → journald", "—", "—", "—", "—", "skip",
                         {"note": r["journald_note"]}))
+    if "journald_cpu_us" in r:
+        cpu, send = r["journald_cpu_us"], r["send_cpu_us"]
+        rows.append(Row("P5 audit.emit → journald, client CPU per event", f"{cpu:.1f} µs",
+                        f"{send:.1f} µs (journal.send of the same fields)",
+                        f"{cpu / send:.2f}x", f"≤ {EMIT_CPU_TARGET_US:.0f} µs",
+                        _verdict(cpu <= EMIT_CPU_TARGET_US)))
     e = r.get("events_pipeline")
     if e:
         rows.append(Row("P5 ring event → decode+sanitize+emit (stderr JSON)",
                         f"{e['pipeline']:,.0f} ev/s",
                         f"{e['decode_json_write']:,.0f} ev/s (decode+json+write)",
-                        f"{e['pipeline'] / e['decode_json_write']:.2f}x", "—", "info"))
+                        f"{e['pipeline'] / e['decode_json_write']:.2f}x", f"≥ {EVENT_TARGET}x",
+                        _verdict(e['pipeline'] / e['decode_json_write'] >= EVENT_TARGET)))
     return rows
 
 
@@ -463,8 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.reps or (1 if args.quick else 5 if n >= 20 else 3)
 
     clang = find_clang()
-    notes = [] if clang else ["P2 bpftool loadall column skipped: no clang binary on PATH "
-                              "(precompiled BPF objects cannot be built here)"]
+    if clang is None:  # the bpftool floor is a figure of its own, never silently left out
+        print("bench: no clang on PATH: the bpftool loadall baseline needs the counters built "
+              "as BPF objects; install clang (LOADERD_SETUP_TEST=1 scripts/setup-host.sh "
+              "does)", file=sys.stderr)
+        return 2
+    notes: list[str] = []
     load_start = os.getloadavg()[0]
     env: dict[str, Any] = {"kernel": platform.release(), "cpus": os.cpu_count(),
                            "python": sys.version.split()[0], "loadavg_start": load_start,

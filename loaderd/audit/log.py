@@ -25,8 +25,6 @@ import threading
 from collections.abc import Mapping, MutableMapping
 from typing import IO, Any, TextIO, cast
 
-import structlog
-
 from loaderd.audit.spool import SPOOL, Backlog, Replayed, Spool, journal_reachable
 
 
@@ -103,13 +101,17 @@ _RECORD_KEYS = frozenset({"ts", "event", "message_id", "priority", "message", "u
 _NO_LOGIN_UID = 4294967295  # (uid_t)-1: no login session behind this process
 
 _lock = threading.Lock()
-_logger: Any = None  # structlog BoundLogger, built by configure()
+_logger: Any = None  # structlog BoundLogger, built on the first emit() after configure()
+_configured = False  # configure() chose the sink (_journal, _fallback)
 _fallback: IO[str] | None = None  # where journald sink failures still get written
 _journal = False  # the sink configure() chose
 _auto = True  # configure() chose the sink itself (journal=None)
 _spool: Spool | None = None  # where journal entries go while journald is unreachable
 
 
+# The names come from the code and from layouts' field names (a bounded set); computing them
+# was half of emit()'s own CPU for a journal entry.
+@functools.lru_cache(maxsize=4096)
 def journal_field(key: str) -> str:
     name = FIELD_NAMES.get(key) or "LOADERD_" + key.upper()
     # journald silently drops invalid names: keep to A-Z0-9_, <= 64 chars, no leading "_" or
@@ -208,17 +210,40 @@ class _JournalLogger:
                 raise
 
 
+# structlog/__init__ imports structlog.dev, whose console renderer imports rich, colorama and
+# better_exceptions when they are installed: 60-80 ms of every loaderd start (half of a restart
+# apply) for tracebacks the audit trail never renders. They are hidden from that one import.
+_DEV_EXTRAS = ("rich", "colorama", "better_exceptions")
+
+
+def _import_structlog() -> Any:
+    hidden = [m for m in _DEV_EXTRAS if m not in sys.modules]
+    for m in hidden:
+        sys.modules[m] = None  # type: ignore[assignment]  # `import m` raises ImportError
+    try:
+        import structlog
+    finally:
+        for m in hidden:
+            if m in sys.modules and sys.modules[m] is None:
+                del sys.modules[m]
+    return structlog
+
+
 def _build(use_journal: bool, stream: IO[str]) -> Any:
+    structlog = _import_structlog()
     shared: list[Any] = [_add_identity]
     if use_journal:
         return structlog.wrap_logger(_JournalLogger(), processors=[*shared, _to_journal],
-                                     wrapper_class=structlog.BoundLogger)
+                                     wrapper_class=structlog.BoundLogger,
+                                     cache_logger_on_first_use=True)
     return structlog.wrap_logger(
         structlog.PrintLogger(cast(TextIO, stream)),
         processors=[*shared, _plain_values,
                     structlog.processors.TimeStamper(fmt=None, key="ts"),
                     structlog.processors.JSONRenderer(sort_keys=True, default=str)],
-        wrapper_class=structlog.BoundLogger)
+        wrapper_class=structlog.BoundLogger,
+        # bound once, not re-created by the lazy proxy on every event
+        cache_logger_on_first_use=True)
 
 
 def journal_available() -> bool:
@@ -230,14 +255,27 @@ def configure(*, journal: bool | None = None, stream: IO[str] | None = None) -> 
 
     Uses its own structlog logger (wrap_logger), not the global structlog configuration, so
     nothing else in the process can reroute or reformat the audit trail by configuring structlog.
+    The logger is built (and structlog imported) by the first event: a command that emits
+    none (`status`, `plan`) never pays for it.
     """
-    global _logger, _fallback, _journal, _auto
+    global _logger, _fallback, _journal, _auto, _configured
     use_journal = journal_available() if journal is None else journal
     with _lock:
         _journal = use_journal
         _auto = journal is None and stream is None
         _fallback = stream or sys.stderr
-        _logger = _build(use_journal, _fallback)
+        _logger = None
+        _configured = True
+
+
+def _the_logger() -> Any:
+    global _logger
+    if not _configured and _logger is None:
+        configure()
+    with _lock:
+        if _logger is None:
+            _logger = _build(_journal, _fallback or sys.stderr)
+        return _logger
 
 
 def spool_in(state_dir: str) -> None:
@@ -246,7 +284,7 @@ def spool_in(state_dir: str) -> None:
     systemd connected to the journal (JOURNAL_STREAM) but that started while journald's
     socket was gone uses the journal sink anyway: its stderr leads to the same journald."""
     global _spool
-    if _logger is None:
+    if not _configured:
         configure()
     with _lock:
         _spool = Spool(os.path.join(state_dir, SPOOL))
@@ -278,7 +316,7 @@ def replay_spool() -> Replayed | None:
 
 def journaled() -> bool:
     """Events go to journald (the sink configure() chose)."""
-    if _logger is None:
+    if not _configured and _logger is None:
         configure()
     return _journal
 
@@ -287,7 +325,7 @@ def debug(message: str, detail: str) -> None:
     """Internal detail (a traceback) for whoever debugs loaderd: a PRIORITY=7 journal entry,
     never part of an error shown to users. Without a journal there is no debug log: the
     CLI's --debug prints it instead."""
-    if _logger is None:
+    if not _configured and _logger is None:
         configure()
     if not _journal:
         return
@@ -307,7 +345,7 @@ def internal_error(error_id: str, exc_type: str, text: str, tb: str) -> None:
     """One INTERNAL_ERROR entry with LOADERD_ERROR_ID. The exception's text and traceback go
     only to the journal: without one, the JSON sink is the user's own stderr, so it gets the
     id and the exception type, never the text (rerun with --debug to see it)."""
-    if _logger is None:
+    if not _configured and _logger is None:
         configure()
     if _journal:
         emit(Event.INTERNAL_ERROR, f"internal error {error_id}: {exc_type}", error_id=error_id,
@@ -320,14 +358,13 @@ def internal_error(error_id: str, exc_type: str, text: str, tb: str) -> None:
 def emit(event: Event, message: str, **fields: Any) -> None:
     """Record one event. Never raises for a sink failure: the JSON line goes to stderr instead
     (which systemd also journals), because losing the daemon is worse than a degraded record."""
-    if _logger is None:
-        configure()
+    logger = _the_logger()
     code_file, code_line, code_func = _caller()
     record = {(f"field_{k}" if k in _RECORD_KEYS else k): v for k, v in fields.items()}
     record.update(message=message, message_id=event.message_id, priority=event.priority,
                   code_file=code_file, code_line=code_line, code_func=code_func)
     try:
-        _logger.msg(event.name.lower(), **record)
+        logger.msg(event.name.lower(), **record)
     except OSError as exc:
         stream = _fallback or sys.stderr
         line = {"event": event.name.lower(), "message_id": event.message_id,

@@ -67,7 +67,7 @@ def guard_stdio() -> None:
         sys.stderr = PipeGuard(sys.stderr)
 
 
-def _pipe_broke() -> bool:
+def pipe_broke() -> bool:
     return any(isinstance(s, PipeGuard) and s.broken for s in (sys.stdout, sys.stderr))
 
 
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         code = int(args.func(args))
         # Its output did not all reach the reader: never a silent success.
-        return SIGPIPE_EXIT if code == 0 and _pipe_broke() else code
+        return SIGPIPE_EXIT if code == 0 and pipe_broke() else code
     except LoaderdError as e:
         print_error(e, journal_priority=3)
         return 1

@@ -11,6 +11,7 @@ pending, 1 refused (terraform's -detailed-exitcode).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from loaderd import privileges
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.cli.common import (
+    SIGPIPE_EXIT,
     STATUS_CODES,
     acting_settings,
     add_command,
@@ -32,6 +34,7 @@ from loaderd.cli.common import (
     cmd_status,
     guard_stdio,
     load_settings,
+    pipe_broke,
     print_error,
     run,
     stdout_is_journal,
@@ -68,6 +71,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
                                      Location(args.plan), value=saved.programs_dir))
             return 1
     result = applier.apply(args.dir, jobs=args.jobs)
+    from loaderd.config import schema
+
+    schema.save_cache(settings.state_dir)  # what passed the schemas: the next start skips them
     # Under systemd (loaderd-apply.service) stdout and stderr are the journal, where the audit
     # events already say all of it: printing it too journaled each result and error twice
     # (the error once at priority 3, once at 6).
@@ -171,8 +177,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from loaderd.runtime.daemon import Daemon
 
     settings = acting_settings(args.config)
-    return Daemon(settings, args.config, drift_interval=args.drift_interval,
-                  apply=not args.no_apply).start()
+    rc = Daemon(settings, args.config, drift_interval=args.drift_interval,
+                apply=not args.no_apply, apply_main=main).start()
+    # Stopped: everything is written, journaled and closed. Interpreter finalization (module
+    # teardown, ~15 ms of SIGTERM -> exit) would only delay the unit's stop.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(SIGPIPE_EXIT if rc == 0 and pipe_broke() else rc)  # as run() would map it
 
 
 def parser() -> argparse.ArgumentParser:

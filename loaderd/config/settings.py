@@ -212,6 +212,10 @@ def _parse(path: str, raw: bytes, *, check_dirs: bool, owner_uid: int | None = 0
         # YAML reads 0640 as the octal int 416: say how to write it instead of "not a string".
         raise ctx.error(("pins", "mode"), "write the mode as a quoted octal string",
                         value=mode, allowed='"0640"')
+    # The validation cache lives in the state dir these settings name (only read here: its
+    # keys say what passed before; the directory's trust is checked below as always).
+    state_dir = data.get("state_dir") if isinstance(data, dict) else None
+    schemacheck.use_cache(state_dir if isinstance(state_dir, str) else Settings.state_dir)
     errors = schemacheck.validate(data, SCHEMA, marks=marks, file=path)
     if errors:
         raise errors[0]

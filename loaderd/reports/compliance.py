@@ -374,7 +374,16 @@ def resident_pids(config: str | None) -> list[int]:
             continue
         if os.path.realpath(os.path.join(cwd, _config_of(args))) == want:
             pids.append(int(d))
-    return sorted(pids)
+    # A resident forks its apply child, which keeps the resident's argv: not a resident.
+    return sorted(p for p in pids if _ppid(p) not in pids)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])  # after "pid (comm) state"
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def check_daemon_caps(view: View) -> Outcome:
@@ -425,7 +434,9 @@ def _applying(pid: int) -> bool:
             args = _loaderd_args(_argv(child))
         except OSError:
             continue
-        if args is not None and "apply" in args:
+        # `loaderd apply --child`, or the resident's own fork running it (same argv as the
+        # resident: a resident forks nothing else)
+        if args is not None and ("apply" in args or "run" in args):
             return True
     return False
 

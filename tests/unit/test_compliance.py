@@ -411,3 +411,33 @@ def test_units_sharing_the_state_dir_agree_on_its_mode() -> None:
                    if line.startswith("StateDirectoryMode=")]
         modes[unit] = mode
     assert modes == dict.fromkeys(SHIPPED_UNITS, "0751")
+
+
+def test_a_residents_forked_apply_child_is_seen_as_applying(tmp_path: Path) -> None:
+    """`loaderd run` forks its apply child, which keeps the resident's argv: real processes
+    (a script named loaderd that forks) show one resident, applying, not two residents."""
+    import subprocess
+    import sys
+    import time
+
+    conf = tmp_path / "loaderd.yaml"
+    conf.write_text("loaderd: 1\n")
+    script = tmp_path / "loaderd"
+    script.write_text("import os, sys, time\nif os.fork() == 0:\n    time.sleep(60)\n"
+                      "    os._exit(0)\nprint('forked', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, str(script), "--config", str(conf), "run"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "forked\n"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not compliance._applying(proc.pid):
+            time.sleep(0.05)  # the child's argv is in place once it runs
+        assert compliance.resident_pids(str(conf)) == [proc.pid]
+        assert compliance._applying(proc.pid)
+    finally:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+        for child in children:
+            os.kill(child, 9)
+        proc.kill()
+        proc.wait()
