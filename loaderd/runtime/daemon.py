@@ -15,6 +15,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from types import FrameType
 from loaderd import privileges
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
-from loaderd.bpf import kernel
+from loaderd.bpf import handover, kernel
 from loaderd.errors import LoaderdError, plural
 from loaderd.model import Settings
 from loaderd.observe import drift, metrics
@@ -91,6 +92,8 @@ class Daemon:
         self.reloaded = False  # the set shown is the one a `systemctl reload` re-read
         self._metrics_error: str | None = None  # the write failure last journaled
         self.filling: set[tuple[str, str]] = set()  # maps journaled as >= FILL_WARN full
+        self.sock: socket.socket | None = None  # perf events handed over by the apply
+        self._bound: tuple[str, int] | None = None  # (path, inode) of a socket bound here
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -117,8 +120,46 @@ class Daemon:
             while os.read(self._wake, 64):
                 pass
 
+    def _handover_socket(self) -> socket.socket | None:
+        """Where loaderd-apply hands perf events over (bpf.handover): the socket systemd passes
+        (loaderd-handover.socket, FileDescriptorName=handover), else one bound here in the
+        state directory, before the apply child runs so that its handover waits in it."""
+        names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+        if os.environ.get("LISTEN_PID") == str(os.getpid()):
+            count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+            for i in range(count):
+                if i < len(names) and names[i] == "handover":
+                    try:
+                        return handover.adopt(3 + i)
+                    except (OSError, ValueError) as exc:
+                        audit.emit(Event.DEGRADED, f"the handover socket systemd passed is "
+                                   f"unusable ({exc}): perf buffers are not read",
+                                   reason="handover socket")
+                        return None
+        path = handover.socket_path(self.settings.state_dir)
+        try:
+            sock = handover.bind(path)
+        except OSError as exc:
+            audit.emit(Event.DAEMON, f"no handover socket ({path}: {exc.strerror or exc}): "
+                       "perf buffers are read only if this process can open them itself",
+                       file=path)
+            return None
+        self._bound = (path, os.stat(path).st_ino)  # the file bind made, not the sockfs inode
+        return sock
+
+    def _close_socket(self) -> None:
+        if self.sock is None:
+            return
+        with contextlib.suppress(OSError):
+            # Ours, not systemd's: remove it (only if still the one we bound)
+            if self._bound is not None and os.stat(self._bound[0]).st_ino == self._bound[1]:
+                os.unlink(self._bound[0])
+        self.sock.close()
+        self.sock = None
+
     def start(self) -> int:
         self._install_signals()
+        self.sock = self._handover_socket()
         rc = 0
         if self.apply:
             status("applying specs")
@@ -130,9 +171,9 @@ class Daemon:
             audit.emit(Event.DAEMON, "initial apply failed and no earlier set exists; exiting",
                        rc=rc)
             return 1
-        # Perf buffers are CPU-wide perf events (CAP_PERFMON): open the event readers while
-        # the unit's capabilities are still here; they stay open after the drop.
-        self.pump = EventPump(self.settings)
+        # Perf buffers are CPU-wide perf events (CAP_PERFMON): handed over by the apply, or
+        # opened while the unit's capabilities are still here; they stay open after the drop.
+        self.pump = EventPump(self.settings, self.sock)
         self.pump.sync(self.manifest)
         caps = privileges.drop_all()
         left = ("" if not caps.bounding else "; bounding set kept "
@@ -208,7 +249,7 @@ class Daemon:
         tick = min(wd_usec / 2e6 if wd_usec else 5.0, 5.0, self.drift_interval)
         next_drift = time.monotonic() + self.drift_interval
         if self.pump is None:
-            self.pump = EventPump(self.settings)
+            self.pump = EventPump(self.settings, self.sock)
             self.pump.sync(self.manifest)
         while not self.stop:
             if wd_usec:
@@ -248,6 +289,7 @@ class Daemon:
             self.pump.pump()
         self.write_metrics()  # final counters: what was journaled before the stop
         self.pump.close()
+        self._close_socket()
         notify("STOPPING=1")
         audit.emit(Event.DAEMON, "stopping; pinned programs stay attached", pid=os.getpid())
         return 0
