@@ -165,7 +165,10 @@ def _is_perf_event(fd: int) -> bool:
 
 def _parse(header: bytes, nfds: int) -> list[tuple[str, str, int, list[int]]]:
     """The header's maps, or ValueError: exact keys, loaderd's names, one fd per CPU named."""
-    d = json.loads(header)
+    try:
+        d = json.loads(header)
+    except ValueError:
+        raise ValueError("not a loaderd handover header (not JSON)") from None
     if not isinstance(d, dict) or set(d) != {"magic", "maps"} or d["magic"] != MAGIC:
         raise ValueError("not a loaderd handover header")
     maps = d["maps"]

@@ -33,7 +33,7 @@ from loaderd.observe.status import fill
 from loaderd.runtime.eventpump import EventPump
 from loaderd.store import textfile
 from loaderd.store.manifest import EMPTY, Manifest, Status
-from loaderd.store.statedir import Refusal, State, tree_digest
+from loaderd.store.statedir import EventCounts, Refusal, State, tree_digest
 
 DRIFT_INTERVAL = 30.0
 FILL_WARN = 0.9  # a map this full is journaled (MAP_FILLING) once, until it empties below
@@ -91,6 +91,8 @@ class Daemon:
         self._applying_ident: tuple[int, int] | None = None
         self.reloaded = False  # the set shown is the one a `systemctl reload` re-read
         self._metrics_error: str | None = None  # the write failure last journaled
+        self._counts_error: str | None = None
+        self._counts_at = 0.0  # monotonic time of the last counters write
         self.filling: set[tuple[str, str]] = set()  # maps journaled as >= FILL_WARN full
         self.sock: socket.socket | None = None  # perf events handed over by the apply
         self._bound: tuple[str, int] | None = None  # (path, inode) of a socket bound here
@@ -287,6 +289,9 @@ class Daemon:
                 self.write_metrics()
             self._wait(tick)  # wakes on events, signals or the tick
             self.pump.pump()
+            if self.pump.changed and time.monotonic() - self._counts_at >= 1.0:
+                self.pump.changed = False  # a loss or drop: in status within a second
+                self.write_counts()
         self.write_metrics()  # final counters: what was journaled before the stop
         self.pump.close()
         self._close_socket()
@@ -416,10 +421,27 @@ class Daemon:
             self.known_drift = found
             return found
 
+    def write_counts(self) -> None:
+        """The event counters for `loaderd status` (state_dir/events.json); a failed write is
+        journaled once, until one works again."""
+        self._counts_at = time.monotonic()
+        counts = EventCounts(time.time(), os.getpid(), self.pump.counts() if self.pump else ())
+        try:
+            self.state.save_event_counts(counts)
+        except (OSError, LoaderdError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            if why != self._counts_error:
+                audit.emit(Event.DEGRADED, f"event counters not written for status: {why}",
+                           reason="event counters not written", file=self.state.events_path)
+            self._counts_error = why
+            return
+        self._counts_error = None
+
     def write_metrics(self) -> None:
         """loaderd.prom in node_exporter's textfile directory (settings.metrics_dir), from the
         same report `loaderctl status --json` prints, when that directory exists. A failed
         write is journaled once (until it works again): metrics must never stop the daemon."""
+        self.write_counts()
         where = self.settings.metrics_dir
         if where is None or not os.path.isdir(where):
             return

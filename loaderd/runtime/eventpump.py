@@ -70,6 +70,7 @@ class EventPump:
         self.pending: dict[tuple[str, str], handover.PerfEvents] = {}
         self.unread: dict[tuple[str, str], str] = {}  # event maps without a reader: why
         self.manifest: Manifest | None = None
+        self.changed = False  # a counter other than `read` moved since the daemon last looked
 
     def _receive(self) -> bool:
         """Take the perf events loaderd-apply handed over; True when any arrived."""
@@ -144,6 +145,8 @@ class EventPump:
                     self.unread[key] = str(exc)
                     continue
                 self.unread.pop((name, mname), None)
+                if isinstance(reader, ringbuf.RingBuffer) and reader.backlog_bytes:
+                    self._say_backlog(name, mname, reader, parse_layout(layout))
                 prev = old.get((name, mname))
                 limit, reported, read = (prev.limit, prev.reported, prev.read) if prev else (
                     ringbuf.RateLimit(self.rate), 0, 0)
@@ -153,6 +156,25 @@ class EventPump:
                                         reported, read))
         for r in old.values():
             self._close(r)
+
+    def _say_backlog(self, spec: str, map_name: str, reader: ringbuf.RingBuffer,
+                     layout: tuple[Field, ...]) -> None:
+        """A ring buffer whose reader just attached already holds records (nobody read it,
+        or the resident was down): journaled as they are, each marked `backlog`, after this
+        line; a full ring also lost records, which the kernel does not count."""
+        n = reader.skip_backlog(skip=False)
+        if reader.full_at_attach(ringbuf.layout_end(layout)):
+            audit.emit(Event.EVENTS_LOST, f"{spec}/{map_name}: the ring buffer was full when "
+                       f"its reader attached ({n} records, {reader.backlog_bytes} bytes, "
+                       "written while nobody read it, follow marked backlog): records written "
+                       "after it filled were dropped by the kernel, which keeps no count for "
+                       "ring buffers", spec=spec, map=map_name, backlog=n, full=True)
+        else:
+            audit.emit(Event.DAEMON, f"{spec}/{map_name}: {n} records ({reader.backlog_bytes} "
+                       "bytes) were waiting in the ring buffer when its reader attached, "
+                       "written while nobody read it; they follow, marked backlog",
+                       spec=spec, map=map_name, backlog=n, full=False)
+        self.changed = True
 
     def _enums(self, fields: tuple[Field, ...]) -> None:
         """BTF enums the layout names, read once (the kernel's enums do not change)."""
@@ -189,7 +211,8 @@ class EventPump:
                     continue
                 if end:
                     record = perfbuf.trim_padding(record, end)
-                self.journal(r.spec, r.map, record, r.layout)
+                self.journal(r.spec, r.map, record, r.layout, backlog=isinstance(
+                    r.reader, ringbuf.RingBuffer) and r.reader.last_was_backlog)
                 sent += 1
             lost = r.reader.lost if isinstance(r.reader, perfbuf.PerfBuffer) else 0
             if lost > r.lost_reported:
@@ -198,27 +221,31 @@ class EventPump:
                            f"{lost} since opened)", spec=r.spec, map=r.map,
                            lost=lost - r.lost_reported, lost_total=lost)
                 r.lost_reported = lost
+                self.changed = True
             if r.limit.dropped > r.reported:
                 audit.emit(Event.EVENTS_DROPPED, f"{r.spec}/{r.map}: "
                            f"{r.limit.dropped - r.reported} events over the rate limit of "
                            f"{self.rate}/s were not journaled", spec=r.spec, map=r.map,
                            dropped=r.limit.dropped - r.reported, rate_limit=self.rate)
                 r.reported = r.limit.dropped
+                self.changed = True
         return sent
 
     def counts(self) -> tuple[RingCount, ...]:
         """Records read, dropped and lost per event map since the resident started (metrics)."""
-        return tuple(RingCount(r.spec, r.map, r.read, r.limit.dropped, r.lost_reported)
-                     for r in self.rings)
+        return tuple(RingCount(r.spec, r.map, r.read, r.limit.dropped, r.lost_reported,
+                               r.reader.backlog if isinstance(r.reader, ringbuf.RingBuffer)
+                               else 0) for r in self.rings)
 
     def journal(self, spec: str, map_name: str, record: bytes,
-                layout: tuple[Field, ...]) -> None:
+                layout: tuple[Field, ...], backlog: bool = False) -> None:
         """One record: decoded by its layout, sanitized, journaled (bench/ times this)."""
         # The address fields the settings name are read in network order too (sanitize.ip_fields).
         fields = self.clean(decode(record, layout, self.clean.rules.ip_fields, self.enums))
         audit.emit(Event.BPF_EVENT, f"{spec}/{map_name}: "
                    + json.dumps(fields, default=str, sort_keys=True), spec=spec,
-                   map=map_name, **{f"event_{k.lstrip('_')}": v for k, v in fields.items()})
+                   map=map_name, **({"backlog": True} if backlog else {}),
+                   **{f"event_{k.lstrip('_')}": v for k, v in fields.items()})
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per event map (`spec/map`): events over the rate limit, samples the kernel lost."""
