@@ -9,6 +9,7 @@ start it behind the operator's back)."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -101,6 +102,20 @@ def test_reload_adds_a_perf_buffer_read_without_restart(packaged: Systemd) -> No
                         if e["LOADERD_SPEC"] == s] for s in ("exitsnoop", "exitsnoop2")}
     assert per_spec == {"exitsnoop": [4, 6], "exitsnoop2": [4, 6]}, (
         packaged.journalctl("-u", UNIT, "-u", APPLY, "-n", "40").stdout)
+    # The resident's counters (its events.json, owned by loaderd) in root's `loaderd status`
+    deadline = time.monotonic() + 40  # written at the next drift tick (30 s)
+    while True:
+        report = json.loads(packaged.run("loaderd", "status", "--json", check=False).stdout)
+        counts = {f"{m['spec']}/{m['map']}": m
+                  for m in (report["manifest"]["events"] or {}).get("maps", [])}
+        if counts.get("exitsnoop2/exits", {}).get("read", 0) >= 2 or (
+                time.monotonic() > deadline):
+            break
+        time.sleep(1)
+    assert report["manifest"]["events"]["pid"] == int(pid)
+    assert set(counts) == {"exitsnoop/exits", "exitsnoop2/exits"}, report["manifest"]
+    assert counts["exitsnoop2/exits"]["read"] >= 2 and counts["exitsnoop/exits"]["read"] >= 6
+    assert all(m["backlog"] == 0 for m in counts.values()), counts  # a fresh perf ring
 
 
 def test_restart_hands_over_again_and_stop_stops_the_socket(packaged: Systemd) -> None:
