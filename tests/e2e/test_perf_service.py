@@ -118,6 +118,27 @@ def test_reload_adds_a_perf_buffer_read_without_restart(packaged: Systemd) -> No
     assert all(m["backlog"] == 0 for m in counts.values()), counts  # a fresh perf ring
 
 
+def test_crashed_resident_gets_its_perf_events_again(packaged: Systemd) -> None:
+    """Restart=on-failure: systemd's restart job pulls loaderd-apply in again, whose handover
+    waits in the socket (it stays up across the automatic restart) for the new resident."""
+    old = packaged.show(UNIT, "MainPID")["MainPID"]
+    since = _now(packaged)
+    time.sleep(1)
+    packaged.systemctl("kill", "--signal=KILL", UNIT)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        state = packaged.show(UNIT, "ActiveState", "MainPID")
+        if state["ActiveState"] == "active" and state["MainPID"] not in ("0", old):
+            break
+        time.sleep(0.5)
+    assert state["ActiveState"] == "active" and state["MainPID"] != old, state
+    assert packaged.show(SOCKET, "ActiveState")["ActiveState"] == "active"
+    time.sleep(2)
+    _name, got = _exits(packaged, since, [8])
+    assert sorted(str(e["LOADERD_SPEC"]) for e in got) == ["exitsnoop", "exitsnoop2"], (
+        packaged.journalctl("-u", UNIT, "-u", APPLY, "-n", "40").stdout)
+
+
 def test_restart_hands_over_again_and_stop_stops_the_socket(packaged: Systemd) -> None:
     since = _now(packaged)
     time.sleep(1)
