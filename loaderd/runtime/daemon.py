@@ -5,8 +5,10 @@ The resident process never imports bcc: compile/load/pin/attach happen in a shor
 loaderd-apply.service: `run --no-apply`). Once that is done, the resident drops every capability
 for good (a dropped capability never comes back, which is why a reload runs a fresh privileged
 apply). It then pings the watchdog, re-reads the manifest on SIGHUP (RELOADING=1 ... READY=1),
-and checks for drift (pins, links, tags, frozen state) on a timer. Stopping never detaches or
-unpins anything.
+and checks for drift (pins, links, tags, frozen state) on a timer. Perf buffers are read
+through perf events the apply hands over on a datagram socket (bpf.handover), which is why the
+socket exists before the apply child runs. Its event counters go to state_dir/events.json for
+`loaderd status`. Stopping never detaches or unpins anything.
 """
 
 from __future__ import annotations
