@@ -156,6 +156,8 @@ class EventPump:
                                         reported, read))
         for r in old.values():
             self._close(r)
+        wanted = {(n, m) for n, rec in manifest.specs.items() for m in rec.events}
+        self.unread = {k: v for k, v in self.unread.items() if k in wanted}
 
     def _say_backlog(self, spec: str, map_name: str, reader: ringbuf.RingBuffer,
                      layout: tuple[Field, ...]) -> None:
