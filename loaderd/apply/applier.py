@@ -26,7 +26,7 @@ from loaderd.apply.commit import Transaction, anchor_opener, link_holds, pin_lin
 from loaderd.apply.preview import hold_in_effect
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
-from loaderd.bpf import attach, pins
+from loaderd.bpf import attach, handover, kernel, pins
 from loaderd.config import signature, spec
 from loaderd.errors import Kind, LoaderdError, Location, count, names, plural
 from loaderd.model import (
@@ -244,9 +244,55 @@ class Applier:
             self._started = time.monotonic()
             hold = self._held(specs_dir)
             if hold is None:
-                return self._apply(specs_dir, jobs=jobs)
-            gen = self.state.generation_dir(hold.generation)
-            return self._apply(gen, jobs=jobs, trusted_owner=os.stat(gen).st_uid)
+                result = self._apply(specs_dir, jobs=jobs)
+            else:
+                gen = self.state.generation_dir(hold.generation)
+                result = self._apply(gen, jobs=jobs, trusted_owner=os.stat(gen).st_uid)
+            self.hand_over()  # refused or not: the set applied now is what the resident reads
+            return result
+
+    def hand_over(self) -> int:
+        """Open the perf events of every perf buffer the applied set journals and hand them to
+        the resident (bpf.handover: it cannot open them without CAP_PERFMON). Only when a socket
+        waits for them; never fails the apply: what goes wrong is journaled. Returns the maps
+        handed over."""
+        path = handover.socket_path(self.settings.state_dir)
+        if not handover.listening(path):
+            return 0
+        try:
+            current = self.state.manifest()
+        except LoaderdError:
+            return 0  # refused already, and said
+        if current.status is not Status.COMMITTED:
+            return 0
+        items: list[handover.PerfEvents] = []
+        try:
+            for name, record in sorted(current.specs.items()):
+                for mname in sorted(record.events):
+                    where = os.path.join(record.pin_dir, "maps", mname)
+                    fd = kernel.obj_get(where, rdonly=True)
+                    try:
+                        if kernel.map_info(fd).type == kernel.MAP_TYPES["perf_event_array"]:
+                            items.append(handover.open_events(name, mname, fd, where))
+                    finally:
+                        os.close(fd)
+            if not items:
+                return 0
+            handover.send(path, items)
+        except LoaderdError as exc:
+            audit.emit(Event.DEGRADED, f"perf buffers not handed to the resident: {exc}; it "
+                       "does not read them until an apply hands them over", reason="perf "
+                       "handover", file=exc.location.file)
+            return 0
+        finally:
+            for item in items:
+                item.close()  # the datagram in the socket holds its own references
+        events = sum(len(i.events) for i in items)
+        audit.emit(Event.DAEMON, f"handed {plural(len(items), 'perf buffer')} "
+                   f"({plural(events, 'perf event')}) to the resident: "
+                   + ", ".join(f"{i.spec}/{i.map}" for i in items),
+                   maps=[f"{i.spec}/{i.map}" for i in items], perf_events=events)
+        return len(items)
 
     def _held(self, specs_dir: str | None) -> Hold | None:
         """The rollback hold, if it still holds; released (and said) when programs_dir changed

@@ -94,7 +94,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     rate = args.rate or view.settings.policy.limits.max_event_rate
     for event in events.stream(path, layout=layout, rate=rate, sanitize=clean,
                                count=args.count, duration=args.duration,
-                               addresses=view.settings.sanitize.ip_fields, enums=enums):
+                               addresses=view.settings.sanitize.ip_fields, enums=enums,
+                               backlog=args.backlog):
         print(json.dumps(event, sort_keys=True,
                          default=lambda o: o.hex() if isinstance(o, bytes) else str(o)),
               flush=True)
@@ -182,6 +183,10 @@ def parser() -> argparse.ArgumentParser:
                     "(default: the spec's events layout)")
     sp.add_argument("--count", type=int, help="stop after this many events")
     sp.add_argument("--duration", type=float, help="stop after this many seconds")
+    sp.add_argument("--backlog", action="store_true",
+                    help="also print a ring buffer's stale backlog (records written before "
+                    "this reader attached); by default it is skipped and counted in a "
+                    "first {\"_backlog\": N} record")
     sp.add_argument("--rate", type=int, help="events/s emitted (default limits.max_event_rate)")
     sp.add_argument("--raw", action="store_true", help="no sanitization (root only)")
     sp = add("audit-system", cmd_audit_system, "every BPF program/map on the host: report "

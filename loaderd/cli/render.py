@@ -99,6 +99,13 @@ def render_status(report: dict[str, Any]) -> str:
         lines += [_prog_line(p) for p in s["programs"]]
         lines += [_map_line(m) for m in s["maps"]]
         lines += [_link_line(lk) for lk in s["links"]]
+    ev = head.get("events")
+    if ev and ev["maps"]:
+        lines.append(f"events (resident pid {ev['pid']}, since it started, as of "
+                     f"{_ts(ev['at'])}):")
+        lines += [f"  {m['spec']}/{m['map']}: {m['read']} read, {m['dropped']} dropped (rate "
+                  f"limit), {m['lost']} lost (kernel), {m['backlog']} stale backlog"
+                  for m in ev["maps"]]
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
 

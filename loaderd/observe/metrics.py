@@ -26,21 +26,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from loaderd.store.manifest import LastApply, Status
-from loaderd.store.statedir import Refusal
+from loaderd.store.statedir import EventCount, Refusal
 
 FILE_NAME = "loaderd.prom"  # the resident's
 AUDIT_FILE_NAME = "loaderd-audit.prom"  # loaderd-audit.service's (it alone sees every program)
 
 
-@dataclass(frozen=True)
-class RingCount:
-    """One ring buffer's records since the resident started."""
-
-    spec: str
-    map: str
-    read: int
-    dropped: int  # over limits.max_event_rate: consumed, not journaled
-    lost: int = 0  # samples the kernel lost (a perf_event_array's per-CPU ring was full)
+# One event map's counters since the resident started (the same record the resident writes
+# for `loaderd status`).
+RingCount = EventCount
 
 
 @dataclass(frozen=True)
@@ -90,6 +84,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
                                      "(read, not journaled)."),
     "loaderd_events_lost_total": ("counter", "Perf buffer samples the kernel lost (its "
                                   "per-CPU ring was full when the program wrote)."),
+    "loaderd_events_backlog_total": ("counter", "Ring buffer records already waiting when "
+                                     "the resident's reader attached (written while nobody "
+                                     "read it; journaled marked backlog)."),
     "loaderd_map_fill_ratio": ("gauge", "Entries over max_entries of a hash map (unread bytes "
                                "over size for a ring buffer); a full hash refuses new keys."),
     "loaderd_program_runs_total": ("counter", "Program runs the kernel counted (run_cnt)."),
@@ -166,6 +163,7 @@ def samples(inp: Inputs) -> list[Sample]:
         out.append(_s("loaderd_events_read_total", r.read, spec=r.spec, map=r.map))
         out.append(_s("loaderd_events_dropped_total", r.dropped, spec=r.spec, map=r.map))
         out.append(_s("loaderd_events_lost_total", r.lost, spec=r.spec, map=r.map))
+        out.append(_s("loaderd_events_backlog_total", r.backlog, spec=r.spec, map=r.map))
     return out
 
 

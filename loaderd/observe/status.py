@@ -415,6 +415,13 @@ def status(view: View) -> dict[str, Any]:
         moved = state.tree_digest(view.settings.programs_dir) != hold.programs_sha256
         head["rollback"] = {"generation": hold.generation, "at": hold.at,
                             "programs_dir_changed": moved, "sentence": hold.sentence(moved)}
+    # The resident's event counters (untrusted file, same owners as the hold): what the
+    # journal and metrics say too, for one place to look.
+    counts = state.read_event_counts(os.path.join(view.settings.state_dir, state.EVENTS), owners)
+    head["events"] = None if counts is None else {
+        "at": counts.at, "pid": counts.pid,
+        "maps": [{"spec": c.spec, "map": c.map, "read": c.read, "dropped": c.dropped,
+                  "lost": c.lost, "backlog": c.backlog} for c in counts.maps]}
     if any(s["unchecked"] for s in specs):
         notes.append("some pins could not be opened by this user" + (
             ": their facts come from the manifest and drift was checked only for what could be "

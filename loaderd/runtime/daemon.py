@@ -5,8 +5,10 @@ The resident process never imports bcc: compile/load/pin/attach happen in a shor
 loaderd-apply.service: `run --no-apply`). Once that is done, the resident drops every capability
 for good (a dropped capability never comes back, which is why a reload runs a fresh privileged
 apply). It then pings the watchdog, re-reads the manifest on SIGHUP (RELOADING=1 ... READY=1),
-and checks for drift (pins, links, tags, frozen state) on a timer. Stopping never detaches or
-unpins anything.
+and checks for drift (pins, links, tags, frozen state) on a timer. Perf buffers are read
+through perf events the apply hands over on a datagram socket (bpf.handover), which is why the
+socket exists before the apply child runs. Its event counters go to state_dir/events.json for
+`loaderd status`. Stopping never detaches or unpins anything.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +27,7 @@ from types import FrameType
 from loaderd import privileges
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
-from loaderd.bpf import kernel, pins
+from loaderd.bpf import handover, kernel, pins
 from loaderd.errors import LoaderdError, plural
 from loaderd.model import Settings
 from loaderd.observe import drift, metrics
@@ -33,7 +36,7 @@ from loaderd.observe.status import fill
 from loaderd.runtime.eventpump import EventPump
 from loaderd.store import textfile
 from loaderd.store.manifest import EMPTY, Manifest, Status
-from loaderd.store.statedir import Refusal, State, tree_digest
+from loaderd.store.statedir import EventCounts, Refusal, State, tree_digest
 
 DRIFT_INTERVAL = 30.0
 FILL_WARN = 0.9  # a map this full is journaled (MAP_FILLING) once, until it empties below
@@ -140,9 +143,13 @@ class Daemon:
         self._applying_ident: tuple[int, int] | None = None
         self.reloaded = False  # the set shown is the one a `systemctl reload` re-read
         self._metrics_error: str | None = None  # the write failure last journaled
+        self._counts_error: str | None = None
+        self._counts_at = 0.0  # monotonic time of the last counters write
         self.filling: set[tuple[str, str]] = set()  # maps journaled as >= FILL_WARN full
         self.bpffs_missing: str | None = None  # no bpffs holds the pin root (drift says why)
         self._spool_shown: tuple[object, int] = (None, 0)  # the spool backlog STATUS= says
+        self.sock: socket.socket | None = None  # perf events handed over by the apply
+        self._bound: tuple[str, int] | None = None  # (path, inode) of a socket bound here
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -169,8 +176,46 @@ class Daemon:
             while os.read(self._wake, 64):
                 pass
 
+    def _handover_socket(self) -> socket.socket | None:
+        """Where loaderd-apply hands perf events over (bpf.handover): the socket systemd passes
+        (loaderd-handover.socket, FileDescriptorName=handover), else one bound here in the
+        state directory, before the apply child runs so that its handover waits in it."""
+        names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+        if os.environ.get("LISTEN_PID") == str(os.getpid()):
+            count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+            for i in range(count):
+                if i < len(names) and names[i] == "handover":
+                    try:
+                        return handover.adopt(3 + i)
+                    except (OSError, ValueError) as exc:
+                        audit.emit(Event.DEGRADED, f"the handover socket systemd passed is "
+                                   f"unusable ({exc}): perf buffers are not read",
+                                   reason="handover socket")
+                        return None
+        path = handover.socket_path(self.settings.state_dir)
+        try:
+            sock = handover.bind(path)
+        except OSError as exc:
+            audit.emit(Event.DAEMON, f"no handover socket ({path}: {exc.strerror or exc}): "
+                       "perf buffers are read only if this process can open them itself",
+                       file=path)
+            return None
+        self._bound = (path, os.stat(path).st_ino)  # the file bind made, not the sockfs inode
+        return sock
+
+    def _close_socket(self) -> None:
+        if self.sock is None:
+            return
+        with contextlib.suppress(OSError):
+            # Ours, not systemd's: remove it (only if still the one we bound)
+            if self._bound is not None and os.stat(self._bound[0]).st_ino == self._bound[1]:
+                os.unlink(self._bound[0])
+        self.sock.close()
+        self.sock = None
+
     def start(self) -> int:
         self._install_signals()
+        self.sock = self._handover_socket()
         rc = 0
         if self.apply:
             status("applying specs")
@@ -182,9 +227,9 @@ class Daemon:
             audit.emit(Event.DAEMON, "initial apply failed and no earlier set exists; exiting",
                        rc=rc)
             return 1
-        # Perf buffers are CPU-wide perf events (CAP_PERFMON): open the event readers while
-        # the unit's capabilities are still here; they stay open after the drop.
-        self.pump = EventPump(self.settings)
+        # Perf buffers are CPU-wide perf events (CAP_PERFMON): handed over by the apply, or
+        # opened while the unit's capabilities are still here; they stay open after the drop.
+        self.pump = EventPump(self.settings, self.sock)
         self.pump.sync(self.manifest)
         caps = privileges.drop_all()
         left = ("" if not caps.bounding else "; bounding set kept "
@@ -293,7 +338,7 @@ class Daemon:
         tick = min(wd_usec / 2e6 if wd_usec else 5.0, 5.0, self.drift_interval)
         next_drift = time.monotonic() + self.drift_interval
         if self.pump is None:
-            self.pump = EventPump(self.settings)
+            self.pump = EventPump(self.settings, self.sock)
             self.pump.sync(self.manifest)
         while not self.stop:
             if wd_usec:
@@ -333,8 +378,12 @@ class Daemon:
             self.check_spool()
             self._wait(tick)  # wakes on events, signals or the tick
             self.pump.pump()
+            if self.pump.changed and time.monotonic() - self._counts_at >= 1.0:
+                self.pump.changed = False  # a loss or drop: in status within a second
+                self.write_counts()
         self.write_metrics()  # final counters: what was journaled before the stop
         self.pump.close()
+        self._close_socket()
         notify("STOPPING=1")
         audit.emit(Event.DAEMON, "stopping; pinned programs stay attached", pid=os.getpid())
         return 0
@@ -489,10 +538,27 @@ class Daemon:
             self.known_drift = found
             return found
 
+    def write_counts(self) -> None:
+        """The event counters for `loaderd status` (state_dir/events.json); a failed write is
+        journaled once, until one works again."""
+        self._counts_at = time.monotonic()
+        counts = EventCounts(time.time(), os.getpid(), self.pump.counts() if self.pump else ())
+        try:
+            self.state.save_event_counts(counts)
+        except (OSError, LoaderdError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            if why != self._counts_error:
+                audit.emit(Event.DEGRADED, f"event counters not written for status: {why}",
+                           reason="event counters not written", file=self.state.events_path)
+            self._counts_error = why
+            return
+        self._counts_error = None
+
     def write_metrics(self) -> None:
         """loaderd.prom in node_exporter's textfile directory (settings.metrics_dir), from the
         same report `loaderctl status --json` prints, when that directory exists. A failed
         write is journaled once (until it works again): metrics must never stop the daemon."""
+        self.write_counts()
         where = self.settings.metrics_dir
         if where is None or not os.path.isdir(where):
             return

@@ -2,10 +2,12 @@
 does, without bcc: one software BPF_OUTPUT perf event per online CPU, its ring mmap'd, its fd
 written into the map slot of that CPU (bpf_perf_event_output writes to the current CPU's slot).
 
-Opening CPU-wide perf events needs CAP_PERFMON: the resident opens its perf buffers before it
-drops its capabilities and keeps them for as long as the map is the same. The slots hold the
-events only while the map fd that wrote them is open (the kernel clears them when it closes),
-so a reader owns its map fd for its whole life.
+Opening CPU-wide perf events needs CAP_PERFMON: a resident with capabilities (`loaderd run`)
+opens them before it drops them; the packaged one is handed the events by loaderd-apply
+(bpf.handover) and only maps, slots and enables them, which needs no capability. Either way a
+reader keeps them for as long as the map is the same. The slots hold the events only while
+the map fd that wrote them is open (the kernel clears them when it closes), so a reader owns
+its map fd for its whole life.
 
 Each ring is a perf_event_mmap_page (data_head, data_tail, data_offset, data_size) and a data
 area of 2^n pages; records are perf_event_header {u32 type; u16 misc; u16 size} then the body:
@@ -21,7 +23,7 @@ import mmap
 import os
 import select
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from loaderd.bpf import kernel
@@ -57,7 +59,10 @@ class PerfBuffer:
     """Per-CPU perf rings behind one perf_event_array map fd (the caller keeps the map fd
     open for as long as this reads, and closes it after close())."""
 
-    def __init__(self, map_fd: int, where: str = "perf buffer", pages: int = PAGES) -> None:
+    def __init__(self, map_fd: int, where: str = "perf buffer", pages: int = PAGES,
+                 events: Sequence[tuple[int, int]] | None = None) -> None:
+        """events: (cpu, perf event fd) pairs opened by someone with CAP_PERFMON (taken over:
+        closed by close(), or here on failure); None: open them here."""
         info = kernel.map_info(map_fd)
         if info.type != kernel.MAP_TYPES["perf_event_array"]:
             raise LoaderdError(Kind.KERNEL, f"not a perf event array but a {info.type_name} "
@@ -66,21 +71,37 @@ class PerfBuffer:
         self.where = where
         self.lost = 0  # samples the kernel could not write (ring full), since opened
         self.cpus: list[_Cpu] = []
+        handed = list(events or ())
         try:
-            for cpu in online_cpus():
+            if events is None:
+                for cpu in online_cpus():
+                    if cpu >= info.max_entries:
+                        continue  # BCC sizes the array by CPU count; a slot per online CPU
+                    self._open(cpu, pages, self._new_event(cpu))
+            while handed:
+                cpu, fd = handed.pop(0)
                 if cpu >= info.max_entries:
-                    continue  # BCC sizes the array by CPU count; a slot per online CPU
-                self._open(cpu, pages)
+                    os.close(fd)
+                    raise LoaderdError(Kind.KERNEL, f"a perf event for CPU {cpu}: the map has "
+                                       f"{info.max_entries} slots", Location(where))
+                self._open(cpu, pages, fd)
         except BaseException:
+            for _cpu, fd in handed:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             self.close()
             raise
 
-    def _open(self, cpu: int, pages: int) -> None:
+    def _new_event(self, cpu: int) -> int:
         try:
-            fd = kernel.perf_event_open_output(cpu)
+            return kernel.perf_event_open_output(cpu)
         except LoaderdError as exc:
             exc.location = Location(self.where)
             raise
+
+    def _open(self, cpu: int, pages: int, fd: int) -> None:
+        """Map the ring of event `fd` (owned from here on), put it in CPU `cpu`'s slot, enable
+        it."""
         try:
             ring = mmap.mmap(fd, (pages + 1) * _PAGE, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
@@ -91,6 +112,7 @@ class PerfBuffer:
                                allowed="locked memory for perf (perf_event_mlock_kb)") from None
         offset, size = struct.unpack_from("<QQ", ring, _DATA_OFFSET)
         self.cpus.append(_Cpu(cpu, fd, ring, int(offset) or _PAGE, int(size) or pages * _PAGE))
+        # The kernel's check of a handed fd: map_update refuses anything but a perf event.
         kernel.map_update(self.map_fd, struct.pack("<I", cpu), struct.pack("<I", fd))
         kernel.perf_event_enable(fd)
 

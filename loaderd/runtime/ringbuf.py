@@ -74,6 +74,36 @@ class RingBuffer:
                                allowed="a read-write fd: root or the pin's owner") from None
         self.prod = mmap.mmap(fd, _PAGE + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ,
                               offset=_PAGE)
+        # Stale backlog: what was already written when this reader attached (nobody read the
+        # ring before, or a reader was down). The kernel keeps no loss count for ring buffers:
+        # a full ring drops new records silently, so the backlog is all that can be said.
+        cons, self._backlog_end = self._u64(self.cons, 0), self._u64(self.prod, 0)
+        self.backlog_bytes = max(0, self._backlog_end - cons)
+        self.backlog = 0  # records taken (or skipped) from that backlog
+        self.last_was_backlog = False  # the record consume() yielded last was one of them
+
+    def full_at_attach(self, record_size: int) -> bool:
+        """No room for one more record of `record_size` bytes when the reader attached: the
+        kernel dropped whatever came after the ring filled, uncounted."""
+        need = _HDR + (max(record_size, 1) + 7) // 8 * 8
+        return self.size - self.backlog_bytes < need
+
+    def skip_backlog(self, skip: bool = True) -> int:
+        """The number of records in the stale backlog; with `skip`, consumed without being
+        returned (a viewer starting now)."""
+        cons = self._u64(self.cons, 0)
+        n = 0
+        while cons < self._backlog_end:
+            length: int = struct.unpack_from("<I", self.prod, _PAGE + (cons & self.mask))[0]
+            if length & _BUSY:
+                break
+            if not length & _DISCARD:
+                n += 1
+            cons += ((length & ~(_BUSY | _DISCARD)) + _HDR + 7) // 8 * 8
+        if skip:
+            struct.pack_into("<Q", self.cons, 0, cons)
+            self.backlog += n
+        return n
 
     def close(self) -> None:
         self.cons.close()
@@ -99,6 +129,9 @@ class RingBuffer:
             size = length & ~(_BUSY | _DISCARD)
             start = at + _HDR
             record = None if length & _DISCARD else bytes(self.prod[start:start + size])
+            self.last_was_backlog = cons < self._backlog_end
+            if record is not None and self.last_was_backlog:
+                self.backlog += 1
             cons += (size + _HDR + 7) // 8 * 8
             struct.pack_into("<Q", self.cons, 0, cons)  # hand the space back to the producer
             if record is not None:
@@ -126,16 +159,24 @@ def stream(path: str, *, layout: tuple[Field, ...] | None, rate: int,
            sanitize: Callable[[Any], Any] | None, count: int | None = None,
            duration: float | None = None, poll: float = 0.2,
            addresses: frozenset[str] = IP_FIELDS,
-           enums: Mapping[str, Mapping[int, str]] | None = None) -> Iterator[dict[str, Any]]:
+           enums: Mapping[str, Mapping[int, str]] | None = None,
+           backlog: bool = False) -> Iterator[dict[str, Any]]:
     """Decoded (and sanitized) events from the ring buffer or perf event array pinned at
     `path`. A `_dropped` record reports events consumed over the rate limit since the previous
-    report; a `_lost` record samples the kernel lost (a perf ring was full)."""
+    report; a `_lost` record samples the kernel lost (a perf ring was full). A ring buffer's
+    stale backlog (written before this reader attached) is skipped unless `backlog`, and said
+    first either way: `{"_backlog": N, "skipped": bool, "full": bool}` (full: the ring had no
+    room left, so records after it filled were dropped by the kernel, uncounted)."""
     fd = kernel.obj_get(path)
     reader: RingBuffer | perfbuf.PerfBuffer | None = None
     end = layout_end(layout)
     try:
         reader = open_reader(fd, path)
         perf = isinstance(reader, perfbuf.PerfBuffer)
+        if isinstance(reader, RingBuffer) and reader.backlog_bytes:
+            full = reader.full_at_attach(end)
+            yield {"_backlog": reader.skip_backlog(skip=not backlog), "skipped": not backlog,
+                   "full": full}
         limit = RateLimit(rate)
         deadline = None if duration is None else time.monotonic() + duration
         emitted = reported = lost = 0

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.model import NAME_RE
 from loaderd.store import manifest as records
 from loaderd.store.manifest import Manifest
 
@@ -45,6 +46,12 @@ HOLD = "rollback.json"
 APPLYING = "applying.json"
 REASON_MAX = 300
 KEEP_GENERATIONS = 5
+# The resident's event counters (records read, dropped over the rate limit, lost by the
+# kernel, stale backlog) since it started: written by the resident (no capability), read by
+# `loaderd status` as untrusted input.
+EVENTS = "events.json"
+EVENTS_MAX_BYTES = 64 * 1024
+EVENTS_MAX_MAPS = 256
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -186,7 +193,8 @@ def _sane_time(at: Any) -> bool:
             and 0 <= at < 1e11)
 
 
-def _read_record(path: str, owners: frozenset[int] | None = None) -> Any:
+def _read_record(path: str, owners: frozenset[int] | None = None,
+                 max_bytes: int = REFUSED_MAX_BYTES) -> Any:
     """A small JSON record loaderd wrote, read as untrusted input: a plain file (no symlink, no
     FIFO), bounded, owned by `owners` and not group/other-writable when given; None when absent
     or not such a file."""
@@ -196,11 +204,11 @@ def _read_record(path: str, owners: frozenset[int] | None = None) -> Any:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > REFUSED_MAX_BYTES:
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
             return None
         if owners is not None and (st.st_uid not in owners or st.st_mode & 0o022):
             return None
-        return json.loads(os.read(fd, REFUSED_MAX_BYTES + 1))
+        return json.loads(os.read(fd, max_bytes + 1))
     except (OSError, ValueError, RecursionError):
         return None
     finally:
@@ -220,6 +228,56 @@ def read_hold(path: str, owners: frozenset[int]) -> Hold | None:
             and _sane_time(at) and isinstance(digest, str)):
         return None
     return Hold(gen, float(at), digest)
+
+
+@dataclasses.dataclass(frozen=True)
+class EventCount:
+    """One event map's records since the resident started."""
+
+    spec: str
+    map: str
+    read: int
+    dropped: int  # over limits.max_event_rate: consumed, not journaled
+    lost: int = 0  # samples the kernel lost (a perf_event_array's per-CPU ring was full)
+    backlog: int = 0  # records already waiting in a ring buffer when its reader attached
+
+
+@dataclasses.dataclass(frozen=True)
+class EventCounts:
+    at: float  # time.time() of the write
+    pid: int  # the resident that wrote it
+    maps: tuple[EventCount, ...]
+
+
+_COUNT_FIELDS = ("read", "dropped", "lost", "backlog")
+
+
+def _count(v: Any) -> bool:
+    return type(v) is int and 0 <= v < 1 << 63
+
+
+def read_event_counts(path: str, owners: frozenset[int]) -> EventCounts | None:
+    """The resident's counters file (untrusted: a plain file owned by `owners`, not group or
+    world writable, bounded, of exactly the shape written); None when absent or not one."""
+    d = _read_record(path, owners, EVENTS_MAX_BYTES)
+    try:
+        if not isinstance(d, dict) or set(d) != {"at", "pid", "maps"}:
+            return None
+        at, pid, maps = d["at"], d["pid"], d["maps"]
+        if (not _sane_time(at) or type(pid) is not int or not 0 < pid < 1 << 22
+                or not isinstance(maps, list) or len(maps) > EVENTS_MAX_MAPS):
+            return None
+        out = []
+        for m in maps:
+            if (not isinstance(m, dict) or set(m) != {"spec", "map", *_COUNT_FIELDS}
+                    or not all(isinstance(m[k], str) and NAME_RE.fullmatch(m[k])
+                               for k in ("spec", "map"))
+                    or not all(_count(m[k]) for k in _COUNT_FIELDS)):
+                return None
+            out.append(EventCount(m["spec"], m["map"], *(m[k] for k in _COUNT_FIELDS)))
+        return EventCounts(float(at), pid, tuple(out))
+    except (KeyError, TypeError):
+        return None
 
 
 def one_line(text: str, limit: int = REASON_MAX) -> str:
@@ -341,6 +399,21 @@ class State:
             _write_atomic(os.path.join(self.dir, SETTINGS_SEEN), json.dumps(
                 {"sha256": sha256, "summary": summary}, sort_keys=True).encode(),
                 self.gid, self.uid)
+
+    @property
+    def events_path(self) -> str:
+        return os.path.join(self.dir, EVENTS)
+
+    def save_event_counts(self, counts: EventCounts) -> None:
+        """Atomically, readable by the pin readers' group like the manifest (loaderctl
+        status); raises LoaderdError (ENOSPC...) for the caller to say once."""
+        _write_atomic(self.events_path, json.dumps(
+            {"at": counts.at, "pid": counts.pid,
+             "maps": [dataclasses.asdict(m) for m in counts.maps[:EVENTS_MAX_MAPS]]},
+            sort_keys=True).encode(), self.gid, self.uid)
+
+    def event_counts(self) -> EventCounts | None:
+        return read_event_counts(self.events_path, self.owners)
 
     def clear_refusal(self) -> None:
         with contextlib.suppress(FileNotFoundError):

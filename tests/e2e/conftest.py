@@ -50,7 +50,8 @@ def _tracefs_modes() -> dict[str, _Mode]:
     """tracefs is the one piece of host state the apply unit's host grants
     (/usr/lib/loaderd/loaderd-host.tmpfiles) touch (it is shared with the namespace), and the
     package's removal puts back: remember it to put it back."""
-    paths = [TRACEFS, *glob.glob(f"{TRACEFS}/events/*/*/id")]
+    paths = [TRACEFS, *glob.glob(f"{TRACEFS}/events/*/*/id"),
+             *glob.glob(f"{TRACEFS}/events/*/*/format")]
     out: dict[str, _Mode] = {}
     for p in paths:
         try:

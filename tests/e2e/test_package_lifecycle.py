@@ -28,8 +28,8 @@ ROOT = "/sys/fs/bpf/loaderd"
 TRACING = "/sys/kernel/tracing"
 EVENT_ID = f"{TRACING}/events/sched/sched_switch/id"
 SPECS = ("xdp_counter.yaml", "sched_switches.yaml")  # no tracefs needed to attach
-UNITS = ("loaderd.service", "loaderd-apply.service", "loaderd-audit.service",
-         "loaderd-audit.timer")
+UNITS = ("loaderd.service", "loaderd-apply.service", "loaderd-handover.socket",
+         "loaderd-audit.service", "loaderd-audit.timer")
 BPFFS_MOUNTED = "1700 root:root"  # mode=0700 as systemd mounts it; the kernel adds the sticky bit
 APT = {"DEBIAN_FRONTEND": "noninteractive"}
 
