@@ -120,6 +120,12 @@ class EventPump:
                 try:
                     fd = kernel.obj_get(path)
                     info = kernel.map_info(fd)
+                    applied = record.maps.get(mname)
+                    if applied is not None and applied.id != info.id:
+                        # a pin swapped behind the manifest: not the map loaderd applied
+                        raise LoaderdError(Kind.STATE, f"the pinned map is id {info.id}, not "
+                                           f"the applied map id {applied.id} (drift: the next "
+                                           "apply rebuilds it)", Location(path))
                     prev = old.get((name, mname))
                     if prev is not None and prev.map_id == info.id:
                         os.close(fd)

@@ -148,3 +148,33 @@ def test_rate_limit_survives_a_reload(tmp_path: Path, bpffs_root: str) -> None:
         assert again.limit is ring.limit and again.reported == 5
     finally:
         pump.close()
+
+
+def test_a_swapped_ring_pin_is_not_read(tmp_path: Path, bpffs_root: str) -> None:
+    """The pump reads the map the manifest says was applied: a ring buffer pinned in its place
+    (by whoever can write the pin dir) is refused by id, said once, not read as the spec's."""
+    from loaderd.bpf import kernel
+    from loaderd.config.settings import load_settings
+    from loaderd.runtime.eventpump import EventPump
+    from loaderd.store.statedir import State
+    from tests.conftest import loaderd
+
+    conf = make_conf(tmp_path, bpffs_root, {"execs": SPEC})
+    loaderd("--config", str(conf), "apply")
+    settings = load_settings(str(conf))
+    manifest = State(settings.state_dir).manifest()
+    pin = f"{bpffs_root}/execs/maps/exec_events"
+    os.unlink(pin)
+    forged = kernel.map_create(kernel.MAP_TYPES["ringbuf"], 0, 0, 4096)
+    try:
+        kernel.obj_pin(forged, pin)
+    finally:
+        os.close(forged)
+    pump = EventPump(settings)
+    try:
+        pump.sync(manifest)
+        assert pump.rings == []
+        (why,) = pump.unread.values()
+        assert "not the applied map id" in why, why
+    finally:
+        pump.close()
