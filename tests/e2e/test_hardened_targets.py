@@ -131,7 +131,8 @@ def test_a_binary_under_home_is_refused_naming_the_path_and_protect_home(
     assert result == "exit-code", said
     want = (f"uprobe binary {BINARIES['home']} is hidden from the apply by {APPLY}'s "
             "ProtectHome=yes (/home is inaccessible to it)\n")
-    assert f"{PROGRAMS}/home.yaml:6: programs[0].attach: " in said and want in said, said
+    # located at the attach line (7), as `loaderd check` locates it
+    assert f"{PROGRAMS}/home.yaml:7: programs[0].attach: " in said and want in said, said
     assert "Permission denied" not in said and "Traceback" not in said
     left = sysd.run("find", ROOT, "-mindepth", "1", "-not", "-path", f"{ROOT}/_staging",
                     check=False).stdout.split()
