@@ -112,7 +112,10 @@ def test_compile_worker_oom_killed(installed: Systemd) -> None:
     sysd.systemctl("start", "--no-block", APPLY)
     wait_compiling(sysd)
     main = sysd.show(APPLY, "MainPID")["MainPID"]
-    sysd.sh(f"for p in $(pgrep -P {main}); do kill -KILL $p; done")
+    # "compiling" is said just before the workers fork: wait for one (up to 60 s), or the
+    # kill finds no child and the apply simply succeeds (seen on a loaded host)
+    sysd.sh(f"for i in $(seq 600); do pgrep -P {main} >/dev/null && break; sleep 0.1; done; "
+            f"for p in $(pgrep -P {main}); do kill -KILL $p; done")
     sysd.wait_for(APPLY, "failed")
     assert sysd.show(APPLY, "Result")["Result"] == "exit-code"  # a refusal, said
     text = status_text(sysd, "REFUSED")
