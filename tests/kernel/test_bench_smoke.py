@@ -46,7 +46,8 @@ def test_missed_events_and_audit_throughput() -> None:
     assert not os.path.exists(p4["bpffs_root"])
     p5 = audit_throughput(events=200, rounds=1)
     assert p5["stderr_json"] > 0 and p5["json_write"] > 0
-    assert len(p4_rows(p4)) == 3 and len(p5_rows(p5)) == 3  # stderr; journald; its client CPU per event
+    # P5: stderr, journald and its client CPU per event
+    assert len(p4_rows(p4)) == 3 and len(p5_rows(p5)) == 3
 
 
 def test_sandbox_cost_numbers() -> None:
