@@ -115,9 +115,9 @@ def link_for(a: LinkTarget, prog_fd: int, anchors: AnchorOpener | None = None) -
     if isinstance(a, UprobeAttach):
         bin_fd = uprobe.open_trusted(a.binary)
         try:
-            # By path (link info shows it); then the path must still be the file checked
-            # (its directories are trusted: only root can swap it).
-            link_fd = kernel.uprobe_multi_link_create(prog_fd, a.binary,
+            # By path (link info shows the file's real one): the fd's, so that the file
+            # attached is the file checked; then the spec's path must still name it.
+            link_fd = kernel.uprobe_multi_link_create(prog_fd, uprobe.fd_path(bin_fd),
                                                       _uprobe_offset(a, bin_fd),
                                                       retprobe=a.retprobe, pid=a.pid or 0)
             try:

@@ -70,6 +70,7 @@ def open_trusted(path: str, owners: frozenset[int] = frozenset({0})) -> int:
         if not stat.S_ISREG(st.st_mode):
             raise _bad(f"uprobe binary {path} is not a regular file", path)
         _refuse_untrusted(path, st, owners, "the file")
+        _refuse_untrusted_path(path, owners | {0})
         real = os.readlink(f"/proc/self/fd/{fd}")
         parent = os.path.dirname(real)
         while True:
@@ -81,6 +82,34 @@ def open_trusted(path: str, owners: frozenset[int] = frozenset({0})) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _refuse_untrusted_path(path: str, owners: frozenset[int]) -> None:
+    """The directories and symlinks of `path` as written: a symlinked directory in it (or a
+    directory holding a symlink) that another user owns could point the path elsewhere after
+    the check, whatever the directories of the file's real path are."""
+    parent = os.path.dirname(os.path.normpath(path))
+    while True:
+        try:
+            st = os.lstat(parent)
+        except OSError as exc:  # swapped since the open
+            raise _bad(f"uprobe binary {path}: {parent}: {exc.strerror}", path) from None
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in owners:
+                raise _bad(f"uprobe binary {path}: symlink {parent} is owned by uid "
+                           f"{st.st_uid}", path, "a path whose symlinks and directories "
+                           "are root's (or config_owner's)")
+        else:
+            _refuse_untrusted(path, st, owners, f"directory {parent}")
+        if parent == "/":
+            break
+        parent = os.path.dirname(parent)
+
+
+def fd_path(fd: int) -> str:
+    """The path the kernel resolves to the file open at `fd` (a uprobe_multi link is made by
+    path: this one cannot be swapped between the check and the attach)."""
+    return f"/proc/self/fd/{fd}"
 
 
 def still_the_file(path: str, fd: int) -> None:

@@ -172,7 +172,8 @@ def test_replaced_binary_is_drift(tmp_path: Path, bpffs_root: str, binary: Path)
 
 
 @pytest.mark.parametrize("problem", ["group_writable", "symlink", "not_root", "writable_dir",
-                                     "truncated", "offset_past_end"])
+                                     "truncated", "offset_past_end", "symlinked_dir",
+                                     "foreign_symlink"])
 def test_untrusted_binary_is_refused(tmp_path: Path, bpffs_root: str, binary: Path,
                                      problem: str) -> None:
     target, where = binary, "symbol: ldtest_tick"
@@ -183,6 +184,19 @@ def test_untrusted_binary_is_refused(tmp_path: Path, bpffs_root: str, binary: Pa
         target = binary.with_name("link")
         target.symlink_to(binary)
         want = "is a symlink"
+    elif problem == "symlinked_dir":  # another user's directory could re-point its symlink
+        mine = tmp_path / "nobodys"
+        mine.mkdir(mode=0o755)
+        (mine / "d").symlink_to(binary.parent)  # root's symlink, in a directory of nobody's
+        os.chown(mine, 65534, 65534)
+        target = mine / "d" / binary.name
+        want = f"directory {mine} is owned by uid 65534"
+    elif problem == "foreign_symlink":  # a symlinked directory another user owns
+        link = tmp_path / "d"
+        link.symlink_to(binary.parent)
+        os.lchown(link, 65534, 65534)
+        target = link / binary.name
+        want = f"symlink {link} is owned by uid 65534"
     elif problem == "writable_dir":  # another user could swap the binary in its directory
         os.chmod(binary.parent, 0o777)
         want = f"directory {binary.parent} is writable by group or others"
