@@ -224,26 +224,27 @@ def use_cache(state_dir: str | None) -> None:
     if state_dir == _cache.dir:
         return
     _cache.dir = state_dir
-    _cache.known = (read_cache(os.path.join(state_dir, CACHE_FILE), _owners(state_dir))
-                    if state_dir else frozenset())
+    # Only root's own cache counts: the service user (the resident, and the packaged apply)
+    # can compute any key (its inputs are public), so a cache it could write would let it
+    # waive the schema for a spec the privileged apply then loads (attacker seat). Under the
+    # packaged units every document is validated.
+    _cache.known = (read_cache(os.path.join(state_dir, CACHE_FILE), frozenset({0}))
+                    if state_dir and os.geteuid() == 0 else frozenset())
 
 
 def save_cache(state_dir: str) -> None:
     """Replace the cache with the keys that passed in this process (`loaderd apply` calls it
-    after its apply: the settings and every spec it validated). Owned by the state
-    directory's owner, 0600. Best effort: a cache not written is a miss next time."""
+    after its apply: the settings and every spec it validated). Root's, 0600, written only
+    by root. Best effort: a cache not written is a miss next time."""
     keys = sorted(_cache.passed)[:CACHE_MAX_KEYS]
     path = os.path.join(state_dir, CACHE_FILE)
-    if not os.path.isdir(state_dir) or set(keys) == _cache.known:
-        return
+    if os.geteuid() != 0 or not os.path.isdir(state_dir) or set(keys) == _cache.known:
+        return  # root's alone (use_cache)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        uid = os.stat(state_dir).st_uid if os.geteuid() == 0 else -1
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
-            if uid > 0:
-                os.fchown(fd, uid, -1)
             data = json.dumps({"loaderd": __version__, "keys": keys}).encode()
             while data:
                 data = data[os.write(fd, data):]

@@ -63,13 +63,17 @@ def test_a_listed_document_skips_the_schema_and_others_run_it(state: Path) -> No
     assert errors(other)  # a miss runs every check
 
 
-@pytest.mark.parametrize("how", ["group-writable", "other-owner", "symlink", "fifo",
+@pytest.mark.parametrize("how", ["group-writable", "other-owner", "service-user", "symlink",
+                                 "fifo",
                                  "other-version", "bad-key", "not-json"])
 def test_a_cache_file_loaderd_did_not_write_is_a_miss(state: Path, how: str) -> None:
     key = schema.cache_key(BAD, SCHEMA)
     path = forge(state, [key], mode=0o620 if how == "group-writable" else 0o600)
     if how == "other-owner":
         os.chown(path, 12345, -1)
+    elif how == "service-user":  # the state dir's owner (the resident) can compute any key
+        os.chown(state, 65534, -1)
+        os.chown(path, 65534, -1)
     elif how == "symlink":
         real = state.parent / "elsewhere.json"
         path.rename(real)
