@@ -432,7 +432,8 @@ def check_bpffs_mounted(root: str) -> None:
     """Refuse an apply, before it changes anything, when no bpffs holds the pin root."""
     missing = bpffs_missing(root)
     if missing is not None:
-        raise _err(missing[1], root, allowed=bpffs_fix(missing[0]))
+        # The fix is no "allowed" value: said as `fix:`, as drift and status say it.
+        raise _err(f"{missing[1]}; fix: {bpffs_fix(missing[0])}", root)
 
 
 # --- layout -----------------------------------------------------------------------------------
