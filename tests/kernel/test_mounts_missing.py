@@ -38,7 +38,7 @@ def test_pin_root_not_on_bpffs_is_refused_then_mounted_applies(tmp_path: Path) -
     out = refused.stdout + refused.stderr
     assert refused.returncode == 1, out
     assert (f"{root}: no bpf filesystem is mounted at {mnt} (the pin root {root} is below "
-            "it): every pin there is gone; fix: mount it (`mount -t bpf bpf "
+            "it): every pin there is gone; fix: mount it (`mount -t bpf -o mode=0700 bpf "
             f"{mnt}`)") in out, out
     assert "internal error" not in out and "Traceback" not in out, out
     assert os.listdir(mnt) == []  # nothing made, nothing half-applied

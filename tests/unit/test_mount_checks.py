@@ -23,7 +23,7 @@ def test_a_pin_root_on_another_filesystem_names_the_mount_point(tmp_path: Path) 
     assert missing is not None and missing[0] == str(root) and "is not on one" in missing[1]
     with pytest.raises(LoaderdError) as err:
         pins.check_bpffs_mounted(str(root))
-    assert f"mount -t bpf bpf {root}" in str(err.value)
+    assert f"mount -t bpf -o mode=0700 bpf {root}" in str(err.value)
     assert "systemctl restart loaderd" in str(err.value)
     assert "; fix: mount it" in str(err.value) and "allowed" not in str(err.value)
 
