@@ -813,10 +813,11 @@ def tracefs_missing(tracefs: str = TRACEFS) -> LoaderdError | None:
     missing id file then is no proof that the tracepoint does not exist)."""
     if _fs_type(tracefs) == TRACEFS_MAGIC:
         return None
+    # The fix is no "allowed" value: it is said as `fix:` (as for a missing bpffs).
     return LoaderdError(Kind.ATTACH, f"tracefs is not mounted at {tracefs}: tracepoint "
-                        "programs cannot be attached", Location(file=tracefs),
-                        allowed=f"mount it (`mount -t tracefs tracefs {tracefs}`; under "
-                        "systemd `systemctl start sys-kernel-tracing.mount`), then apply again")
+                        f"programs cannot be attached; fix: mount it (`mount -t tracefs tracefs "
+                        f"{tracefs}`; under systemd `systemctl start sys-kernel-tracing.mount`), "
+                        "then apply again", Location(file=tracefs))
 
 
 def tracepoint_id(category: str, event: str, tracefs: str = TRACEFS) -> int:

@@ -423,16 +423,19 @@ def bpffs_missing(root: str) -> tuple[str, str] | None:
 
 def bpffs_fix(where: str) -> str:
     """What an operator does about bpffs_missing()."""
-    return (f"mount it (`mount -t bpf bpf {where}`), then `systemctl restart loaderd` (the "
-            "apply loads every spec again; a restart also gives the resident back its "
-            "read-only view)")
+    # mode=0700 as systemd mounts it: a bare mount is 1777 (anyone may create under it)
+    # until the apply's tmpfiles makes it 0711.
+    return (f"mount it (`mount -t bpf -o mode=0700 bpf {where}`), then `systemctl restart "
+            "loaderd` (the apply loads every spec again; a restart also gives the resident "
+            "back its read-only view)")
 
 
 def check_bpffs_mounted(root: str) -> None:
     """Refuse an apply, before it changes anything, when no bpffs holds the pin root."""
     missing = bpffs_missing(root)
     if missing is not None:
-        raise _err(missing[1], root, allowed=bpffs_fix(missing[0]))
+        # The fix is no "allowed" value: said as `fix:`, as drift and status say it.
+        raise _err(f"{missing[1]}; fix: {bpffs_fix(missing[0])}", root)
 
 
 # --- layout -----------------------------------------------------------------------------------

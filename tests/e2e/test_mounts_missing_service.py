@@ -75,8 +75,8 @@ def test_bpffs_unmounted_under_the_running_resident(installed: Systemd) -> None:
     assert re.fullmatch(f"{APPLIED}; DRIFT in {N_EXAMPLES}: [a-z_, ]+: {GONE} \\(see journal\\)",
                         text), text
     said = sysd.journalctl("-u", UNIT, "-o", "cat", "LOADERD_EVENT=drift").stdout
-    assert re.search(f"{GONE}; fix: mount it \\(`mount -t bpf bpf /sys/fs/bpf`\\), then "
-                     "`systemctl restart loaderd`", said), said
+    assert re.search(f"{GONE}; fix: mount it \\(`mount -t bpf -o mode=0700 bpf /sys/fs/bpf`"
+                     "\\), then `systemctl restart loaderd`", said), said
     assert said.count("no bpf filesystem") == 1, said  # once, not per spec or per tick
     rc, out = status_rc(sysd)
     assert rc == 1 and re.search(GONE, out), out

@@ -38,7 +38,7 @@ def test_pin_root_not_on_bpffs_is_refused_then_mounted_applies(tmp_path: Path) -
     out = refused.stdout + refused.stderr
     assert refused.returncode == 1, out
     assert (f"{root}: no bpf filesystem is mounted at {mnt} (the pin root {root} is below "
-            "it): every pin there is gone; allowed: mount it (`mount -t bpf bpf "
+            "it): every pin there is gone; fix: mount it (`mount -t bpf -o mode=0700 bpf "
             f"{mnt}`)") in out, out
     assert "internal error" not in out and "Traceback" not in out, out
     assert os.listdir(mnt) == []  # nothing made, nothing half-applied
@@ -68,7 +68,7 @@ def test_tracefs_missing_at_apply_is_refused_before_any_compile(tmp_path: Path,
     out = gone.stdout + gone.stderr
     assert gone.returncode == 1, out
     assert (f"{spec}:{line}: programs[0].attach: count_exec: tracefs is not mounted at "
-            "/sys/kernel/tracing: tracepoint programs cannot be attached; allowed: mount it "
+            "/sys/kernel/tracing: tracepoint programs cannot be attached; fix: mount it "
             "(`mount -t tracefs tracefs /sys/kernel/tracing`") in out, out
     assert "compil" not in out.lower(), out  # refused before any compile
     assert not os.path.exists(bpffs_root) or os.listdir(bpffs_root) in ([], ["_staging"])

@@ -23,16 +23,17 @@ def test_a_pin_root_on_another_filesystem_names_the_mount_point(tmp_path: Path) 
     assert missing is not None and missing[0] == str(root) and "is not on one" in missing[1]
     with pytest.raises(LoaderdError) as err:
         pins.check_bpffs_mounted(str(root))
-    assert f"mount -t bpf bpf {root}" in str(err.value)
+    assert f"mount -t bpf -o mode=0700 bpf {root}" in str(err.value)
     assert "systemctl restart loaderd" in str(err.value)
+    assert "; fix: mount it" in str(err.value) and "allowed" not in str(err.value)
 
 
 def test_tracefs_missing_is_said_for_a_plain_directory(tmp_path: Path) -> None:
     err = kernel.tracefs_missing(str(tmp_path))
     assert err is not None
-    assert err.message == (f"tracefs is not mounted at {tmp_path}: tracepoint programs cannot "
-                           "be attached")
-    assert f"mount -t tracefs tracefs {tmp_path}" in str(err.allowed)
+    assert err.message.startswith(f"tracefs is not mounted at {tmp_path}: tracepoint programs "
+                                  "cannot be attached; fix: mount it")
+    assert f"mount -t tracefs tracefs {tmp_path}" in str(err) and err.allowed is None
     with pytest.raises(LoaderdError) as raised:  # a missing id file is not "no such tracepoint"
         kernel.tracepoint_id("sched", "sched_process_exec", str(tmp_path))
     assert raised.value.message.startswith("tracefs is not mounted at ")
