@@ -287,7 +287,8 @@ def spool_in(state_dir: str) -> None:
     if not _configured:
         configure()
     with _lock:
-        _spool = Spool(os.path.join(state_dir, SPOOL))
+        _spool = Spool(os.path.join(state_dir, SPOOL),
+                       frozenset((e.message_id, str(e.priority)) for e in Event))
     if _auto and not _journal and os.environ.get("JOURNAL_STREAM"):
         configure(journal=True)
 

@@ -137,8 +137,12 @@ def _entry(line: bytes) -> dict[str, Any] | None:
 
 
 class Spool:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, known: frozenset[tuple[str, str]] | None = None) -> None:
+        """known: the (MESSAGE_ID, PRIORITY) pairs loaderd's events have; a line with another
+        is not replayed (whoever can write the state dir must not launder an alert's id or
+        priority into the journal under loaderd's name). None: any (counting only)."""
         self.path = path
+        self.known = known
         self.replaying = path + ".replaying"
         self.unit = _unit()
         self.dropped = 0  # this process's events that did not fit (or could not be written)
@@ -243,6 +247,10 @@ class Spool:
         entries, skipped = [], 0
         for line in data.splitlines():
             entry = _entry(line)
+            if entry is not None and (not str(entry.get(SPOOLED_AT, "")).isdigit() or (
+                    self.known is not None and (str(entry.get("MESSAGE_ID")),
+                                                str(entry.get("PRIORITY"))) not in self.known)):
+                entry = None  # not a line append() wrote for one of loaderd's events
             if entry is None:
                 skipped += 1
             else:

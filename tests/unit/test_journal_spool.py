@@ -146,3 +146,19 @@ def test_journal_reachable_is_a_connect(tmp_path: Path) -> None:
     finally:
         s.close()
     assert not spool.journal_reachable(path)  # bound by nobody: refused, as journald stopped
+
+
+def test_replay_sends_only_lines_append_wrote_for_loaderds_events(tmp_path: Path) -> None:
+    """The service user can write the spool: a line with an id or priority no loaderd event
+    has, or without the spool's own time, is not laundered into the journal (attacker seat)."""
+    known = frozenset({(Event.DAEMON.message_id, "6")})
+    sp = spool.Spool(str(tmp_path / spool.SPOOL), known)
+    assert sp.append(_fields(1), "Connection refused")
+    with open(sp.path, "a") as fh:
+        fh.write(json.dumps({**_fields(2), "PRIORITY": "2", spool.SPOOLED_AT: "1"}) + "\n")
+        fh.write(json.dumps({**_fields(3), "MESSAGE_ID": "0" * 32, spool.SPOOLED_AT: "1"}) + "\n")
+        fh.write(json.dumps(_fields(4)) + "\n")  # no LOADERD_SPOOLED_AT
+    sent: list[dict[str, Any]] = []
+    done = sp.replay(lambda **kw: sent.append(kw))
+    assert [e["MESSAGE"] for e in sent] == ["event 1"]
+    assert done is not None
