@@ -33,7 +33,8 @@ from loaderd.cli.common import (
     run,
 )
 from loaderd.cli.render import listing, render_dump, render_list
-from loaderd.observe.dump import check_raw, dump, map_pin, sanitize_key
+from loaderd.errors import Kind, LoaderdError
+from loaderd.observe.dump import check_raw, dump, map_pin, perf_buffer_reader, sanitize_key
 from loaderd.observe.status import load_view, status, to_json
 
 # --- commands ---------------------------------------------------------------------------------
@@ -73,6 +74,13 @@ def cmd_events(args: argparse.Namespace) -> int:
     view = load_view(args.config)
     spec, mname, path = map_pin(view, args.target)
     check_raw(args.raw)
+    resident = None if args.take else perf_buffer_reader(view, spec, mname, path)
+    if resident is not None:
+        raise LoaderdError(Kind.STATE, f"{spec}/{mname} is a perf buffer the resident (pid "
+                           f"{resident}) journals: it has one reader, and reading it here "
+                           "takes it from the resident until `systemctl restart loaderd`",
+                           allowed="journalctl -u loaderd LOADERD_EVENT=bpf_event "
+                           f"LOADERD_SPEC={spec}, or --take (then restart loaderd)")
     if args.raw:
         privileged_read(f"events --raw {args.target}", args.target)
     notes: list[str] = []
@@ -187,6 +195,9 @@ def parser() -> argparse.ArgumentParser:
                     help="also print a ring buffer's stale backlog (records written before "
                     "this reader attached); by default it is skipped and counted in a "
                     "first {\"_backlog\": N} record")
+    sp.add_argument("--take", action="store_true",
+                    help="read a perf buffer the resident journals anyway (it has one "
+                    "reader: the resident reads it again after `systemctl restart loaderd`)")
     sp.add_argument("--rate", type=int, help="events/s emitted (default limits.max_event_rate)")
     sp.add_argument("--raw", action="store_true", help="no sanitization (root only)")
     sp = add("audit-system", cmd_audit_system, "every BPF program/map on the host: report "

@@ -13,6 +13,7 @@ from loaderd.errors import Kind, LoaderdError, Location, article
 from loaderd.model import MAP_TYPE_BY_ID, CType, HistKind, Histogram, MapSpec, percpu_slot
 from loaderd.observe.status import View, applied_spec, map_facts
 from loaderd.sanitize import Key, Opaque
+from loaderd.store import statedir
 
 # Maps of other types than loaderd's (MAP_TYPE_BY_ID) that hold events, not entries, too.
 _UNDUMPABLE = {kernel.MAP_TYPES["user_ringbuf"]}
@@ -80,6 +81,31 @@ def map_pin(view: View, target: str) -> tuple[str, str, str]:
                            allowed=", ".join(sorted(view.manifest.specs)) or "none")
     base = entry.pin_dir if entry else os.path.join(view.settings.bpffs_root, spec_name)
     return spec_name, map_name, os.path.join(base, "maps", map_name)
+
+
+def perf_buffer_reader(view: View, spec: str, map_name: str, path: str) -> int | None:
+    """The pid of a running resident that reads this perf buffer, if it is one: a perf event
+    array has one reader (its slots hold one reader's events), so another reader takes it
+    from the resident's audit trail until the resident restarts. From the resident's
+    counters file (untrusted, as status reads it) and /proc."""
+    try:
+        fd = kernel.obj_get(path, rdonly=True)
+    except LoaderdError:
+        return None
+    try:
+        if kernel.map_info(fd).type != kernel.MAP_TYPES["perf_event_array"]:
+            return None
+    finally:
+        os.close(fd)
+    try:
+        owners = frozenset({0, os.stat(view.settings.state_dir).st_uid})
+    except OSError:
+        return None
+    counts = statedir.read_event_counts(os.path.join(view.settings.state_dir, statedir.EVENTS),
+                                        owners)
+    if counts is None or not os.path.isdir(f"/proc/{counts.pid}"):
+        return None
+    return counts.pid if any((c.spec, c.map) == (spec, map_name) for c in counts.maps) else None
 
 
 def check_raw(raw: bool) -> None:

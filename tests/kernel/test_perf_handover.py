@@ -137,6 +137,15 @@ def test_capless_resident_reads_handed_perf_buffers(tmp_path: Path, bpffs_root: 
                    ln.get("message", "")]
         assert "not a perf event" in refused[0] and "not a loaderd handover" in refused[1]
         assert len(os.listdir(f"/proc/{proc.pid}/fd")) == before  # their fds were closed
+        # Another reader would take the buffer's slots from the resident (operator seat):
+        # loaderctl events refuses, naming the resident and the way out.
+        assert wait_until(lambda: (tmp_path / "state" / "events.json").exists(), 10)
+        taken = subprocess.run([sys.executable, "-m", "loaderd.cli.loaderctl", "--config",
+                                str(conf), "events", "first/exits", "--count", "1",
+                                "--duration", "1"], env=env, capture_output=True, text=True,
+                               timeout=60, check=False)
+        assert taken.returncode == 1, taken.stdout + taken.stderr
+        assert f"is a perf buffer the resident (pid {proc.pid}) journals" in taken.stderr
         subprocess.run([str(first), "-c", "exit 4"], check=False)
         assert wait_until(lambda: len(_exits(log, first.name)) == 4, 10)  # still reading
     finally:
