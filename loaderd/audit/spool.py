@@ -260,6 +260,11 @@ class Spool:
     def replay(self, send: Callable[..., None]) -> Replayed | None:
         """Send every spooled entry (journald must be reachable: journal_reachable()), marked
         as replayed; None when there was nothing to send."""
+        with contextlib.suppress(OSError):
+            if not stat.S_ISREG(os.lstat(self.replaying).st_mode):
+                # not one we renamed (a planted directory or link would stop every replay
+                # for good): set aside under a name of its own, kept for whoever looks
+                os.rename(self.replaying, f"{self.replaying}.refused.{time.time_ns()}")
         if not os.path.lexists(self.replaying):
             try:
                 os.rename(self.path, self.replaying)

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from sysd import Systemd
 
+from tests.kernel.test_uprobe import C_SOURCE  # the same gcc-built test binary
+
 pytestmark = pytest.mark.systemd
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,15 +32,6 @@ PORT = 47
 BINARIES = {"local": "/usr/local/lib/ldtest/ldtick", "opt": "/opt/ldtest/ldtick",
             "home": "/home/ops/bin/ldtick"}
 
-C_SOURCE = r"""
-#include <stdlib.h>
-__attribute__((noinline)) int ldtest_tick(int i) { __asm__ volatile(""); return i + 1; }
-int main(int argc, char **argv) {
-    int n = argc > 1 ? atoi(argv[1]) : 1, s = 0;
-    for (int i = 0; i < n; i++) s = ldtest_tick(s);
-    return s == n ? 0 : 1;
-}
-"""
 
 SPEC = f"""loaderd: 1
 source:

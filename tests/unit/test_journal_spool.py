@@ -162,3 +162,14 @@ def test_replay_sends_only_lines_append_wrote_for_loaderds_events(tmp_path: Path
     done = sp.replay(lambda **kw: sent.append(kw))
     assert [e["MESSAGE"] for e in sent] == ["event 1"]
     assert done is not None
+
+
+def test_a_planted_replaying_directory_does_not_stop_replay(tmp_path: Path) -> None:
+    sp = spool.Spool(str(tmp_path / spool.SPOOL))
+    os.mkdir(sp.replaying)  # planted by whoever can write the state dir (attacker seat)
+    assert sp.append(_fields(1), "Connection refused")
+    sent: list[dict[str, Any]] = []
+    done = sp.replay(lambda **kw: sent.append(kw))
+    assert done is not None and [e["MESSAGE"] for e in sent] == ["event 1"]
+    assert [p.name.split(".refused.")[0] for p in tmp_path.iterdir()
+            if ".refused." in p.name] == [os.path.basename(sp.replaying)]
