@@ -8,10 +8,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -88,6 +90,26 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return cond()
+
+
+class Drained:
+    """A child's output pipe read as it comes, the way journald reads a service's: a reader
+    that lets the pipe fill (64 KiB) blocks the child's writes, and a blocked daemon stops
+    reading its rings (CI once saw the tail samples of a perf flood lost that way)."""
+
+    def __init__(self, pipe: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe: IO[str]) -> None:
+        for line in pipe:
+            self.lines.append(line)
+
+    def text(self, timeout: float = 60) -> str:
+        """All of it, once the child closed the pipe (it exited)."""
+        self._thread.join(timeout)
+        return "".join(self.lines)
 
 
 def write_settings(tmp_path: Path, bpffs_root: str, specs: Path, extra: str = "") -> Path:

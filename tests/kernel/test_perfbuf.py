@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, loaderd, make_conf, write_settings
+from tests.conftest import REPO, Drained, loaderd, make_conf, wait_until, write_settings
 
 pytestmark = pytest.mark.kernel
 
@@ -75,21 +75,23 @@ def _copy(tmp_path: Path, prefix: str, binary: str) -> Path:
 
 def _stream(conf: Path, target: str, seconds: float,
             work: Sequence[list[str] | float]) -> list[Any]:
-    """Reads `target` for `seconds` while running `work`: commands, or pauses (a float)."""
+    """Reads `target` for `seconds` while running `work`: commands, or pauses (a float). Its
+    output is drained as it comes: a full pipe would stop the reader reading the rings."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "loaderd.cli.loaderctl", "--config",
                              str(conf), "events", target, "--duration", str(seconds),
                              "--rate", "100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = Drained(proc.stdout), Drained(proc.stderr)
     time.sleep(2)
     for cmd in work:
         if isinstance(cmd, float):
             time.sleep(cmd)
         else:
             subprocess.run(cmd, check=False)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    return [json.loads(line) for line in out.splitlines()]
+    assert proc.wait(timeout=120) == 0, err.text()
+    return [json.loads(line) for line in out.text().splitlines()]
 
 
 def test_loaderctl_reads_perf_buffers_and_counts_lost(tmp_path: Path, bpffs_root: str) -> None:
@@ -127,36 +129,40 @@ def test_daemon_journals_perf_events_and_lost(tmp_path: Path, bpffs_root: str) -
     proc = subprocess.Popen([sys.executable, "-m", "loaderd", "--config", str(conf), "run",
                              "--drift-interval", "0.5"], env=env, stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
+    assert proc.stderr is not None
+    err = Drained(proc.stderr)  # as journald reads it: a full pipe would block the daemon
     run = _copy(tmp_path, "ldpf", "/bin/sh")
     flood = _copy(tmp_path, "ldpff", "/bin/dd")
+    dd = [str(flood), "if=/dev/zero", "of=/dev/null", "bs=1", "status=none"]
+
+    def said(event: str) -> bool:
+        return any(ln.startswith("{") and json.loads(ln)["event"] == event
+                   for ln in list(err.lines))
+
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (
-                tmp_path / "state" / "manifest.json").exists():
-            time.sleep(0.2)
+        assert wait_until(lambda: (tmp_path / "state" / "manifest.json").exists(), 120)
         time.sleep(1.5)
         for _ in range(3):
             subprocess.run([str(run), "-c", "exit 3"], check=False)
         # stop the daemon from reading for a moment (SIGSTOP), so the flood overflows the rings
         proc.send_signal(signal.SIGSTOP)
-        subprocess.run([str(flood), "if=/dev/zero", "of=/dev/null", "bs=1", "count=20000",
-                        "status=none"], check=True)
+        subprocess.run([*dd, "count=20000"], check=True)
         proc.send_signal(signal.SIGCONT)
-        time.sleep(1.5)
-        # the kernel writes a ring's LOST record before the next sample that fits in it: make
-        # one on every CPU
-        for cpu in range(os.cpu_count() or 1):
-            subprocess.run(["taskset", "-c", str(cpu), str(flood), "if=/dev/zero",
-                            "of=/dev/null", "bs=1", "count=1", "status=none"], check=True)
-        time.sleep(1.5)
+        # the kernel writes a ring's LOST record before the next sample that fits in it, once
+        # the daemon drained the ring: one sample on every CPU, again until the loss is journaled
+        deadline = time.monotonic() + 60
+        while not said("events_lost") and time.monotonic() < deadline:
+            time.sleep(0.5)
+            for cpu in range(os.cpu_count() or 1):
+                subprocess.run(["taskset", "-c", str(cpu), *dd, "count=1"], check=True)
     finally:
         proc.send_signal(signal.SIGCONT)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    lines = [json.loads(ln) for ln in err.splitlines() if ln.startswith("{")]
+        proc.wait(timeout=60)
+    lines = [json.loads(ln) for ln in err.text().splitlines() if ln.startswith("{")]
     exits = [ln for ln in lines if ln["event"] == "bpf_event" and ln.get("map") == "exits"
              and ln.get("event_comm") == run.name]
-    assert len(exits) == 3 and all(e["event_code"] == 3 for e in exits), err[-3000:]
+    assert len(exits) == 3 and all(e["event_code"] == 3 for e in exits), err.text()[-3000:]
     lost = [ln for ln in lines if ln["event"] == "events_lost"]
     assert lost and sum(ln["lost"] for ln in lost) > 0, [
         (ln["event"], ln.get("message")) for ln in lines if ln["event"] != "bpf_event"]
