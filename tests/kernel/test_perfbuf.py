@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,12 @@ def _copy(tmp_path: Path, prefix: str, binary: str) -> Path:
     return run
 
 
-def _stream(conf: Path, target: str, seconds: float,
-            work: Sequence[list[str] | float]) -> list[Any]:
-    """Reads `target` for `seconds` while running `work`: commands, or pauses (a float). Its
-    output is drained as it comes: a full pipe would stop the reader reading the rings."""
+def _stream(conf: Path, target: str, seconds: float, work: Sequence[list[str] | float],
+            again: Sequence[list[str]] = (),
+            until: Callable[[list[Any]], bool] | None = None) -> list[Any]:
+    """Reads `target` for `seconds` while running `work`: commands, or pauses (a float); then
+    `again` once a second until `until` holds of what was read so far (or 4 s before the
+    end). The output is drained as it comes: a full pipe would stop the reader reading."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "loaderd.cli.loaderctl", "--config",
                              str(conf), "events", target, "--duration", str(seconds),
@@ -84,11 +86,18 @@ def _stream(conf: Path, target: str, seconds: float,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None and proc.stderr is not None
     out, err = Drained(proc.stdout), Drained(proc.stderr)
+    end = time.monotonic() + seconds - 4
     time.sleep(2)
     for cmd in work:
         if isinstance(cmd, float):
             time.sleep(cmd)
         else:
+            subprocess.run(cmd, check=False)
+    while until is not None and time.monotonic() < end:
+        time.sleep(1)
+        if until([json.loads(line) for line in list(out.lines)]):
+            break
+        for cmd in again:
             subprocess.run(cmd, check=False)
     assert proc.wait(timeout=120) == 0, err.text()
     return [json.loads(line) for line in out.text().splitlines()]
@@ -106,16 +115,22 @@ def test_loaderctl_reads_perf_buffers_and_counts_lost(tmp_path: Path, bpffs_root
     # 40k read/write syscalls, far more than a 32 KiB ring per CPU holds between two reads
     flood = _copy(tmp_path, "ldpff", "/bin/dd")
     dd = [str(flood), "if=/dev/zero", "of=/dev/null", "bs=1", "status=none"]
-    # the kernel reports a ring's loss with the next sample that fits: one more on every CPU,
-    # once the reader has drained the rings (a tail into a still-full ring is lost too, and its
-    # LOST record still pending: CI once counted 29104 of 40000), then once more
+    # The kernel reports a ring's loss with the next sample that fits, once the reader has
+    # drained it: so one more sample on every CPU, again until the count adds up (a tail into
+    # a still-full ring is lost too, its LOST record still pending: CI once counted 39685).
     tail = [["taskset", "-c", str(cpu), *dd, "count=1"] for cpu in range(os.cpu_count() or 1)]
-    got = _stream(conf, "perf/flood", 14, [[*dd, "count=20000"], 1.5, *tail, 1.5, *tail])
+
+    def counted(got: list[Any]) -> int:
+        return sum(1 if "id" in e else e.get("_lost", 0) for e in got)
+
+    got = _stream(conf, "perf/flood", 24, [[*dd, "count=20000"], 1.5, *tail],
+                  again=tail, until=lambda got: counted(got) >= 40000)
     lost = sum(e.get("_lost", 0) for e in got)
     samples = [e for e in got if "id" in e]
     assert lost > 0 and samples, got[-5:]
-    # every read/write dd made is a sample or counted lost (its setup syscalls come on top)
-    assert len(samples) + lost >= 40000, (len(samples), lost)
+    # every read/write dd made is a sample or counted lost (its setup syscalls come on top);
+    # unlike a fixed count of tails, this waits for each LOST record as long as it takes
+    assert counted(got) >= 40000, (len(samples), lost)
 
 
 def test_daemon_journals_perf_events_and_lost(tmp_path: Path, bpffs_root: str) -> None:
