@@ -1,3 +1,3 @@
-from loaderd.cli.loaderd import main
+from loaderd.cli.loaderd import entry
 
-raise SystemExit(main())
+entry()

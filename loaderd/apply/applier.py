@@ -19,6 +19,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loaderd import faults, policy, privileges
 from loaderd.apply import killswitch, plan
@@ -42,8 +43,6 @@ from loaderd.model import (
     settings_changes,
 )
 from loaderd.observe import drift
-from loaderd.stage.pool import Progress, stage_all
-from loaderd.stage.worker import StagedSpec
 from loaderd.store.manifest import (
     Calls,
     LastApply,
@@ -55,6 +54,10 @@ from loaderd.store.manifest import (
     Status,
 )
 from loaderd.store.statedir import Hold, State, tree_digest
+
+if TYPE_CHECKING:  # the worker pool (multiprocessing, bcc's loader) is imported to build only
+    from loaderd.stage.pool import Progress
+    from loaderd.stage.worker import StagedSpec
 
 # (specs dir, manifest, kernel facts, decisions) -> why the apply must stop, or None
 PlanCheck = Callable[[str, Manifest, plan.Facts, plan.Plan], LoaderdError | None]
@@ -465,6 +468,8 @@ class Applier:
             self.layout.ensure_dir(self.layout.staging_dir(txid))
         except LoaderdError as exc:
             raise _Refused([exc]) from None
+        from loaderd.stage.pool import stage_all  # off an unchanged restart's path
+
         self.notify(f"compiling {plural(len(to_build), 'spec')}")
         staged, errors = stage_all(to_build, self.settings, txid, jobs=jobs,
                                    progress=self.notify)

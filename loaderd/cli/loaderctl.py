@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from loaderd.audit import log as audit
 from loaderd.cli.common import (
@@ -29,6 +29,7 @@ from loaderd.cli.common import (
     cmd_enable,
     cmd_rollback,
     cmd_status,
+    exit_now,
     guard_stdio,
     run,
 )
@@ -231,6 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args)
 
 
+def entry() -> NoReturn:
+    """/usr/bin/loaderctl and `python3 -m loaderd.cli.loaderctl`."""
+    exit_now(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
 

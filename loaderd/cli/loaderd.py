@@ -11,17 +11,16 @@ pending, 1 refused (terraform's -detailed-exitcode).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from loaderd import privileges
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.cli.common import (
-    SIGPIPE_EXIT,
     STATUS_CODES,
     acting_settings,
     add_command,
@@ -32,9 +31,9 @@ from loaderd.cli.common import (
     cmd_enable,
     cmd_rollback,
     cmd_status,
+    exit_now,
     guard_stdio,
     load_settings,
-    pipe_broke,
     print_error,
     run,
     stdout_is_journal,
@@ -44,7 +43,7 @@ from loaderd.errors import Kind, LoaderdError, Location, count, plural
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from loaderd.apply.applier import Applier
-    from loaderd.runtime.daemon import PROGRESS, notify
+    from loaderd.runtime.notify import PROGRESS, notify
 
     try:
         settings = acting_settings(args.config)
@@ -177,14 +176,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from loaderd.runtime.daemon import Daemon
 
     settings = acting_settings(args.config)
-    rc = Daemon(settings, args.config, drift_interval=args.drift_interval,
-                apply=not args.no_apply, apply_main=main).start()
-    # Stopped: everything is written, journaled and closed. Interpreter finalization (module
-    # teardown, ~15 ms of SIGTERM -> exit) would only delay the unit's stop.
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(SIGPIPE_EXIT if rc == 0 and pipe_broke() else rc)  # as run() would map it
+    # Stopped: everything is written, journaled and closed; exit_now (the entry point) skips
+    # interpreter finalization, ~15 ms of SIGTERM -> exit.
+    return Daemon(settings, args.config, drift_interval=args.drift_interval,
+                  apply=not args.no_apply, apply_main=main).start()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -244,3 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     audit.configure()
     return run(args)
+
+
+def entry() -> NoReturn:
+    """/usr/bin/loaderd and `python3 -m loaderd`."""
+    exit_now(main)

@@ -34,26 +34,13 @@ from loaderd.observe import drift, metrics
 from loaderd.observe import status as status_report
 from loaderd.observe.status import fill
 from loaderd.runtime.eventpump import EventPump
+from loaderd.runtime.notify import PROGRESS, notify, status
 from loaderd.store import textfile
 from loaderd.store.manifest import EMPTY, Manifest, Status
 from loaderd.store.statedir import EventCounts, Refusal, State, tree_digest
 
 DRIFT_INTERVAL = 30.0
 FILL_WARN = 0.9  # a map this full is journaled (MAP_FILLING) once, until it empties below
-PROGRESS = "progress: "  # prefix of the apply child's progress lines on stdout
-
-
-def notify(message: str) -> None:
-    """sd_notify; a no-op outside systemd (no NOTIFY_SOCKET)."""
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return
-    from systemd import daemon
-
-    daemon.notify(message)
-
-
-def status(message: str) -> None:
-    notify(f"STATUS={message}")
 
 
 def run_apply_child(config: str | None,

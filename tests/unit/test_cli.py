@@ -161,3 +161,39 @@ def test_status_fails_on_a_refused_manifest_not_on_an_absent_one(tmp_path: objec
     report = status(View(settings, *read_manifest(settings)))
     assert report["manifest"]["manifest_refused"] is (make_bad != "absent")
     assert status_failed(report) is (make_bad != "absent")
+
+
+# --- the entry points leave with os._exit (no interpreter finalization) ----------------------
+
+def _entry(argv: list[str], out_path: str) -> tuple[int, str]:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    # Block-buffered output, as under systemd (PYTHONUNBUFFERED would hide a missing flush).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open(out_path, "w") as out:
+        rc = subprocess.run([sys.executable, "-m", "loaderd", *argv], stdout=out,
+                            stderr=subprocess.STDOUT, env=dict(env, PYTHONPATH=str(REPO)),
+                            timeout=120, check=False).returncode
+    with open(out_path) as f:
+        return rc, f.read()
+
+
+def test_the_entry_point_flushes_everything_before_it_leaves(
+        spec_dirs: tuple[str, str], tmp_path: pytest.TempPathFactory) -> None:
+    """Buffered output is flushed before os._exit: the errors and the verdict line reach a file
+    (not a tty: block-buffered, all of it still in the buffer at the end), and the exit codes
+    are main()'s and argparse's."""
+    from loaderd import __version__
+
+    _ok, bad = spec_dirs
+    out = f"{tmp_path}/out"
+    rc, text = _entry(["check", "--no-kernel", "--dir", bad], out)
+    assert rc == 1 and text.startswith("error: ") and "and 19981 more errors" in text, text
+    assert text.endswith("\n0 specs, 20001 errors\n"), text[-300:]
+    assert _entry(["--version"], out) == (0, f"loaderd {__version__}\n")
+    rc, text = _entry(["no-such-command"], out)
+    assert rc == 2 and "invalid choice" in text
