@@ -55,7 +55,7 @@ from loaderd.store.manifest import (
 )
 from loaderd.store.statedir import Hold, State, tree_digest
 
-if TYPE_CHECKING:  # the worker pool (multiprocessing, bcc's loader) is imported to build only
+if TYPE_CHECKING:  # the compile pool (multiprocessing, concurrent.futures) loads only to build
     from loaderd.stage.pool import Progress
     from loaderd.stage.worker import StagedSpec
 
