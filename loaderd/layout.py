@@ -34,6 +34,7 @@ __all__ = [
     "Field",
     "decode",
     "enum_names",
+    "field_value",
     "layout_text",
     "parse_fields",
     "parse_layout",
@@ -213,10 +214,41 @@ def _cstring(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+def field_value(f: Field, raw: bytes, addresses: frozenset[str] = IP_FIELDS,
+                enums: Mapping[str, Mapping[int, str]] | None = None) -> Any:
+    """One field's value from its `f.total` bytes, as its kind says (the module docstring)."""
+    kind = f.kind
+    if kind is FieldKind.INT:
+        if f.count != 1:
+            signed = SCALAR_TYPES[f.type][1]
+            return [int.from_bytes(raw[i:i + f.size], "little", signed=signed)
+                    for i in range(0, f.total, f.size)]
+        if f.size == 4 and f.name.lower() in addresses:
+            # network order: read little-endian, 10.1.2.3 would be masked as 3.2.1.0/24
+            return ipaddress.IPv4Address(raw)
+        return int.from_bytes(raw, "little", signed=SCALAR_TYPES[f.type][1])
+    if kind is FieldKind.STRING:
+        return _cstring(raw)
+    if kind is FieldKind.HEX:
+        return Opaque(raw)
+    if kind is FieldKind.PATH or kind is FieldKind.COMM:
+        return Name(_cstring(raw))
+    if kind is FieldKind.IPV4:
+        return ipaddress.IPv4Address(raw)
+    if kind is FieldKind.IPV6:
+        return ipaddress.IPv6Address(raw)
+    # ENUM
+    value = int.from_bytes(raw, "little", signed=SCALAR_TYPES[f.type][1])
+    table = _table(f.table) if f.table else (enums or {}).get(f.enum or "", {})
+    return table.get(value, value)
+
+
 def decode(record: bytes, layout: tuple[Field, ...] | None,
            addresses: frozenset[str] = IP_FIELDS,
            enums: Mapping[str, Mapping[int, str]] | None = None) -> dict[str, Any]:
-    """A record's fields by `layout`, each as its kind says (see the module docstring)."""
+    """A record's fields by `layout`, each as its kind says (see the module docstring). A
+    record shorter than the layout stops at the first field it cuts (`_short`); the bytes of
+    a longer one past the layout are `_rest`."""
     if layout is None:
         return {"data": Opaque(record)}
     out: dict[str, Any] = {}
@@ -227,33 +259,8 @@ def decode(record: bytes, layout: tuple[Field, ...] | None,
             out["_short"] = True  # the record is smaller than the layout says
             break
         end = f.offset + f.total
-        if f.hidden:
-            continue
-        kind = f.kind
-        if kind is FieldKind.INT:
-            if f.count != 1:
-                signed = SCALAR_TYPES[f.type][1]
-                out[f.name] = [int.from_bytes(raw[i:i + f.size], "little", signed=signed)
-                               for i in range(0, f.total, f.size)]
-            elif f.size == 4 and f.name.lower() in addresses:
-                # network order: read little-endian, 10.1.2.3 would be masked as 3.2.1.0/24
-                out[f.name] = ipaddress.IPv4Address(raw)
-            else:
-                out[f.name] = int.from_bytes(raw, "little", signed=SCALAR_TYPES[f.type][1])
-        elif kind is FieldKind.STRING:
-            out[f.name] = _cstring(raw)
-        elif kind is FieldKind.HEX:
-            out[f.name] = Opaque(raw)
-        elif kind is FieldKind.PATH or kind is FieldKind.COMM:
-            out[f.name] = Name(_cstring(raw))
-        elif kind is FieldKind.IPV4:
-            out[f.name] = ipaddress.IPv4Address(raw)
-        elif kind is FieldKind.IPV6:
-            out[f.name] = ipaddress.IPv6Address(raw)
-        else:  # ENUM
-            value = int.from_bytes(raw, "little", signed=SCALAR_TYPES[f.type][1])
-            table = _table(f.table) if f.table else (enums or {}).get(f.enum or "", {})
-            out[f.name] = table.get(value, value)
+        if not f.hidden:
+            out[f.name] = field_value(f, raw, addresses, enums)
     if len(record) > end and "_short" not in out:
         out["_rest"] = Opaque(record[end:])
     return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import hmac
 import ipaddress
 import json
@@ -313,7 +312,8 @@ class Sanitizer:
             msg = str(value).encode("utf-8", "surrogatepass")
         else:
             msg = json.dumps(value, sort_keys=True, default=str).encode()
-        return PSEUDONYM_PREFIX + hmac.new(self.key.secret, msg, hashlib.sha256).hexdigest()[:24]
+        # hmac.digest: the one-shot (OpenSSL) form of hmac.new(...).digest(), same bytes
+        return PSEUDONYM_PREFIX + hmac.digest(self.key.secret, msg, "sha256").hex()[:24]
 
     def text(self, text: str, *, addresses: bool = True) -> str:
         # Each pattern runs only when the text holds what every match of it must contain
@@ -346,10 +346,17 @@ class Sanitizer:
             return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
         # The network of the address's integer, as ip_network("a.b.c.d/p", strict=False)
         # gives it, without formatting and parsing the address again (a third of sanitize).
-        bits = ip.max_prefixlen
-        net = int(ip) & (((1 << bits) - 1) ^ ((1 << (bits - prefix)) - 1))
-        cls = ipaddress.IPv4Network if ip.version == 4 else ipaddress.IPv6Network
-        return str(cls((net, prefix)))
+        if ip.version == 4:
+            return self.mask4(int(ip))
+        net = int(ip) & (((1 << 128) - 1) ^ ((1 << (128 - prefix)) - 1))
+        return str(ipaddress.IPv6Network((net, prefix)))
+
+    def mask4(self, address: int) -> str:
+        """The IPv4 address `address` (its integer) masked: "a.b.c.d/p", formatted as
+        IPv4Network does it."""
+        prefix = self.rules.ipv4_prefix
+        net = address & ((0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF)
+        return f"{net >> 24}.{(net >> 16) & 255}.{(net >> 8) & 255}.{net & 255}/{prefix}"
 
     def _ip_text(self, match: re.Match[str]) -> str:
         try:

@@ -10,7 +10,6 @@ consumed, so the producer never stalls, and counted: an EVENTS_DROPPED event rep
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 from dataclasses import dataclass
@@ -20,15 +19,18 @@ from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import btf, handover, kernel
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.layout import Field, decode, enum_names, parse_layout
+from loaderd.layout import Field, enum_names, parse_layout
 from loaderd.model import Settings
 from loaderd.observe.metrics import RingCount
 from loaderd.runtime import perfbuf, ringbuf
+from loaderd.runtime.records import Records
 from loaderd.store.manifest import Manifest
 
 # Records taken from one ring per pump(): a flood (or a producer faster than the journal) must
 # not keep the daemon from its watchdog ping and signals; the next loop turn takes the rest.
 MAX_PER_PUMP = 4096
+# A record's fields in its message: json.dumps(fields, default=str, sort_keys=True)
+_MESSAGE = audit.sorted_json()
 
 
 @dataclass
@@ -38,7 +40,7 @@ class _Ring:
     fd: int
     map_id: int
     reader: ringbuf.RingBuffer | perfbuf.PerfBuffer
-    layout: tuple[Field, ...]
+    records: Records  # the layout's records -> sanitized fields
     limit: ringbuf.RateLimit
     reported: int = 0
     read: int = 0  # records consumed (journaled + dropped by the rate limit)
@@ -47,7 +49,7 @@ class _Ring:
     @property
     def end(self) -> int:
         """Where the layout ends (perf samples carry the kernel's alignment padding)."""
-        return ringbuf.layout_end(self.layout) if isinstance(
+        return self.records.end if isinstance(
             self.reader, perfbuf.PerfBuffer) else 0
 
 
@@ -130,7 +132,7 @@ class EventPump:
                     if prev is not None and prev.map_id == info.id:
                         os.close(fd)
                         del old[(name, mname)]
-                        prev.layout = parse_layout(layout)
+                        prev.records = self._records(parse_layout(layout))
                         self.rings.append(prev)
                         stale = self.pending.pop((name, mname), None)
                         if stale is not None:
@@ -156,9 +158,8 @@ class EventPump:
                 prev = old.get((name, mname))
                 limit, reported, read = (prev.limit, prev.reported, prev.read) if prev else (
                     ringbuf.RateLimit(self.rate), 0, 0)
-                fields = parse_layout(layout)
-                self._enums(fields)
-                self.rings.append(_Ring(name, mname, fd, info.id, reader, fields, limit,
+                self.rings.append(_Ring(name, mname, fd, info.id, reader,
+                                        self._records(parse_layout(layout)), limit,
                                         reported, read))
         for r in old.values():
             self._close(r)
@@ -183,6 +184,10 @@ class EventPump:
                        "written while nobody read it; they follow, marked backlog",
                        spec=spec, map=map_name, backlog=n, full=False)
         self.changed = True
+
+    def _records(self, fields: tuple[Field, ...]) -> Records:
+        self._enums(fields)
+        return Records(fields, self.clean, self.enums)
 
     def _enums(self, fields: tuple[Field, ...]) -> None:
         """BTF enums the layout names, read once (the kernel's enums do not change)."""
@@ -219,7 +224,7 @@ class EventPump:
                     continue
                 if end:
                     record = perfbuf.trim_padding(record, end)
-                self.journal(r.spec, r.map, record, r.layout, backlog=isinstance(
+                self.journal(r.spec, r.map, record, r.records, backlog=isinstance(
                     r.reader, ringbuf.RingBuffer) and r.reader.last_was_backlog)
                 sent += 1
             lost = r.reader.lost if isinstance(r.reader, perfbuf.PerfBuffer) else 0
@@ -245,15 +250,14 @@ class EventPump:
                                r.reader.backlog if isinstance(r.reader, ringbuf.RingBuffer)
                                else 0) for r in self.rings)
 
-    def journal(self, spec: str, map_name: str, record: bytes,
-                layout: tuple[Field, ...], backlog: bool = False) -> None:
+    @staticmethod
+    def journal(spec: str, map_name: str, record: bytes, records: Records,
+                backlog: bool = False) -> None:
         """One record: decoded by its layout, sanitized, journaled (bench/ times this)."""
-        # The address fields the settings name are read in network order too (sanitize.ip_fields).
-        fields = self.clean(decode(record, layout, self.clean.rules.ip_fields, self.enums))
-        audit.emit(Event.BPF_EVENT, f"{spec}/{map_name}: "
-                   + json.dumps(fields, default=str, sort_keys=True), spec=spec,
-                   map=map_name, **({"backlog": True} if backlog else {}),
-                   **{f"event_{k.lstrip('_')}": v for k, v in fields.items()})
+        fields = records(record)
+        audit.emit_plain(Event.BPF_EVENT, f"{spec}/{map_name}: " + _MESSAGE(fields), {
+            "spec": spec, "map": map_name, **({"backlog": True} if backlog else {}),
+            **records.journal_keys(fields)})
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per event map (`spec/map`): events over the rate limit, samples the kernel lost."""
