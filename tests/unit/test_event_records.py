@@ -164,18 +164,46 @@ def test_emit_plain_writes_the_json_line_emit_writes(fields: dict[str, Any]) -> 
 
 @pytest.mark.usefixtures("restore_audit")
 @pytest.mark.parametrize("fields", FIELD_SETS, ids=range(len(FIELD_SETS)))
-def test_emit_plain_sends_the_journal_entry_emit_sends(
+def test_the_journal_entry_holds_the_json_lines_facts(
         fields: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both sinks carry the same facts: the entry emit and emit_plain send (the same lines)
+    against the JSON line structlog renders, field by field; and the lines are the ones
+    python-systemd's journal.send makes of the same fields."""
     from systemd import journal
 
-    sent: list[dict[str, Any]] = []
-    monkeypatch.setattr(journal, "send", lambda **kw: sent.append(kw))
+    sent: list[tuple[str, ...]] = []
+    monkeypatch.setattr(journal, "sendv", lambda *lines: sent.append(lines))
     audit.configure(journal=True)
     _both(fields)
     assert len(sent) == 2
-    a, b = ([(k, 0 if k == "CODE_LINE" else v) for k, v in e.items()] for e in sent)
+    a, b = ([re.sub(r"^CODE_LINE=\d+$", "CODE_LINE=0", ln) for ln in e] for e in sent)
     assert a == b
-    assert sent[0]["CODE_FUNC"] == sent[1]["CODE_FUNC"] == "_both"
+    entry = dict(ln.split("=", 1) for ln in sent[0])
+    assert entry["CODE_FUNC"] == "_both"
+
+    buf = io.StringIO()
+    audit.configure(journal=False, stream=buf)
+    audit.emit(Event.BPF_EVENT, "web/events: x", **fields)
+    line = json.loads(buf.getvalue())
+    assert entry["MESSAGE_ID"] == line.pop("message_id")
+    assert entry["PRIORITY"] == str(line.pop("priority"))
+    assert entry["LOADERD_EVENT"] == line.pop("event")
+    assert entry["LOADERD_UID"] == str(line.pop("uid"))
+    assert entry["CODE_FILE"] == line.pop("code_file")
+    if "login_uid" in line:
+        assert entry["LOADERD_LOGIN_UID"] == str(line.pop("login_uid"))
+    for key in ("ts", "message", "code_line", "code_func"):
+        del line[key]
+    for key, value in line.items():
+        if value is not None:
+            assert entry[audit.journal_field(key)] == audit._text(value), key
+        else:
+            assert audit.journal_field(key) not in entry
+
+    by_send: list[tuple[str, ...]] = []
+    monkeypatch.setattr(journal, "sendv", lambda *lines: by_send.append(lines))
+    journal.send(**{k: int(v) if k == "CODE_LINE" else v for k, v in entry.items()})
+    assert sorted(by_send[0]) == sorted(sent[0])
 
 
 @pytest.mark.usefixtures("restore_audit")
@@ -183,9 +211,9 @@ def test_emit_plain_falls_back_as_emit_does(monkeypatch: pytest.MonkeyPatch) -> 
     """journald refusing the entry (no spool): the fallback JSON line, the same from both."""
     from systemd import journal
 
-    def refuse(**_kw: Any) -> None:
+    def refuse(*_lines: Any) -> None:
         raise OSError(11, "Resource temporarily unavailable")
-    monkeypatch.setattr(journal, "send", refuse)
+    monkeypatch.setattr(journal, "sendv", refuse)
     buf = io.StringIO()
     audit.configure(journal=True, stream=buf)
     _both(FIELD_SETS[1])

@@ -111,10 +111,10 @@ def test_emit_spools_what_journald_refuses(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from systemd import journal
 
-    def down(**_kw: Any) -> None:
+    def down(*_lines: Any) -> None:
         raise ConnectionRefusedError(111, "Connection refused")
 
-    monkeypatch.setattr(journal, "send", down)
+    monkeypatch.setattr(journal, "sendv", down)
     monkeypatch.setattr(audit, "JOURNAL_SOCKET", str(tmp_path / "no-journald"))
     stderr = io.StringIO()
     try:
