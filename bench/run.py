@@ -126,6 +126,12 @@ def cold_and_restart(n: int, reps: int = 1, *, jobs1: bool = True, daemon: bool 
                 d = Resident.of(ws)
                 add("restart_ready", d.wait_ready())
                 add("restart_run_compiles", ws.last_compiles())
+                # after a restart (and under the packaged units, where loaderd-apply.service
+                # ran first) the settings pass from the validation cache: no jsonschema here
+                time.sleep(0.5)
+                st = d.status()
+                out["resident_restart"] = {"vmrss_kb": kb(st["VmRSS"]),
+                                           "vmhwm_kb": kb(st["VmHWM"])}
                 d.stop()
                 ws.disable()
             if objs:
@@ -391,6 +397,11 @@ def rss_rows(r: dict[str, Any]) -> list[Row]:
         Row(f"P3 resident VmRSS after READY, N={n}", _mb(res["vmrss_kb"]),
             _mb(rep["vmrss_kb"]) + " (BCC)", f"{res['vmrss_kb'] / rep['vmrss_kb']:.2f}x",
             f"≤ {RSS_TARGET_KB // 1024} MB", _verdict(res["vmrss_kb"] <= RSS_TARGET_KB), res),
+        *([Row(f"P3 resident VmRSS after a restart (validation cache warm), N={n}",
+               _mb(warm["vmrss_kb"]), _mb(rep["vmrss_kb"]) + " (BCC)",
+               f"{warm['vmrss_kb'] / rep['vmrss_kb']:.2f}x", f"≤ {RSS_TARGET_KB // 1024} MB",
+               _verdict(warm["vmrss_kb"] <= RSS_TARGET_KB), warm)]
+          if (warm := r.get("resident_restart")) else []),
         Row(f"P3 resident VmHWM, N={n}", _mb(res["vmhwm_kb"]), _mb(rep["vmhwm_kb"]) + " (BCC)",
             f"{res['vmhwm_kb'] / rep['vmhwm_kb']:.2f}x", f"≤ {RSS_TARGET_KB // 1024} MB",
             _verdict(res["vmhwm_kb"] <= RSS_TARGET_KB)),

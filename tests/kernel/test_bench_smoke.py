@@ -33,8 +33,10 @@ def test_cold_start_and_restart_n1() -> None:
     assert s["restart_run_compiles"] == [0]
     assert r["baseline_report"]["loaded"] == 1
     assert r["resident"]["bcc_libs"] == []
+    assert r["resident_restart"]["vmrss_kb"] > 0
     rows = rows_for(r) + rss_rows(r)
     assert "P1 cold apply, N=1" in table(rows)
+    assert "P3 resident VmRSS after a restart" in table(rows)
     assert not os.path.exists(r["bpffs_root"])  # every pin of the run removed
 
 
