@@ -4,10 +4,10 @@
 sanitizer.rules.ip_fields, enums))`, the reference semantics (layout.decode, then the
 Sanitizer), without building the intermediate values: one struct unpack for every field, and
 per field a cleaner chosen once from the facts that decide it — the field's name (keep, drop,
-redact, pseudonymize, ip_fields all match by name) and its kind. A name the rules single out,
-an array, a record shorter than its layout: those take the reference path for that field or
-record. tests/unit/test_event_records.py holds both to the same output over a large varied
-corpus (every kind, every rule).
+redact, pseudonymize, ip_fields all match by name) and its kind. An array, an address-named
+field that is not a u32 and an IPv6 address take the reference path for that field; a record
+shorter than its layout takes it for the whole record. tests/unit/test_event_records.py holds
+both to the same output over a large varied corpus (every type and kind, every rule).
 """
 
 from __future__ import annotations

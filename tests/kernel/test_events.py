@@ -150,6 +150,40 @@ def test_rate_limit_survives_a_reload(tmp_path: Path, bpffs_root: str) -> None:
         pump.close()
 
 
+def test_a_kept_ring_reads_its_new_layouts_btf_enums(tmp_path: Path, bpffs_root: str) -> None:
+    """A reload that changes only a ring's layout keeps the reader (same map id) and decodes
+    by the new layout, the BTF enums it names loaded from the running kernel's BTF."""
+    import dataclasses
+    import struct
+
+    from loaderd.config.settings import load_settings
+    from loaderd.runtime.eventpump import EventPump
+    from loaderd.store.statedir import State
+    from tests.conftest import loaderd
+
+    conf = make_conf(tmp_path, bpffs_root, {"execs": SPEC})
+    loaderd("--config", str(conf), "apply")
+    settings = load_settings(str(conf))
+    manifest = State(settings.state_dir).manifest()
+    pump = EventPump(settings)
+    try:
+        pump.sync(manifest)
+        (ring,) = pump.rings
+        record = struct.pack("<II16s32sII", 1, 0, b"true", b"ok", 0, 0)
+        assert ring.records(record)["pid"] == 1
+        rec = manifest.specs["execs"]
+        layout = rec.events["exec_events"].replace("pid:u32", "pid:u32:enum=bpf_map_type")
+        changed = dataclasses.replace(manifest, specs={"execs": dataclasses.replace(
+            rec, events={"exec_events": layout})})
+        pump.sync(changed)
+        (again,) = pump.rings
+        assert again.reader is ring.reader  # kept: the same map
+        assert "bpf_map_type" in pump.enums
+        assert again.records(record)["pid"] == "BPF_MAP_TYPE_HASH"  # 1, by the kernel's BTF
+    finally:
+        pump.close()
+
+
 def test_a_swapped_ring_pin_is_not_read(tmp_path: Path, bpffs_root: str) -> None:
     """The pump reads the map the manifest says was applied: a ring buffer pinned in its place
     (by whoever can write the pin dir) is refused by id, said once, not read as the spec's."""
