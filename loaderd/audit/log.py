@@ -386,7 +386,7 @@ def _emit(event: Event, message: str, fields: Mapping[str, Any], *, plain: bool)
             _the_logger().msg(name, **record, message=message, message_id=message_id,
                               priority=priority, code_file=code[0], code_line=code[1],
                               code_func=code[2])
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a lone surrogate sendv refuses
         _, message_id, priority = _FACTS[event]
         _sink_failed(event, message, {**record, "message": message, "message_id": message_id,
                                       "priority": priority, "code_file": code[0],
@@ -410,7 +410,8 @@ def _json_line(event: Event, message: str, record: Mapping[str, Any],
         stream.flush()
 
 
-def _sink_failed(event: Event, message: str, record: Mapping[str, Any], exc: OSError) -> None:
+def _sink_failed(event: Event, message: str, record: Mapping[str, Any],
+                 exc: OSError | UnicodeError) -> None:
     stream = _fallback or sys.stderr
     line = {"event": event.name.lower(), "message_id": event.message_id,
             "priority": event.priority, "message": message, "uid": os.getuid(),

@@ -61,6 +61,8 @@ class Records:
         self.plan = [(n, c, i) for i, (n, c) in enumerate(zip(self.names, self.cleaners,
                                                                 strict=True)) if c is not None]
         self.keys = {n: _journal_key(n) for n in (*self.names, "_rest", "_short")}
+        if "rest" in self.names:  # a field's own journal name is not the trailing bytes'
+            self.keys["_rest"] = "event__rest"
 
     def _shown(self, name: str) -> bool:
         rules = self.sanitizer.rules
@@ -105,7 +107,11 @@ class Records:
             return code, lambda _item: REDACTED
         if norm in rules.pseudonymize:
             pseudonym = s.pseudonym
-            return code, lambda item: pseudonym(decoded(item))
+
+            def pseudonymized(item: Any) -> Any:
+                got = decoded(item)
+                return pseudonym(got) if got is not None else value(got, norm)
+            return code, pseudonymized
         if norm in rules.ip_fields and not ip_int:
             return code, reference
         # a name no rule singles out: the kind decides
@@ -116,9 +122,10 @@ class Records:
         if kind is FieldKind.INT:
             return code, decoded
         if kind is FieldKind.ENUM:
-            def label(v: int) -> Any:
+            def label(v: int) -> Any:  # BTF and inline labels are str; anything else: _value
                 got = decoded(v)
-                return text(got) if isinstance(got, str) else got
+                return (text(got) if type(got) is str else got if type(got) is int
+                        else value(got, norm))
             return code, label
         if kind is FieldKind.STRING:
             return code, lambda raw: text(_cstring(raw))

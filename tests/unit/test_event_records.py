@@ -288,3 +288,41 @@ def test_the_pump_journals_what_the_reference_would(tmp_path: Any) -> None:
             for line in (got, want):
                 del line["ts"], line["code_line"], line["code_func"], line["code_file"]
             assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+
+
+def test_odd_enum_labels_and_a_none_pseudonym_give_the_reference_output() -> None:
+    """Labels that are not str (only a caller's own enums could hold them) and a label of None
+    under pseudonymize: the reference's _value decides, as for any other value."""
+    enums: Any = {"odd": {3: b"bytes", 1: None, 2: 2.5, 4: "10.1.2.3 token=x"}}
+    for rules in (Rules(), Rules.from_mapping({"pseudonymize": ["st"]})):
+        rec = Records(parse_layout("st:u8:enum=odd"), Sanitizer(KEY, rules), enums)
+        for raw in (b"\x01", b"\x02", b"\x03", b"\x04", b"\x05"):
+            assert list(rec(raw).items()) == list(rec.reference(raw).items()), (rules, raw)
+
+
+def test_a_field_named_rest_keeps_its_journal_field() -> None:
+    """`rest` and the trailing bytes (`_rest`) are two journal fields, not one overwritten."""
+    rec = Records(parse_layout("rest:u32"), Sanitizer(KEY, Rules()), ENUMS)
+    keys = rec.journal_keys(rec(bytes.fromhex("2a000000dead")))
+    assert keys == {"event_rest": 42, "event__rest": "dead"}
+    assert audit.journal_field("event__rest") == "LOADERD_EVENT__REST"
+
+
+@pytest.mark.usefixtures("restore_audit")
+def test_a_value_journald_cannot_encode_falls_back_to_json(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lone surrogate (sendv encodes strict UTF-8) is a sink failure, not an exception out
+    of emit: the event is written as the fallback JSON line."""
+    from systemd import journal
+
+    def strict(*lines: str) -> None:
+        for line in lines:
+            line.encode("utf-8")
+    monkeypatch.setattr(journal, "sendv", strict)
+    buf = io.StringIO()
+    audit.configure(journal=True, stream=buf)
+    audit.emit(Event.BPF_EVENT, "web/events: x", spec="web", event_note="a\udcffb")
+    audit.emit_plain(Event.BPF_EVENT, "web/events: x", {"spec": "web", "event_note": "a\udcffb"})
+    lines = [json.loads(ln) for ln in buf.getvalue().splitlines()]
+    assert len(lines) == 2 and all(ln["event_note"] == "a\udcffb" for ln in lines)
+    assert all("sink_error" in ln for ln in lines)
