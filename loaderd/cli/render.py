@@ -148,8 +148,9 @@ def render_list(rows: dict[str, Any]) -> str:
 
 def render_dump(d: dict[str, Any]) -> str:
     types = d["types"]
-    lines = [f"# {d['spec']}/{d['map']}: {d['type']} id {d['id']}, {len(d['entries'])} "
-             f"entries, key {types['key'] or 'raw'} value {types['value'] or 'raw'}"
+    lines = [f"# {d['spec']}/{d['map']}: {d['type']} id {d['id']}, "
+             f"{plural(len(d['entries']), 'entry', 'entries')}, "
+             f"key {types['key'] or 'raw'} value {types['value'] or 'raw'}"
              + (", frozen" if d["frozen"] else "")
              + (", sanitized" if d["sanitized"] else ", RAW (unsanitized)")]
 

@@ -18,7 +18,7 @@ from loaderd import sanitize
 from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import btf, handover, kernel
-from loaderd.errors import Kind, LoaderdError, Location
+from loaderd.errors import Kind, LoaderdError, Location, plural
 from loaderd.layout import Field, enum_names, parse_layout
 from loaderd.model import Settings
 from loaderd.observe.metrics import RingCount
@@ -174,13 +174,14 @@ class EventPump:
         n = reader.skip_backlog(skip=False)
         if reader.full_at_attach(ringbuf.layout_end(layout)):
             audit.emit(Event.EVENTS_LOST, f"{spec}/{map_name}: the ring buffer was full when "
-                       f"its reader attached ({n} records, {reader.backlog_bytes} bytes, "
-                       "written while nobody read it, follow marked backlog): records written "
-                       "after it filled were dropped by the kernel, which keeps no count for "
-                       "ring buffers", spec=spec, map=map_name, backlog=n, full=True)
+                       f"its reader attached ({plural(n, 'record')}, {reader.backlog_bytes} "
+                       "bytes, written while nobody read it, follow marked backlog): records "
+                       "written after it filled were dropped by the kernel, which keeps no count "
+                       "for ring buffers", spec=spec, map=map_name, backlog=n, full=True)
         else:
-            audit.emit(Event.DAEMON, f"{spec}/{map_name}: {n} records ({reader.backlog_bytes} "
-                       "bytes) were waiting in the ring buffer when its reader attached, "
+            audit.emit(Event.DAEMON, f"{spec}/{map_name}: {plural(n, 'record')} "
+                       f"({reader.backlog_bytes} bytes) waiting in the ring buffer when its "
+                       "reader attached, "
                        "written while nobody read it; they follow, marked backlog",
                        spec=spec, map=map_name, backlog=n, full=False)
         self.changed = True
