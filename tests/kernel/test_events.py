@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from loaderd.model import Settings
+from loaderd.store.manifest import Manifest
 from tests.conftest import REPO, make_conf, write_settings
 
 pytestmark = pytest.mark.kernel
@@ -123,18 +125,24 @@ def test_consume_is_bounded_and_loses_nothing(tmp_path: Path, bpffs_root: str) -
         os.close(fd)
 
 
-def test_rate_limit_survives_a_reload(tmp_path: Path, bpffs_root: str) -> None:
-    """sync() after SIGHUP keeps each ring's token bucket and drop count:
-    a reload must not hand a flood a fresh burst or forget drops not yet reported."""
+def _applied(tmp_path: Path, bpffs_root: str) -> tuple[Settings, Manifest]:
+    """SPEC applied: the settings and the manifest the pump syncs from."""
     from loaderd.config.settings import load_settings
-    from loaderd.runtime.eventpump import EventPump
     from loaderd.store.statedir import State
     from tests.conftest import loaderd
 
     conf = make_conf(tmp_path, bpffs_root, {"execs": SPEC})
     loaderd("--config", str(conf), "apply")
     settings = load_settings(str(conf))
-    manifest = State(settings.state_dir).manifest()
+    return settings, State(settings.state_dir).manifest()
+
+
+def test_rate_limit_survives_a_reload(tmp_path: Path, bpffs_root: str) -> None:
+    """sync() after SIGHUP keeps each ring's token bucket and drop count:
+    a reload must not hand a flood a fresh burst or forget drops not yet reported."""
+    from loaderd.runtime.eventpump import EventPump
+
+    settings, manifest = _applied(tmp_path, bpffs_root)
     pump = EventPump(settings)
     try:
         pump.sync(manifest)
@@ -156,15 +164,9 @@ def test_a_kept_ring_reads_its_new_layouts_btf_enums(tmp_path: Path, bpffs_root:
     import dataclasses
     import struct
 
-    from loaderd.config.settings import load_settings
     from loaderd.runtime.eventpump import EventPump
-    from loaderd.store.statedir import State
-    from tests.conftest import loaderd
 
-    conf = make_conf(tmp_path, bpffs_root, {"execs": SPEC})
-    loaderd("--config", str(conf), "apply")
-    settings = load_settings(str(conf))
-    manifest = State(settings.state_dir).manifest()
+    settings, manifest = _applied(tmp_path, bpffs_root)
     pump = EventPump(settings)
     try:
         pump.sync(manifest)
@@ -188,15 +190,9 @@ def test_a_swapped_ring_pin_is_not_read(tmp_path: Path, bpffs_root: str) -> None
     """The pump reads the map the manifest says was applied: a ring buffer pinned in its place
     (by whoever can write the pin dir) is refused by id, said once, not read as the spec's."""
     from loaderd.bpf import kernel
-    from loaderd.config.settings import load_settings
     from loaderd.runtime.eventpump import EventPump
-    from loaderd.store.statedir import State
-    from tests.conftest import loaderd
 
-    conf = make_conf(tmp_path, bpffs_root, {"execs": SPEC})
-    loaderd("--config", str(conf), "apply")
-    settings = load_settings(str(conf))
-    manifest = State(settings.state_dir).manifest()
+    settings, manifest = _applied(tmp_path, bpffs_root)
     pin = f"{bpffs_root}/execs/maps/exec_events"
     os.unlink(pin)
     forged = kernel.map_create(kernel.MAP_TYPES["ringbuf"], 0, 0, 4096)
