@@ -35,6 +35,7 @@ __all__ = [
     "decode",
     "enum_names",
     "field_value",
+    "layout_end",
     "layout_text",
     "parse_fields",
     "parse_layout",
@@ -212,6 +213,11 @@ def _table(entries: tuple[tuple[int, str], ...]) -> dict[int, str]:
 
 def _cstring(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def layout_end(layout: tuple[Field, ...] | None) -> int:
+    """Where a record of `layout` ends: past it are `_rest` bytes (or perf padding)."""
+    return 0 if not layout else max(f.offset + f.total for f in layout)
 
 
 def field_value(f: Field, raw: bytes, addresses: frozenset[str] = IP_FIELDS,

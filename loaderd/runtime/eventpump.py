@@ -19,7 +19,7 @@ from loaderd.audit import log as audit
 from loaderd.audit.log import Event
 from loaderd.bpf import btf, handover, kernel
 from loaderd.errors import Kind, LoaderdError, Location, plural
-from loaderd.layout import Field, enum_names, parse_layout
+from loaderd.layout import Field, enum_names, layout_end, parse_layout
 from loaderd.model import Settings
 from loaderd.observe.metrics import RingCount
 from loaderd.runtime import perfbuf, ringbuf
@@ -172,7 +172,7 @@ class EventPump:
         or the resident was down): journaled as they are, each marked `backlog`, after this
         line; a full ring also lost records, which the kernel does not count."""
         n = reader.skip_backlog(skip=False)
-        if reader.full_at_attach(ringbuf.layout_end(layout)):
+        if reader.full_at_attach(layout_end(layout)):
             audit.emit(Event.EVENTS_LOST, f"{spec}/{map_name}: the ring buffer was full when "
                        f"its reader attached ({plural(n, 'record')}, {reader.backlog_bytes} "
                        "bytes, written while nobody read it, follow marked backlog): records "

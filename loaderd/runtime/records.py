@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from loaderd.layout import Field, _cstring, decode, field_value
+from loaderd.layout import Field, _cstring, decode, field_value, layout_end
 from loaderd.model import FieldKind
 from loaderd.sanitize import REDACTED, Sanitizer, _norm
 
@@ -38,11 +38,11 @@ class Records:
         self.layout = layout
         self.sanitizer = sanitizer
         self.enums = enums
-        self.end = layout[-1].offset + layout[-1].total
+        self.end = layout_end(layout)
         fmt = ["<"]
         at = 0
-        self.names: list[str] = []  # output keys, in order
-        self.cleaners: list[Cleaner | None] = []  # None: the item is taken out (keep/drop)
+        names: list[str] = []  # the unpacked items' fields, in order
+        self.plan: list[tuple[str, Cleaner, int]] = []  # (key, cleaner, item) of those shown
         for f in layout:
             if f.offset > at:
                 fmt.append(f"{f.offset - at}x")
@@ -52,16 +52,15 @@ class Records:
                 continue
             code, cleaner = self._compile(f)
             fmt.append(code)
-            self.names.append(f.name)
-            self.cleaners.append(cleaner if self._shown(f.name) else None)
+            if self._shown(f.name):
+                self.plan.append((f.name, cleaner, len(names)))
+            names.append(f.name)
         self.unpack = struct.Struct("".join(fmt)).unpack_from
+        # the bytes past the layout, which the reference decodes as one opaque (hex) value
         rest = Field("_rest", self.end, 1, "bytes", FieldKind.HEX)
         self.rest: Cleaner | None = self._compile(rest)[1] if self._shown("_rest") else None
-        # (key, cleaner, index of its unpacked item) of the fields shown
-        self.plan = [(n, c, i) for i, (n, c) in enumerate(zip(self.names, self.cleaners,
-                                                                strict=True)) if c is not None]
-        self.keys = {n: _journal_key(n) for n in (*self.names, "_rest", "_short")}
-        if "rest" in self.names:  # a field's own journal name is not the trailing bytes'
+        self.keys = {n: _journal_key(n) for n in (*names, "_rest", "_short")}
+        if "rest" in names:  # a field's own journal name is not the trailing bytes'
             self.keys["_rest"] = "event__rest"
 
     def _shown(self, name: str) -> bool:
@@ -107,6 +106,8 @@ class Records:
             return code, lambda _item: REDACTED
         if norm in rules.pseudonymize:
             pseudonym = s.pseudonym
+            if number and kind is FieldKind.INT:  # the item is the int itself, never None
+                return code, pseudonym
 
             def pseudonymized(item: Any) -> Any:
                 got = decoded(item)

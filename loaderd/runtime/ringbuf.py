@@ -26,7 +26,7 @@ from typing import Any
 
 from loaderd.bpf import kernel
 from loaderd.errors import Kind, LoaderdError, Location
-from loaderd.layout import Field, decode
+from loaderd.layout import Field, decode, layout_end
 from loaderd.runtime import perfbuf
 from loaderd.sanitize import IP_FIELDS
 
@@ -149,10 +149,6 @@ def open_reader(fd: int, path: str) -> RingBuffer | perfbuf.PerfBuffer:
     if kernel.map_info(fd).type == kernel.MAP_TYPES["perf_event_array"]:
         return perfbuf.PerfBuffer(fd, path)
     return RingBuffer(fd, path)
-
-
-def layout_end(layout: tuple[Field, ...] | None) -> int:
-    return 0 if not layout else max(f.offset + f.total for f in layout)
 
 
 def stream(path: str, *, layout: tuple[Field, ...] | None, rate: int,
