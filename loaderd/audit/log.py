@@ -112,6 +112,29 @@ _auto = True  # configure() chose the sink itself (journal=None)
 _spool: Spool | None = None  # where journal entries go while journald is unreachable
 
 
+Plain = str | int | bool | None | list[str | int | None]  # a sanitized record's values (emit_plain)
+
+
+def sorted_json() -> Callable[[Any], str]:
+    """`json.dumps(obj, sort_keys=True, default=str)` (the JSON sink renderer's call) for
+    acyclic data, with the C encoder made once: JSONEncoder.encode makes a new one per call,
+    half of its cost on an event's small dicts. The output is json's own, byte for byte; only
+    the cycle check is off (decoded records hold no cycles)."""
+    from json import encoder
+
+    make = getattr(encoder, "c_make_encoder", None)  # None: an interpreter without _json
+    if make is None:
+        return json.JSONEncoder(sort_keys=True, default=str).encode
+    chunks = make(None, str, encoder.encode_basestring_ascii, None, ": ", ", ", True, False,
+                  True)
+    return lambda obj: "".join(chunks(obj, 0))
+
+
+_JSON = sorted_json()
+# An event's (name, MESSAGE_ID, PRIORITY): three enum property reads were 5% of a record's cost
+_FACTS = {e: (e.name.lower(), e.message_id, e.priority) for e in Event}
+
+
 # The names come from the code and from layouts' field names (a bounded set); computing them
 # was half of emit()'s own CPU for a journal entry.
 @functools.lru_cache(maxsize=4096)
@@ -387,10 +410,7 @@ def _emit(event: Event, message: str, fields: Mapping[str, Any], *, plain: bool)
                               priority=priority, code_file=code[0], code_line=code[1],
                               code_func=code[2])
     except (OSError, UnicodeError) as exc:  # UnicodeError: a lone surrogate sendv refuses
-        _, message_id, priority = _FACTS[event]
-        _sink_failed(event, message, {**record, "message": message, "message_id": message_id,
-                                      "priority": priority, "code_file": code[0],
-                                      "code_line": code[1], "code_func": code[2]}, exc)
+        _sink_failed(event, message, record, code, exc)
 
 
 def _json_line(event: Event, message: str, record: Mapping[str, Any],
@@ -411,34 +431,13 @@ def _json_line(event: Event, message: str, record: Mapping[str, Any],
 
 
 def _sink_failed(event: Event, message: str, record: Mapping[str, Any],
-                 exc: OSError | UnicodeError) -> None:
+                 code: tuple[str, int, str], exc: OSError | UnicodeError) -> None:
+    name, message_id, priority = _FACTS[event]
     stream = _fallback or sys.stderr
-    line = {"event": event.name.lower(), "message_id": event.message_id,
-            "priority": event.priority, "message": message, "uid": os.getuid(),
-            "sink_error": str(exc), **record}
+    line = {**record, "event": name, "message_id": message_id, "priority": priority,
+            "message": message, "uid": os.getuid(), "sink_error": str(exc),
+            "code_file": code[0], "code_line": code[1], "code_func": code[2]}
     with contextlib.suppress(OSError, ValueError):  # stderr may be journald's too
         stream.write(json.dumps(line, default=str, sort_keys=True) + "\n")
         stream.flush()
 
-
-Plain = str | int | bool | None | list[str | int | None]
-
-
-def sorted_json() -> Callable[[Any], str]:
-    """`json.dumps(obj, sort_keys=True, default=str)` (the JSON sink renderer's call) for
-    acyclic data, with the C encoder made once: JSONEncoder.encode makes a new one per call,
-    half of its cost on an event's small dicts. The output is json's own, byte for byte; only
-    the cycle check is off (decoded records hold no cycles)."""
-    from json import encoder
-
-    make = getattr(encoder, "c_make_encoder", None)  # None: an interpreter without _json
-    if make is None:
-        return json.JSONEncoder(sort_keys=True, default=str).encode
-    chunks = make(None, str, encoder.encode_basestring_ascii, None, ": ", ", ", True, False,
-                  True)
-    return lambda obj: "".join(chunks(obj, 0))
-
-
-_JSON = sorted_json()
-# An event's (name, MESSAGE_ID, PRIORITY): three enum property reads were 5% of a record's cost
-_FACTS = {e: (e.name.lower(), e.message_id, e.priority) for e in Event}
